@@ -1,0 +1,290 @@
+//! Building the guest and booting it under QEMU, for tests and `cargo xtask`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// QEMU's exit status when the guest wrote [`EXIT_PASS`] to `isa-debug-exit`.
+pub const QEMU_PASS: i32 = 33;
+/// What the guest writes to `isa-debug-exit` on success.
+pub const EXIT_PASS: u32 = 0x10;
+
+/// Errors of the harness.
+#[derive(Debug, thiserror::Error)]
+pub enum HarnessError {
+    /// A command could not be started.
+    #[error("cannot run {what}")]
+    Spawn {
+        /// What.
+        what: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Building the guest failed.
+    #[error("building the guest failed ({0})")]
+    Build(std::process::ExitStatus),
+    /// QEMU ran past its time limit and was killed.
+    #[error("QEMU did not exit within {0:?}; serial output so far:\n{1}")]
+    Timeout(Duration, String),
+    /// An I/O error on a scratch file.
+    #[error("I/O error on {path}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Builds the guest kernel (release, `x86_64-unknown-none`) and returns its path. When
+/// `PVGUEST_ELF` is set, that file is used instead. The build uses its own target directory
+/// so that it can run while an outer `cargo test` holds the workspace's.
+pub fn build_guest() -> Result<PathBuf, HarnessError> {
+    if let Some(p) = std::env::var_os("PVGUEST_ELF") {
+        return Ok(PathBuf::from(p));
+    }
+    let root = workspace_root();
+    let target_dir = root.join("target/guest");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(&root)
+        .args([
+            "build",
+            "--quiet",
+            "--release",
+            "-p",
+            "pvguest",
+            "--target",
+            "x86_64-unknown-none",
+        ])
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .status()
+        .map_err(|source| HarnessError::Spawn {
+            what: "cargo build (guest)".into(),
+            source,
+        })?;
+    if !status.success() {
+        return Err(HarnessError::Build(status));
+    }
+    Ok(target_dir.join("x86_64-unknown-none/release/pvguest"))
+}
+
+/// Whether QEMU 10 (or newer) is installed; the reason if not.
+pub fn qemu_available() -> Result<(), String> {
+    let out = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .map_err(|_| "qemu-system-x86_64 is not installed (cargo xtask setup installs it)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let major: Option<u32> = text
+        .split("version ")
+        .nth(1)
+        .and_then(|r| r.split('.').next())
+        .and_then(|m| m.trim().parse().ok());
+    match major {
+        Some(m) if m >= 10 => Ok(()),
+        _ => Err(format!(
+            "QEMU 10 or newer is needed, found: {}",
+            text.trim()
+        )),
+    }
+}
+
+/// Whether `/dev/kvm` can be opened; the reason if not.
+pub fn kvm_available() -> Result<(), String> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map(|_| ())
+        .map_err(|e| format!("/dev/kvm cannot be opened: {e}"))
+}
+
+/// Records that `test` was skipped for `reason`: printed, and appended to the file named by
+/// `PVPATCH_SKIP_LOG` (which `cargo xtask test` lists at the end). When
+/// `PVPATCH_REQUIRE_ALL` is set (CI), a skip is a failure instead.
+pub fn skip(test: &str, reason: &str) {
+    if std::env::var_os("PVPATCH_REQUIRE_ALL").is_some() {
+        panic!("{test} cannot run here and PVPATCH_REQUIRE_ALL is set: {reason}");
+    }
+    eprintln!("skipped: {test}: {reason}");
+    if let Some(log) = std::env::var_os("PVPATCH_SKIP_LOG") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+        {
+            let _ = writeln!(f, "{test}: {reason}");
+        }
+    }
+}
+
+/// The accelerator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accel {
+    /// QEMU's TCG.
+    Tcg,
+    /// `/dev/kvm`.
+    Kvm,
+}
+
+/// The machine and firmware.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Machine {
+    /// `microvm` with qboot: the fastest boot; no VMware backdoor.
+    Microvm,
+    /// `pc` with qboot: has the VMware backdoor (vmport) unless `vmport=off`.
+    Pc {
+        /// Whether vmport is on.
+        vmport: bool,
+    },
+}
+
+/// One QEMU configuration.
+#[derive(Clone, Debug)]
+pub struct Qemu {
+    /// Machine.
+    pub machine: Machine,
+    /// Accelerator.
+    pub accel: Accel,
+    /// `-cpu` value.
+    pub cpu: String,
+    /// `-append` value (the kernel command line).
+    pub append: Option<String>,
+    /// Extra arguments (e.g. `-fw_cfg`).
+    pub extra: Vec<String>,
+    /// Time limit.
+    pub timeout: Duration,
+}
+
+impl Qemu {
+    /// TCG on microvm with `-cpu max`.
+    pub fn tcg() -> Self {
+        Qemu {
+            machine: Machine::Microvm,
+            accel: Accel::Tcg,
+            cpu: "max".into(),
+            append: None,
+            extra: Vec::new(),
+            timeout: Duration::from_secs(60),
+        }
+    }
+
+    /// The full command line.
+    pub fn command(&self, kernel: &Path, serial: &Path) -> Command {
+        let mut c = Command::new("qemu-system-x86_64");
+        let machine = match self.machine {
+            Machine::Microvm => "microvm".to_owned(),
+            Machine::Pc { vmport } => format!("pc,vmport={}", if vmport { "on" } else { "off" }),
+        };
+        c.args(["-machine", &machine, "-bios", "/usr/share/qemu/qboot.rom"]);
+        c.args([
+            "-accel",
+            if self.accel == Accel::Kvm {
+                "kvm"
+            } else {
+                "tcg"
+            },
+        ]);
+        c.args([
+            "-cpu",
+            &self.cpu,
+            "-m",
+            "128M",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-no-reboot",
+        ]);
+        c.arg("-serial").arg(format!("file:{}", serial.display()));
+        c.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
+        c.arg("-kernel").arg(kernel);
+        if let Some(a) = &self.append {
+            c.args(["-append", a]);
+        }
+        c.args(&self.extra);
+        c.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        c
+    }
+
+    /// Boots `kernel` and waits for QEMU to exit.
+    pub fn boot(&self, kernel: &Path) -> Result<Boot, HarnessError> {
+        let dir = tempfile::tempdir().map_err(|source| HarnessError::Io {
+            path: std::env::temp_dir(),
+            source,
+        })?;
+        let serial_path = dir.path().join("serial.txt");
+        let started = Instant::now();
+        let mut child = self
+            .command(kernel, &serial_path)
+            .spawn()
+            .map_err(|source| HarnessError::Spawn {
+                what: "qemu-system-x86_64".into(),
+                source,
+            })?;
+        let read_serial = || std::fs::read_to_string(&serial_path).unwrap_or_default();
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) if started.elapsed() > self.timeout => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(HarnessError::Timeout(self.timeout, read_serial()));
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(5)),
+                Err(source) => {
+                    return Err(HarnessError::Io {
+                        path: serial_path.clone(),
+                        source,
+                    });
+                }
+            }
+        };
+        let elapsed = started.elapsed();
+        let mut stderr = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            use std::io::Read;
+            let _ = e.read_to_string(&mut stderr);
+        }
+        Ok(Boot {
+            exit_code: status.code(),
+            serial: read_serial(),
+            stderr,
+            elapsed,
+        })
+    }
+}
+
+/// What one boot produced.
+#[derive(Clone, Debug)]
+pub struct Boot {
+    /// QEMU's exit status (33 means the guest passed).
+    pub exit_code: Option<i32>,
+    /// Everything the guest wrote to COM1.
+    pub serial: String,
+    /// QEMU's own diagnostics.
+    pub stderr: String,
+    /// Wall time of the whole boot.
+    pub elapsed: Duration,
+}
+
+impl Boot {
+    /// Whether the guest exited through `isa-debug-exit` with its pass code.
+    pub fn passed(&self) -> bool {
+        self.exit_code == Some(QEMU_PASS)
+    }
+}

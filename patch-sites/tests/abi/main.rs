@@ -1,0 +1,8 @@
+//! The ABI's integration tests: one binary, a module per area.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod doc;
+mod linked;
+mod rom;
+mod table;

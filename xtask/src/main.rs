@@ -1,0 +1,124 @@
+//! `cargo xtask`: the project's commands.
+//!
+//! * `setup`: installs what the project needs on a fresh Debian 12 machine (idempotent);
+//! * `test`: set-up, formatting, clippy, every test, a short fuzz run of every target;
+//! * `fuzz [--time SECS] [TARGET...]`: runs the cargo-fuzz targets;
+//!
+//! Every step says what it runs. Whatever cannot run is listed at the end with the reason.
+
+mod fuzz;
+mod setup;
+mod util;
+
+use std::time::Instant;
+
+use anyhow::{Result, bail};
+
+use crate::util::{Report, cargo, root, run};
+
+const USAGE: &str = "\
+usage: cargo xtask <command>
+
+commands:
+  setup                      install QEMU 10, cmake, libclang-dev, cargo-fuzz, the nightly
+                             toolchain and the x86_64-unknown-none target (idempotent; without
+                             root, prints the commands instead)
+  test                       setup, fmt --check, clippy -D warnings, every test, ~20 s of fuzzing
+                             per target; lists what was skipped and why
+  fuzz [--time S] [TARGET..] run the cargo-fuzz targets (default: all, 60 s each)
+";
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("setup") => setup::setup(&mut Report::default()).map(|_| ()),
+        Some("test") => test(),
+        Some("fuzz") => fuzz::command(&args[1..]),
+        Some("help") | Some("--help") | Some("-h") | None => {
+            print!("{USAGE}");
+            Ok(())
+        }
+        Some(other) => Err(anyhow::anyhow!("unknown command `{other}`\n\n{USAGE}")),
+    };
+    if let Err(e) = result {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn test() -> Result<()> {
+    let started = Instant::now();
+    let mut report = Report::default();
+    report.step("setup", |r| setup::setup(r).map(|_| ()))?;
+    let root = root();
+    report.step("cargo fmt --check", |_| {
+        run(cargo().args(["fmt", "--all", "--check"]))
+    })?;
+    report.step("clippy (host, every crate and target)", |_| {
+        run(cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--locked",
+            "--",
+            "-D",
+            "warnings",
+        ]))
+    })?;
+    report.step("clippy (x86_64-unknown-none: ABI, runtime, guest)", |_| {
+        run(cargo().args([
+            "clippy",
+            "--locked",
+            "--target",
+            "x86_64-unknown-none",
+            "-p",
+            "patch-sites",
+            "-p",
+            "pvpatch-runtime",
+            "-p",
+            "pvguest",
+            "--",
+            "-D",
+            "warnings",
+        ]))
+    })?;
+    report.step("clippy (cargo-fuzz targets)", |_| {
+        run(cargo().current_dir(root.join("fuzz/cargo-fuzz")).args([
+            "clippy",
+            "--locked",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))
+    })?;
+    report.step("build patch-sites for x86_64-unknown-none", |_| {
+        run(cargo().args([
+            "build",
+            "--locked",
+            "-p",
+            "patch-sites",
+            "--target",
+            "x86_64-unknown-none",
+        ]))
+    })?;
+    let skip_log = root.join("target/xtask-skips.log");
+    let _ = std::fs::remove_file(&skip_log);
+    report.step("cargo test --workspace", |_| {
+        let mut c = cargo();
+        c.args(["test", "--workspace", "--locked"]);
+        c.env("PVPATCH_SKIP_LOG", &skip_log);
+        if util::is_ci() {
+            // In CI nothing important may be skipped: a missing component fails the test.
+            c.env("PVPATCH_REQUIRE_ALL", "1");
+        }
+        run(&mut c)
+    })?;
+    report.absorb_skip_log(&skip_log);
+    report.step("fuzz every target (20 s each)", |r| fuzz::run_all(r, 20))?;
+    report.finish(started);
+    if report.failed() {
+        bail!("some steps failed");
+    }
+    Ok(())
+}

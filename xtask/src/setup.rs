@@ -1,0 +1,156 @@
+//! `cargo xtask setup`: what a fresh Debian 12 machine needs, installed idempotently.
+//!
+//! * QEMU 10 from bookworm-backports: the stock 7.2 package cannot be installed beside the
+//!   machine's qemu-utils from backports (it `Breaks: qemu-system-common (< 1:8.0)`);
+//! * cmake and libclang-dev, which unicorn-engine's build needs;
+//! * the nightly toolchain and cargo-fuzz, for the fuzz targets;
+//! * the x86_64-unknown-none target (rust-toolchain.toml asks rustup for it).
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::util::{Report, output, run};
+
+const BACKPORTS: &str = "/etc/apt/sources.list.d/bookworm-backports.sources";
+const BACKPORTS_TEXT: &str = "Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+";
+const PACKAGES: [&str; 2] = ["cmake", "libclang-dev"];
+
+fn is_root() -> bool {
+    output(Command::new("id").arg("-u"))
+        .map(|s| s.trim() == "0")
+        .unwrap_or(false)
+}
+
+/// The major version of the installed qemu-system-x86_64, if any.
+pub fn qemu_major() -> Option<u32> {
+    let v = output(Command::new("qemu-system-x86_64").arg("--version"))?;
+    let rest = v.split("version ").nth(1)?;
+    rest.split('.').next()?.trim().parse().ok()
+}
+
+fn dpkg_installed(pkg: &str) -> bool {
+    output(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))
+        .map(|s| s.contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn apt_get() -> Command {
+    let mut c = Command::new("apt-get");
+    c.env("DEBIAN_FRONTEND", "noninteractive");
+    c
+}
+
+/// Installs what is missing. Returns whether everything is in place.
+pub fn setup(report: &mut Report) -> Result<bool> {
+    let mut missing_apt: Vec<&str> = PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
+    let need_qemu = qemu_major().is_none_or(|v| v < 10);
+    let need_backports = need_qemu && !Path::new(BACKPORTS).exists();
+    if need_qemu {
+        missing_apt.push("qemu-system-x86 (bookworm-backports)");
+    }
+    let mut complete = true;
+    if missing_apt.is_empty() {
+        println!(
+            "setup: QEMU {}, cmake, libclang-dev: present",
+            qemu_major().unwrap_or(0)
+        );
+    } else if !is_root() {
+        complete = false;
+        println!(
+            "setup: not root; run these as root to install {}:",
+            missing_apt.join(", ")
+        );
+        if need_backports {
+            println!(
+                "  printf '{}' > {BACKPORTS}",
+                BACKPORTS_TEXT.replace('\n', "\\n")
+            );
+        }
+        println!("  apt-get update");
+        if need_qemu {
+            println!(
+                "  DEBIAN_FRONTEND=noninteractive apt-get install -y -t bookworm-backports \
+                 --no-install-recommends qemu-system-x86"
+            );
+        }
+        println!(
+            "  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends {}",
+            PACKAGES.join(" ")
+        );
+        report.skip("setup: not root, system packages not installed (commands printed above)");
+    } else {
+        if need_backports {
+            println!("setup: adding bookworm-backports to apt's sources ({BACKPORTS})");
+            std::fs::write(BACKPORTS, BACKPORTS_TEXT)
+                .with_context(|| format!("writing {BACKPORTS}"))?;
+        }
+        run(apt_get().arg("update").arg("-q"))?;
+        if need_qemu {
+            run(apt_get().args([
+                "install",
+                "-y",
+                "-q",
+                "-t",
+                "bookworm-backports",
+                "--no-install-recommends",
+                "qemu-system-x86",
+            ]))?;
+            match qemu_major() {
+                Some(v) if v >= 10 => println!("setup: QEMU {v} installed"),
+                v => bail!("QEMU 10 or newer expected after installing, found {v:?}"),
+            }
+        }
+        let pk: Vec<&str> = PACKAGES
+            .iter()
+            .copied()
+            .filter(|p| !dpkg_installed(p))
+            .collect();
+        if !pk.is_empty() {
+            run(apt_get()
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(&pk))?;
+        }
+    }
+    complete &= rust_tools(report)?;
+    Ok(complete)
+}
+
+fn rust_tools(report: &mut Report) -> Result<bool> {
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"])).unwrap_or_default();
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        println!("setup: installing the nightly toolchain (cargo-fuzz needs it)");
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
+    }
+    let targets =
+        output(Command::new("rustup").args(["target", "list", "--installed"])).unwrap_or_default();
+    if !targets.lines().any(|l| l.trim() == "x86_64-unknown-none") {
+        run(Command::new("rustup").args(["target", "add", "x86_64-unknown-none"]))?;
+    }
+    if output(Command::new("cargo").args(["fuzz", "--version"])).is_none() {
+        println!("setup: installing cargo-fuzz from crates.io");
+        if let Err(e) = run(Command::new("cargo").args(["install", "--locked", "cargo-fuzz"])) {
+            report.skip(format!("setup: cargo-fuzz could not be installed: {e:#}"));
+            return Ok(false);
+        }
+    } else {
+        println!("setup: nightly, x86_64-unknown-none, cargo-fuzz: present");
+    }
+    Ok(true)
+}
