@@ -1,14 +1,20 @@
-//! Criterion benchmarks. `cargo bench -p pvpatch-benches` runs them all.
+//! Criterion benchmarks: `cargo bench -p pvpatch-benches`. The kernel benchmarks need the
+//! Debian kernel that `cargo xtask kernel` caches; without it they say so and are left out.
+//! After criterion's own output, a side-by-side report gives the ratios the README quotes.
 
 // A benchmark whose input cannot be built has nothing to measure: failing loudly is right.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use criterion::{Criterion, Throughput};
 use patch_sites::table::{AddrRange, SiteTable, sealed_table_size, write_sealed_table};
-use pvpatch_benches::synthetic_sites;
+use pvpatch_benches::{child_peak_rss, decode_only, median, objdump, scan_file, synthetic_sites};
 
 const TABLE_ADDR: u64 = 0xffff_ffff_8400_0000;
 const TEXT: AddrRange = AddrRange::new(0xffff_ffff_8100_0000, 0xffff_ffff_8300_0000);
+const CHILD: &str = "PVPATCH_BENCH_CHILD";
 
 /// A Linux-scale table (10^4 sites, the order of a distro kernel's patch sites): validating it
 /// is what the runtime does at boot before writing anything.
@@ -31,5 +37,119 @@ fn abi(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, abi);
-criterion_main!(benches);
+fn kernel_path() -> Option<PathBuf> {
+    match pvguest::harness::debian_kernel() {
+        Ok(k) => Some(k.vmlinux),
+        Err(why) => {
+            println!("skipped: the kernel benchmarks: {why}");
+            None
+        }
+    }
+}
+
+/// Scanning and annotating the whole Debian vmlinux, and objdump -d over it, side by side.
+fn kernel(c: &mut Criterion, vmlinux: &Path) {
+    let code: u64 = {
+        let img = pvpatch::image::Image::open(vmlinux).unwrap();
+        img.exec_sections().map(|s| s.size).sum()
+    };
+    let mut g = c.benchmark_group("kernel");
+    g.throughput(Throughput::Bytes(code));
+    g.sample_size(20);
+    g.bench_function("pvpatch_scan_vmlinux", |b| {
+        b.iter(|| scan_file(vmlinux).unwrap())
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("annotated");
+    g.bench_function("pvpatch_annotate_vmlinux", |b| {
+        b.iter(|| {
+            let img = pvpatch::image::Image::open(vmlinux).unwrap();
+            let r = pvpatch::report::scan_image(&img, Default::default(), None);
+            pvpatch::annotate::annotate(&r, &out, &Default::default()).unwrap()
+        })
+    });
+    g.sample_size(10);
+    g.measurement_time(Duration::from_secs(45));
+    g.bench_function("objdump_d_vmlinux", |b| {
+        b.iter(|| objdump(vmlinux).unwrap())
+    });
+    g.finish();
+}
+
+/// Ratios from the same run, and annotate's peak memory.
+fn side_by_side(vmlinux: &Path) {
+    let img = pvpatch::image::Image::open(vmlinux).unwrap();
+    let size = img.bytes().len() as u64;
+    let code: u64 = img.exec_sections().map(|s| s.size).sum();
+    let scan = median(11, || {
+        scan_file(vmlinux).unwrap();
+    });
+    let decode = median(5, || {
+        decode_only(&img);
+    });
+    let obj = median(3, || objdump(vmlinux).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("annotated");
+    let exe = std::env::current_exe().unwrap();
+    let job = format!("annotate\t{}\t{}", vmlinux.display(), out.display());
+    let (rss, wall) = child_peak_rss(&exe, &[], (CHILD, &job)).unwrap();
+    let mb = |b: u64| b as f64 / (1 << 20) as f64;
+    println!(
+        "\nside by side, same run ({} MB image, {} MB of code):",
+        mb(size) as u64,
+        mb(code) as u64
+    );
+    println!(
+        "  pvpatch scan (load, tables, sweep, analysis): {:>8.3} s",
+        scan.as_secs_f64()
+    );
+    println!(
+        "  iced decode only, 1 thread (the limit):       {:>8.3} s",
+        decode.as_secs_f64()
+    );
+    println!(
+        "  objdump -d:                                   {:>8.3} s",
+        obj.as_secs_f64()
+    );
+    println!(
+        "  objdump -d / pvpatch scan:                    {:>8.1}x",
+        obj.as_secs_f64() / scan.as_secs_f64()
+    );
+    println!(
+        "  pvpatch scan / decode-only limit:             {:>8.2}x",
+        scan.as_secs_f64() / decode.as_secs_f64()
+    );
+    println!(
+        "  pvpatch annotate (own process): {:.3} s wall, peak RSS {:.0} MB = {:.2}x the image",
+        wall.as_secs_f64(),
+        mb(rss),
+        rss as f64 / size as f64
+    );
+}
+
+/// The child of `side_by_side`: one annotation, nothing else, so its peak RSS is annotate's.
+fn child(job: &str) {
+    let parts: Vec<&str> = job.split('\t').collect();
+    let [_, input, output] = parts[..] else {
+        panic!("bad job {job}")
+    };
+    let img = pvpatch::image::Image::open(Path::new(input)).unwrap();
+    let r = pvpatch::report::scan_image(&img, Default::default(), None);
+    pvpatch::annotate::annotate(&r, Path::new(output), &Default::default()).unwrap();
+}
+
+fn main() {
+    if let Ok(job) = std::env::var(CHILD) {
+        return child(&job);
+    }
+    let mut c = Criterion::default().configure_from_args();
+    abi(&mut c);
+    let vmlinux = kernel_path();
+    if let Some(v) = &vmlinux {
+        kernel(&mut c, v);
+    }
+    c.final_summary();
+    if let Some(v) = &vmlinux {
+        side_by_side(v);
+    }
+}

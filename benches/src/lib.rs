@@ -1,7 +1,13 @@
-//! Inputs shared by the benchmarks.
+//! Inputs and measurements shared by the benchmarks.
 
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use iced_x86::{Decoder, DecoderOptions, Instruction};
 use patch_sites::table::{Form, Site};
 use patch_sites::{ALL_OPS, Operand, RegSet};
+use pvpatch::image::Image;
 
 /// `n` sorted, non-overlapping native sites spread over kernel text, deterministic.
 pub fn synthetic_sites(n: usize) -> Vec<Site> {
@@ -29,4 +35,81 @@ pub fn synthetic_sites(n: usize) -> Vec<Site> {
             }
         })
         .collect()
+}
+
+/// The whole scan as `pvpatch scan` does it: load, Linux's tables, sweep, analysis.
+pub fn scan_file(path: &Path) -> Result<usize, pvpatch::image::ImageError> {
+    let img = Image::open(path)?;
+    let r = pvpatch::report::scan_image(&img, Default::default(), None);
+    Ok(r.analysis.sites.len())
+}
+
+/// Decoding alone, one thread, no classification: the lower bound of a sweep.
+pub fn decode_only(img: &Image) -> u64 {
+    let mut n = 0;
+    let mut insn = Instruction::default();
+    for s in img.exec_sections() {
+        let mut d = Decoder::with_ip(64, img.section_data(s), s.addr, DecoderOptions::NONE);
+        while d.can_decode() {
+            d.decode_out(&mut insn);
+            n += 1;
+        }
+    }
+    n
+}
+
+/// `objdump -d` over the same image, output discarded.
+pub fn objdump(path: &Path) -> std::io::Result<()> {
+    let st = Command::new("objdump")
+        .args(["-d", "--no-show-raw-insn"])
+        .arg(path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()?;
+    if st.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!("objdump: {st}")))
+    }
+}
+
+/// The median of `n` timed runs of `f`.
+pub fn median(n: usize, mut f: impl FnMut()) -> Duration {
+    let mut v: Vec<Duration> = (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed()
+        })
+        .collect();
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// Runs `exe` with `args` as a child process and returns its peak resident set size in bytes
+/// (from `wait4`'s rusage) and its wall time.
+pub fn child_peak_rss(
+    exe: &Path,
+    args: &[&std::ffi::OsStr],
+    env: (&str, &str),
+) -> std::io::Result<(u64, Duration)> {
+    let t = Instant::now();
+    let child = Command::new(exe).args(args).env(env.0, env.1).spawn()?;
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value of this plain C struct.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `pid` is our child, not yet reaped (the `Child` is never waited on); the pointers
+    // are to live locals of the types wait4 writes.
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    if r != pid {
+        return Err(std::io::Error::last_os_error());
+    }
+    if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+        return Err(std::io::Error::other(format!(
+            "child failed with status {status:#x}"
+        )));
+    }
+    // ru_maxrss is in KiB on Linux.
+    Ok((usage.ru_maxrss as u64 * 1024, t.elapsed()))
 }

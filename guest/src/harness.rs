@@ -161,6 +161,8 @@ pub struct Qemu {
     pub accel: Accel,
     /// `-cpu` value.
     pub cpu: String,
+    /// Memory in MiB.
+    pub memory_mb: u32,
     /// `-append` value (the kernel command line).
     pub append: Option<String>,
     /// Extra arguments (e.g. `-fw_cfg`).
@@ -176,9 +178,22 @@ impl Qemu {
             machine: Machine::Microvm,
             accel: Accel::Tcg,
             cpu: "max".into(),
+            memory_mb: 128,
             append: None,
             extra: Vec::new(),
             timeout: Duration::from_secs(60),
+        }
+    }
+
+    /// A Linux kernel with `initrd` as its initramfs, under TCG on microvm, its console on the
+    /// serial port (see [`crate::initramfs`]).
+    pub fn linux(initrd: &Path) -> Self {
+        Qemu {
+            memory_mb: 512,
+            append: Some("console=ttyS0 panic=-1 rdinit=/init loglevel=4".into()),
+            extra: vec!["-initrd".into(), initrd.display().to_string()],
+            timeout: Duration::from_secs(120),
+            ..Qemu::tcg()
         }
     }
 
@@ -198,16 +213,8 @@ impl Qemu {
                 "tcg"
             },
         ]);
-        c.args([
-            "-cpu",
-            &self.cpu,
-            "-m",
-            "128M",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-no-reboot",
-        ]);
+        c.args(["-cpu", &self.cpu, "-m", &format!("{}M", self.memory_mb)]);
+        c.args(["-nodefaults", "-display", "none", "-no-reboot"]);
         c.arg("-serial").arg(format!("file:{}", serial.display()));
         c.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
         c.arg("-kernel").arg(kernel);
@@ -287,4 +294,55 @@ impl Boot {
     pub fn passed(&self) -> bool {
         self.exit_code == Some(QEMU_PASS)
     }
+}
+
+/// Where downloaded kernels and other large artefacts are cached: `$PVPATCH_CACHE_DIR`, else
+/// `$XDG_CACHE_HOME/pvpatch`, else `~/.cache/pvpatch` (never inside the repository).
+pub fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("PVPATCH_CACHE_DIR") {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(d).join("pvpatch");
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    home.join(".cache/pvpatch")
+}
+
+/// The directory of the cached Debian kernel.
+pub fn debian_kernel_dir() -> PathBuf {
+    cache_dir().join("kernels/debian-bookworm-amd64")
+}
+
+/// A cached Debian kernel, as `cargo xtask kernel` leaves it.
+#[derive(Clone, Debug)]
+pub struct CachedKernel {
+    /// The ELF vmlinux extracted from the package's bzImage.
+    pub vmlinux: PathBuf,
+    /// The package it came from (`linux-image-6.1.0-56-amd64 6.1.192-2`).
+    pub package: String,
+}
+
+/// The cached Debian kernel, or why there is none (`cargo xtask kernel` fetches it).
+pub fn debian_kernel() -> Result<CachedKernel, String> {
+    let dir = debian_kernel_dir();
+    let package = std::fs::read_to_string(dir.join("package.txt")).map_err(|_| {
+        format!(
+            "no Debian kernel in {} (`cargo xtask kernel` downloads and extracts it)",
+            dir.display()
+        )
+    })?;
+    let vmlinux = dir.join("vmlinux");
+    if !vmlinux.is_file() {
+        return Err(format!(
+            "{} is missing (`cargo xtask kernel` extracts it)",
+            vmlinux.display()
+        ));
+    }
+    Ok(CachedKernel {
+        vmlinux,
+        package: package.trim().to_owned(),
+    })
 }

@@ -4,3 +4,5 @@
 
 #[cfg(not(target_os = "none"))]
 pub mod harness;
+#[cfg(not(target_os = "none"))]
+pub mod initramfs;

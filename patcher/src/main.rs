@@ -1,14 +1,35 @@
 //! `pvpatch`: the post-link tool.
+//!
+//! Exit status: 0 success; 2 bad command line; 3 unreadable or malformed input; 4 verification
+//! found records that do not match the code; 5 refused (already annotated, or the output would
+//! overwrite the input); 6 the output could not be written; 70 internal error.
 
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use pvpatch::annotate::{AnnotateError, AnnotateOptions, annotate};
+use pvpatch::image::{Image, ImageError};
+use pvpatch::output::{OutputError, same_file, write_bytes};
+use pvpatch::report::{Ledger, ScanReport, hex, human_summary, scan_image};
+use pvpatch::{bzimage, catalogue, scan, verify};
+
+/// Exit statuses.
+mod status {
+    pub const INPUT: u8 = 3;
+    pub const MISMATCH: u8 = 4;
+    pub const REFUSED: u8 = 5;
+    pub const OUTPUT: u8 = 6;
+    pub const INTERNAL: u8 = 70;
+}
 
 #[derive(Parser)]
 #[command(
     name = "pvpatch",
     version,
-    about = "Paravirtualization patching for x86-64 kernel images"
+    about = "Find, classify and annotate the sensitive instructions of x86-64 kernel images"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -17,14 +38,259 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Print the op catalogue: ids, names, native forms, inputs, outputs, effects.
+    /// Find and classify every sensitive instruction; print a summary, or the ledger as JSON.
+    Scan {
+        /// The ELF image (a vmlinux, or any x86-64 ELF executable).
+        image: PathBuf,
+        /// Print the ledger (docs/ledger.md) as JSON instead of the summary.
+        #[arg(long)]
+        json: bool,
+        /// Write the output to this file (atomically) instead of standard output.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// Worker threads (default: every core).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+    /// Write a site table into a new section of the image.
+    Annotate {
+        /// The ELF image.
+        image: PathBuf,
+        /// The annotated image to write.
+        #[arg(short, long, required_unless_present = "in_place")]
+        output: Option<PathBuf>,
+        /// Replace the input file (atomically).
+        #[arg(long)]
+        in_place: bool,
+        /// Replace the table of an already annotated image.
+        #[arg(long)]
+        force: bool,
+        /// Record swept sites only in this executable section (repeatable; default: all).
+        #[arg(long = "section")]
+        sections: Vec<String>,
+        /// Also write the ledger of the input to this file.
+        #[arg(long)]
+        ledger: Option<PathBuf>,
+    },
+    /// Check that every record of an annotated image's table lands on the instruction it names.
+    Verify {
+        /// The annotated image.
+        image: PathBuf,
+    },
+    /// Extract the ELF vmlinux from a bzImage (xz, lzma, zstd, lz4 or gzip payload).
+    ExtractVmlinux {
+        /// The bzImage (e.g. /boot/vmlinuz-*).
+        bzimage: PathBuf,
+        /// Where to write the vmlinux.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Print the op catalogue.
     Ops,
+}
+
+/// An error with the exit status it maps to.
+struct Failure(u8, anyhow::Error);
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        let e = e.into();
+        let code = if e.is::<ImageError>() || e.is::<bzimage::BzImageError>() {
+            status::INPUT
+        } else if let Some(a) = e.downcast_ref::<AnnotateError>() {
+            match a {
+                AnnotateError::AlreadyAnnotated(_) => status::REFUSED,
+                AnnotateError::LinkedTable(_) | AnnotateError::NotRewritable(_) => status::INPUT,
+                AnnotateError::Output(OutputError::WouldOverwriteInput(_)) => status::REFUSED,
+                AnnotateError::Output(_) => status::OUTPUT,
+                _ => status::INTERNAL,
+            }
+        } else if let Some(o) = e.downcast_ref::<OutputError>() {
+            match o {
+                OutputError::WouldOverwriteInput(_) => status::REFUSED,
+                _ => status::OUTPUT,
+            }
+        } else if e.is::<verify::VerifyError>() {
+            status::MISMATCH
+        } else {
+            status::INTERNAL
+        };
+        Failure(code, e)
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Ops => print!("{}", pvpatch::catalogue::render()),
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(code, e)) => {
+            eprintln!("pvpatch: error: {e:#}");
+            ExitCode::from(code)
+        }
     }
-    ExitCode::SUCCESS
+}
+
+fn open(path: &Path) -> Result<Image, Failure> {
+    Ok(Image::open(path)?)
+}
+
+/// Scans with a progress bar on a terminal.
+fn scan_with_progress(image: &Image, threads: Option<usize>) -> ScanReport<'_> {
+    let mut opts = scan::Options::default();
+    if let Some(t) = threads {
+        opts.threads = t.max(1);
+    }
+    let total: u64 = image.exec_sections().map(|s| s.size).sum();
+    if std::io::stderr().is_terminal() && total > 4 << 20 {
+        let bar = indicatif::ProgressBar::new(total);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar.set_message("sweeping");
+        let tick = |n: u64| bar.inc(n);
+        let r = scan_image(image, opts, Some(&tick));
+        bar.finish_and_clear();
+        r
+    } else {
+        scan_image(image, opts, None)
+    }
+}
+
+fn emit(output: Option<&Path>, input: &Path, text: &str) -> Result<(), Failure> {
+    match output {
+        Some(p) => {
+            if same_file(p, input) {
+                return Err(OutputError::WouldOverwriteInput(p.to_owned()).into());
+            }
+            write_bytes(p, text.as_bytes())?;
+        }
+        None => {
+            let mut out = std::io::stdout().lock();
+            // A closed pipe (`| head`) is not an error worth a status.
+            let _ = out.write_all(text.as_bytes());
+        }
+    }
+    Ok(())
+}
+
+fn run(command: Command) -> Result<(), Failure> {
+    match command {
+        Command::Ops => print!("{}", catalogue::render()),
+        Command::Scan {
+            image,
+            json,
+            output,
+            threads,
+        } => {
+            let img = open(&image)?;
+            let report = scan_with_progress(&img, threads);
+            let text = if json {
+                let mut s =
+                    serde_json::to_string_pretty(&Ledger::new(&report)).context("ledger")?;
+                s.push('\n');
+                s
+            } else {
+                human_summary(&report)
+            };
+            emit(output.as_deref(), &image, &text)?;
+        }
+        Command::Annotate {
+            image,
+            output,
+            in_place,
+            force,
+            sections,
+            ledger,
+        } => {
+            let out = match (&output, in_place) {
+                (Some(o), _) => o.clone(),
+                (None, true) => image.clone(),
+                (None, false) => unreachable!("clap requires -o unless --in-place"),
+            };
+            if !in_place && same_file(&out, &image) {
+                return Err(OutputError::WouldOverwriteInput(out).into());
+            }
+            let img = open(&image)?;
+            let report = scan_with_progress(&img, None);
+            if let Some(l) = &ledger {
+                let mut s =
+                    serde_json::to_string_pretty(&Ledger::new(&report)).context("ledger")?;
+                s.push('\n');
+                emit(Some(l), &image, &s)?;
+            }
+            let t = std::time::Instant::now();
+            let a = annotate(&report, &out, &AnnotateOptions { force, sections })?;
+            println!(
+                "{}: {} sites recorded ({} from the image's macros, {} found by the sweep) in a \
+                 {}-byte table at {}; written to {} in {:.0} ms",
+                image.display(),
+                a.sites,
+                a.from_macros,
+                a.from_scan,
+                a.table_size,
+                hex(a.table_addr),
+                out.display(),
+                (report.elapsed + t.elapsed()).as_secs_f64() * 1e3,
+            );
+            if a.trailing > 0 {
+                println!(
+                    "  {} trailing bytes that no section covers were carried over",
+                    a.trailing
+                );
+            }
+        }
+        Command::Verify { image } => {
+            let img = open(&image)?;
+            let v = verify::verify(&img)?;
+            for m in &v.mismatches {
+                println!("record {} at {}: {}", m.index, hex(m.addr), m.what);
+            }
+            if !v.placement_ok {
+                println!(
+                    "the table at {} is not where a runtime looks for it",
+                    hex(v.table_addr)
+                );
+            }
+            println!(
+                "{}: {} records at {}: {} match, {} do not, {} name ops this tool does not know",
+                image.display(),
+                v.sites,
+                hex(v.table_addr),
+                v.sites - v.mismatches.len() - v.unknown_ops,
+                v.mismatches.len(),
+                v.unknown_ops
+            );
+            if !v.ok() {
+                return Err(Failure(
+                    status::MISMATCH,
+                    anyhow::anyhow!("verification failed"),
+                ));
+            }
+        }
+        Command::ExtractVmlinux {
+            bzimage: bz,
+            output,
+        } => {
+            if same_file(&output, &bz) {
+                return Err(OutputError::WouldOverwriteInput(output).into());
+            }
+            let bytes = std::fs::read(&bz).map_err(|source| ImageError::Io {
+                path: bz.clone(),
+                source,
+            })?;
+            let fmt = bzimage::compression(bzimage::payload(&bytes)?)?;
+            let vmlinux = bzimage::extract_vmlinux(&bytes)?;
+            // Check it is an image this tool can read before writing it.
+            Image::from_bytes(&output.display().to_string(), vmlinux.clone())?;
+            write_bytes(&output, &vmlinux)?;
+            println!(
+                "{}: {fmt} payload, {} bytes of ELF written to {}",
+                bz.display(),
+                vmlinux.len(),
+                output.display()
+            );
+        }
+    }
+    Ok(())
 }

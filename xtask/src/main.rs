@@ -6,7 +6,9 @@
 //!
 //! Every step says what it runs. Whatever cannot run is listed at the end with the reason.
 
+mod demo;
 mod fuzz;
+mod kernel;
 mod setup;
 mod util;
 
@@ -20,12 +22,16 @@ const USAGE: &str = "\
 usage: cargo xtask <command>
 
 commands:
+  demo                       the main job: pvpatch on Debian's current kernel (fetched if
+                             needed): scan summary, annotation, verification, boot under QEMU
   setup                      install QEMU 10, cmake, libclang-dev, cargo-fuzz, the nightly
                              toolchain and the x86_64-unknown-none target (idempotent; without
                              root, prints the commands instead)
   test                       setup, fmt --check, clippy -D warnings, every test, ~20 s of fuzzing
                              per target; lists what was skipped and why
   fuzz [--time S] [TARGET..] run the cargo-fuzz targets (default: all, 60 s each)
+  kernel                     download Debian bookworm's current linux-image-*-amd64 package,
+                             extract its vmlinux and cache it (outside the repository)
 ";
 
 fn main() {
@@ -34,6 +40,8 @@ fn main() {
         Some("setup") => setup::setup(&mut Report::default()).map(|_| ()),
         Some("test") => test(),
         Some("fuzz") => fuzz::command(&args[1..]),
+        Some("kernel") => kernel::fetch().map(|_| ()),
+        Some("demo") => demo::demo(),
         Some("help") | Some("--help") | Some("-h") | None => {
             print!("{USAGE}");
             Ok(())
@@ -50,6 +58,9 @@ fn test() -> Result<()> {
     let started = Instant::now();
     let mut report = Report::default();
     report.step("setup", |r| setup::setup(r).map(|_| ()))?;
+    report.step("fetch the Debian kernel (cargo xtask kernel)", |_| {
+        kernel::fetch().map(|_| ())
+    })?;
     let root = root();
     report.step("cargo fmt --check", |_| {
         run(cargo().args(["fmt", "--all", "--check"]))

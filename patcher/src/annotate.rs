@@ -1,0 +1,515 @@
+//! `pvpatch annotate`: write a sealed site table into a new section of the image.
+//!
+//! The table records every patchable sensitive instruction the sweep found, merged with the
+//! records the image's own annotation macros emitted (its linker-gathered table, which take
+//! precedence: they know their room and form). It goes into a new section `.pvpatch_sites` in a
+//! new read-only `PT_LOAD` at the first 4 KiB boundary after the highest loadable segment, where
+//! a runtime finds it (`docs/abi.md`, "Finding the table"). Every original section and program
+//! header is kept byte for byte (the section-name table grows by one name); bytes after the last
+//! section that no section covers (a bzImage build's `vmlinux.relocs`) are carried over too.
+//! The output is written atomically; the input is never modified.
+
+use std::io::Write;
+use std::path::Path;
+
+use object::build::elf::{Builder, SectionData};
+use object::elf;
+use object::write::StreamingBuffer;
+use patch_sites::RegSet;
+use patch_sites::table::SITE_FLAG_REP;
+use patch_sites::table::{
+    Form, Header, SEALED_ALIGN, SEALED_SECTION, Site, SiteTable, TableError, WriteError,
+    sealed_table_size, write_sealed_table,
+};
+use thiserror::Error;
+
+use crate::analyze::SiteInfo;
+use crate::image::Image;
+use crate::output::{OutputError, write_atomic};
+use crate::report::ScanReport;
+
+/// The section holding a linker-gathered table's header.
+pub const LINKED_HEADER_SECTION: &str = patch_sites::table::HEADER_SECTION;
+
+/// Why an image cannot be annotated.
+#[derive(Debug, Error)]
+pub enum AnnotateError {
+    /// The image already has a table and `--force` was not given.
+    #[error(
+        "{0} is already annotated (it has a {SEALED_SECTION} section); pass --force to replace \
+         the table"
+    )]
+    AlreadyAnnotated(String),
+    /// The image's own linker-gathered table is invalid.
+    #[error("the image's linker-gathered site table ({LINKED_HEADER_SECTION}) is invalid")]
+    LinkedTable(#[source] TableError),
+    /// The table cannot be placed or encoded.
+    #[error("cannot write the site table")]
+    Table(#[source] WriteError),
+    /// The image has no loadable segment to place the table after.
+    #[error("the image has no PT_LOAD segment")]
+    NoLoadSegment,
+    /// The image has properties that make it unsafe to rewrite.
+    #[error("the image cannot be rewritten: {0}")]
+    NotRewritable(String),
+    /// object's ELF builder refused the image.
+    #[error("rewriting the ELF file failed: {0}")]
+    Elf(String),
+    /// The output could not be written.
+    #[error(transparent)]
+    Output(#[from] OutputError),
+}
+
+/// What to annotate.
+#[derive(Clone, Debug, Default)]
+pub struct AnnotateOptions {
+    /// Replace an existing table.
+    pub force: bool,
+    /// Record raw sites only in these executable sections (all when empty).
+    pub sections: Vec<String>,
+}
+
+/// What was written.
+#[derive(Clone, Debug)]
+pub struct Annotation {
+    /// Address of the table.
+    pub table_addr: u64,
+    /// Its size in bytes.
+    pub table_size: usize,
+    /// Sites recorded, in all.
+    pub sites: usize,
+    /// Of which from the image's own macros.
+    pub from_macros: usize,
+    /// Of which found by the sweep.
+    pub from_scan: usize,
+    /// Trailing bytes no section covers, carried over.
+    pub trailing: usize,
+    /// The table's bytes.
+    pub table: Vec<u8>,
+}
+
+/// The sites of the image's linker-gathered table (emitted by the annotation macros), if the
+/// image has one.
+pub fn linked_sites(image: &Image) -> Result<Vec<Site>, TableError> {
+    let Some(s) = image.section(LINKED_HEADER_SECTION) else {
+        return Ok(Vec::new());
+    };
+    let hb = image.section_data(s);
+    let header = Header::parse(hb, s.addr)?;
+    let len = usize::try_from(header.records_len()).map_err(|_| TableError::BadExtent)?;
+    let records = if len == 0 {
+        &[][..]
+    } else {
+        image
+            .read(header.records_begin, len)
+            .ok_or(TableError::TruncatedRecords {
+                needed: len as u64,
+                available: 0,
+            })?
+    };
+    let t = SiteTable::parse(header, records, &image.code_ranges())?;
+    Ok(t.sites().collect())
+}
+
+/// The record for a site the sweep found.
+pub fn record_for(s: &SiteInfo) -> Site {
+    let f = &s.found;
+    Site {
+        addr: f.addr,
+        site_len: s.room.in_place,
+        insn_len: f.len,
+        op_id: f.op().id(),
+        form: Form::Native,
+        operand: f.operand(),
+        width: f.class.width,
+        flags: if f.class.rep { SITE_FLAG_REP } else { 0 },
+        // Nothing is known about the surrounding code: a rewrite may clobber only what the op
+        // itself defines or leaves undefined.
+        clobbers: RegSet::EMPTY,
+        stub: None,
+    }
+}
+
+/// The sites the table will hold: the macros' records, then every patchable swept site that
+/// does not overlap one, sorted by address.
+pub fn plan_sites(
+    report: &ScanReport<'_>,
+    linked: &[Site],
+    opts: &AnnotateOptions,
+) -> (Vec<Site>, usize, usize) {
+    let image = report.image;
+    let mut sites: Vec<Site> = linked.to_vec();
+    sites.sort_by_key(|s| s.addr);
+    let overlaps_macro = |a: u64, len: u64| {
+        let i = sites.partition_point(|s| s.addr < a + len);
+        sites[..i].iter().rev().take(4).any(|s| s.end() > a)
+    };
+    let mut scanned = Vec::new();
+    for s in &report.analysis.sites {
+        if !s.patchable() || s.room.in_place == 0 {
+            continue;
+        }
+        let section = &image.sections[s.found.section];
+        if !opts.sections.is_empty() && !opts.sections.contains(&section.name) {
+            continue;
+        }
+        if overlaps_macro(s.found.addr, s.found.len as u64) {
+            continue;
+        }
+        scanned.push(record_for(s));
+    }
+    let from_macros = sites.len();
+    let from_scan = scanned.len();
+    sites.extend(scanned);
+    sites.sort_by_key(|s| s.addr);
+    (sites, from_macros, from_scan)
+}
+
+/// Where the table goes: the first [`SEALED_ALIGN`] boundary at or after the end of the highest
+/// loadable segment (and of every allocated section, should one lie beyond the segments in a
+/// malformed image), not counting an existing table.
+pub fn table_address(image: &Image) -> Option<u64> {
+    let existing = image.section(SEALED_SECTION);
+    let is_existing = |p: &crate::image::Segment| {
+        existing.is_some_and(|t| p.offset == t.offset && p.vaddr == t.addr && p.filesz == t.size)
+    };
+    let segments = image
+        .segments
+        .iter()
+        .filter(|s| s.kind == elf::PT_LOAD && !is_existing(s))
+        .filter_map(|s| s.vaddr.checked_add(s.memsz));
+    let sections = image
+        .sections
+        .iter()
+        .filter(|s| s.is_alloc() && s.size > 0 && s.name != SEALED_SECTION)
+        .filter_map(|s| s.addr.checked_add(s.size));
+    segments
+        .chain(sections)
+        .max()
+        .and_then(|e| e.checked_next_multiple_of(SEALED_ALIGN))
+}
+
+/// Checks what object's ELF builder assumes of an image it rewrites (it computes with section
+/// and segment alignments, and would overflow on hostile ones).
+fn rewritable(image: &Image) -> Result<(), AnnotateError> {
+    let ok = |a: u64, max: u64| a == 0 || (a.is_power_of_two() && a <= max);
+    for s in &image.sections {
+        // Loaded sections keep their file offsets; the others are moved after the new section
+        // and padded to their alignment, so theirs must stay small.
+        let max = if s.is_alloc() { 1 << 32 } else { 1 << 16 };
+        if !ok(s.align, max) {
+            return Err(AnnotateError::NotRewritable(format!(
+                "section [{}] {} has alignment {:#x}, not a power of two up to {max:#x}",
+                s.index, s.name, s.align
+            )));
+        }
+    }
+    // Tables of 8-byte records: the builder may move a non-loaded one, and places it by its
+    // declared alignment; readers need the records aligned.
+    let records = [
+        elf::SHT_SYMTAB,
+        elf::SHT_DYNSYM,
+        elf::SHT_RELA,
+        elf::SHT_REL,
+        elf::SHT_DYNAMIC,
+    ];
+    for s in &image.sections {
+        if records.contains(&s.kind) && s.size > 0 && s.align < 8 {
+            return Err(AnnotateError::NotRewritable(format!(
+                "section [{}] {} holds 8-byte records but declares alignment {}",
+                s.index, s.name, s.align
+            )));
+        }
+    }
+    for (i, p) in image.segments.iter().enumerate() {
+        if !ok(p.align, 1 << 32) {
+            return Err(AnnotateError::NotRewritable(format!(
+                "program header {i} has alignment {:#x}, not a power of two up to 4 GiB",
+                p.align
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Runs object's ELF builder; a panic inside it (a case the checks above do not foresee) is
+/// an error for this image, not a crash of the tool.
+fn contain<T>(
+    what: &str,
+    f: impl FnOnce() -> Result<T, AnnotateError>,
+) -> Result<T, AnnotateError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| {
+        Err(AnnotateError::Elf(format!(
+            "object's ELF builder failed while {what} this image"
+        )))
+    })
+}
+
+/// Makes the builder copy every section except the section-name table as raw bytes: symbol,
+/// string, relocation, dynamic and version sections would otherwise be rebuilt (with the same
+/// meaning but not the same bytes). Sections keep their indices, since the new one is appended.
+fn keep_sections_raw<'data>(
+    b: &mut Builder<'data>,
+    bytes: &'data [u8],
+) -> Result<(), AnnotateError> {
+    for s in b.sections.iter_mut() {
+        let keep = matches!(
+            s.data,
+            SectionData::SectionString | SectionData::UninitializedData(_)
+        ) || s.sh_type == elf::SHT_NOBITS
+            || s.sh_type == elf::SHT_NULL;
+        if keep {
+            continue;
+        }
+        let raw = bytes
+            .get(s.sh_offset as usize..)
+            .and_then(|b| b.get(..s.sh_size as usize))
+            .ok_or_else(|| {
+                AnnotateError::Elf(format!("section {} lies outside the file", s.name))
+            })?;
+        // Borrowed from the mapping: the image is never copied.
+        s.data = SectionData::Data(raw.into());
+    }
+    for sym in b.symbols.iter_mut() {
+        sym.delete = true;
+    }
+    for sym in b.dynamic_symbols.iter_mut() {
+        sym.delete = true;
+    }
+    Ok(())
+}
+
+/// Bytes at the end of the file that no section, segment or header table covers.
+pub fn trailing_bytes(image: &Image) -> &[u8] {
+    let bytes = image.bytes();
+    let mut end = 64u64;
+    for s in &image.sections {
+        if s.has_file_data() {
+            end = end.max(s.offset + s.size);
+        }
+    }
+    for p in &image.segments {
+        end = end.max(p.offset.saturating_add(p.filesz));
+    }
+    let shoff = u64::from_le_bytes(
+        bytes
+            .get(0x28..0x30)
+            .and_then(|b| b.try_into().ok())
+            .unwrap_or([0; 8]),
+    );
+    let shnum = u16::from_le_bytes([
+        bytes.get(0x3c).copied().unwrap_or(0),
+        bytes.get(0x3d).copied().unwrap_or(0),
+    ]);
+    let phoff = u64::from_le_bytes(
+        bytes
+            .get(0x20..0x28)
+            .and_then(|b| b.try_into().ok())
+            .unwrap_or([0; 8]),
+    );
+    let phnum = u16::from_le_bytes([
+        bytes.get(0x38).copied().unwrap_or(0),
+        bytes.get(0x39).copied().unwrap_or(0),
+    ]);
+    end = end.max(shoff.saturating_add(shnum as u64 * 64));
+    end = end.max(phoff.saturating_add(phnum as u64 * 56));
+    bytes.get(end as usize..).unwrap_or(&[])
+}
+
+/// Builds the table for `report` and writes the annotated image to `out`, atomically. Every
+/// check runs before the output file is created.
+pub fn annotate(
+    report: &ScanReport<'_>,
+    out: &Path,
+    opts: &AnnotateOptions,
+) -> Result<Annotation, AnnotateError> {
+    let prepared = prepare(report, opts)?;
+    let mut result = None;
+    let mut failure = None;
+    // Before the output replaces anything, it must load and verify as a runtime would see it.
+    let check = |tmp: &Path| -> Result<(), OutputError> {
+        let img = Image::open(tmp)
+            .map_err(|e| OutputError::Content(format!("the output does not load: {e}")))?;
+        let v = crate::verify::verify(&img)
+            .map_err(|e| OutputError::Content(format!("the output does not verify: {e}")))?;
+        match v.mismatches.first() {
+            Some(m) => Err(OutputError::Content(format!(
+                "the output does not verify: record {}: {}",
+                m.index, m.what
+            ))),
+            None if !v.placement_ok => Err(OutputError::Content("the table is misplaced".into())),
+            None => Ok(()),
+        }
+    };
+    let written =
+        write_atomic(
+            out,
+            Some(&report.image.path),
+            Some(&check),
+            |w| match write_annotated(report, &prepared, w) {
+                Ok(a) => {
+                    result = Some(a);
+                    Ok(())
+                }
+                Err(AnnotateError::Output(o)) => Err(o),
+                Err(e) => {
+                    let msg = e.to_string();
+                    failure = Some(e);
+                    Err(OutputError::Content(msg))
+                }
+            },
+        );
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    written?;
+    result.ok_or_else(|| AnnotateError::Elf("no output was produced".into()))
+}
+
+/// Builds the table for `report` and writes the annotated image into `w`.
+pub fn annotate_into(
+    report: &ScanReport<'_>,
+    opts: &AnnotateOptions,
+    w: &mut dyn Write,
+) -> Result<Annotation, AnnotateError> {
+    let prepared = prepare(report, opts)?;
+    write_annotated(report, &prepared, w)
+}
+
+/// A checked table, ready to be written.
+struct Prepared {
+    table: Vec<u8>,
+    table_addr: u64,
+    sites: usize,
+    from_macros: usize,
+    from_scan: usize,
+}
+
+/// The sites and table bytes for `report`, checked as a runtime will check them.
+fn prepare(report: &ScanReport<'_>, opts: &AnnotateOptions) -> Result<Prepared, AnnotateError> {
+    let image = report.image;
+    rewritable(image)?;
+    if image.section(SEALED_SECTION).is_some() && !opts.force {
+        return Err(AnnotateError::AlreadyAnnotated(
+            image.path.display().to_string(),
+        ));
+    }
+    let linked = linked_sites(image).map_err(AnnotateError::LinkedTable)?;
+    let (sites, from_macros, from_scan) = plan_sites(report, &linked, opts);
+    let table_addr = table_address(image).ok_or(AnnotateError::NoLoadSegment)?;
+    let mut table = vec![0u8; sealed_table_size(sites.len())];
+    write_sealed_table(&sites, table_addr, &mut table).map_err(AnnotateError::Table)?;
+    // Check what was written exactly as the runtime will.
+    SiteTable::parse_contiguous(&table, table_addr, &image.code_ranges())
+        .map_err(|e| AnnotateError::Elf(format!("the written table does not parse back: {e}")))?;
+    Ok(Prepared {
+        table,
+        table_addr,
+        sites: sites.len(),
+        from_macros,
+        from_scan,
+    })
+}
+
+/// Writes the image with the prepared table into `w`.
+fn write_annotated(
+    report: &ScanReport<'_>,
+    p: &Prepared,
+    w: &mut dyn Write,
+) -> Result<Annotation, AnnotateError> {
+    let image = report.image;
+    let (table, table_addr) = (&p.table, p.table_addr);
+    let trailing = trailing_bytes(image);
+    let elf_err = |e: object::build::Error| AnnotateError::Elf(e.to_string());
+    let mut b = contain("reading", || Builder::read(image.bytes()).map_err(elf_err))?;
+    keep_sections_raw(&mut b, image.bytes())?;
+    // An existing table (with --force): drop its section and segment first.
+    let mut old_segment = None;
+    for s in b.sections.iter_mut() {
+        if s.name.as_slice() == SEALED_SECTION.as_bytes() {
+            s.delete = true;
+            old_segment = Some(s.id());
+        }
+    }
+    if let Some(id) = old_segment {
+        for seg in b.segments.iter_mut() {
+            if seg.sections.contains(&id) {
+                seg.delete = true;
+            }
+        }
+    }
+    let (delta, file_end) = {
+        let top = b
+            .segments
+            .iter()
+            .filter(|s| s.is_load() && !s.delete)
+            .max_by_key(|s| s.p_vaddr.saturating_add(s.p_memsz))
+            .ok_or(AnnotateError::NoLoadSegment)?;
+        let delta = top.p_vaddr.wrapping_sub(top.p_paddr);
+        let mut end = 0u64;
+        for s in b.segments.iter().filter(|s| s.is_load() && !s.delete) {
+            end = end.max(s.p_offset.saturating_add(s.p_filesz));
+        }
+        for s in b
+            .sections
+            .iter()
+            .filter(|s| s.is_alloc() && !s.delete && s.sh_type != elf::SHT_NOBITS)
+        {
+            end = end.max(s.sh_offset.saturating_add(s.sh_size));
+        }
+        (delta, end)
+    };
+    let offset = file_end
+        .checked_next_multiple_of(SEALED_ALIGN)
+        .ok_or_else(|| AnnotateError::Elf("file offsets overflow".into()))?;
+    let size = table.len() as u64;
+    let section_id = {
+        let s = b.sections.add();
+        s.name = SEALED_SECTION.as_bytes().to_vec().into();
+        s.sh_type = elf::SHT_PROGBITS;
+        s.sh_flags = elf::SHF_ALLOC as u64;
+        s.sh_addr = table_addr;
+        s.sh_offset = offset;
+        s.sh_size = size;
+        s.sh_addralign = 8;
+        s.data = SectionData::Data(table.clone().into());
+        s.id()
+    };
+    {
+        let seg = b.segments.add();
+        seg.p_type = elf::PT_LOAD;
+        seg.p_flags = elf::PF_R;
+        seg.p_offset = offset;
+        seg.p_vaddr = table_addr;
+        seg.p_paddr = table_addr.wrapping_sub(delta);
+        seg.p_filesz = size;
+        seg.p_memsz = size;
+        seg.p_align = SEALED_ALIGN;
+        seg.sections.push(section_id);
+    }
+    let io = |source| {
+        AnnotateError::Output(OutputError::Io {
+            path: image.path.clone(),
+            source,
+        })
+    };
+    let mut stream = StreamingBuffer::new(&mut *w);
+    contain("writing", || b.write(&mut stream).map_err(elf_err))?;
+    stream.result().map_err(io)?;
+    w.write_all(trailing).map_err(io)?;
+    Ok(Annotation {
+        table_addr,
+        table_size: table.len(),
+        sites: p.sites,
+        from_macros: p.from_macros,
+        from_scan: p.from_scan,
+        trailing: trailing.len(),
+        table: table.clone(),
+    })
+}
+
+/// The sealed table of an annotated image: its address and bytes, found by section name.
+pub fn sealed_table(image: &Image) -> Option<(u64, &[u8])> {
+    let s = image.section(SEALED_SECTION)?;
+    Some((s.addr, image.section_data(s)))
+}

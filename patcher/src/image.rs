@@ -1,0 +1,472 @@
+//! Loading an x86-64 ELF kernel image.
+//!
+//! The file is mapped with memmap2 and read with `object`'s low-level ELF reader: it is
+//! zero-copy over the mapping (a distro `vmlinux` is ~66 MB, of which we only decode the
+//! ~15 MB of code), every accessor is bounds-checked and returns an error rather than
+//! panicking on malformed input, and it is the same crate whose `build::elf::Builder` writes
+//! the annotated image, so reader and writer agree on what a section is. (The tests read the
+//! same images with goblin, independently, to cross-check.)
+//!
+//! Everything checked here is checked once, so the rest of the tool can index section data
+//! without further checks: every section with file data lies inside the file, no two sections
+//! share file bytes or addresses, and every executable section's address range does not wrap.
+
+use std::fmt;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use object::elf;
+use object::read::elf::{FileHeader, ProgramHeader, SectionHeader, Sym};
+use object::{LittleEndian as LE, read::StringTable};
+use patch_sites::table::AddrRange;
+use thiserror::Error;
+
+/// Why an image cannot be used.
+#[derive(Debug, Error)]
+pub enum ImageError {
+    /// The file cannot be opened or read.
+    #[error("cannot read {path}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not an ELF file, or not one this tool handles.
+    #[error("{0}")]
+    Unsupported(String),
+    /// The ELF structure is malformed.
+    #[error("malformed ELF: {0}")]
+    Malformed(String),
+}
+
+impl ImageError {
+    fn malformed(what: impl fmt::Display) -> Self {
+        ImageError::Malformed(what.to_string())
+    }
+}
+
+/// The result type of this module.
+pub type Result<T> = std::result::Result<T, ImageError>;
+
+/// An ELF section.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Section {
+    /// Index in the section header table.
+    pub index: usize,
+    /// Name (empty if the image has no section-name table).
+    pub name: String,
+    /// `sh_type`.
+    pub kind: u32,
+    /// `sh_flags`.
+    pub flags: u64,
+    /// Virtual address.
+    pub addr: u64,
+    /// Size in memory.
+    pub size: u64,
+    /// File offset of the data (meaningless for `SHT_NOBITS`).
+    pub offset: u64,
+    /// `sh_addralign`.
+    pub align: u64,
+}
+
+impl Section {
+    /// Whether the section holds code.
+    pub fn is_exec(&self) -> bool {
+        self.flags & elf::SHF_EXECINSTR as u64 != 0
+            && self.flags & elf::SHF_ALLOC as u64 != 0
+            && self.kind == elf::SHT_PROGBITS
+    }
+
+    /// Whether the section has bytes in the file.
+    pub fn has_file_data(&self) -> bool {
+        self.kind != elf::SHT_NOBITS && self.kind != elf::SHT_NULL && self.size > 0
+    }
+
+    /// Whether it occupies memory at run time.
+    pub fn is_alloc(&self) -> bool {
+        self.flags & elf::SHF_ALLOC as u64 != 0
+    }
+
+    /// Its address range.
+    pub fn range(&self) -> AddrRange {
+        AddrRange::new(self.addr, self.addr.saturating_add(self.size))
+    }
+
+    /// Whether `addr` lies inside.
+    pub fn contains(&self, addr: u64) -> bool {
+        addr >= self.addr && addr - self.addr < self.size
+    }
+}
+
+/// An ELF program header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    /// `p_type`.
+    pub kind: u32,
+    /// `p_flags`.
+    pub flags: u32,
+    /// `p_offset`.
+    pub offset: u64,
+    /// `p_vaddr`.
+    pub vaddr: u64,
+    /// `p_paddr`.
+    pub paddr: u64,
+    /// `p_filesz`.
+    pub filesz: u64,
+    /// `p_memsz`.
+    pub memsz: u64,
+    /// `p_align`.
+    pub align: u64,
+}
+
+/// A function symbol.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Symbol {
+    /// Name.
+    pub name: String,
+    /// Address.
+    pub addr: u64,
+    /// Size (0 if unknown).
+    pub size: u64,
+}
+
+enum Backing {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl Backing {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Backing::Mapped(m) => m,
+            Backing::Owned(v) => v,
+        }
+    }
+}
+
+/// A loaded, checked image.
+pub struct Image {
+    /// Where it came from (for reports).
+    pub path: PathBuf,
+    data: Backing,
+    /// `ET_EXEC` or `ET_DYN`.
+    pub elf_type: u16,
+    /// Entry point.
+    pub entry: u64,
+    /// Every section, in header order.
+    pub sections: Vec<Section>,
+    /// Every program header.
+    pub segments: Vec<Segment>,
+    /// Function symbols, sorted by address (empty for a stripped image).
+    pub symbols: Vec<Symbol>,
+    /// The GNU build id, if the image has one.
+    pub build_id: Option<Vec<u8>>,
+}
+
+impl fmt::Debug for Image {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Image")
+            .field("path", &self.path)
+            .field("len", &self.bytes().len())
+            .field("sections", &self.sections.len())
+            .field("symbols", &self.symbols.len())
+            .finish()
+    }
+}
+
+impl Image {
+    /// Maps and checks the file at `path`.
+    pub fn open(path: &Path) -> Result<Image> {
+        let io = |source| ImageError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let file = File::open(path).map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
+        if len == 0 {
+            return Err(ImageError::Unsupported(format!(
+                "{}: empty file",
+                path.display()
+            )));
+        }
+        // SAFETY: the mapping is read-only and private to this process. If another process
+        // truncates or rewrites the file while it is mapped, reads may fault or see new bytes;
+        // the tool reads each byte through bounds-checked slices of the mapping, and the
+        // documented contract is that the input is not modified while pvpatch runs.
+        let map = unsafe { Mmap::map(&file) }.map_err(io)?;
+        Image::parse(path.to_owned(), Backing::Mapped(map))
+    }
+
+    /// Checks an image held in memory (tests, fuzzing).
+    pub fn from_bytes(name: &str, bytes: Vec<u8>) -> Result<Image> {
+        Image::parse(PathBuf::from(name), Backing::Owned(bytes))
+    }
+
+    fn parse(path: PathBuf, data: Backing) -> Result<Image> {
+        let bytes = data.bytes();
+        if bytes.len() < 4 || bytes[..4] != elf::ELFMAG {
+            return Err(ImageError::Unsupported(format!(
+                "{}: not an ELF file (no \\x7fELF magic)",
+                path.display()
+            )));
+        }
+        if bytes.get(4) != Some(&elf::ELFCLASS64) {
+            return Err(ImageError::Unsupported(format!(
+                "{}: not a 64-bit ELF file",
+                path.display()
+            )));
+        }
+        if bytes.get(5) != Some(&elf::ELFDATA2LSB) {
+            return Err(ImageError::Unsupported(format!(
+                "{}: not a little-endian ELF file",
+                path.display()
+            )));
+        }
+        let header = elf::FileHeader64::<LE>::parse(bytes).map_err(ImageError::malformed)?;
+        let endian = header.endian().map_err(ImageError::malformed)?;
+        let machine = header.e_machine(endian);
+        if machine != elf::EM_X86_64 {
+            return Err(ImageError::Unsupported(format!(
+                "{}: ELF machine {machine} is not x86-64 ({})",
+                path.display(),
+                elf::EM_X86_64
+            )));
+        }
+        let elf_type = header.e_type(endian);
+        if elf_type != elf::ET_EXEC && elf_type != elf::ET_DYN {
+            return Err(ImageError::Unsupported(format!(
+                "{}: ELF type {elf_type} is neither an executable (ET_EXEC) nor a shared \
+                 object/PIE (ET_DYN)",
+                path.display()
+            )));
+        }
+        let file_len = bytes.len() as u64;
+
+        let phdrs = header
+            .program_headers(endian, bytes)
+            .map_err(|e| ImageError::malformed(format!("program headers: {e}")))?;
+        let mut segments = Vec::with_capacity(phdrs.len());
+        for (i, p) in phdrs.iter().enumerate() {
+            let s = Segment {
+                kind: p.p_type(endian),
+                flags: p.p_flags(endian),
+                offset: p.p_offset(endian),
+                vaddr: p.p_vaddr(endian),
+                paddr: p.p_paddr(endian),
+                filesz: p.p_filesz(endian),
+                memsz: p.p_memsz(endian),
+                align: p.p_align(endian),
+            };
+            if s.kind == elf::PT_LOAD {
+                let end = s.offset.checked_add(s.filesz);
+                if end.is_none_or(|e| e > file_len) {
+                    return Err(ImageError::malformed(format!(
+                        "program header {i} (PT_LOAD at {:#x}): file range {:#x}+{:#x} exceeds \
+                         the file's {file_len:#x} bytes",
+                        s.vaddr, s.offset, s.filesz
+                    )));
+                }
+                if s.vaddr.checked_add(s.memsz).is_none() || s.filesz > s.memsz {
+                    return Err(ImageError::malformed(format!(
+                        "program header {i}: memory range {:#x}+{:#x} (file size {:#x}) is \
+                         invalid",
+                        s.vaddr, s.memsz, s.filesz
+                    )));
+                }
+            }
+            segments.push(s);
+        }
+
+        let table = header
+            .sections(endian, bytes)
+            .map_err(|e| ImageError::malformed(format!("section headers: {e}")))?;
+        let mut sections = Vec::with_capacity(table.len());
+        for (index, sh) in table.enumerate() {
+            let index = index.0;
+            let name = table
+                .section_name(endian, sh)
+                .map(|n| String::from_utf8_lossy(n).into_owned())
+                .map_err(|e| ImageError::malformed(format!("section {index}: name: {e}")))?;
+            let s = Section {
+                index,
+                name,
+                kind: sh.sh_type(endian),
+                flags: sh.sh_flags(endian),
+                addr: sh.sh_addr(endian),
+                size: sh.sh_size(endian),
+                offset: sh.sh_offset(endian),
+                align: sh.sh_addralign(endian),
+            };
+            if s.has_file_data() {
+                let end = s.offset.checked_add(s.size);
+                if end.is_none_or(|e| e > file_len) {
+                    return Err(ImageError::malformed(format!(
+                        "section [{index}] {}: file range {:#x}+{:#x} exceeds the file's \
+                         {file_len:#x} bytes",
+                        s.name, s.offset, s.size
+                    )));
+                }
+            }
+            if s.is_alloc() && s.addr.checked_add(s.size).is_none() {
+                return Err(ImageError::malformed(format!(
+                    "section [{index}] {}: address range {:#x}+{:#x} wraps around",
+                    s.name, s.addr, s.size
+                )));
+            }
+            sections.push(s);
+        }
+        check_overlaps(&sections)?;
+
+        let mut symbols = Vec::new();
+        let symtab = table
+            .symbols(endian, bytes, elf::SHT_SYMTAB)
+            .map_err(|e| ImageError::malformed(format!("symbol table: {e}")))?;
+        let strings: StringTable<'_> = symtab.strings();
+        for sym in symtab.symbols() {
+            if sym.st_type() != elf::STT_FUNC || sym.st_shndx(endian) == elf::SHN_UNDEF {
+                continue;
+            }
+            let name = sym
+                .name(endian, strings)
+                .map(|n| String::from_utf8_lossy(n).into_owned())
+                .unwrap_or_default();
+            symbols.push(Symbol {
+                name,
+                addr: sym.st_value(endian),
+                size: sym.st_size(endian),
+            });
+        }
+        symbols.sort_by(|a, b| a.addr.cmp(&b.addr).then_with(|| a.name.cmp(&b.name)));
+        symbols.dedup_by_key(|s| s.addr);
+
+        let mut build_id = None;
+        for sh in table.iter() {
+            if sh.sh_type(endian) != elf::SHT_NOTE {
+                continue;
+            }
+            if let Ok(Some(mut notes)) = sh.notes(endian, bytes) {
+                while let Ok(Some(note)) = notes.next() {
+                    if note.name() == elf::ELF_NOTE_GNU
+                        && note.n_type(endian) == elf::NT_GNU_BUILD_ID
+                    {
+                        build_id = Some(note.desc().to_vec());
+                    }
+                }
+            }
+        }
+
+        let entry = header.e_entry(endian);
+        let image = Image {
+            path,
+            data,
+            elf_type,
+            entry,
+            sections,
+            segments,
+            symbols,
+            build_id,
+        };
+        if !image.sections.iter().any(Section::is_exec) {
+            return Err(ImageError::Unsupported(format!(
+                "{}: no executable section (no SHF_EXECINSTR PROGBITS section)",
+                image.path.display()
+            )));
+        }
+        Ok(image)
+    }
+
+    /// The whole file.
+    pub fn bytes(&self) -> &[u8] {
+        self.data.bytes()
+    }
+
+    /// A section's bytes (empty for `SHT_NOBITS`). Checked at load time to lie in the file.
+    pub fn section_data(&self, s: &Section) -> &[u8] {
+        if !s.has_file_data() {
+            return &[];
+        }
+        self.bytes()
+            .get(s.offset as usize..(s.offset + s.size) as usize)
+            .unwrap_or(&[])
+    }
+
+    /// The section named `name`.
+    pub fn section(&self, name: &str) -> Option<&Section> {
+        self.sections.iter().find(|s| s.name == name)
+    }
+
+    /// The executable sections.
+    pub fn exec_sections(&self) -> impl Iterator<Item = &Section> {
+        self.sections.iter().filter(|s| s.is_exec())
+    }
+
+    /// The executable sections' address ranges.
+    pub fn code_ranges(&self) -> Vec<AddrRange> {
+        self.exec_sections().map(Section::range).collect()
+    }
+
+    /// The allocated section with file data that holds `addr`.
+    pub fn section_at(&self, addr: u64) -> Option<&Section> {
+        self.sections
+            .iter()
+            .find(|s| s.is_alloc() && s.has_file_data() && s.contains(addr))
+    }
+
+    /// `len` bytes of the image at virtual address `addr`, if they lie inside one section.
+    pub fn read(&self, addr: u64, len: usize) -> Option<&[u8]> {
+        let s = self.section_at(addr)?;
+        let off = (addr - s.addr) as usize;
+        self.section_data(s).get(off..off.checked_add(len)?)
+    }
+
+    /// The function symbol at or before `addr`, and the offset into it, if `addr` lies inside
+    /// the symbol (or the symbol has no size and is the nearest one before `addr`).
+    pub fn symbolize(&self, addr: u64) -> Option<(&str, u64)> {
+        let i = self.symbols.partition_point(|s| s.addr <= addr);
+        let s = self.symbols.get(i.checked_sub(1)?)?;
+        let off = addr - s.addr;
+        (s.size == 0 || off < s.size).then_some((s.name.as_str(), off))
+    }
+
+    /// The end of the highest loadable segment (`p_vaddr + p_memsz`).
+    pub fn load_end(&self) -> Option<u64> {
+        self.segments
+            .iter()
+            .filter(|s| s.kind == elf::PT_LOAD)
+            .filter_map(|s| s.vaddr.checked_add(s.memsz))
+            .max()
+    }
+}
+
+fn check_overlaps(sections: &[Section]) -> Result<()> {
+    // File bytes: no two sections with data share a byte.
+    let mut by_off: Vec<&Section> = sections.iter().filter(|s| s.has_file_data()).collect();
+    by_off.sort_by_key(|s| s.offset);
+    for w in by_off.windows(2) {
+        if w[0].offset + w[0].size > w[1].offset {
+            return Err(ImageError::malformed(format!(
+                "sections [{}] {} and [{}] {} overlap in the file at {:#x}",
+                w[0].index, w[0].name, w[1].index, w[1].name, w[1].offset
+            )));
+        }
+    }
+    // Addresses: allocated sections with a nonzero address (per-CPU sections of a kernel are
+    // linked at 0 and overlap nothing real) must not share addresses.
+    let mut by_addr: Vec<&Section> = sections
+        .iter()
+        .filter(|s| s.is_alloc() && s.size > 0 && s.addr != 0)
+        .collect();
+    by_addr.sort_by_key(|s| s.addr);
+    for w in by_addr.windows(2) {
+        if w[0].addr + w[0].size > w[1].addr {
+            return Err(ImageError::malformed(format!(
+                "sections [{}] {} and [{}] {} overlap in memory at {:#x}",
+                w[0].index, w[0].name, w[1].index, w[1].name, w[1].addr
+            )));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,579 @@
+//! Linux's own patch and annotation tables, read from a linked image.
+//!
+//! Each table is found by its section name and parsed with bounds checks. Where the entry
+//! layout changed across kernel versions (`.parainstructions`, `.altinstructions`,
+//! `__bug_table`), every candidate layout is tried against the whole table: a layout is
+//! accepted only if every entry of it resolves to a plausible place (inside code, onto the
+//! instruction it must name). Exactly one must fit; none or several is reported as
+//! unrecognised, never guessed.
+//!
+//! What the tables give the rest of the tool:
+//! * *instruction starts*: addresses that must begin an instruction (the sweep restarts there);
+//! * *protected ranges*: bytes Linux itself patches or refers to, which pvpatch never changes
+//!   behind Linux's back. A sensitive instruction inside one is reported as covered by it.
+
+use std::fmt;
+
+use crate::image::{Image, Section};
+
+/// The tables this module knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TableKind {
+    /// `.parainstructions`: paravirt patch sites (until 6.7).
+    Parainstructions,
+    /// `.altinstructions`: alternatives.
+    Altinstructions,
+    /// `.altinstr_replacement`: the replacement code alternatives copy.
+    AltinstrReplacement,
+    /// `__ex_table`: instructions that may fault, with their fixups.
+    ExTable,
+    /// `.orc_unwind_ip`: addresses with ORC unwind entries.
+    OrcUnwindIp,
+    /// `.smp_locks`: lock prefixes patched on uniprocessor systems.
+    SmpLocks,
+    /// `.retpoline_sites`: indirect calls and jumps through retpoline thunks.
+    RetpolineSites,
+    /// `.return_sites`: returns through the return thunk.
+    ReturnSites,
+    /// `.call_sites`: calls accounted for call-depth tracking.
+    CallSites,
+    /// `.ibt_endbr_seal`: `endbr64` instructions sealed at boot.
+    IbtEndbrSeal,
+    /// `__bug_table`: `ud2` instructions of BUG()/WARN().
+    BugTable,
+    /// `__jump_table`: static-key jump sites.
+    JumpTable,
+    /// `.static_call_sites`: static-call sites.
+    StaticCallSites,
+}
+
+impl TableKind {
+    /// Every kind, in report order.
+    pub const ALL: [TableKind; 13] = [
+        TableKind::Parainstructions,
+        TableKind::Altinstructions,
+        TableKind::AltinstrReplacement,
+        TableKind::ExTable,
+        TableKind::OrcUnwindIp,
+        TableKind::SmpLocks,
+        TableKind::RetpolineSites,
+        TableKind::ReturnSites,
+        TableKind::CallSites,
+        TableKind::IbtEndbrSeal,
+        TableKind::BugTable,
+        TableKind::JumpTable,
+        TableKind::StaticCallSites,
+    ];
+
+    /// The section name.
+    pub fn section(self) -> &'static str {
+        match self {
+            TableKind::Parainstructions => ".parainstructions",
+            TableKind::Altinstructions => ".altinstructions",
+            TableKind::AltinstrReplacement => ".altinstr_replacement",
+            TableKind::ExTable => "__ex_table",
+            TableKind::OrcUnwindIp => ".orc_unwind_ip",
+            TableKind::SmpLocks => ".smp_locks",
+            TableKind::RetpolineSites => ".retpoline_sites",
+            TableKind::ReturnSites => ".return_sites",
+            TableKind::CallSites => ".call_sites",
+            TableKind::IbtEndbrSeal => ".ibt_endbr_seal",
+            TableKind::BugTable => "__bug_table",
+            TableKind::JumpTable => "__jump_table",
+            TableKind::StaticCallSites => ".static_call_sites",
+        }
+    }
+
+    /// Whether Linux rewrites the bytes this table names (as opposed to only referring to
+    /// them); a sensitive instruction inside is "covered" by Linux's own patching.
+    pub fn patches(self) -> bool {
+        !matches!(
+            self,
+            TableKind::OrcUnwindIp | TableKind::ExTable | TableKind::BugTable
+        )
+    }
+}
+
+impl fmt::Display for TableKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.section())
+    }
+}
+
+/// What was found of one table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableReport {
+    /// Which table.
+    pub kind: TableKind,
+    /// Whether the image has the section.
+    pub present: bool,
+    /// Section address.
+    pub addr: u64,
+    /// Section size.
+    pub size: u64,
+    /// The layout recognised (`None` if absent or unrecognised).
+    pub layout: Option<&'static str>,
+    /// Entry size of that layout.
+    pub entry_size: usize,
+    /// Entries used.
+    pub entries: usize,
+    /// Trailing all-zero entries (section padding) ignored.
+    pub padding: usize,
+    /// Why the table could not be used, if it could not.
+    pub problem: Option<String>,
+}
+
+/// A byte range Linux's tables protect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Protected {
+    /// First byte.
+    pub start: u64,
+    /// One past the last byte.
+    pub end: u64,
+    /// Which table.
+    pub table: TableKind,
+    /// Which entry.
+    pub entry: u32,
+}
+
+/// Everything read from Linux's tables.
+#[derive(Clone, Debug, Default)]
+pub struct LinuxTables {
+    /// One report per known table, in [`TableKind::ALL`] order.
+    pub reports: Vec<TableReport>,
+    /// Protected ranges, sorted by start.
+    pub protected: Vec<Protected>,
+    /// Addresses the tables say begin an instruction, with the table, sorted.
+    pub starts: Vec<(u64, TableKind)>,
+    /// ORC IPs dropped from `starts` because they lie inside a site Linux patches (they
+    /// describe the patched code).
+    pub orc_inside_patch_sites: usize,
+    longest: u64,
+}
+
+impl LinuxTables {
+    /// The protected ranges that overlap `[addr, addr + len)`.
+    pub fn covering(&self, addr: u64, len: u64) -> impl Iterator<Item = &Protected> {
+        let end = addr.saturating_add(len);
+        let hi = self.protected.partition_point(|p| p.start < end);
+        let lo =
+            self.protected[..hi].partition_point(|p| p.start < addr.saturating_sub(self.longest));
+        self.protected[lo..hi].iter().filter(move |p| p.end > addr)
+    }
+
+    /// The report for `kind`.
+    pub fn report(&self, kind: TableKind) -> Option<&TableReport> {
+        self.reports.iter().find(|r| r.kind == kind)
+    }
+
+    /// Whether some table names `addr` as an instruction start.
+    pub fn is_start(&self, addr: u64) -> bool {
+        self.starts.binary_search_by_key(&addr, |s| s.0).is_ok()
+    }
+}
+
+/// One parsed entry: up to two instruction starts it names and up to two ranges it protects
+/// (fixed arrays: `.orc_unwind_ip` alone has ~400,000 entries).
+#[derive(Default)]
+struct Entry {
+    starts: [Option<u64>; 2],
+    protected: [Option<(u64, u64)>; 2],
+}
+
+impl Entry {
+    fn one(start: u64, protect: Option<(u64, u64)>) -> Self {
+        Entry {
+            starts: [Some(start), None],
+            protected: [protect, None],
+        }
+    }
+}
+
+/// A candidate layout: name, entry size, and a parser for one entry (given the entry's
+/// address and bytes) that returns `None` if the entry does not fit this layout.
+struct Layout {
+    name: &'static str,
+    size: usize,
+    parse: fn(&Ctx<'_>, u64, &[u8]) -> Option<Entry>,
+}
+
+/// What entry parsers may look at.
+struct Ctx<'a> {
+    image: &'a Image,
+    code: Vec<&'a Section>,
+    replacement: Option<&'a Section>,
+}
+
+impl Ctx<'_> {
+    fn in_code(&self, addr: u64, len: u64) -> bool {
+        self.code
+            .iter()
+            .any(|s| addr >= s.addr && addr.checked_add(len).is_some_and(|e| e <= s.addr + s.size))
+    }
+
+    /// In code, or exactly at the end of a code section (ORC's terminating entries).
+    fn in_code_or_end(&self, addr: u64) -> bool {
+        self.in_code(addr, 1) || self.code.iter().any(|s| addr == s.addr + s.size)
+    }
+
+    fn bytes_at(&self, addr: u64, len: usize) -> Option<&[u8]> {
+        self.image.read(addr, len)
+    }
+}
+
+fn rel(entry_addr: u64, field: u64, b: &[u8], off: usize) -> Option<u64> {
+    let v = i32::from_le_bytes(b.get(off..off + 4)?.try_into().ok()?);
+    entry_addr.checked_add(field)?.checked_add_signed(v as i64)
+}
+
+fn u8_at(b: &[u8], off: usize) -> Option<u8> {
+    b.get(off).copied()
+}
+
+fn para_entry(ctx: &Ctx<'_>, addr: u64, len: u8) -> Option<Entry> {
+    // A paravirt site holds an indirect call (6 bytes) or native code, at most a few bytes
+    // longer; Linux checks `len` against its patch buffer of 16 bytes or so.
+    if len == 0 || len > 32 || !ctx.in_code(addr, len as u64) {
+        return None;
+    }
+    Some(Entry::one(addr, Some((addr, addr + len as u64))))
+}
+
+const PARAINSTRUCTIONS: &[Layout] = &[
+    Layout {
+        name: "u64 addr; u8 type; u8 len; pad (16 bytes, until 6.5)",
+        size: 16,
+        parse: |ctx, _at, b| {
+            let addr = u64::from_le_bytes(b.get(0..8)?.try_into().ok()?);
+            para_entry(ctx, addr, u8_at(b, 9)?)
+        },
+    },
+    Layout {
+        name: "s32 instr_offset; u8 type; u8 len; pad (8 bytes)",
+        size: 8,
+        parse: |ctx, at, b| para_entry(ctx, rel(at, 0, b, 0)?, u8_at(b, 5)?),
+    },
+    Layout {
+        name: "s32 instr_offset; u8 type; u8 len, packed (6 bytes, 6.6-6.7)",
+        size: 6,
+        parse: |ctx, at, b| para_entry(ctx, rel(at, 0, b, 0)?, u8_at(b, 5)?),
+    },
+];
+
+fn alt_entry(ctx: &Ctx<'_>, at: u64, b: &[u8], lens: usize) -> Option<Entry> {
+    let instr = rel(at, 0, b, 0)?;
+    let repl = rel(at, 4, b, 4)?;
+    let instrlen = u8_at(b, lens)? as u64;
+    let repllen = u8_at(b, lens + 1)? as u64;
+    if !ctx.in_code(instr, instrlen.max(1)) || repllen > instrlen {
+        return None;
+    }
+    let mut e = Entry::one(instr, Some((instr, instr + instrlen)));
+    if repllen > 0 {
+        let r = ctx.replacement?;
+        if repl < r.addr || repl.checked_add(repllen)? > r.addr + r.size {
+            return None;
+        }
+        e.starts[1] = Some(repl);
+        e.protected[1] = Some((repl, repl + repllen));
+    }
+    Some(e)
+}
+
+const ALTINSTRUCTIONS: &[Layout] = &[
+    Layout {
+        name: "s32 instr_offset; s32 repl_offset; u16 cpuid; u8 instrlen; u8 replacementlen \
+               (12 bytes, 5.x-6.2)",
+        size: 12,
+        parse: |ctx, at, b| alt_entry(ctx, at, b, 10),
+    },
+    Layout {
+        name: "s32 instr_offset; s32 repl_offset; u32 ft_flags; u8 instrlen; u8 replacementlen \
+               (14 bytes, 6.3+)",
+        size: 14,
+        parse: |ctx, at, b| alt_entry(ctx, at, b, 12),
+    },
+];
+
+const EX_TABLE: &[Layout] = &[Layout {
+    name: "s32 insn; s32 fixup; s32 data (12 bytes)",
+    size: 12,
+    parse: |ctx, at, b| {
+        let insn = rel(at, 0, b, 0)?;
+        let fixup = rel(at, 4, b, 4)?;
+        (ctx.in_code(insn, 1) && ctx.in_code(fixup, 1)).then_some(Entry {
+            starts: [Some(insn), Some(fixup)],
+            protected: [Some((insn, insn + 1)), None],
+        })
+    },
+}];
+
+fn bug_entry(ctx: &Ctx<'_>, at: u64, b: &[u8]) -> Option<Entry> {
+    let addr = rel(at, 0, b, 0)?;
+    // BUG() and WARN() are `ud2` on x86.
+    (ctx.in_code(addr, 2) && ctx.bytes_at(addr, 2)? == [0x0f, 0x0b])
+        .then(|| Entry::one(addr, Some((addr, addr + 2))))
+}
+
+const BUG_TABLE: &[Layout] = &[
+    Layout {
+        name: "s32 bug_addr; s32 file; u16 line; u16 flags (12 bytes, DEBUG_BUGVERBOSE)",
+        size: 12,
+        parse: bug_entry,
+    },
+    Layout {
+        name: "s32 bug_addr; u16 flags; pad (8 bytes)",
+        size: 8,
+        parse: bug_entry,
+    },
+];
+
+macro_rules! rel32_table {
+    ($name:ident, $what:literal, $check:expr, $prot:expr) => {
+        const $name: &[Layout] = &[Layout {
+            name: $what,
+            size: 4,
+            parse: |ctx, at, b| {
+                let a = rel(at, 0, b, 0)?;
+                let check: fn(&Ctx<'_>, u64) -> bool = $check;
+                let prot: u64 = $prot;
+                check(ctx, a).then(|| Entry::one(a, (prot > 0).then_some((a, a + prot))))
+            },
+        }];
+    };
+}
+
+rel32_table!(
+    ORC_IP,
+    "s32 ip (4 bytes)",
+    |ctx, a| ctx.in_code_or_end(a),
+    0
+);
+rel32_table!(
+    SMP_LOCKS,
+    "s32 lock prefix (4 bytes)",
+    |ctx, a| ctx.bytes_at(a, 1) == Some(&[0xf0]) && ctx.in_code(a, 1),
+    1
+);
+rel32_table!(
+    RETPOLINE,
+    "s32 call/jmp site (4 bytes)",
+    |ctx, a| ctx.in_code(a, 2),
+    1
+);
+rel32_table!(
+    RETURN,
+    "s32 return site (4 bytes)",
+    |ctx, a| ctx.in_code(a, 1),
+    1
+);
+rel32_table!(
+    CALL,
+    "s32 call site (4 bytes)",
+    |ctx, a| ctx.in_code(a, 5),
+    1
+);
+rel32_table!(
+    ENDBR,
+    "s32 endbr64 (4 bytes)",
+    |ctx, a| ctx.bytes_at(a, 4) == Some(&[0xf3, 0x0f, 0x1e, 0xfa]),
+    4
+);
+
+const JUMP_TABLE: &[Layout] = &[Layout {
+    name: "s32 code; s32 target; s64 key (16 bytes)",
+    size: 16,
+    parse: |ctx, at, b| {
+        let code = rel(at, 0, b, 0)?;
+        let target = rel(at, 4, b, 4)?;
+        (ctx.in_code(code, 2) && ctx.in_code(target, 1)).then_some(Entry {
+            starts: [Some(code), Some(target)],
+            protected: [Some((code, code + 2)), None],
+        })
+    },
+}];
+
+const STATIC_CALLS: &[Layout] = &[Layout {
+    name: "s32 addr; s32 key (8 bytes)",
+    size: 8,
+    parse: |ctx, at, b| {
+        let a = rel(at, 0, b, 0)?;
+        ctx.in_code(a, 5).then(|| Entry::one(a, Some((a, a + 5))))
+    },
+}];
+
+fn layouts(kind: TableKind) -> &'static [Layout] {
+    match kind {
+        TableKind::Parainstructions => PARAINSTRUCTIONS,
+        TableKind::Altinstructions => ALTINSTRUCTIONS,
+        TableKind::AltinstrReplacement => &[],
+        TableKind::ExTable => EX_TABLE,
+        TableKind::OrcUnwindIp => ORC_IP,
+        TableKind::SmpLocks => SMP_LOCKS,
+        TableKind::RetpolineSites => RETPOLINE,
+        TableKind::ReturnSites => RETURN,
+        TableKind::CallSites => CALL,
+        TableKind::IbtEndbrSeal => ENDBR,
+        TableKind::BugTable => BUG_TABLE,
+        TableKind::JumpTable => JUMP_TABLE,
+        TableKind::StaticCallSites => STATIC_CALLS,
+    }
+}
+
+/// Tries `layout` on the whole table; the entries, and the number of trailing zero entries,
+/// if every entry fits.
+fn try_layout(
+    ctx: &Ctx<'_>,
+    s: &Section,
+    data: &[u8],
+    layout: &Layout,
+) -> Option<(Vec<Entry>, usize)> {
+    if !data.len().is_multiple_of(layout.size) {
+        return None;
+    }
+    let n = data.len() / layout.size;
+    // Trailing all-zero entries are section padding (`.smp_locks` is page-aligned inside).
+    let mut used = n;
+    while used > 0
+        && data[(used - 1) * layout.size..used * layout.size]
+            .iter()
+            .all(|&b| b == 0)
+    {
+        used -= 1;
+    }
+    let mut entries = Vec::with_capacity(used);
+    for i in 0..used {
+        let off = i * layout.size;
+        let at = s.addr + off as u64;
+        entries.push((layout.parse)(ctx, at, &data[off..off + layout.size])?);
+    }
+    Some((entries, n - used))
+}
+
+/// Reads every table the image has.
+pub fn read(image: &Image) -> LinuxTables {
+    let ctx = Ctx {
+        image,
+        code: image.exec_sections().collect(),
+        replacement: image.section(TableKind::AltinstrReplacement.section()),
+    };
+    let mut out = LinuxTables::default();
+    for kind in TableKind::ALL {
+        let Some(s) = image.section(kind.section()) else {
+            out.reports.push(TableReport {
+                kind,
+                present: false,
+                addr: 0,
+                size: 0,
+                layout: None,
+                entry_size: 0,
+                entries: 0,
+                padding: 0,
+                problem: None,
+            });
+            continue;
+        };
+        let mut report = TableReport {
+            kind,
+            present: true,
+            addr: s.addr,
+            size: s.size,
+            layout: None,
+            entry_size: 0,
+            entries: 0,
+            padding: 0,
+            problem: None,
+        };
+        if kind == TableKind::AltinstrReplacement {
+            // Code, not a table: decoded by the sweep; its entries come from .altinstructions.
+            report.layout = Some("replacement code");
+            out.reports.push(report);
+            continue;
+        }
+        let data = image.section_data(s);
+        if data.len() as u64 != s.size {
+            report.problem = Some("the section has no bytes in the file".into());
+            out.reports.push(report);
+            continue;
+        }
+        let fits: Vec<(&Layout, (Vec<Entry>, usize))> = layouts(kind)
+            .iter()
+            .filter_map(|l| try_layout(&ctx, s, data, l).map(|r| (l, r)))
+            .collect();
+        match fits.len() {
+            1 => {
+                let (layout, (entries, padding)) =
+                    fits.into_iter().next().unwrap_or_else(|| unreachable!());
+                report.layout = Some(layout.name);
+                report.entry_size = layout.size;
+                report.entries = entries.len();
+                report.padding = padding;
+                for (i, e) in entries.into_iter().enumerate() {
+                    out.starts
+                        .extend(e.starts.into_iter().flatten().map(|a| (a, kind)));
+                    for (start, end) in e.protected.into_iter().flatten() {
+                        out.protected.push(Protected {
+                            start,
+                            end,
+                            table: kind,
+                            entry: i as u32,
+                        });
+                    }
+                }
+            }
+            0 => {
+                let sizes: Vec<String> = layouts(kind).iter().map(|l| l.size.to_string()).collect();
+                report.problem = Some(format!(
+                    "layout not recognised: {} bytes are not a whole table of {}-byte entries \
+                     that all point into code",
+                    s.size,
+                    sizes.join("- or ")
+                ));
+            }
+            _ => {
+                let names: Vec<&str> = fits.iter().map(|(l, _)| l.name).collect();
+                report.problem = Some(format!(
+                    "layout ambiguous: every entry fits each of {}; not guessing",
+                    names.join(" / ")
+                ));
+            }
+        }
+        out.reports.push(report);
+    }
+    out.protected.sort_by_key(|p| (p.start, p.end));
+    out.longest = out
+        .protected
+        .iter()
+        .map(|p| p.end - p.start)
+        .max()
+        .unwrap_or(0);
+    out.starts.sort_unstable();
+    out.starts.dedup_by_key(|s| s.0);
+    // ORC describes the code as it runs, after Linux has patched its paravirt and alternative
+    // sites: an ORC IP strictly inside such a site (e.g. after the `pushf` of a `pushf; pop
+    // %rax` that replaces a 6-byte call) is not an instruction start of the image's bytes.
+    let patched: Vec<(u64, u64)> = out
+        .protected
+        .iter()
+        .filter(|p| {
+            matches!(
+                p.table,
+                TableKind::Parainstructions | TableKind::Altinstructions
+            )
+        })
+        .map(|p| (p.start, p.end))
+        .collect();
+    let inside_patched = |a: u64| {
+        let i = patched.partition_point(|r| r.0 < a);
+        patched[..i]
+            .iter()
+            .rev()
+            .take_while(|r| a - r.0 < 64)
+            .any(|r| a < r.1)
+    };
+    let before = out.starts.len();
+    out.starts
+        .retain(|&(a, k)| k != TableKind::OrcUnwindIp || !inside_patched(a));
+    out.orc_inside_patch_sites = before - out.starts.len();
+    out
+}

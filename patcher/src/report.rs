@@ -1,0 +1,608 @@
+//! The whole scan of one image, and what it says: the machine-readable ledger (JSON, documented
+//! in `docs/ledger.md`) and the human summary.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use iced_x86::{Decoder, DecoderOptions, FastFormatter};
+use patch_sites::{Gpr, Op, Operand};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::analyze::{Analysis, SiteInfo, analyze};
+use crate::image::Image;
+use crate::linux::{self, LinuxTables};
+use crate::scan::{self, ResyncReason, Scan};
+
+/// The version of the ledger's schema.
+pub const LEDGER_SCHEMA: &str = "pvpatch-ledger/1";
+
+/// A scanned image.
+#[derive(Debug)]
+pub struct ScanReport<'a> {
+    /// The image.
+    pub image: &'a Image,
+    /// Linux's tables.
+    pub tables: LinuxTables,
+    /// The sweep.
+    pub scan: Scan,
+    /// Per-site facts.
+    pub analysis: Analysis,
+    /// Time spent (tables, sweep, analysis).
+    pub elapsed: Duration,
+}
+
+/// Reads the tables, sweeps the code, analyses every site.
+pub fn scan_image<'a>(
+    image: &'a Image,
+    opts: scan::Options,
+    progress: Option<&(dyn Fn(u64) + Sync)>,
+) -> ScanReport<'a> {
+    let t = std::time::Instant::now();
+    let tables = linux::read(image);
+    let mut known: Vec<u64> = tables.starts.iter().map(|s| s.0).collect();
+    known.extend(image.symbols.iter().map(|s| s.addr));
+    known.sort_unstable();
+    known.dedup();
+    let scan = scan::scan(image, &known, opts, progress);
+    let analysis = analyze(image, &tables, &scan);
+    ScanReport {
+        image,
+        tables,
+        scan,
+        analysis,
+        elapsed: t.elapsed(),
+    }
+}
+
+/// `0x`-prefixed lowercase hex.
+pub fn hex(v: u64) -> String {
+    format!("{v:#x}")
+}
+
+fn hex_bytes(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The SHA-256 of the image file, as hex.
+pub fn sha256(image: &Image) -> String {
+    hex_bytes(&Sha256::digest(image.bytes()))
+}
+
+/// The ledger (see `docs/ledger.md`).
+#[derive(Debug, Serialize)]
+pub struct Ledger {
+    /// [`LEDGER_SCHEMA`].
+    pub schema: &'static str,
+    /// The tool.
+    pub tool: ToolInfo,
+    /// The image.
+    pub image: ImageInfo,
+    /// The code swept.
+    pub code: CodeInfo,
+    /// Linux's tables.
+    pub tables: Vec<TableInfo>,
+    /// Where the sweep resynchronised.
+    pub resyncs: Vec<ResyncInfo>,
+    /// Counts.
+    pub summary: Summary,
+    /// Every sensitive instruction.
+    pub sites: Vec<SiteEntry>,
+}
+
+/// The tool that wrote the ledger.
+#[derive(Debug, Serialize)]
+pub struct ToolInfo {
+    /// `pvpatch`.
+    pub name: &'static str,
+    /// Its version.
+    pub version: &'static str,
+}
+
+/// The image.
+#[derive(Debug, Serialize)]
+pub struct ImageInfo {
+    /// Path as given.
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// SHA-256 of the file.
+    pub sha256: String,
+    /// GNU build id (hex), if any.
+    pub build_id: Option<String>,
+    /// `exec` or `dyn`.
+    pub elf_type: &'static str,
+    /// Entry point.
+    pub entry: String,
+    /// Function symbols (0 when stripped).
+    pub symbols: usize,
+}
+
+/// The code swept.
+#[derive(Debug, Serialize)]
+pub struct CodeInfo {
+    /// Bytes swept.
+    pub bytes: u64,
+    /// Instructions decoded.
+    pub instructions: u64,
+    /// Per executable section.
+    pub sections: Vec<SectionInfo>,
+}
+
+/// One executable section.
+#[derive(Debug, Serialize)]
+pub struct SectionInfo {
+    /// Name.
+    pub name: String,
+    /// Address.
+    pub address: String,
+    /// Size.
+    pub size: u64,
+    /// Instructions decoded.
+    pub instructions: u64,
+    /// Sensitive instructions.
+    pub sites: usize,
+}
+
+/// One Linux table.
+#[derive(Debug, Serialize)]
+pub struct TableInfo {
+    /// Section name.
+    pub name: &'static str,
+    /// Whether the image has it.
+    pub present: bool,
+    /// Address (null if absent).
+    pub address: Option<String>,
+    /// Size.
+    pub size: u64,
+    /// Layout recognised.
+    pub layout: Option<&'static str>,
+    /// Entry size.
+    pub entry_size: usize,
+    /// Entries.
+    pub entries: usize,
+    /// Trailing zero entries (padding).
+    pub padding: usize,
+    /// Why it could not be used.
+    pub problem: Option<String>,
+}
+
+/// A resynchronisation of the sweep.
+#[derive(Debug, Serialize)]
+pub struct ResyncInfo {
+    /// Where decoding went wrong.
+    pub address: String,
+    /// Where it resumed.
+    pub resumed_at: String,
+    /// `undecodable` or `crossed_known_start`.
+    pub reason: &'static str,
+}
+
+/// Counts.
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    /// Sensitive instructions (including hypervisor interfaces).
+    pub sites: usize,
+    /// Covered by one of Linux's tables.
+    pub covered: usize,
+    /// Sites pvpatch may record.
+    pub patchable: usize,
+    /// Hypervisor interfaces (vmcall, vmmcall, vmgexit).
+    pub hypervisor_interfaces: usize,
+    /// Per class.
+    pub by_class: BTreeMap<&'static str, usize>,
+}
+
+/// One site.
+#[derive(Debug, Serialize)]
+pub struct SiteEntry {
+    /// Address (`0x...`).
+    pub address: String,
+    /// Instruction length.
+    pub length: u8,
+    /// Class.
+    pub class: &'static str,
+    /// Our op.
+    pub op: OpRef,
+    /// Operands.
+    pub operands: Operands,
+    /// Instruction bytes (hex).
+    pub bytes: String,
+    /// Disassembly.
+    pub disasm: String,
+    /// Section name.
+    pub section: String,
+    /// `name+0xoff`, or null for a stripped image.
+    pub symbol: Option<String>,
+    /// The Linux table entry that covers it.
+    pub covered_by: Option<CoveredBy>,
+    /// The room a rewrite has.
+    pub room: RoomInfo,
+}
+
+/// An op reference.
+#[derive(Debug, Serialize)]
+pub struct OpRef {
+    /// Stable id.
+    pub id: u16,
+    /// Name.
+    pub name: &'static str,
+}
+
+/// Operands in the ABI's terms.
+#[derive(Debug, Serialize)]
+pub struct Operands {
+    /// `none`, `reg`, `port_imm`, `port_dx`, `mem_base`, `mem_other`, `debug_reg`,
+    /// `reg_mem_base`.
+    pub kind: &'static str,
+    /// Register.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reg: Option<&'static str>,
+    /// Memory base register.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub base: Option<&'static str>,
+    /// Debug register number.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dr: Option<u8>,
+    /// Immediate port.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<String>,
+    /// Width in bytes (0: none).
+    pub width: u8,
+    /// `rep` prefix (ins/outs).
+    pub rep: bool,
+}
+
+/// A Linux table entry.
+#[derive(Debug, Serialize)]
+pub struct CoveredBy {
+    /// Table (section name).
+    pub table: &'static str,
+    /// Entry index.
+    pub entry: u32,
+    /// First byte the entry protects.
+    pub start: String,
+    /// One past the last.
+    pub end: String,
+}
+
+/// Room.
+#[derive(Debug, Serialize)]
+pub struct RoomInfo {
+    /// Bytes patchable in place.
+    pub in_place: u8,
+    /// Bytes a detour would take, or null.
+    pub detour: Option<u8>,
+    /// Forms the site allows.
+    pub forms: Vec<&'static str>,
+    /// Why nothing, or no detour.
+    pub reason: Option<String>,
+}
+
+/// The ABI's operand-kind name.
+pub fn operand_kind(o: Operand) -> &'static str {
+    match o {
+        Operand::None => "none",
+        Operand::Reg(_) => "reg",
+        Operand::PortImm(_) => "port_imm",
+        Operand::PortDx => "port_dx",
+        Operand::MemBase(_) => "mem_base",
+        Operand::MemOther => "mem_other",
+        Operand::DebugReg { .. } => "debug_reg",
+        Operand::RegMemBase { .. } => "reg_mem_base",
+    }
+}
+
+fn operands(o: Operand, width: u8, rep: bool) -> Operands {
+    let name = |g: Gpr| Some(g.name());
+    let mut out = Operands {
+        kind: operand_kind(o),
+        reg: None,
+        base: None,
+        dr: None,
+        port: None,
+        width,
+        rep,
+    };
+    match o {
+        Operand::Reg(r) => out.reg = name(r),
+        Operand::PortImm(p) => out.port = Some(hex(p as u64)),
+        Operand::MemBase(b) => out.base = name(b),
+        Operand::DebugReg { dr, reg } => {
+            out.dr = Some(dr);
+            out.reg = name(reg);
+        }
+        Operand::RegMemBase { reg, base } => {
+            out.reg = name(reg);
+            out.base = name(base);
+        }
+        Operand::None | Operand::PortDx | Operand::MemOther => {}
+    }
+    out
+}
+
+/// The instruction at `addr`, formatted.
+pub fn disasm(image: &Image, addr: u64, len: u8) -> String {
+    let Some(bytes) = image.read(addr, len as usize) else {
+        return String::new();
+    };
+    let mut d = Decoder::with_ip(64, bytes, addr, DecoderOptions::NONE);
+    let i = d.decode();
+    let mut s = String::new();
+    FastFormatter::new().format(&i, &mut s);
+    s
+}
+
+fn site_entry(report: &ScanReport<'_>, s: &SiteInfo) -> SiteEntry {
+    let f = &s.found;
+    let image = report.image;
+    SiteEntry {
+        address: hex(f.addr),
+        length: f.len,
+        class: f.op().name(),
+        op: OpRef {
+            id: f.op().id(),
+            name: f.op().name(),
+        },
+        operands: operands(f.operand(), f.class.width, f.class.rep),
+        bytes: image
+            .read(f.addr, f.len as usize)
+            .map(hex_bytes)
+            .unwrap_or_default(),
+        disasm: disasm(image, f.addr, f.len),
+        section: image.sections[f.section].name.clone(),
+        symbol: image
+            .symbolize(f.addr)
+            .map(|(n, off)| format!("{n}+{off:#x}")),
+        covered_by: s.covered_by.map(|p| CoveredBy {
+            table: p.table.section(),
+            entry: p.entry,
+            start: hex(p.start),
+            end: hex(p.end),
+        }),
+        room: RoomInfo {
+            in_place: s.room.in_place,
+            detour: s.room.detour,
+            forms: s.room.forms.iter().map(|f| f.name()).collect(),
+            reason: s.room.reason.clone(),
+        },
+    }
+}
+
+impl Ledger {
+    /// The ledger of a scan.
+    pub fn new(report: &ScanReport<'_>) -> Ledger {
+        let image = report.image;
+        let sites: Vec<SiteEntry> = report
+            .analysis
+            .sites
+            .iter()
+            .map(|s| site_entry(report, s))
+            .collect();
+        Ledger {
+            schema: LEDGER_SCHEMA,
+            tool: ToolInfo {
+                name: "pvpatch",
+                version: env!("CARGO_PKG_VERSION"),
+            },
+            image: ImageInfo {
+                path: image.path.display().to_string(),
+                size: image.bytes().len() as u64,
+                sha256: sha256(image),
+                build_id: image.build_id.as_deref().map(hex_bytes),
+                elf_type: if image.elf_type == object::elf::ET_DYN {
+                    "dyn"
+                } else {
+                    "exec"
+                },
+                entry: hex(image.entry),
+                symbols: image.symbols.len(),
+            },
+            code: code_info(report),
+            tables: report
+                .tables
+                .reports
+                .iter()
+                .map(|r| TableInfo {
+                    name: r.kind.section(),
+                    present: r.present,
+                    address: r.present.then(|| hex(r.addr)),
+                    size: r.size,
+                    layout: r.layout,
+                    entry_size: r.entry_size,
+                    entries: r.entries,
+                    padding: r.padding,
+                    problem: r.problem.clone(),
+                })
+                .collect(),
+            resyncs: report
+                .scan
+                .resyncs
+                .iter()
+                .map(|r| ResyncInfo {
+                    address: hex(r.addr),
+                    resumed_at: hex(r.resumed_at),
+                    reason: match r.reason {
+                        ResyncReason::Undecodable => "undecodable",
+                        ResyncReason::CrossedKnownStart => "crossed_known_start",
+                    },
+                })
+                .collect(),
+            summary: summary(report),
+            sites,
+        }
+    }
+}
+
+fn code_info(report: &ScanReport<'_>) -> CodeInfo {
+    let image = report.image;
+    CodeInfo {
+        bytes: report.scan.bytes,
+        instructions: report.scan.instructions,
+        sections: report
+            .scan
+            .code
+            .iter()
+            .map(|c| {
+                let s = &image.sections[c.section];
+                SectionInfo {
+                    name: s.name.clone(),
+                    address: hex(s.addr),
+                    size: s.size,
+                    instructions: c.starts.count(),
+                    sites: report
+                        .analysis
+                        .sites
+                        .iter()
+                        .filter(|x| x.found.section == c.section)
+                        .count(),
+                }
+            })
+            .collect(),
+    }
+}
+
+fn summary(report: &ScanReport<'_>) -> Summary {
+    let sites = &report.analysis.sites;
+    let mut by_class = BTreeMap::new();
+    for s in sites {
+        *by_class.entry(s.found.op().name()).or_default() += 1;
+    }
+    Summary {
+        sites: sites.len(),
+        covered: sites.iter().filter(|s| s.covered_by.is_some()).count(),
+        patchable: sites.iter().filter(|s| s.patchable()).count(),
+        hypervisor_interfaces: sites
+            .iter()
+            .filter(|s| s.found.op().info().kind == patch_sites::op::Kind::HypervisorInterface)
+            .count(),
+        by_class,
+    }
+}
+
+/// The human summary: tables, a table per class, a table per section.
+pub fn human_summary(report: &ScanReport<'_>) -> String {
+    let image = report.image;
+    let sites = &report.analysis.sites;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "{}: x86-64 {}, {} bytes, {} function symbols{}",
+        image.path.display(),
+        if image.elf_type == object::elf::ET_DYN {
+            "ET_DYN"
+        } else {
+            "ET_EXEC"
+        },
+        image.bytes().len(),
+        image.symbols.len(),
+        if image.symbols.is_empty() {
+            " (stripped)"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(
+        o,
+        "swept {} bytes of code, {} instructions, in {:.1} ms; {} resynchronisations",
+        report.scan.bytes,
+        report.scan.instructions,
+        report.elapsed.as_secs_f64() * 1e3,
+        report.scan.resyncs.len()
+    );
+    let _ = writeln!(o, "\nLinux tables:");
+    for r in &report.tables.reports {
+        if !r.present {
+            let _ = writeln!(o, "  {:<22} absent", r.kind.section());
+        } else if let Some(p) = &r.problem {
+            let _ = writeln!(o, "  {:<22} NOT USED: {p}", r.kind.section());
+        } else if r.entry_size == 0 {
+            let _ = writeln!(
+                o,
+                "  {:<22} {} bytes of {}",
+                r.kind.section(),
+                r.size,
+                r.layout.unwrap_or("")
+            );
+        } else {
+            let pad = if r.padding > 0 {
+                format!(" (+{} padding)", r.padding)
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                o,
+                "  {:<22} {:>7} entries{pad}: {}",
+                r.kind.section(),
+                r.entries,
+                r.layout.unwrap_or("")
+            );
+        }
+    }
+    if report.tables.orc_inside_patch_sites > 0 {
+        let _ = writeln!(
+            o,
+            "  ({} ORC IPs inside paravirt/alternative sites describe the patched code; not used \
+             as instruction starts)",
+            report.tables.orc_inside_patch_sites
+        );
+    }
+
+    let _ = writeln!(o, "\nSensitive instructions by class:");
+    let _ = writeln!(
+        o,
+        "  {:<14} {:>6} {:>9} {:>10} {:>9} {:>7} {:>6}",
+        "class", "sites", "covered", "in-place5", "in-place", "detour", "trap"
+    );
+    let mut classes: BTreeMap<u16, Vec<&SiteInfo>> = BTreeMap::new();
+    for s in sites {
+        classes.entry(s.found.op().id()).or_default().push(s);
+    }
+    for (id, list) in &classes {
+        let name = Op::from_id(*id).map(Op::name).unwrap_or("?");
+        let covered = list.iter().filter(|s| s.covered_by.is_some()).count();
+        let big = list.iter().filter(|s| s.room.in_place >= 5).count();
+        let small = list
+            .iter()
+            .filter(|s| s.room.in_place > 0 && s.room.in_place < 5)
+            .count();
+        let detour = list.iter().filter(|s| s.room.detour.is_some()).count();
+        let trap_only = list
+            .iter()
+            .filter(|s| s.room.in_place > 0 && s.room.in_place < 5 && s.room.detour.is_none())
+            .count();
+        let _ = writeln!(
+            o,
+            "  {:<14} {:>6} {:>9} {:>10} {:>9} {:>7} {:>6}",
+            name,
+            list.len(),
+            covered,
+            big,
+            small,
+            detour,
+            trap_only
+        );
+    }
+    let s = summary(report);
+    let _ = writeln!(
+        o,
+        "  {:<14} {:>6} {:>9}   patchable: {}, hypervisor interfaces: {}",
+        "total", s.sites, s.covered, s.patchable, s.hypervisor_interfaces
+    );
+    let _ = writeln!(
+        o,
+        "  (in-place5: room for a call; in-place: less than 5 bytes; detour: \
+                         can move following code; trap: only an int3 fits)"
+    );
+
+    let _ = writeln!(o, "\nBy section:");
+    for c in code_info(report).sections {
+        let _ = writeln!(
+            o,
+            "  {:<22} {:>18} {:>10} bytes {:>9} instructions {:>6} sites",
+            c.name, c.address, c.size, c.instructions, c.sites
+        );
+    }
+    o
+}

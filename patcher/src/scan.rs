@@ -1,0 +1,468 @@
+//! The sweep: decode every executable section with iced-x86 and classify every instruction.
+//!
+//! Decoding is a linear sweep that restarts at every *known instruction start*: function
+//! symbols when the image has them, and the addresses Linux's own tables name (ORC IPs,
+//! alternatives, exception-table entries, ...), which a stripped distro `vmlinux` still has.
+//! If a decoded instruction would run across a known start, the sweep drops it and restarts
+//! at the known start; undecodable bytes are skipped one at a time. Both are reported as
+//! resynchronisations with their addresses.
+//!
+//! Sections are split into chunks at known starts and decoded on every core.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use iced_x86::{Decoder, DecoderOptions, Instruction, OpKind};
+use patch_sites::{Op, Operand};
+
+use crate::classify::{Classified, classify};
+use crate::image::Image;
+
+/// A sensitive instruction found by the sweep.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Found {
+    /// Its address.
+    pub addr: u64,
+    /// Its length.
+    pub len: u8,
+    /// What it is.
+    pub class: Classified,
+    /// Index of its section in [`Image::sections`].
+    pub section: usize,
+}
+
+impl Found {
+    /// The op (the class).
+    pub fn op(&self) -> Op {
+        self.class.op
+    }
+
+    /// The operand.
+    pub fn operand(&self) -> Operand {
+        self.class.operand
+    }
+}
+
+/// Why the sweep resynchronised.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResyncReason {
+    /// The bytes do not decode.
+    Undecodable,
+    /// The instruction decoded at `addr` would run across a known instruction start.
+    CrossedKnownStart,
+}
+
+/// Where the sweep resynchronised.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Resync {
+    /// Where decoding went wrong.
+    pub addr: u64,
+    /// Where it resumed.
+    pub resumed_at: u64,
+    /// Why.
+    pub reason: ResyncReason,
+}
+
+/// A bitmap over one section's bytes.
+#[derive(Clone, Debug, Default)]
+pub struct ByteMap {
+    base: u64,
+    len: u64,
+    words: Vec<u64>,
+}
+
+impl ByteMap {
+    fn new(base: u64, len: u64) -> Self {
+        ByteMap {
+            base,
+            len,
+            words: vec![0; len.div_ceil(64) as usize],
+        }
+    }
+
+    #[inline]
+    fn set(&mut self, addr: u64) {
+        let off = addr.wrapping_sub(self.base);
+        if off < self.len {
+            self.words[(off / 64) as usize] |= 1 << (off % 64);
+        }
+    }
+
+    /// Whether the bit for `addr` is set (false outside the section).
+    #[inline]
+    pub fn get(&self, addr: u64) -> bool {
+        let off = addr.wrapping_sub(self.base);
+        off < self.len && self.words[(off / 64) as usize] & (1 << (off % 64)) != 0
+    }
+
+    fn or(&mut self, other: &ByteMap) {
+        for (a, b) in self.words.iter_mut().zip(&other.words) {
+            *a |= *b;
+        }
+    }
+
+    /// Number of bits set.
+    pub fn count(&self) -> u64 {
+        self.words.iter().map(|w| w.count_ones() as u64).sum()
+    }
+}
+
+/// What the sweep learned about one executable section.
+#[derive(Clone, Debug)]
+pub struct SectionCode {
+    /// Index in [`Image::sections`].
+    pub section: usize,
+    /// Where each decoded instruction starts.
+    pub starts: ByteMap,
+    /// Targets of direct branches and calls decoded anywhere in the image.
+    pub targets: ByteMap,
+}
+
+/// Everything the sweep produced.
+#[derive(Clone, Debug, Default)]
+pub struct Scan {
+    /// Sensitive instructions, sorted by address.
+    pub found: Vec<Found>,
+    /// Resynchronisations, sorted by address.
+    pub resyncs: Vec<Resync>,
+    /// Per executable section: instruction starts and branch targets.
+    pub code: Vec<SectionCode>,
+    /// Instructions decoded.
+    pub instructions: u64,
+    /// Bytes of code swept.
+    pub bytes: u64,
+}
+
+impl Scan {
+    /// The code map of the section holding `addr`.
+    pub fn code_at(&self, addr: u64) -> Option<&SectionCode> {
+        self.code
+            .iter()
+            .find(|c| addr.wrapping_sub(c.starts.base) < c.starts.len)
+    }
+
+    /// Whether an instruction was decoded starting at `addr`.
+    pub fn is_insn_start(&self, addr: u64) -> bool {
+        self.code_at(addr).is_some_and(|c| c.starts.get(addr))
+    }
+
+    /// Whether a direct branch or call targets `addr`.
+    pub fn is_branch_target(&self, addr: u64) -> bool {
+        self.code.iter().any(|c| c.targets.get(addr))
+    }
+}
+
+/// How to sweep.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// Worker threads (at least 1).
+    pub threads: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            threads: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+        }
+    }
+}
+
+/// A piece of one section swept by one worker.
+#[derive(Clone, Copy, Debug)]
+struct Chunk {
+    section: usize,
+    start: u64,
+    end: u64,
+}
+
+struct ChunkResult {
+    found: Vec<Found>,
+    resyncs: Vec<Resync>,
+    starts: ByteMap,
+    targets: Vec<ByteMap>,
+    instructions: u64,
+}
+
+/// Sweeps every executable section of `image`. `known_starts` must be sorted; starts outside
+/// code are ignored. `progress`, if given, is advanced by the bytes swept.
+pub fn scan(
+    image: &Image,
+    known_starts: &[u64],
+    opts: Options,
+    progress: Option<&(dyn Fn(u64) + Sync)>,
+) -> Scan {
+    let exec: Vec<usize> = image
+        .sections
+        .iter()
+        .filter(|s| s.is_exec())
+        .map(|s| s.index)
+        .collect();
+    let total: u64 = exec.iter().map(|&i| image.sections[i].size).sum();
+    let threads = opts.threads.max(1);
+    // Chunks of about total/(4*threads) bytes, cut at known starts, so that workers balance.
+    let target_len = (total / (4 * threads as u64)).max(64 * 1024);
+    let mut chunks = Vec::new();
+    for &si in &exec {
+        let s = &image.sections[si];
+        let (start, end) = (s.addr, s.addr + s.size);
+        let mut cur = start;
+        while end - cur > target_len {
+            let want = cur + target_len;
+            let k = known_starts.partition_point(|&a| a < want);
+            match known_starts.get(k) {
+                Some(&cut) if cut < end && cut > cur => {
+                    chunks.push(Chunk {
+                        section: si,
+                        start: cur,
+                        end: cut,
+                    });
+                    cur = cut;
+                }
+                _ => break,
+            }
+        }
+        chunks.push(Chunk {
+            section: si,
+            start: cur,
+            end,
+        });
+    }
+
+    let next = AtomicU64::new(0);
+    let results: Vec<ChunkResult> = if threads == 1 {
+        chunks
+            .iter()
+            .map(|chunk| {
+                let r = sweep(image, &exec, *chunk, known_starts);
+                if let Some(p) = progress {
+                    p(chunk.end - chunk.start);
+                }
+                r
+            })
+            .collect()
+    } else {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..threads.min(chunks.len()).max(1))
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut out = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                            let Some(chunk) = chunks.get(i) else { break };
+                            out.push(sweep(image, &exec, *chunk, known_starts));
+                            if let Some(p) = progress {
+                                p(chunk.end - chunk.start);
+                            }
+                        }
+                        out
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap_or_default())
+                .collect()
+        })
+    };
+
+    let mut scan = Scan {
+        bytes: total,
+        ..Scan::default()
+    };
+    for &si in &exec {
+        let s = &image.sections[si];
+        scan.code.push(SectionCode {
+            section: si,
+            starts: ByteMap::new(s.addr, s.size),
+            targets: ByteMap::new(s.addr, s.size),
+        });
+    }
+    for r in results {
+        scan.instructions += r.instructions;
+        scan.found.extend(r.found);
+        scan.resyncs.extend(r.resyncs);
+        if let Some(c) = scan
+            .code
+            .iter_mut()
+            .find(|c| c.starts.base == r.starts.base)
+        {
+            c.starts.or(&r.starts);
+        }
+        for (c, t) in scan.code.iter_mut().zip(&r.targets) {
+            c.targets.or(t);
+        }
+    }
+    scan.found.sort_by_key(|f| f.addr);
+    scan.resyncs.sort_by_key(|r| r.addr);
+    scan
+}
+
+fn sweep(image: &Image, exec: &[usize], chunk: Chunk, known: &[u64]) -> ChunkResult {
+    let s = &image.sections[chunk.section];
+    let data = image.section_data(s);
+    let mut out = ChunkResult {
+        found: Vec::new(),
+        resyncs: Vec::new(),
+        starts: ByteMap::new(s.addr, s.size),
+        targets: exec
+            .iter()
+            .map(|&i| {
+                let t = &image.sections[i];
+                // Only the maps of sections this chunk can branch into need room; allocate
+                // lazily below.
+                ByteMap {
+                    base: t.addr,
+                    len: t.size,
+                    words: Vec::new(),
+                }
+            })
+            .collect(),
+        instructions: 0,
+    };
+    let lo = (chunk.start - s.addr) as usize;
+    let hi = (chunk.end - s.addr) as usize;
+    // The decoder may read past the chunk's end into the rest of the section: an instruction
+    // that starts before the end belongs to this chunk.
+    let bytes = &data[lo..];
+    let mut dec = Decoder::with_ip(64, bytes, chunk.start, DecoderOptions::NONE);
+    let mut k = known.partition_point(|&a| a <= chunk.start);
+    let mut insn = Instruction::default();
+    let mut pending_bad: Option<u64> = None;
+    while dec.position() < hi - lo {
+        let ip = dec.ip();
+        dec.decode_out(&mut insn);
+        if insn.is_invalid() {
+            pending_bad.get_or_insert(ip);
+            let pos = (ip - chunk.start) as usize + 1;
+            resume(&mut dec, pos, chunk.start);
+            continue;
+        }
+        if let Some(bad) = pending_bad.take() {
+            out.resyncs.push(Resync {
+                addr: bad,
+                resumed_at: ip,
+                reason: ResyncReason::Undecodable,
+            });
+        }
+        let next_ip = ip + insn.len() as u64;
+        while k < known.len() && known[k] <= ip {
+            k += 1;
+        }
+        if let Some(&ks) = known.get(k)
+            && ks < next_ip
+        {
+            out.resyncs.push(Resync {
+                addr: ip,
+                resumed_at: ks,
+                reason: ResyncReason::CrossedKnownStart,
+            });
+            resume(&mut dec, (ks - chunk.start) as usize, chunk.start);
+            continue;
+        }
+        out.instructions += 1;
+        out.starts.set(ip);
+        if matches!(insn.op0_kind(), OpKind::NearBranch64) {
+            let t = insn.near_branch64();
+            if let Some(m) = out
+                .targets
+                .iter_mut()
+                .find(|m| t.wrapping_sub(m.base) < m.len)
+            {
+                if m.words.is_empty() {
+                    m.words = vec![0; m.len.div_ceil(64) as usize];
+                }
+                m.set(t);
+            }
+        }
+        if let Some(class) = classify(&insn) {
+            out.found.push(Found {
+                addr: ip,
+                len: insn.len() as u8,
+                class,
+                section: chunk.section,
+            });
+        }
+    }
+    if let Some(bad) = pending_bad {
+        out.resyncs.push(Resync {
+            addr: bad,
+            resumed_at: chunk.end,
+            reason: ResyncReason::Undecodable,
+        });
+    }
+    out
+}
+
+fn resume(dec: &mut Decoder<'_>, pos: usize, base: u64) {
+    // `pos` never exceeds the data the decoder was given: it is either one past a byte that was
+    // just decoded, or a known start inside the chunk.
+    if dec.set_position(pos).is_ok() {
+        dec.set_ip(base + pos as u64);
+    } else {
+        let _ = dec.set_position(dec.max_position());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testimg::elf_with_code;
+
+    #[test]
+    fn finds_and_resynchronises() {
+        // cli; mov rax, cr3; <bad byte 0x06 (invalid in 64-bit)>; sti; nop; ret
+        let code = [0xfa, 0x0f, 0x20, 0xd8, 0x06, 0xfb, 0x90, 0xc3];
+        let img = elf_with_code(&code, &[]);
+        let s = scan(&img, &[], Options { threads: 1 }, None);
+        let ops: Vec<Op> = s.found.iter().map(Found::op).collect();
+        assert_eq!(ops, [Op::Cli, Op::MovFromCr3, Op::Sti]);
+        assert_eq!(s.resyncs.len(), 1);
+        assert_eq!(s.resyncs[0].reason, ResyncReason::Undecodable);
+        assert_eq!(s.resyncs[0].addr, crate::testimg::TEXT + 4);
+        assert_eq!(s.resyncs[0].resumed_at, crate::testimg::TEXT + 5);
+        assert!(s.is_insn_start(crate::testimg::TEXT + 5));
+        assert!(!s.is_insn_start(crate::testimg::TEXT + 2));
+    }
+
+    #[test]
+    fn restarts_at_known_starts() {
+        // b8 fa fb 90 90 = mov eax, 0x9090fbfa -- but a known start at +1 says `cli` is there.
+        let code = [0xb8, 0xfa, 0xfb, 0x90, 0x90, 0xc3];
+        let base = crate::testimg::TEXT;
+        let img = elf_with_code(&code, &[]);
+        let plain = scan(&img, &[], Options { threads: 1 }, None);
+        assert!(plain.found.is_empty());
+        let known = [base + 1];
+        let s = scan(&img, &known, Options { threads: 1 }, None);
+        let ops: Vec<Op> = s.found.iter().map(Found::op).collect();
+        assert_eq!(ops, [Op::Cli, Op::Sti]);
+        assert_eq!(s.resyncs[0].reason, ResyncReason::CrossedKnownStart);
+    }
+
+    #[test]
+    fn threads_do_not_change_the_result() {
+        let mut code = Vec::new();
+        for i in 0..200_000u32 {
+            match i % 7 {
+                0 => code.push(0xfa),
+                1 => code.extend_from_slice(&[0x0f, 0x22, 0xdf]),
+                2 => code.extend_from_slice(&[0xe8, 0, 0, 0, 0]),
+                3 => code.push(0x06),
+                _ => code.push(0x90),
+            }
+        }
+        let img = elf_with_code(&code, &[]);
+        let known: Vec<u64> = (0..code.len() as u64)
+            .step_by(4096)
+            .map(|o| crate::testimg::TEXT + o)
+            .collect();
+        let a = scan(&img, &known, Options { threads: 1 }, None);
+        let b = scan(&img, &known, Options { threads: 4 }, None);
+        assert_eq!(a.found, b.found);
+        assert_eq!(a.resyncs, b.resyncs);
+        assert_eq!(a.instructions, b.instructions);
+        assert_eq!(a.code[0].starts.count(), b.code[0].starts.count());
+        assert_eq!(a.code[0].targets.count(), b.code[0].targets.count());
+    }
+}

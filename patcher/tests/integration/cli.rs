@@ -1,0 +1,253 @@
+//! The `pvpatch` command line: outputs, exit statuses, and what is (not) left on disk.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use pvpatch::testimg;
+
+fn pvpatch() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_pvpatch"))
+}
+
+/// The sample image (see `pvpatch::testimg::sample`).
+pub fn sample_image() -> Vec<u8> {
+    testimg::sample()
+}
+
+pub fn write_sample(dir: &Path) -> PathBuf {
+    let p = dir.join("sample.elf");
+    std::fs::write(&p, sample_image()).unwrap();
+    p
+}
+
+fn files_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn scan_prints_a_summary_and_a_ledger() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = write_sample(dir.path());
+    let out = pvpatch().arg("scan").arg(&img).output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    for class in [
+        "cli",
+        "mov_to_cr3",
+        "out",
+        "rdmsr",
+        "sti",
+        "vmcall",
+        "__ex_table",
+    ] {
+        assert!(text.contains(class), "{class} missing from:\n{text}");
+    }
+
+    let out = pvpatch()
+        .args(["scan", "--json"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["schema"], "pvpatch-ledger/1");
+    assert_eq!(v["image"]["sha256"].as_str().unwrap().len(), 64);
+    let sites = v["sites"].as_array().unwrap();
+    assert_eq!(sites.len(), 6);
+    for s in sites {
+        for field in [
+            "address",
+            "length",
+            "class",
+            "op",
+            "operands",
+            "section",
+            "symbol",
+            "covered_by",
+            "room",
+        ] {
+            assert!(s.get(field).is_some(), "{field} missing in {s}");
+        }
+        assert!(s["address"].as_str().unwrap().starts_with("0x"));
+    }
+    let by_class = |c: &str| sites.iter().find(|s| s["class"] == c).unwrap();
+    assert_eq!(by_class("cli")["room"]["in_place"], 5);
+    assert_eq!(by_class("cli")["symbol"], "f+0x0");
+    assert_eq!(by_class("mov_to_cr3")["operands"]["reg"], "rdi");
+    assert_eq!(by_class("mov_to_cr3")["op"]["id"], 10);
+    assert_eq!(by_class("out")["operands"]["port"], "0x80");
+    assert_eq!(by_class("rdmsr")["covered_by"]["table"], "__ex_table");
+    assert_eq!(by_class("rdmsr")["room"]["in_place"], 0);
+    assert!(
+        by_class("vmcall")["room"]["forms"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        v["tables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == "__ex_table")
+            .unwrap()["entries"],
+        1
+    );
+
+    // -o writes the same ledger to a file.
+    let ledger = dir.path().join("ledger.json");
+    let st = pvpatch()
+        .args(["scan", "--json", "-o"])
+        .arg(&ledger)
+        .arg(&img)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert_eq!(std::fs::read(&ledger).unwrap(), out.stdout);
+}
+
+#[test]
+fn annotate_verify_and_the_exit_statuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = write_sample(dir.path());
+    let original = std::fs::read(&img).unwrap();
+    let ann = dir.path().join("sample.ann");
+    let st = pvpatch()
+        .arg("annotate")
+        .arg(&img)
+        .arg("-o")
+        .arg(&ann)
+        .status()
+        .unwrap();
+    assert_eq!(st.code(), Some(0));
+    let out = pvpatch().arg("verify").arg(&ann).output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("4 records"));
+
+    // Refused: annotating an annotated image, and writing over the input.
+    let again = dir.path().join("again");
+    let out = pvpatch()
+        .arg("annotate")
+        .arg(&ann)
+        .arg("-o")
+        .arg(&again)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(5));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already annotated"));
+    assert!(!again.exists());
+    assert_eq!(
+        pvpatch()
+            .arg("annotate")
+            .arg(&img)
+            .arg("-o")
+            .arg(&img)
+            .status()
+            .unwrap()
+            .code(),
+        Some(5)
+    );
+    assert_eq!(
+        std::fs::read(&img).unwrap(),
+        original,
+        "the input is never modified"
+    );
+    assert_eq!(
+        pvpatch()
+            .args(["annotate", "--force"])
+            .arg(&ann)
+            .arg("-o")
+            .arg(&again)
+            .status()
+            .unwrap()
+            .code(),
+        Some(0)
+    );
+    assert_eq!(std::fs::read(&again).unwrap(), std::fs::read(&ann).unwrap());
+
+    // Unreadable input.
+    let missing = dir.path().join("missing");
+    assert_eq!(
+        pvpatch().arg("scan").arg(&missing).status().unwrap().code(),
+        Some(3)
+    );
+    let text = dir.path().join("text");
+    std::fs::write(&text, b"not an ELF file at all").unwrap();
+    let out = pvpatch().arg("scan").arg(&text).output().unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not an ELF file"));
+    assert_eq!(
+        pvpatch()
+            .arg("extract-vmlinux")
+            .arg(&text)
+            .arg("-o")
+            .arg(dir.path().join("x"))
+            .status()
+            .unwrap()
+            .code(),
+        Some(3)
+    );
+
+    // verify: not annotated, and a corrupted table.
+    assert_eq!(
+        pvpatch().arg("verify").arg(&img).status().unwrap().code(),
+        Some(4)
+    );
+    let mut bytes = std::fs::read(&ann).unwrap();
+    let image = pvpatch::image::Image::from_bytes("ann", bytes.clone()).unwrap();
+    let s = image.section(".pvpatch_sites").unwrap();
+    bytes[s.offset as usize + 40] ^= 0xff; // inside the first record
+    let bad = dir.path().join("bad");
+    std::fs::write(&bad, &bytes).unwrap();
+    let out = pvpatch().arg("verify").arg(&bad).output().unwrap();
+    assert_eq!(out.status.code(), Some(4));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("checksum"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A bad command line.
+    assert_eq!(
+        pvpatch().arg("frobnicate").status().unwrap().code(),
+        Some(2)
+    );
+
+    // Nothing but the files named above is left in the directory: no temporary files.
+    assert_eq!(
+        files_in(dir.path()),
+        ["again", "bad", "sample.ann", "sample.elf", "text"]
+    );
+}
+
+#[test]
+fn annotate_with_in_place_replaces_the_input_atomically() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = write_sample(dir.path());
+    let st = pvpatch()
+        .args(["annotate", "--in-place"])
+        .arg(&img)
+        .status()
+        .unwrap();
+    assert_eq!(st.code(), Some(0));
+    assert_eq!(
+        pvpatch().arg("verify").arg(&img).status().unwrap().code(),
+        Some(0)
+    );
+    assert_eq!(files_in(dir.path()), ["sample.elf"]);
+}

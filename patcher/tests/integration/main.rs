@@ -1,0 +1,7 @@
+//! pvpatch's integration tests: one binary, a module per area.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod cli;
+mod hostile;
+mod kernel;
