@@ -221,6 +221,28 @@ fn rewritable(image: &Image) -> Result<(), AnnotateError> {
             )));
         }
     }
+    // One more program header must fit before the first section's data: the builder does not
+    // move the program header table, and every original header stays where it is.
+    let b = image.bytes();
+    let field = |at: usize, n: usize| -> u64 {
+        b.get(at..at + n)
+            .map_or(0, |x| x.iter().rev().fold(0, |v, &y| (v << 8) | y as u64))
+    };
+    let (phoff, phnum) = (field(0x20, 8), field(0x38, 2));
+    let needed = phoff.saturating_add((phnum + 1) * 56);
+    if let Some(first) = image
+        .sections
+        .iter()
+        .filter(|s| s.has_file_data() && s.is_alloc())
+        .min_by_key(|s| s.offset)
+        && needed > first.offset
+    {
+        return Err(AnnotateError::NotRewritable(format!(
+            "the program header table has no room for one more entry: {phnum} entries at \
+             {phoff:#x} plus one end at {needed:#x}, but section [{}] {} starts at {:#x}",
+            first.index, first.name, first.offset
+        )));
+    }
     for (i, p) in image.segments.iter().enumerate() {
         if !ok(p.align, 1 << 32) {
             return Err(AnnotateError::NotRewritable(format!(

@@ -235,3 +235,38 @@ fn fuzz_regressions_annotate_to_images_that_load_and_verify() {
     }
     assert!(n > 0);
 }
+
+#[test]
+fn et_dyn_images_are_scanned_and_annotated() {
+    let mut b = sample_image();
+    b[0x10] = 3; // ET_DYN
+    let img = Image::from_bytes("pie", b).unwrap();
+    assert_eq!(img.elf_type, object::elf::ET_DYN);
+    let r = scan_image(&img, Options { threads: 1 }, None);
+    assert_eq!(r.analysis.sites.len(), 6);
+    let mut out = Vec::new();
+    annotate_into(&r, &AnnotateOptions::default(), &mut out).unwrap();
+    assert!(
+        pvpatch::verify::verify(&Image::from_bytes("out", out).unwrap())
+            .unwrap()
+            .ok()
+    );
+}
+
+#[test]
+fn no_room_for_another_program_header_is_a_clear_refusal() {
+    // Move .text's data (and its segment) right after the program header table, as in a
+    // typical PIE whose first section follows the headers.
+    let mut b = sample_image();
+    let text = shdr_off(&b, 1);
+    b[text + 24..text + 32].copy_from_slice(&0x80u64.to_le_bytes());
+    b[64 + 8..64 + 16].copy_from_slice(&0x80u64.to_le_bytes()); // PT_LOAD p_offset
+    let img = Image::from_bytes("tight", b).unwrap();
+    let r = scan_image(&img, Options { threads: 1 }, None);
+    let e = annotate_into(&r, &AnnotateOptions::default(), &mut std::io::sink()).unwrap_err();
+    assert!(
+        matches!(e, pvpatch::annotate::AnnotateError::NotRewritable(_)),
+        "{e}"
+    );
+    assert!(e.to_string().contains("no room for one more entry"), "{e}");
+}
