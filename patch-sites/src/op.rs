@@ -436,6 +436,18 @@ impl Op {
         self.info().name
     }
 
+    /// The control register a `mov` to or from CRn names, for those ops.
+    pub const fn control_register(self) -> Option<u8> {
+        match self {
+            Op::MovToCr0 | Op::MovFromCr0 => Some(0),
+            Op::MovToCr2 | Op::MovFromCr2 => Some(2),
+            Op::MovToCr3 | Op::MovFromCr3 => Some(3),
+            Op::MovToCr4 | Op::MovFromCr4 => Some(4),
+            Op::MovToCr8 | Op::MovFromCr8 => Some(8),
+            _ => None,
+        }
+    }
+
     /// The op named `name` in reports.
     pub fn from_name(name: &str) -> Option<Op> {
         INFOS.iter().find(|i| i.name == name).map(|i| i.op)

@@ -117,6 +117,17 @@ fn is_nop(i: &Instruction) -> bool {
     i.mnemonic() == Mnemonic::Nop
 }
 
+/// The op a site is recorded as: its class, except that `out 0x80, al` (port 0x80 is the POST
+/// port, written only as a delay) is the `io_delay` op, which backends may turn into nothing.
+pub fn recorded_op(f: &Found) -> Op {
+    if f.op() == Op::Out && f.operand() == patch_sites::Operand::PortImm(0x80) && f.class.width == 1
+    {
+        Op::IoDelay
+    } else {
+        f.op()
+    }
+}
+
 /// Analyses every site the sweep found.
 pub fn analyze(image: &Image, tables: &LinuxTables, scan: &Scan) -> Analysis {
     let starts = Starts {

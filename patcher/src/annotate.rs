@@ -118,7 +118,7 @@ pub fn record_for(s: &SiteInfo) -> Site {
         addr: f.addr,
         site_len: s.room.in_place,
         insn_len: f.len,
-        op_id: f.op().id(),
+        op_id: crate::analyze::recorded_op(f).id(),
         form: Form::Native,
         operand: f.operand(),
         width: f.class.width,

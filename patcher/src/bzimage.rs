@@ -152,6 +152,9 @@ fn lz4_legacy(p: &[u8]) -> std::io::Result<Vec<u8>> {
     let mut block = vec![0u8; BLOCK];
     while at + 4 <= p.len() {
         let n = u32::from_le_bytes([p[at], p[at + 1], p[at + 2], p[at + 3]]) as usize;
+        if n == 0 {
+            break; // a zero chunk size ends the stream, as the kernel's decoder reads it
+        }
         if n == 0x184C_2102 {
             at += 4; // a concatenated stream
             continue;

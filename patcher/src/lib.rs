@@ -8,11 +8,13 @@ pub mod analyze;
 pub mod annotate;
 pub mod bzimage;
 pub mod catalogue;
-pub mod classify;
+/// The classifier the boot-time runtime uses too: one definition of what an instruction is.
+pub use pvpatch_runtime::classify;
 pub mod image;
 pub mod linux;
 pub mod output;
 pub mod report;
+pub mod rom;
 pub mod scan;
 #[doc(hidden)]
 pub mod testimg;

@@ -19,7 +19,9 @@ use crate::image::{Image, Section};
 /// The tables this module knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum TableKind {
-    /// `.parainstructions`: paravirt patch sites (until 6.7).
+    /// `.parainstructions`: paravirt patch sites (removed in 6.8). Every release up to 6.7 uses
+    /// 16-byte entries with an absolute pointer; the relative 8- and 6-byte forms existed only in
+    /// the x86 maintainers' tree before the section was removed, and are accepted too.
     Parainstructions,
     /// `.altinstructions`: alternatives.
     Altinstructions,
@@ -41,9 +43,11 @@ pub enum TableKind {
     IbtEndbrSeal,
     /// `__bug_table`: `ud2` instructions of BUG()/WARN().
     BugTable,
-    /// `__jump_table`: static-key jump sites.
+    /// `__jump_table`: static-key jump sites. Linux's linker script puts it inside `.rodata`,
+    /// so a vmlinux normally has no section of that name; images that do are read.
     JumpTable,
-    /// `.static_call_sites`: static-call sites.
+    /// `.static_call_sites`: static-call sites (inside `.rodata` in a vmlinux, like the jump
+    /// table).
     StaticCallSites,
 }
 
@@ -241,7 +245,7 @@ fn para_entry(ctx: &Ctx<'_>, addr: u64, len: u8) -> Option<Entry> {
 
 const PARAINSTRUCTIONS: &[Layout] = &[
     Layout {
-        name: "u64 addr; u8 type; u8 len; pad (16 bytes, until 6.5)",
+        name: "u64 addr; u8 type; u8 len; pad (16 bytes, every release up to 6.7)",
         size: 16,
         parse: |ctx, _at, b| {
             let addr = u64::from_le_bytes(b.get(0..8)?.try_into().ok()?);
@@ -249,12 +253,12 @@ const PARAINSTRUCTIONS: &[Layout] = &[
         },
     },
     Layout {
-        name: "s32 instr_offset; u8 type; u8 len; pad (8 bytes)",
+        name: "s32 instr_offset; u8 type; u8 len; pad (8 bytes, tip tree late 2023)",
         size: 8,
         parse: |ctx, at, b| para_entry(ctx, rel(at, 0, b, 0)?, u8_at(b, 5)?),
     },
     Layout {
-        name: "s32 instr_offset; u8 type; u8 len, packed (6 bytes, 6.6-6.7)",
+        name: "s32 instr_offset; u8 type; u8 len, packed (6 bytes, tip tree late 2023)",
         size: 6,
         parse: |ctx, at, b| para_entry(ctx, rel(at, 0, b, 0)?, u8_at(b, 5)?),
     },

@@ -16,6 +16,20 @@ use pvpatch::output::{OutputError, same_file, write_bytes};
 use pvpatch::report::{Ledger, ScanReport, hex, human_summary, scan_image};
 use pvpatch::{bzimage, catalogue, scan, verify};
 
+/// `print!` that does not panic when standard output is a closed pipe (`pvpatch ... | head`).
+macro_rules! out {
+    ($($t:tt)*) => {{
+        let _ = write!(std::io::stdout(), $($t)*);
+    }};
+}
+
+/// `println!` that does not panic when standard output is a closed pipe.
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
 /// Exit statuses.
 mod status {
     pub const INPUT: u8 = 3;
@@ -87,6 +101,33 @@ enum Command {
     },
     /// Print the op catalogue.
     Ops,
+    /// Backend ROMs: build one from a description, show one, list the sequences.
+    Rom {
+        #[command(subcommand)]
+        command: RomCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum RomCommand {
+    /// Assemble a ROM from a description (TOML), checked as the runtime will check it.
+    Build {
+        /// The description.
+        description: PathBuf,
+        /// Where to write the ROM.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Also check it against every site of this (annotated) kernel.
+        #[arg(long = "for")]
+        kernel: Option<PathBuf>,
+    },
+    /// Print a ROM.
+    Show {
+        /// The ROM.
+        rom: PathBuf,
+    },
+    /// List the sequences descriptions can name.
+    Sequences,
 }
 
 /// An error with the exit status it maps to.
@@ -174,9 +215,72 @@ fn emit(output: Option<&Path>, input: &Path, text: &str) -> Result<(), Failure> 
     Ok(())
 }
 
+fn read_input(path: &Path) -> Result<Vec<u8>, Failure> {
+    std::fs::read(path).map_err(|source| {
+        ImageError::Io {
+            path: path.to_owned(),
+            source,
+        }
+        .into()
+    })
+}
+
+fn rom_command(command: RomCommand) -> Result<(), Failure> {
+    match command {
+        RomCommand::Build {
+            description,
+            output,
+            kernel,
+        } => {
+            if same_file(&output, &description) {
+                return Err(OutputError::WouldOverwriteInput(output).into());
+            }
+            let text = String::from_utf8(read_input(&description)?).map_err(|_| {
+                Failure(
+                    status::INPUT,
+                    anyhow::anyhow!("{} is not UTF-8", description.display()),
+                )
+            })?;
+            let rom = match kernel.as_deref().map(open).transpose()? {
+                Some(img) => pvpatch::rom::build_for(&text, &img),
+                None => pvpatch::rom::build(&text, None),
+            }
+            .map_err(|e| Failure(status::INPUT, anyhow::Error::new(e)))?;
+            write_bytes(&output, &rom)?;
+            out!("{}", pvpatch::rom::show(&rom).unwrap_or_default());
+            outln!("written to {}", output.display());
+        }
+        RomCommand::Show { rom } => {
+            let bytes = read_input(&rom)?;
+            let text = pvpatch::rom::show(&bytes)
+                .map_err(|e| Failure(status::INPUT, anyhow::anyhow!("{}: {e}", rom.display())))?;
+            out!("{text}");
+        }
+        RomCommand::Sequences => {
+            for s in pvpatch::rom::library() {
+                let slots: Vec<String> = s
+                    .slots
+                    .iter()
+                    .map(|x| format!("{:?}@{}", x.kind, x.offset))
+                    .collect();
+                outln!(
+                    "{:<14} {:<8} {:<20} {:02x?} {}",
+                    s.name,
+                    if s.entry_point { "call" } else { "inline" },
+                    s.asm,
+                    s.bytes,
+                    slots.join(" ")
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 fn run(command: Command) -> Result<(), Failure> {
     match command {
-        Command::Ops => print!("{}", catalogue::render()),
+        Command::Ops => out!("{}", catalogue::render()),
+        Command::Rom { command } => rom_command(command)?,
         Command::Scan {
             image,
             json,
@@ -221,7 +325,7 @@ fn run(command: Command) -> Result<(), Failure> {
             }
             let t = std::time::Instant::now();
             let a = annotate(&report, &out, &AnnotateOptions { force, sections })?;
-            println!(
+            outln!(
                 "{}: {} sites recorded ({} from the image's macros, {} found by the sweep) in a \
                  {}-byte table at {}; written to {} in {:.0} ms",
                 image.display(),
@@ -234,7 +338,7 @@ fn run(command: Command) -> Result<(), Failure> {
                 (report.elapsed + t.elapsed()).as_secs_f64() * 1e3,
             );
             if a.trailing > 0 {
-                println!(
+                outln!(
                     "  {} trailing bytes that no section covers were carried over",
                     a.trailing
                 );
@@ -244,15 +348,15 @@ fn run(command: Command) -> Result<(), Failure> {
             let img = open(&image)?;
             let v = verify::verify(&img)?;
             for m in &v.mismatches {
-                println!("record {} at {}: {}", m.index, hex(m.addr), m.what);
+                outln!("record {} at {}: {}", m.index, hex(m.addr), m.what);
             }
             if !v.placement_ok {
-                println!(
+                outln!(
                     "the table at {} is not where a runtime looks for it",
                     hex(v.table_addr)
                 );
             }
-            println!(
+            outln!(
                 "{}: {} records at {}: {} match, {} do not, {} name ops this tool does not know",
                 image.display(),
                 v.sites,
@@ -284,7 +388,7 @@ fn run(command: Command) -> Result<(), Failure> {
             // Check it is an image this tool can read before writing it.
             Image::from_bytes(&output.display().to_string(), vmlinux.clone())?;
             write_bytes(&output, &vmlinux)?;
-            println!(
+            outln!(
                 "{}: {fmt} payload, {} bytes of ELF written to {}",
                 bz.display(),
                 vmlinux.len(),

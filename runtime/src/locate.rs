@@ -5,7 +5,11 @@
 //! self-relative fields point at the records the linker gathered. This is the only module of
 //! the crate that forms slices from raw addresses.
 
-use patch_sites::table::{AddrRange, HEADER_SIZE, Header, SiteTable, TableError};
+use alloc::vec;
+
+use patch_sites::table::{
+    AddrRange, HEADER_SIZE, Header, RECORD_SIZE, SiteTable, Span, TableError,
+};
 
 /// Parses and validates the table whose header is at `header`, against the kernel's code
 /// ranges `text`. Nothing is trusted: the header is checked before the records' extent is
@@ -27,5 +31,7 @@ pub unsafe fn table_at(
     // SAFETY: the header is valid, so the caller guarantees its record extent is readable;
     // `Header::parse` checked that the extent is ordered and a whole number of records.
     let records = unsafe { core::slice::from_raw_parts(h.records_begin as *const u8, len) };
-    SiteTable::parse(h, records, text)
+    // A linker-gathered table is rarely in address order: sort its spans to check overlaps.
+    let mut scratch = vec![Span::default(); len / RECORD_SIZE];
+    SiteTable::parse_with_scratch(h, records, text, &mut scratch)
 }

@@ -9,7 +9,7 @@ use pvpatch::report::scan_image;
 #[test]
 fn the_guest_table_merges_macro_records_and_boots() {
     let test = "the_guest_table_merges_macro_records_and_boots";
-    let elf = harness::build_guest().expect("the guest builds");
+    let elf = harness::build_guest_plain().expect("the guest builds");
     let img = Image::open(&elf).unwrap();
     let linked = linked_sites(&img).unwrap();
     assert!(

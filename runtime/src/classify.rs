@@ -1,5 +1,10 @@
 //! Classifying a decoded instruction: which op of the catalogue it is, and its operand in the
 //! ABI's terms. The class names of reports are the op names (`cli`, `mov_to_cr3`, `in`, ...).
+//!
+//! This is the one definition both sides use: the post-link tool classifies what it sweeps with
+//! it, and the boot-time patcher checks with it that a site holds what its record says and that
+//! what it wrote decodes as intended. It needs only iced-x86's decoder (no `instr_info`), so the
+//! register helpers below work from iced's register numbering.
 
 use iced_x86::{Code, Instruction, Mnemonic, OpKind, Register};
 use patch_sites::{Gpr, Op, Operand};
@@ -26,19 +31,52 @@ fn c(op: Op, operand: Operand, width: u8) -> Option<Classified> {
     })
 }
 
-/// The general-purpose register `r` (any size) names, as the ABI numbers it.
+/// The general-purpose register `r` (any size) names, as the ABI numbers it. `ah`..`bh` have
+/// no number of their own and give `None`.
 pub fn gpr(r: Register) -> Option<Gpr> {
-    let full = r.full_register();
-    if full.is_gpr64() {
-        Gpr::from_number(full.number() as u8)
-    } else {
-        None
+    let v = r as u32;
+    let n = match v {
+        // AL, CL, DL, BL
+        1..=4 => v - 1,
+        // SPL, BPL, SIL, DIL, R8L..R15L
+        9..=20 => v - 5,
+        // AX..R15W, EAX..R15D, RAX..R15
+        21..=36 => v - 21,
+        37..=52 => v - 37,
+        53..=68 => v - 53,
+        _ => return None,
+    };
+    Gpr::from_number(n as u8)
+}
+
+/// Whether `r` is a 64-bit general-purpose register.
+pub fn is_gpr64(r: Register) -> bool {
+    (Register::RAX as u32..=Register::R15 as u32).contains(&(r as u32))
+}
+
+/// The size in bytes of a general-purpose register operand (0 for anything else).
+pub fn reg_width(r: Register) -> u8 {
+    match r as u32 {
+        1..=20 => 1,
+        21..=36 => 2,
+        37..=52 => 4,
+        53..=68 => 8,
+        _ => 0,
     }
 }
 
-/// The size in bytes of a register operand.
-fn reg_width(r: Register) -> u8 {
-    r.size() as u8
+/// The number of a control or debug register (`cr3` is 3, `dr7` is 7).
+fn cr_dr_number(r: Register) -> Option<u8> {
+    let v = r as u32;
+    let cr0 = Register::CR0 as u32;
+    let dr0 = Register::DR0 as u32;
+    if (cr0..cr0 + 16).contains(&v) {
+        Some((v - cr0) as u8)
+    } else if (dr0..dr0 + 16).contains(&v) {
+        Some((v - dr0) as u8)
+    } else {
+        None
+    }
 }
 
 /// A memory operand in the ABI's terms: base-only addressing is `MemBase`, anything else
@@ -48,7 +86,7 @@ pub fn mem_operand(i: &Instruction) -> Operand {
     if i.memory_index() == Register::None
         && i.memory_displacement64() == 0
         && i.segment_prefix() == Register::None
-        && base.is_gpr64()
+        && is_gpr64(base)
     {
         gpr(base).map_or(Operand::MemOther, Operand::MemBase)
     } else {
@@ -72,17 +110,20 @@ fn reg_or_mem(i: &Instruction, op: Op, fixed_width: Option<u8>) -> Option<Classi
 }
 
 fn cr_op(cr: Register, to: bool) -> Option<Op> {
-    Some(match (cr, to) {
-        (Register::CR0, true) => Op::MovToCr0,
-        (Register::CR0, false) => Op::MovFromCr0,
-        (Register::CR2, true) => Op::MovToCr2,
-        (Register::CR2, false) => Op::MovFromCr2,
-        (Register::CR3, true) => Op::MovToCr3,
-        (Register::CR3, false) => Op::MovFromCr3,
-        (Register::CR4, true) => Op::MovToCr4,
-        (Register::CR4, false) => Op::MovFromCr4,
-        (Register::CR8, true) => Op::MovToCr8,
-        (Register::CR8, false) => Op::MovFromCr8,
+    if !(Register::CR0 as u32..=Register::CR15 as u32).contains(&(cr as u32)) {
+        return None;
+    }
+    Some(match (cr_dr_number(cr)?, to) {
+        (0, true) => Op::MovToCr0,
+        (0, false) => Op::MovFromCr0,
+        (2, true) => Op::MovToCr2,
+        (2, false) => Op::MovFromCr2,
+        (3, true) => Op::MovToCr3,
+        (3, false) => Op::MovFromCr3,
+        (4, true) => Op::MovToCr4,
+        (4, false) => Op::MovFromCr4,
+        (8, true) => Op::MovToCr8,
+        (8, false) => Op::MovFromCr8,
         _ => return None,
     })
 }
@@ -116,7 +157,7 @@ pub fn classify(i: &Instruction) -> Option<Classified> {
                 c(op, Operand::Reg(gpr(i.op0_register())?), 8)
             }
             Code::Mov_dr_r64 | Code::Mov_dr_r32 => {
-                let dr = i.op0_register().number() as u8;
+                let dr = cr_dr_number(i.op0_register())?;
                 c(
                     Op::MovToDr,
                     Operand::DebugReg {
@@ -127,7 +168,7 @@ pub fn classify(i: &Instruction) -> Option<Classified> {
                 )
             }
             Code::Mov_r64_dr | Code::Mov_r32_dr => {
-                let dr = i.op1_register().number() as u8;
+                let dr = cr_dr_number(i.op1_register())?;
                 c(
                     Op::MovFromDr,
                     Operand::DebugReg {
@@ -351,6 +392,19 @@ mod tests {
         assert_eq!((rep.op, rep.width, rep.rep), (Op::Ins, 1, true));
         let outs = one(&[0x66, 0x6f]).unwrap();
         assert_eq!((outs.op, outs.width, outs.rep), (Op::Outs, 2, false));
+    }
+
+    #[test]
+    fn register_numbers() {
+        assert_eq!(gpr(Register::RAX), Some(Gpr::Rax));
+        assert_eq!(gpr(Register::R15D), Some(Gpr::R15));
+        assert_eq!(gpr(Register::DIL), Some(Gpr::Rdi));
+        assert_eq!(gpr(Register::R8W), Some(Gpr::R8));
+        assert_eq!(gpr(Register::AH), None);
+        assert_eq!(gpr(Register::CR3), None);
+        assert_eq!((reg_width(Register::AL), reg_width(Register::R9W)), (1, 2));
+        assert_eq!((reg_width(Register::ESP), reg_width(Register::R12)), (4, 8));
+        assert!(is_gpr64(Register::R15) && !is_gpr64(Register::RIP));
     }
 
     #[test]

@@ -1,0 +1,101 @@
+//! What each backend wants a site to become.
+//!
+//! * `native`, `tcg`: the native instruction (a site in the indirect-call form gets the native
+//!   instruction inline, which saves the call);
+//! * `kvm`: port-0x80 delays become nothing when KVM says they are unnecessary
+//!   (`KVM_FEATURE_NOP_IO_DELAY`), as Linux's KVM guest does; everything else is native: the
+//!   other exits an unmodified kernel takes have no replacement in KVM's interface;
+//! * `vmware`: port-0x80 delays become nothing, as Linux's VMware guest does;
+//! * `rom`: whatever the published ROM says, once it has been validated completely;
+//! * `xen`, `hyperv`: detected; their sequences come with the equivalence work, and until then
+//!   every site stays native (and the report says so).
+
+use patch_sites::Op;
+use patch_sites::rom::{Rom, RomAction};
+use patch_sites::table::Site;
+
+use crate::detect::{BackendKind, Detected, KVM_FEATURE_NOP_IO_DELAY};
+use crate::template::Template;
+
+/// What a backend wants for one site.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Choice<'a> {
+    /// The native instruction.
+    Native,
+    /// Nothing: the site becomes NOPs.
+    Nothing,
+    /// An inline template.
+    Inline(Template<'a>),
+    /// `call rel32` to this address.
+    Call(u64),
+    /// A trap (`ud2` where two bytes fit, else `int3`) whose op the runtime emulates.
+    Trap,
+}
+
+/// A validated ROM and where its bytes are, executable, in the kernel's address space.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadedRom<'a> {
+    /// The ROM.
+    pub rom: Rom<'a>,
+    /// The address of its first byte.
+    pub base: u64,
+}
+
+/// The backend patching will use.
+#[derive(Clone, Copy, Debug)]
+pub struct Backend<'a> {
+    /// What detection found.
+    pub detected: Detected,
+    /// The ROM, when the backend is `rom`.
+    pub rom: Option<LoadedRom<'a>>,
+}
+
+impl<'a> Backend<'a> {
+    /// The backend's kind.
+    pub fn kind(&self) -> BackendKind {
+        self.detected.kind
+    }
+
+    /// What the backend wants for `site` (of the known op `op`).
+    pub fn choose(&self, site: &Site, op: Op) -> Choice<'a> {
+        let _ = site;
+        match self.detected.kind {
+            BackendKind::Kvm if op == Op::IoDelay => {
+                if self.detected.features & KVM_FEATURE_NOP_IO_DELAY != 0 {
+                    Choice::Nothing
+                } else {
+                    Choice::Native
+                }
+            }
+            BackendKind::Vmware if op == Op::IoDelay => Choice::Nothing,
+            BackendKind::Rom => match self.rom.and_then(|r| r.rom.entry(op).map(|e| (r, e))) {
+                Some((_, e)) => match e.action {
+                    RomAction::Nothing => Choice::Nothing,
+                    RomAction::Native => Choice::Native,
+                    RomAction::Inline { template, slots } => Choice::Inline(Template {
+                        bytes: template,
+                        slots,
+                        clobbers: e.clobbers,
+                    }),
+                    RomAction::Call { code_off, .. } => match self.rom {
+                        Some(r) => Choice::Call(r.base + code_off as u64),
+                        None => Choice::Native,
+                    },
+                },
+                None => Choice::Native,
+            },
+            _ => Choice::Native,
+        }
+    }
+
+    /// Why nothing beyond native is available, for reports.
+    pub fn note(&self) -> Option<&'static str> {
+        match self.detected.kind {
+            BackendKind::Xen | BackendKind::HyperV => {
+                Some("no sequences for this backend yet: every site stays native")
+            }
+            BackendKind::Unknown => Some("unknown hypervisor: every site stays native"),
+            _ => None,
+        }
+    }
+}

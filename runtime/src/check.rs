@@ -1,0 +1,199 @@
+//! Does a site hold what its record says? Used by the boot-time patcher before it writes (a
+//! record that does not match the code refuses the whole table) and on what it is about to
+//! write, and by `pvpatch verify` on annotated images.
+
+use core::fmt;
+
+use iced_x86::{Code, Decoder, DecoderOptions, Instruction, Mnemonic, Register};
+use patch_sites::table::{Form, SITE_FLAG_REP, Site};
+use patch_sites::{Gpr, Op, Operand};
+
+use crate::classify::{classify, gpr, reg_width};
+
+/// How a site's bytes differ from its record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mismatch {
+    /// The bytes at this address do not decode.
+    Undecodable(u64),
+    /// The instruction is not a sensitive one.
+    NotSensitive(Mnemonic),
+    /// A different op.
+    WrongOp {
+        /// What the bytes hold.
+        found: Op,
+    },
+    /// Same op, different operand or width.
+    WrongOperand {
+        /// What the bytes hold.
+        found: Operand,
+        /// Its width.
+        width: u8,
+    },
+    /// The `rep` prefix differs.
+    WrongRep,
+    /// The bytes are not the idiom the op names.
+    NotIdiom,
+    /// The instruction (or idiom) length differs from the record's.
+    WrongLength {
+        /// What the bytes hold.
+        found: u8,
+    },
+    /// The padding at this address is not a NOP.
+    NotPadding(u64),
+    /// Not `call [rip+disp32]` where the record says indirect call.
+    NotIndirectCall,
+    /// Not `int3`/`ud2` where the record says trap.
+    NotTrap,
+    /// The record's op is unknown or cannot be checked.
+    Unknown,
+}
+
+impl fmt::Display for Mismatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Mismatch::Undecodable(a) => write!(f, "bytes at {a:#x} do not decode"),
+            Mismatch::NotSensitive(m) => write!(f, "holds {m:?}, not a sensitive instruction"),
+            Mismatch::WrongOp { found } => {
+                write!(f, "holds {found} where the record says otherwise")
+            }
+            Mismatch::WrongOperand { found, width } => {
+                write!(f, "operand {found:?} width {width} differs from the record")
+            }
+            Mismatch::WrongRep => f.write_str("rep prefix differs from the record"),
+            Mismatch::NotIdiom => f.write_str("is not the idiom the record names"),
+            Mismatch::WrongLength { found } => {
+                write!(f, "instruction is {found} bytes, not the record's length")
+            }
+            Mismatch::NotPadding(a) => write!(f, "padding at {a:#x} is not a NOP"),
+            Mismatch::NotIndirectCall => f.write_str("is not a 6-byte call [rip+disp32]"),
+            Mismatch::NotTrap => f.write_str("is not int3 or ud2"),
+            Mismatch::Unknown => f.write_str("the record's op cannot be checked"),
+        }
+    }
+}
+
+/// Decodes one instruction of `bytes` at offset `at` (address `addr + at`).
+pub fn decode_at(bytes: &[u8], addr: u64, at: usize) -> Result<Instruction, Mismatch> {
+    let here = addr.wrapping_add(at as u64);
+    let b = bytes.get(at..).ok_or(Mismatch::Undecodable(here))?;
+    let i = Decoder::with_ip(64, b, here, DecoderOptions::NONE).decode();
+    if i.is_invalid() {
+        Err(Mismatch::Undecodable(here))
+    } else {
+        Ok(i)
+    }
+}
+
+fn reg_is(r: Register, want: Gpr) -> bool {
+    gpr(r) == Some(want) && reg_width(r) == 8
+}
+
+/// Checks that `bytes` (at `addr`) start with the native instruction or idiom `site` records,
+/// `site.insn_len` bytes long.
+pub fn native_insn(bytes: &[u8], addr: u64, site: &Site) -> Result<(), Mismatch> {
+    let op = site.op().ok_or(Mismatch::Unknown)?;
+    let first = decode_at(bytes, addr, 0)?;
+    let len = match op {
+        Op::SaveFl | Op::RestoreFl | Op::SafeHalt => {
+            let second = decode_at(bytes, addr, first.len())?;
+            let ok = match (op, site.operand) {
+                (Op::SaveFl, Operand::Reg(r)) => {
+                    first.mnemonic() == Mnemonic::Pushfq
+                        && second.mnemonic() == Mnemonic::Pop
+                        && reg_is(second.op0_register(), r)
+                }
+                (Op::RestoreFl, Operand::Reg(r)) => {
+                    first.mnemonic() == Mnemonic::Push
+                        && reg_is(first.op0_register(), r)
+                        && second.mnemonic() == Mnemonic::Popfq
+                }
+                (Op::SafeHalt, _) => {
+                    first.mnemonic() == Mnemonic::Sti && second.mnemonic() == Mnemonic::Hlt
+                }
+                _ => false,
+            };
+            if !ok {
+                return Err(Mismatch::NotIdiom);
+            }
+            first.len() + second.len()
+        }
+        _ => {
+            let c = classify(&first).ok_or(Mismatch::NotSensitive(first.mnemonic()))?;
+            // io_delay is `out 0x80, al`: the instruction classifies as `out`.
+            let want = if op == Op::IoDelay { Op::Out } else { op };
+            if c.op != want {
+                return Err(Mismatch::WrongOp { found: c.op });
+            }
+            if c.operand != site.operand || c.width != site.width {
+                return Err(Mismatch::WrongOperand {
+                    found: c.operand,
+                    width: c.width,
+                });
+            }
+            if c.rep != (site.flags & SITE_FLAG_REP != 0) {
+                return Err(Mismatch::WrongRep);
+            }
+            first.len()
+        }
+    };
+    if len != site.insn_len as usize {
+        return Err(Mismatch::WrongLength { found: len as u8 });
+    }
+    Ok(())
+}
+
+/// Checks that `bytes[from..]` (at `addr`) are NOPs to the end.
+pub fn nops(bytes: &[u8], addr: u64, from: usize) -> Result<(), Mismatch> {
+    let mut at = from;
+    while at < bytes.len() {
+        let i = decode_at(bytes, addr, at).map_err(|_| Mismatch::NotPadding(addr + at as u64))?;
+        if i.mnemonic() != Mnemonic::Nop || at + i.len() > bytes.len() {
+            return Err(Mismatch::NotPadding(addr + at as u64));
+        }
+        at += i.len();
+    }
+    Ok(())
+}
+
+/// Whether `bytes` are exactly the native encoding of the record followed by the recommended
+/// NOPs: what the annotation macros emit. Comparing is much cheaper than decoding, and exact:
+/// the encoder's output is checked against the decoder by the tests.
+fn is_canonical(bytes: &[u8], site: &Site) -> bool {
+    let Some(enc) = crate::encode::native(site) else {
+        return false;
+    };
+    if enc.len() != site.insn_len as usize || !bytes.starts_with(enc.as_slice()) {
+        return false;
+    }
+    let mut pad = crate::encode::Seq::new();
+    pad.pad_to(bytes.len() - enc.len()).is_some() && bytes[enc.len()..] == *pad.as_slice()
+}
+
+/// Checks that `bytes` (the site's `site_len` bytes, at the site's patch address `addr`) hold
+/// what an unpatched site of this form holds.
+pub fn original(bytes: &[u8], addr: u64, site: &Site) -> Result<(), Mismatch> {
+    match site.form {
+        Form::Native | Form::Detour if is_canonical(bytes, site) => Ok(()),
+        Form::Native | Form::Detour => {
+            native_insn(bytes, addr, site)?;
+            nops(bytes, addr, site.insn_len as usize)
+        }
+        Form::IndirectCall => {
+            let i = decode_at(bytes, addr, 0)?;
+            if i.code() != Code::Call_rm64
+                || i.memory_base() != Register::RIP
+                || i.len() != site.insn_len as usize
+            {
+                return Err(Mismatch::NotIndirectCall);
+            }
+            nops(bytes, addr, i.len())
+        }
+        Form::Trap => {
+            let ok = bytes.first() == Some(&0xcc) || bytes.starts_with(&[0x0f, 0x0b]);
+            if !ok {
+                return Err(Mismatch::NotTrap);
+            }
+            Ok(())
+        }
+    }
+}
