@@ -1,6 +1,8 @@
 /* PVH entry: QEMU enters _start32 in 32-bit protected mode, paging off, %ebx = the physical
- * address of struct hvm_start_info. We build identity page tables for the low 4 GiB with
- * 2 MiB pages, enable PAE + long mode + paging, load a 64-bit GDT and call kmain(start_info). */
+ * address of struct hvm_start_info. We note the TSC (the start of boot), build identity page
+ * tables for the low 4 GiB with 2 MiB pages, enable PAE + long mode + paging, load a minimal
+ * 64-bit GDT and call kmain(start_info). Rust then installs its own GDT, TSS, IDT and page
+ * tables. */
 
     .section .note.Xen, "a", @note
     .balign 4
@@ -19,6 +21,9 @@ _start32:
     cli
     cld
     mov %ebx, %esi              /* keep start_info */
+    rdtsc
+    mov %eax, boot_tsc
+    mov %edx, boot_tsc + 4
 
     mov $boot_pml4, %edi        /* zero PML4, PDPT and the four PDs */
     xor %eax, %eax
@@ -80,6 +85,70 @@ start64:
 3:  hlt
     jmp 3b
 
+/* 256 interrupt stubs, 16 bytes apart. Vectors for which the CPU pushes no error code push a
+ * zero, so that every frame has the same shape; then the vector. */
+    .balign 16
+    .global isr_stubs
+isr_stubs:
+    .set vec, 0
+    .rept 256
+    .balign 16
+    .if (vec == 8) || (vec == 10) || (vec == 11) || (vec == 12) || (vec == 13) || (vec == 14) || (vec == 17) || (vec == 21) || (vec == 29) || (vec == 30)
+    .else
+    pushq $0
+    .endif
+    pushq $vec
+    jmp isr_common
+    .set vec, vec + 1
+    .endr
+
+/* Saves the general-purpose registers below the vector, so that the stack holds, from low
+ * addresses: rax rcx rdx rbx (rsp) rbp rsi rdi r8..r15, vector, error, rip, cs, rflags, rsp,
+ * ss -- struct IsrContext. The handler may change any of them, the saved rsp included (it is
+ * copied back into the hardware frame); iretq resumes with them. */
+isr_common:
+    push %r15
+    push %r14
+    push %r13
+    push %r12
+    push %r11
+    push %r10
+    push %r9
+    push %r8
+    push %rdi
+    push %rsi
+    push %rbp
+    push 0x80(%rsp)             /* the interrupted rsp, from the hardware frame (11 pushes + vector, error, rip, cs, rflags above) */
+    push %rbx
+    push %rdx
+    push %rcx
+    push %rax
+    mov %rsp, %rdi
+    sub $8, %rsp                /* 23 quadwords were pushed: realign to 16 for the call */
+    cld
+    call isr_dispatch
+    add $8, %rsp
+    mov 0x20(%rsp), %rax        /* the (possibly changed) rsp goes back into the frame */
+    mov %rax, 0xa8(%rsp)
+    pop %rax
+    pop %rcx
+    pop %rdx
+    pop %rbx
+    add $8, %rsp
+    pop %rbp
+    pop %rsi
+    pop %rdi
+    pop %r8
+    pop %r9
+    pop %r10
+    pop %r11
+    pop %r12
+    pop %r13
+    pop %r14
+    pop %r15
+    add $16, %rsp               /* vector, error */
+    iretq
+
     .section .rodata.boot, "a"
     .balign 8
 boot_gdt:
@@ -91,6 +160,9 @@ boot_gdt_ptr:
     .long boot_gdt
 
     .section .bss.boot, "aw", @nobits
+    .balign 8
+    .global boot_tsc
+boot_tsc: .skip 8
     .balign 4096
     .global boot_pml4
 boot_pml4: .skip 4096

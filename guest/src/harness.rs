@@ -35,6 +35,9 @@ pub enum HarnessError {
     /// QEMU ran past its time limit and was killed.
     #[error("QEMU did not exit within {0:?}; serial output so far:\n{1}")]
     Timeout(Duration, String),
+    /// Annotating the guest failed.
+    #[error("annotating the guest failed: {0}")]
+    Annotate(String),
     /// An I/O error on a scratch file.
     #[error("I/O error on {path}")]
     Io {
@@ -46,10 +49,72 @@ pub enum HarnessError {
     },
 }
 
-/// Builds the guest kernel (release, `x86_64-unknown-none`) and returns its path. When
-/// `PVGUEST_ELF` is set, that file is used instead. The build uses its own target directory
-/// so that it can run while an outer `cargo test` holds the workspace's.
+/// The section of the guest that holds its raw, unannotated sensitive instructions: the only
+/// section whose swept sites the post-link tool records.
+pub const RAW_SECTION: &str = ".text.pvraw";
+
+/// Builds the guest kernel and annotates it as its build does: `pvpatch annotate --section
+/// .text.pvraw`, which merges the records of the annotation macros with the raw sites it finds.
+/// Returns the annotated kernel.
 pub fn build_guest() -> Result<PathBuf, HarnessError> {
+    let plain = build_guest_plain()?;
+    let out = plain.with_extension("annotated");
+    let fresh = std::fs::metadata(&out)
+        .and_then(|o| Ok(o.modified()? >= std::fs::metadata(&plain)?.modified()?))
+        .unwrap_or(false);
+    if !fresh {
+        let img = pvpatch::image::Image::open(&plain)
+            .map_err(|e| HarnessError::Annotate(e.to_string()))?;
+        let report = pvpatch::report::scan_image(&img, Default::default(), None);
+        let opts = pvpatch::annotate::AnnotateOptions {
+            force: false,
+            sections: vec![RAW_SECTION.to_owned()],
+        };
+        pvpatch::annotate::annotate(&report, &out, &opts)
+            .map_err(|e| HarnessError::Annotate(format!("{e}")))?;
+    }
+    Ok(out)
+}
+
+/// The description of the ROM the demo and the tests publish.
+pub const DEMO_ROM: &str = "guest/roms/demo.toml";
+
+/// Builds the demo ROM for the annotated guest `kernel` as `pvpatch rom build DEMO_ROM --for
+/// kernel` does (checked against every site of its table), next to the kernel.
+pub fn build_demo_rom(kernel: &Path) -> Result<PathBuf, HarnessError> {
+    let desc_path = workspace_root().join(DEMO_ROM);
+    let description = std::fs::read_to_string(&desc_path).map_err(|source| HarnessError::Io {
+        path: desc_path.clone(),
+        source,
+    })?;
+    let img =
+        pvpatch::image::Image::open(kernel).map_err(|e| HarnessError::Annotate(e.to_string()))?;
+    let rom = pvpatch::rom::build_for(&description, &img)
+        .map_err(|e| HarnessError::Annotate(format!("building {DEMO_ROM}: {e}")))?;
+    let out = kernel.with_extension("demo.rom");
+    write_file(&out, &rom)?;
+    Ok(out)
+}
+
+/// Writes `bytes` to `path` atomically (a temporary file in the same directory, then rename),
+/// so that tests running side by side never see half a file.
+pub fn write_file(path: &Path, bytes: &[u8]) -> Result<(), HarnessError> {
+    let io = |source| HarnessError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+    std::io::Write::write_all(&mut tmp, bytes).map_err(io)?;
+    tmp.persist(path).map_err(|e| io(e.error))?;
+    Ok(())
+}
+
+/// Builds the guest kernel (release, `x86_64-unknown-none`) without annotating it: it patches
+/// from the table its macros' records make alone. When `PVGUEST_ELF` is set, that file is used
+/// instead. The build uses its own target directory so that it can run while an outer
+/// `cargo test` holds the workspace's.
+pub fn build_guest_plain() -> Result<PathBuf, HarnessError> {
     if let Some(p) = std::env::var_os("PVGUEST_ELF") {
         return Ok(PathBuf::from(p));
     }
@@ -171,6 +236,10 @@ pub struct Qemu {
     pub timeout: Duration,
 }
 
+/// The `-cpu` model for KVM on this kind of host: `host` without `arch-capabilities`, whose MSR
+/// this host's KVM refuses to set (QEMU aborts with "failed to set MSR 0x10a").
+pub const KVM_CPU: &str = "host,-arch-capabilities";
+
 impl Qemu {
     /// TCG on microvm with `-cpu max`.
     pub fn tcg() -> Self {
@@ -201,7 +270,8 @@ impl Qemu {
     pub fn command(&self, kernel: &Path, serial: &Path) -> Command {
         let mut c = Command::new("qemu-system-x86_64");
         let machine = match self.machine {
-            Machine::Microvm => "microvm".to_owned(),
+            // The RTC is asked for: microvm leaves it out under KVM otherwise.
+            Machine::Microvm => "microvm,rtc=on".to_owned(),
             Machine::Pc { vmport } => format!("pc,vmport={}", if vmport { "on" } else { "off" }),
         };
         c.args(["-machine", &machine, "-bios", "/usr/share/qemu/qboot.rom"]);
@@ -276,6 +346,9 @@ impl Qemu {
     }
 }
 
+/// The prefix of the guest's one-line JSON report on the serial port.
+pub const REPORT_PREFIX: &str = "PVPATCH-REPORT ";
+
 /// What one boot produced.
 #[derive(Clone, Debug)]
 pub struct Boot {
@@ -294,6 +367,114 @@ impl Boot {
     pub fn passed(&self) -> bool {
         self.exit_code == Some(QEMU_PASS)
     }
+
+    /// The guest's JSON report, if it printed one that parses.
+    pub fn report(&self) -> Option<serde_json::Value> {
+        let line = self
+            .serial
+            .lines()
+            .find_map(|l| l.strip_prefix(REPORT_PREFIX))?;
+        serde_json::from_str(line.trim_end()).ok()
+    }
+
+    /// The serial output without the report line.
+    pub fn messages(&self) -> String {
+        self.serial
+            .lines()
+            .filter(|l| !l.starts_with(REPORT_PREFIX))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// One configuration the guest is booted in, and the backend it must detect there.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Short name (`native`, `tcg`, `tcg-vmport`, `kvm`, `kvm-vmport`, `rom`).
+    pub name: &'static str,
+    /// How QEMU runs.
+    pub qemu: Qemu,
+    /// The backend the guest must report.
+    pub expect: &'static str,
+    /// What the configuration shows.
+    pub about: &'static str,
+}
+
+impl Config {
+    /// Whether this machine can run it; why not if not.
+    pub fn available(&self) -> Result<(), String> {
+        qemu_available()?;
+        if self.qemu.accel == Accel::Kvm {
+            kvm_available()?;
+        }
+        Ok(())
+    }
+}
+
+/// Every configuration: TCG without the hypervisor bit (native), TCG (tcg), TCG with VMware's
+/// backdoor (vmware), a backend ROM published through fw_cfg (`rom`, needs `rom` set: see
+/// [`with_rom`]), and the same on `/dev/kvm`. microvm has no VMware backdoor; `pc` (with qboot)
+/// has it through vmport.
+pub fn configs() -> Vec<Config> {
+    let tcg = Qemu::tcg();
+    let kvm = Qemu {
+        accel: Accel::Kvm,
+        cpu: KVM_CPU.into(),
+        timeout: Duration::from_secs(240),
+        ..Qemu::tcg()
+    };
+    let pc = Machine::Pc { vmport: true };
+    vec![
+        Config {
+            name: "native",
+            qemu: Qemu {
+                cpu: "max,-hypervisor".into(),
+                ..tcg.clone()
+            },
+            expect: "native",
+            about: "TCG, -cpu max,-hypervisor: no hypervisor bit",
+        },
+        Config {
+            name: "tcg",
+            qemu: tcg.clone(),
+            expect: "tcg",
+            about: "TCG, microvm",
+        },
+        Config {
+            name: "tcg-vmport",
+            qemu: Qemu {
+                machine: pc,
+                ..tcg.clone()
+            },
+            expect: "vmware",
+            about: "TCG, pc with vmport: VMware's backdoor answers",
+        },
+        Config {
+            name: "kvm",
+            qemu: kvm.clone(),
+            expect: "kvm",
+            about: "KVM (this host: PVM), microvm",
+        },
+        Config {
+            name: "kvm-vmport",
+            qemu: Qemu { machine: pc, ..kvm },
+            expect: "vmware",
+            about: "KVM, pc with vmport",
+        },
+    ]
+}
+
+/// `config` with a backend ROM published through fw_cfg.
+pub fn with_rom(mut config: Config, rom: &Path, name: &'static str) -> Config {
+    config.qemu.extra.push("-fw_cfg".into());
+    config.qemu.extra.push(format!(
+        "name={},file={}",
+        patch_sites::rom::FW_CFG_NAME,
+        rom.display()
+    ));
+    config.name = name;
+    config.expect = "rom";
+    config
 }
 
 /// Where downloaded kernels and other large artefacts are cached: `$PVPATCH_CACHE_DIR`, else
