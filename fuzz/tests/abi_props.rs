@@ -6,26 +6,12 @@
 use patch_sites::rom::{Rom, RomAction, RomEntrySpec, rom_size, write_rom};
 use patch_sites::table::{AddrRange, SiteTable, sealed_table_size, write_sealed_table};
 use proptest::prelude::*;
-use proptest::test_runner::FileFailurePersistence;
 use pvpatch_fuzz::strategies::{self as strat, TEXT_BASE};
 
 const TEXT: AddrRange = AddrRange::new(TEXT_BASE, TEXT_BASE + (256 << 20));
 
-fn config() -> ProptestConfig {
-    // At least 1,000 cases; more through PROPTEST_CASES.
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1000);
-    ProptestConfig {
-        cases,
-        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource("regressions"))),
-        ..ProptestConfig::default()
-    }
-}
-
 proptest! {
-    #![proptest_config(config())]
+    #![proptest_config(pvpatch_fuzz::proptest_config())]
 
     #[test]
     fn table_round_trip(sites in strat::sites(64), table_off in 0u64..(1 << 30)) {

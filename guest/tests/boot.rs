@@ -541,6 +541,19 @@ fn rom_undecodable_template_is_refused() {
 }
 
 #[test]
+fn rom_template_clobbering_a_register_is_refused() {
+    // `xor esi, esi` for cpuid: two bytes, fits every cpuid site, and corrupts rsi (and the
+    // flags) behind the kernel's back.
+    let rom = hostile_rom(
+        "clobbers",
+        [0; 12],
+        &with_good_entries(entry(Op::Cpuid, RomKind::Inline, &[0x31, 0xf6])),
+        |_| {},
+    );
+    refuses_rom("rom-clobbers", &rom, "writes rsi");
+}
+
+#[test]
 fn rom_with_wrong_checksum_is_refused() {
     let rom = hostile_rom(
         "checksum",

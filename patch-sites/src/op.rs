@@ -503,6 +503,13 @@ pub fn check_operand(op: Op, operand: Operand, width: u8) -> Result<(), OperandE
     if !info.widths.allows(width) {
         return Err(OperandError::WidthNotAllowed);
     }
+    // sldt, str and smsw store 16 bits to memory whatever the operand size.
+    if matches!(op, Op::Sldt | Op::Str | Op::Smsw)
+        && matches!(operand, Operand::MemBase(_) | Operand::MemOther)
+        && width != 2
+    {
+        return Err(OperandError::WidthNotAllowed);
+    }
     if let Operand::DebugReg { dr, .. } = operand
         && dr > 7
     {

@@ -10,9 +10,9 @@
 //! * `xen`, `hyperv`: detected; their sequences come with the equivalence work, and until then
 //!   every site stays native (and the report says so).
 
-use patch_sites::Op;
 use patch_sites::rom::{Rom, RomAction};
 use patch_sites::table::Site;
+use patch_sites::{Op, RegSet};
 
 use crate::detect::{BackendKind, Detected, KVM_FEATURE_NOP_IO_DELAY};
 use crate::template::Template;
@@ -26,8 +26,13 @@ pub enum Choice<'a> {
     Nothing,
     /// An inline template.
     Inline(Template<'a>),
-    /// `call rel32` to this address.
-    Call(u64),
+    /// `call rel32` to an entry point that clobbers `clobbers` beyond the op's outputs.
+    Call {
+        /// The entry point.
+        target: u64,
+        /// What it clobbers beyond the op's outputs.
+        clobbers: RegSet,
+    },
     /// A trap (`ud2` where two bytes fit, else `int3`) whose op the runtime emulates.
     Trap,
 }
@@ -78,7 +83,10 @@ impl<'a> Backend<'a> {
                         clobbers: e.clobbers,
                     }),
                     RomAction::Call { code_off, .. } => match self.rom {
-                        Some(r) => Choice::Call(r.base + code_off as u64),
+                        Some(r) => Choice::Call {
+                            target: r.base + code_off as u64,
+                            clobbers: e.clobbers,
+                        },
                         None => Choice::Native,
                     },
                 },

@@ -122,6 +122,24 @@ pub struct Detected {
     pub disabled: bool,
 }
 
+impl Detected {
+    /// A backend taken as given rather than probed (host tests, tools): `kind` with its
+    /// feature bits `features`, the hypervisor bit set unless `kind` is native.
+    pub const fn assumed(kind: BackendKind, features: u32) -> Detected {
+        Detected {
+            kind,
+            hypervisor_bit: !matches!(kind, BackendKind::Native),
+            signature: [0; 12],
+            max_leaf: 0,
+            features,
+            vmware_version: None,
+            tsc_khz: None,
+            overridden: false,
+            disabled: false,
+        }
+    }
+}
+
 /// The value of `key=` in a command line.
 pub fn cmdline_value<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
     cmdline
@@ -146,15 +164,8 @@ pub fn detect(p: &dyn Platform) -> Detected {
     let leaf1 = p.cpuid(1, 0);
     let hypervisor_bit = leaf1[2] & (1 << 31) != 0;
     let mut d = Detected {
-        kind: BackendKind::Native,
         hypervisor_bit,
-        signature: [0; 12],
-        max_leaf: 0,
-        features: 0,
-        vmware_version: None,
-        tsc_khz: None,
-        overridden: false,
-        disabled: false,
+        ..Detected::assumed(BackendKind::Native, 0)
     };
     if hypervisor_bit {
         let r = p.cpuid(0x4000_0000, 0);

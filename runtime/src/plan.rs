@@ -15,9 +15,9 @@ use alloc::vec::Vec;
 use core::fmt;
 
 use iced_x86::Mnemonic;
-use patch_sites::Op;
 use patch_sites::op::Kind;
 use patch_sites::table::{Form, Site, SiteTable};
+use patch_sites::{Op, RegSet};
 
 use crate::backend::{Backend, Choice};
 use crate::check::{self, Mismatch, decode_at};
@@ -79,6 +79,9 @@ pub enum Keep {
     Operand,
     /// The native instruction cannot be encoded (an operand the record cannot describe).
     NotEncodable,
+    /// The backend's sequence clobbers registers or flags the site's code does not allow
+    /// (beyond the op's outputs and what it leaves undefined).
+    Clobbers,
 }
 
 /// One site, planned.
@@ -285,6 +288,14 @@ pub fn plan(
     Ok(Plan { sites })
 }
 
+/// What a rewrite of `site` may change besides what it must: the op's outputs for its operand,
+/// what the op leaves undefined, and what the code around the site lets it clobber.
+pub fn may_clobber(site: &Site, op: Op) -> RegSet {
+    op.outputs(site.operand)
+        .union(op.info().undefined)
+        .union(site.clobbers)
+}
+
 /// The bytes for `choice` at a site, padded to its room.
 fn build(
     site: &Site,
@@ -304,11 +315,19 @@ fn build(
             (s, Outcome::Native)
         }
         Choice::Nothing => (Seq::new(), Outcome::Nothing),
-        Choice::Inline(t) => (
-            t.instantiate(site).map_err(|_| Keep::Operand)?,
-            Outcome::Inline,
-        ),
-        Choice::Call(target) => {
+        Choice::Inline(t) => {
+            if !may_clobber(site, op).contains(t.clobbers) {
+                return Err(Keep::Clobbers);
+            }
+            (
+                t.instantiate(site).map_err(|_| Keep::Operand)?,
+                Outcome::Inline,
+            )
+        }
+        Choice::Call { target, clobbers } => {
+            if !may_clobber(site, op).contains(clobbers) {
+                return Err(Keep::Clobbers);
+            }
             let rel = (target as i128) - (addr as i128 + 5);
             let rel = i32::try_from(rel).map_err(|_| Keep::NoRoom)?;
             let mut s = Seq::new();
@@ -369,7 +388,7 @@ fn verify_sequence(
             }
             at
         }
-        Choice::Call(target) => {
+        Choice::Call { target, .. } => {
             let i = decode_at(bytes, addr, 0)?;
             if i.mnemonic() != Mnemonic::Call || i.near_branch_target() != target || i.len() != 5 {
                 return Err(Mismatch::NotIndirectCall);
@@ -402,7 +421,8 @@ pub trait TextPoke: TextRead {
     fn sync(&mut self);
 }
 
-/// Why applying a plan failed. Nothing is left changed.
+/// Why applying a plan failed. Nothing is left changed, unless the text cannot even be
+/// restored ([`ApplyError::NotRestored`], which a kernel must treat as fatal).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ApplyError {
     /// A site changed between planning and applying.
@@ -415,6 +435,14 @@ pub enum ApplyError {
     /// A site did not read back as written; every site was restored.
     ReadBack {
         /// Record index.
+        index: u32,
+        /// Address.
+        addr: u64,
+    },
+    /// A site did not read back as written, and restoring the old bytes failed too: the text
+    /// cannot be trusted.
+    NotRestored {
+        /// Record index of the first site that is not as it was.
         index: u32,
         /// Address.
         addr: u64,
@@ -434,6 +462,11 @@ impl fmt::Display for ApplyError {
                 f,
                 "record {index}: the site at {addr:#x} did not read back as written; every site \
                  was restored"
+            ),
+            ApplyError::NotRestored { index, addr } => write!(
+                f,
+                "record {index}: the site at {addr:#x} did not read back as written, and \
+                 restoring the old bytes failed: the text cannot be trusted"
             ),
         }
     }
@@ -475,9 +508,19 @@ pub fn apply(plan: &Plan, t: &mut dyn TextPoke) -> Result<Applied, ApplyError> {
     });
     if let Some(p) = failed {
         revert(plan, t);
-        return Err(ApplyError::ReadBack {
-            index: p.index,
-            addr: p.addr,
+        let stuck = plan.changes().find(|q| {
+            buf = q.old;
+            !t.read(q.addr, buf.as_mut_slice()) || buf != q.old
+        });
+        return Err(match stuck {
+            Some(q) => ApplyError::NotRestored {
+                index: q.index,
+                addr: q.addr,
+            },
+            None => ApplyError::ReadBack {
+                index: p.index,
+                addr: p.addr,
+            },
         });
     }
     Ok(applied)

@@ -9,14 +9,14 @@
 
 use core::fmt;
 
-use iced_x86::{Instruction, Mnemonic, OpKind};
-use patch_sites::Op;
+use iced_x86::{Instruction, InstructionInfoFactory, Mnemonic, OpAccess, OpKind, Register};
 use patch_sites::op::Kind;
 use patch_sites::rom::{Rom, RomAction};
 use patch_sites::table::SiteTable;
+use patch_sites::{Gpr, Op, RegSet};
 
 use crate::check::decode_at;
-use crate::classify::classify;
+use crate::classify::{classify, gpr};
 use crate::template::{SubstError, Template};
 
 /// Why a ROM is refused.
@@ -93,6 +93,18 @@ pub enum CodeProblem {
     Forbidden(Mnemonic),
     /// The entry point can run off its end.
     FallsOffTheEnd,
+    /// It writes a register the entry neither defines nor declares as clobbered.
+    Clobbers(Gpr),
+    /// It changes flags the entry neither defines nor declares as clobbered.
+    ClobbersFlags,
+    /// It writes a register other than a general-purpose one (segment, vector, control, ...).
+    WritesRegister(Register),
+    /// It writes memory other than by pushing onto the stack.
+    WritesMemory,
+    /// It moves the stack pointer other than by push, pop, call and ret.
+    MovesTheStack,
+    /// The code does not leave the stack as it found it.
+    UnbalancedStack,
 }
 
 impl fmt::Display for CodeProblem {
@@ -106,6 +118,20 @@ impl fmt::Display for CodeProblem {
             CodeProblem::OtherSensitive(op) => write!(f, "is {op}, which this op does not allow"),
             CodeProblem::Forbidden(m) => write!(f, "is a forbidden system instruction ({m:?})"),
             CodeProblem::FallsOffTheEnd => f.write_str("can run off its end"),
+            CodeProblem::Clobbers(r) => write!(
+                f,
+                "writes {}, which the entry neither defines nor declares clobbered",
+                r.name()
+            ),
+            CodeProblem::ClobbersFlags => {
+                f.write_str("changes flags the entry neither defines nor declares clobbered")
+            }
+            CodeProblem::WritesRegister(r) => write!(f, "writes {r:?}"),
+            CodeProblem::WritesMemory => f.write_str("writes memory other than the stack"),
+            CodeProblem::MovesTheStack => {
+                f.write_str("moves the stack pointer other than by push, pop, call or ret")
+            }
+            CodeProblem::UnbalancedStack => f.write_str("does not leave the stack as it found it"),
         }
     }
 }
@@ -334,6 +360,80 @@ fn check_code(op: Op, code: &[u8], entry_point: bool) -> Result<(), RomRefusal> 
     Ok(())
 }
 
+/// Checks what `code` (a template instantiated for a site, or an entry point) changes besides
+/// its op's own instructions, whose effects are the op's: no register outside `may`, no flags
+/// unless `may` has them, no memory but pushes, no stack switch, and the stack as it found it
+/// (an entry point's `ret` pops the return address its call pushed). Straight-line accounting:
+/// the code may branch only within itself, forward or back, and every path is checked
+/// instruction by instruction.
+fn effects(op: Op, code: &[u8], may: RegSet, entry_point: bool) -> Result<(), RomRefusal> {
+    let bad = |offset: usize, problem| RomRefusal::Code {
+        op,
+        offset: offset as u32,
+        problem,
+    };
+    let mut factory = InstructionInfoFactory::new();
+    let mut depth: i64 = 0;
+    let mut at = 0;
+    while at < code.len() {
+        let i = decode_at(code, 0, at).map_err(|_| bad(at, CodeProblem::Undecodable))?;
+        let push_pop = i.stack_pointer_increment();
+        depth += push_pop as i64;
+        let own = classify(&i).is_some_and(|c| allowed(op, c.op));
+        if !own {
+            let info = factory.info(&i);
+            for u in info.used_registers() {
+                if !matches!(
+                    u.access(),
+                    OpAccess::Write
+                        | OpAccess::CondWrite
+                        | OpAccess::ReadWrite
+                        | OpAccess::ReadCondWrite
+                ) {
+                    continue;
+                }
+                match gpr(u.register()) {
+                    Some(Gpr::Rsp) if push_pop != 0 => {}
+                    Some(Gpr::Rsp) => return Err(bad(at, CodeProblem::MovesTheStack)),
+                    Some(g) if may.has(g) => {}
+                    Some(g) => return Err(bad(at, CodeProblem::Clobbers(g))),
+                    None => return Err(bad(at, CodeProblem::WritesRegister(u.register()))),
+                }
+            }
+            let writes_memory = info.used_memory().iter().any(|m| {
+                matches!(
+                    m.access(),
+                    OpAccess::Write
+                        | OpAccess::CondWrite
+                        | OpAccess::ReadWrite
+                        | OpAccess::ReadCondWrite
+                )
+            });
+            if writes_memory && push_pop >= 0 {
+                return Err(bad(at, CodeProblem::WritesMemory));
+            }
+            if i.rflags_modified() != 0 && !may.contains(RegSet::FLAGS) {
+                return Err(bad(at, CodeProblem::ClobbersFlags));
+            }
+        }
+        at += i.len();
+    }
+    let balanced = if entry_point { depth == 8 } else { depth == 0 };
+    if !balanced {
+        return Err(bad(code.len(), CodeProblem::UnbalancedStack));
+    }
+    Ok(())
+}
+
+/// What an entry may change at `site`: the op's outputs for the site's operand, what the op
+/// leaves undefined, and what the entry declares it clobbers. (Whether the site's code allows
+/// those clobbers is the planner's business: a site that does not falls back to native.)
+fn may_change(op: Op, site: &patch_sites::table::Site, clobbers: RegSet) -> RegSet {
+    op.outputs(site.operand)
+        .union(op.info().undefined)
+        .union(clobbers)
+}
+
 /// Every instruction of `code` that is the op itself must act on the site's operand and width.
 fn same_operands(op: Op, site: &patch_sites::table::Site, code: &[u8]) -> Result<(), RomRefusal> {
     let own = if op == Op::IoDelay { Op::Out } else { op };
@@ -407,6 +507,7 @@ pub fn validate(
                     }
                     check_code(op, seq.as_slice(), false)?;
                     same_operands(op, &site, seq.as_slice())?;
+                    effects(op, seq.as_slice(), may_change(op, &site, e.clobbers), false)?;
                 }
                 RomAction::Call { .. } if site.site_len < 5 => {
                     return Err(RomRefusal::NoRoomForCall {
@@ -415,9 +516,100 @@ pub fn validate(
                         room: site.site_len,
                     });
                 }
+                RomAction::Call { code, .. } => {
+                    // The entry point runs with the site's registers: its own instruction must
+                    // use the site's operand, and it may change only what the site allows.
+                    same_operands(op, &site, code)?;
+                    effects(op, code, may_change(op, &site, e.clobbers), true)?;
+                }
                 _ => {}
             }
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `effects` with `may` beyond the op's fixed outputs.
+    fn fx(op: Op, code: &[u8], may: RegSet, entry: bool) -> Result<(), CodeProblem> {
+        effects(op, code, may.union(op.info().writes), entry).map_err(|e| match e {
+            RomRefusal::Code { problem, .. } => problem,
+            other => panic!("{other}"),
+        })
+    }
+
+    const NONE: RegSet = RegSet::EMPTY;
+
+    #[test]
+    fn the_ops_own_instructions_are_its_effects() {
+        // cpuid writes eax..edx: its outputs, not clobbers.
+        assert_eq!(fx(Op::Cpuid, &[0x0f, 0xa2], NONE, false), Ok(()));
+        // pushfq; pop rcx for save_fl into rcx.
+        let rcx = RegSet::reg(Gpr::Rcx);
+        assert_eq!(fx(Op::SaveFl, &[0x9c, 0x59], rcx, false), Ok(()));
+        // ... but not into rdx.
+        assert_eq!(
+            fx(Op::SaveFl, &[0x9c, 0x5a], rcx, false),
+            Err(CodeProblem::Clobbers(Gpr::Rdx))
+        );
+        // An entry point: rdtsc; ret.
+        assert_eq!(fx(Op::Rdtsc, &[0x0f, 0x31, 0xc3], NONE, true), Ok(()));
+    }
+
+    #[test]
+    fn undeclared_effects_are_refused() {
+        // xor esi, esi: rsi, and flags.
+        assert_eq!(
+            fx(Op::Cpuid, &[0x31, 0xf6], RegSet::FLAGS, false),
+            Err(CodeProblem::Clobbers(Gpr::Rsi))
+        );
+        let rsi = RegSet::reg(Gpr::Rsi);
+        assert_eq!(
+            fx(Op::Cpuid, &[0x31, 0xf6], rsi, false),
+            Err(CodeProblem::ClobbersFlags)
+        );
+        assert_eq!(
+            fx(Op::Cpuid, &[0x31, 0xf6], rsi.union(RegSet::FLAGS), false),
+            Ok(())
+        );
+        // mov [rax], ebx
+        assert_eq!(
+            fx(Op::Cpuid, &[0x89, 0x18], NONE, false),
+            Err(CodeProblem::WritesMemory)
+        );
+        // mov [rsp+8], rax: the caller's stack
+        assert_eq!(
+            fx(Op::Cpuid, &[0x48, 0x89, 0x44, 0x24, 0x08], NONE, false),
+            Err(CodeProblem::WritesMemory)
+        );
+        // mov rsp, rax
+        assert_eq!(
+            fx(Op::Cpuid, &[0x48, 0x89, 0xc4], NONE, false),
+            Err(CodeProblem::MovesTheStack)
+        );
+        // mov ds, ax
+        assert_eq!(
+            fx(Op::Cpuid, &[0x8e, 0xd8], NONE, false),
+            Err(CodeProblem::WritesRegister(Register::DS))
+        );
+        // push rax with no pop: the stack is left 8 bytes lower.
+        assert_eq!(
+            fx(Op::Cpuid, &[0x50], NONE, false),
+            Err(CodeProblem::UnbalancedStack)
+        );
+        // push rax; pop rax is balanced (and rewrites rax with its own value, still a write).
+        assert_eq!(
+            fx(Op::Cpuid, &[0x50, 0x58], NONE, false),
+            Ok(()),
+            "rax is an output of cpuid"
+        );
+        // An entry point that returns with something left on the stack.
+        assert_eq!(
+            fx(Op::Rdtsc, &[0x50, 0x0f, 0x31, 0xc3], NONE, true),
+            Err(CodeProblem::UnbalancedStack)
+        );
+    }
 }

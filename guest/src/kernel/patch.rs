@@ -327,6 +327,10 @@ pub fn patch(
     stats.apply_cycles = t2 - t1;
     match applied {
         Ok(a) => stats.applied = a,
+        Err(e @ plan::ApplyError::NotRestored { .. }) => {
+            // Half-patched text that cannot be put back: nothing after this can be trusted.
+            panic!("patching failed and could not be undone: {e}");
+        }
         Err(e) => {
             return Pass {
                 refused: Some(format!("{e}")),
