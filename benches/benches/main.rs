@@ -10,7 +10,10 @@ use std::time::Duration;
 
 use criterion::{Criterion, Throughput};
 use patch_sites::table::{AddrRange, SiteTable, sealed_table_size, write_sealed_table};
-use pvpatch_benches::{child_peak_rss, decode_only, median, objdump, scan_file, synthetic_sites};
+use pvpatch_benches::{
+    HostText, backend, child_peak_rss, decode_only, median, objdump, scan_file, sealed_table,
+    synthetic_sites,
+};
 
 const TABLE_ADDR: u64 = 0xffff_ffff_8400_0000;
 const TEXT: AddrRange = AddrRange::new(0xffff_ffff_8100_0000, 0xffff_ffff_8300_0000);
@@ -138,18 +141,111 @@ fn child(job: &str) {
     pvpatch::annotate::annotate(&r, Path::new(output), &Default::default()).unwrap();
 }
 
+/// An annotated kernel's table, planned for `kind` on the host: what the boot-time runtime
+/// does before writing a byte, and then writing and undoing it.
+fn runtime_group(c: &mut Criterion, name: &str, annotated: &Path) {
+    use pvpatch_runtime::detect::BackendKind;
+    let img = pvpatch::image::Image::open(annotated).unwrap();
+    let (tb, addr) = sealed_table(&img).expect("annotated");
+    let code = img.code_ranges();
+    let table = SiteTable::parse_contiguous(&tb, addr, &code).unwrap();
+    let mut text = HostText::of(&img);
+    let b = backend(BackendKind::Kvm);
+    let mut g = c.benchmark_group("runtime");
+    g.throughput(Throughput::Elements(table.len() as u64));
+    g.bench_function(format!("parse_and_plan_{name}"), |bch| {
+        bch.iter(|| {
+            let t = SiteTable::parse_contiguous(std::hint::black_box(&tb), addr, &code).unwrap();
+            pvpatch_runtime::plan::plan(&t, &b, &text, None).unwrap()
+        })
+    });
+    let p = pvpatch_runtime::plan::plan(&table, &b, &text, None).unwrap();
+    g.bench_function(format!("apply_and_revert_{name}"), |bch| {
+        bch.iter(|| {
+            pvpatch_runtime::plan::apply(&p, &mut text).unwrap();
+            pvpatch_runtime::plan::revert(&p, &mut text);
+        })
+    });
+    g.finish();
+}
+
+/// Cycles per site of planning (parse, validate, plan) and applying, on the host, for the
+/// side-by-side report.
+fn runtime_side_by_side(name: &str, annotated: &Path) {
+    use pvpatch_runtime::detect::BackendKind;
+    let img = pvpatch::image::Image::open(annotated).unwrap();
+    let (tb, addr) = sealed_table(&img).expect("annotated");
+    let code = img.code_ranges();
+    let mut text = HostText::of(&img);
+    let b = backend(BackendKind::Kvm);
+    let n = SiteTable::parse_contiguous(&tb, addr, &code).unwrap().len() as f64;
+    let tsc = |f: &mut dyn FnMut()| {
+        let mut v: Vec<u64> = (0..101)
+            .map(|_| {
+                let t0 = rdtsc();
+                f();
+                rdtsc() - t0
+            })
+            .collect();
+        v.sort();
+        v[v.len() / 2] as f64
+    };
+    let mut plan_once = || {
+        let t = SiteTable::parse_contiguous(&tb, addr, &code).unwrap();
+        std::hint::black_box(pvpatch_runtime::plan::plan(&t, &b, &text, None).unwrap());
+    };
+    let planning = tsc(&mut plan_once);
+    let t = SiteTable::parse_contiguous(&tb, addr, &code).unwrap();
+    let p = pvpatch_runtime::plan::plan(&t, &b, &text, None).unwrap();
+    let written = p.changes().count();
+    let applying = tsc(&mut || {
+        pvpatch_runtime::plan::apply(&p, &mut text).unwrap();
+        pvpatch_runtime::plan::revert(&p, &mut text);
+    });
+    println!(
+        "  runtime, {name}: {} sites ({written} rewritten for kvm): parse+validate+plan {:.0} TSC \
+         cycles/site, apply+revert {:.0} cycles/site rewritten",
+        n as u64,
+        planning / n,
+        applying / written.max(1) as f64
+    );
+}
+
+fn rdtsc() -> u64 {
+    // SAFETY: rdtsc has no preconditions on x86-64.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// The Debian kernel annotated into `dir`.
+fn annotated_kernel(vmlinux: &Path, dir: &Path) -> PathBuf {
+    let out = dir.join("vmlinux.annotated");
+    let img = pvpatch::image::Image::open(vmlinux).unwrap();
+    let r = pvpatch::report::scan_image(&img, Default::default(), None);
+    pvpatch::annotate::annotate(&r, &out, &Default::default()).unwrap();
+    out
+}
+
 fn main() {
     if let Ok(job) = std::env::var(CHILD) {
         return child(&job);
     }
     let mut c = Criterion::default().configure_from_args();
     abi(&mut c);
+    let guest = pvguest::harness::build_guest().expect("the guest builds");
+    runtime_group(&mut c, "guest", &guest);
     let vmlinux = kernel_path();
-    if let Some(v) = &vmlinux {
+    let dir = tempfile::tempdir().unwrap();
+    let annotated = vmlinux.as_deref().map(|v| annotated_kernel(v, dir.path()));
+    if let (Some(v), Some(a)) = (&vmlinux, &annotated) {
         kernel(&mut c, v);
+        runtime_group(&mut c, "debian_kernel", a);
     }
     c.final_summary();
     if let Some(v) = &vmlinux {
         side_by_side(v);
+    }
+    runtime_side_by_side("the guest", &guest);
+    if let Some(a) = &annotated {
+        runtime_side_by_side("the Debian kernel", a);
     }
 }

@@ -113,3 +113,74 @@ pub fn child_peak_rss(
     // ru_maxrss is in KiB on Linux.
     Ok((usage.ru_maxrss as u64 * 1024, t.elapsed()))
 }
+
+/// An annotated image's code as writable host memory, for running the boot-time planner and
+/// poker over a real kernel's table on the host.
+#[derive(Debug)]
+pub struct HostText {
+    sections: Vec<(u64, Vec<u8>)>,
+}
+
+impl HostText {
+    /// The executable sections of `img`.
+    pub fn of(img: &Image) -> HostText {
+        HostText {
+            sections: img
+                .exec_sections()
+                .map(|s| (s.addr, img.section_data(s).to_vec()))
+                .collect(),
+        }
+    }
+
+    fn find(&mut self, addr: u64, len: usize) -> Option<&mut [u8]> {
+        self.sections.iter_mut().find_map(|(base, b)| {
+            let at = addr.checked_sub(*base)? as usize;
+            b.get_mut(at..at.checked_add(len)?)
+        })
+    }
+}
+
+impl pvpatch_runtime::plan::TextRead for HostText {
+    fn read(&self, addr: u64, out: &mut [u8]) -> bool {
+        let found = self.sections.iter().find_map(|(base, b)| {
+            let at = addr.checked_sub(*base)? as usize;
+            b.get(at..at.checked_add(out.len())?)
+        });
+        match found {
+            Some(b) => {
+                out.copy_from_slice(b);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl pvpatch_runtime::plan::TextPoke for HostText {
+    fn write(&mut self, addr: u64, bytes: &[u8]) {
+        if let Some(b) = self.find(addr, bytes.len()) {
+            b.copy_from_slice(bytes);
+        }
+    }
+
+    fn sync(&mut self) {}
+}
+
+/// The sealed table of an annotated image: its bytes and address.
+pub fn sealed_table(img: &Image) -> Option<(Vec<u8>, u64)> {
+    let (addr, bytes) = pvpatch::annotate::sealed_table(img)?;
+    Some((bytes.to_vec(), addr))
+}
+
+/// A backend taken as given (no probing on the host).
+pub fn backend(
+    kind: pvpatch_runtime::detect::BackendKind,
+) -> pvpatch_runtime::backend::Backend<'static> {
+    pvpatch_runtime::backend::Backend {
+        detected: pvpatch_runtime::detect::Detected::assumed(
+            kind,
+            pvpatch_runtime::detect::KVM_FEATURE_NOP_IO_DELAY,
+        ),
+        rom: None,
+    }
+}

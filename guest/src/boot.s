@@ -61,9 +61,9 @@ _start32:
     mov %eax, %cr4
     mov $boot_pml4, %eax
     mov %eax, %cr3
-    mov $0xC0000080, %ecx       /* EFER.LME */
+    mov $0xC0000080, %ecx       /* EFER.LME, and NXE for the text alias's NX pages */
     rdmsr
-    or $0x100, %eax
+    or $0x900, %eax
     wrmsr
     mov %cr0, %eax              /* PG | PE */
     or $0x80000001, %eax

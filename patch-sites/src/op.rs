@@ -411,6 +411,28 @@ ops! {
         "vmgexit", "exit to the hypervisor through the GHCB (AMD SEV-ES)";
 }
 
+/// For each op id, the index of its entry in `INFOS` (ids are below 128).
+const INFO_INDEX: [u8; 128] = {
+    let mut idx = [0u8; 128];
+    let mut i = 0;
+    while i < INFOS.len() {
+        let id = INFOS[i].op as usize;
+        assert!(
+            id < 128 && i < 256,
+            "op ids and the catalogue fit the index"
+        );
+        idx[id] = i as u8;
+        i += 1;
+    }
+    // Every op finds its own entry.
+    let mut i = 0;
+    while i < ALL_OPS.len() {
+        assert!(INFOS[idx[ALL_OPS[i] as usize] as usize].op as u16 == ALL_OPS[i] as u16);
+        i += 1;
+    }
+    idx
+};
+
 impl Op {
     /// The stable id.
     pub const fn id(self) -> u16 {
@@ -419,16 +441,9 @@ impl Op {
 
     /// The catalogue entry.
     pub fn info(self) -> &'static OpInfo {
-        // `INFOS` is generated in the same order as `ALL_OPS`; the search keeps this free of
-        // any index arithmetic that could go wrong if the two ever diverged.
-        let mut found = &INFOS[0];
-        for i in INFOS {
-            if i.op == self {
-                found = i;
-                break;
-            }
-        }
-        found
+        // O(1): the runtime asks this for every site, possibly where every instruction is
+        // emulated. `INFO_INDEX` is checked entry by entry at compile time.
+        &INFOS[INFO_INDEX[self as usize] as usize]
     }
 
     /// The name used in reports.

@@ -12,7 +12,7 @@ use patch_sites::{Gpr, Op, Operand};
 pub const MAX_SEQ: usize = 64;
 
 /// A short byte sequence, built without allocation.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, Eq)]
 pub struct Seq {
     bytes: [u8; MAX_SEQ],
     len: u8,
@@ -21,6 +21,14 @@ pub struct Seq {
 impl core::fmt::Debug for Seq {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         write!(f, "{:02x?}", self.as_slice())
+    }
+}
+
+/// Equal when the bytes are: only the first `len` count (comparing all 64 would cost the
+/// patcher most of its time where every instruction is emulated).
+impl PartialEq for Seq {
+    fn eq(&self, other: &Seq) -> bool {
+        self.as_slice() == other.as_slice()
     }
 }
 

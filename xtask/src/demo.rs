@@ -1,11 +1,19 @@
-//! `cargo xtask demo`: the post-link tool on Debian bookworm's current kernel (fetched and cached
-//! if needed): the scan summary, the ledger, the annotation, its verification, and a boot of the
-//! annotated kernel under QEMU to its init.
+//! `cargo xtask demo`: the whole mission, twice.
+//!
+//! 1. The post-link tool on Debian bookworm's current kernel (fetched and cached if needed): the
+//!    scan summary, the ledger, the annotation, its verification, and a boot of the annotated
+//!    kernel under QEMU to its init.
+//! 2. Our own guest kernel, annotated at build time, rewritten at load: built, annotated by
+//!    `pvpatch annotate`, given a backend ROM built by `pvpatch rom build`, and booted in every
+//!    configuration this machine has; one table across backends (detected backend, sites by
+//!    outcome, self-tests, patch cost, cycles per op), and the configurations skipped, with why.
 
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
-use pvguest::harness::{self, Qemu};
+use pvguest::harness::{self, Config, Qemu};
+use serde_json::Value;
 
 use crate::util::{cargo, run};
 
@@ -17,6 +25,11 @@ fn pvpatch() -> Command {
 
 /// Runs the demo.
 pub fn demo() -> Result<()> {
+    debian_kernel()?;
+    guest()
+}
+
+fn debian_kernel() -> Result<()> {
     let k = crate::kernel::fetch()?;
     let dir = k.vmlinux.parent().context("kernel directory")?.to_owned();
     let annotated = dir.join("vmlinux.annotated");
@@ -61,4 +74,212 @@ pub fn demo() -> Result<()> {
         pvguest::initramfs::MARKER
     );
     Ok(())
+}
+
+/// Builds, annotates and boots the guest in every configuration; prints the tables.
+fn guest() -> Result<()> {
+    println!("\n==> our guest kernel, annotated at build time and rewritten at load");
+    let plain = harness::build_guest_plain()?;
+    let annotated = plain.with_extension("annotated");
+    run(pvpatch()
+        .arg("annotate")
+        .arg(&plain)
+        .arg("-o")
+        .arg(&annotated)
+        .args(["--section", harness::RAW_SECTION]))?;
+    let rom = plain.with_extension("demo.rom");
+    println!("\n==> a backend ROM, assembled from {}", harness::DEMO_ROM);
+    run(pvpatch()
+        .args(["rom", "build"])
+        .arg(harness::workspace_root().join(harness::DEMO_ROM))
+        .arg("-o")
+        .arg(&rom)
+        .arg("--for")
+        .arg(&annotated))?;
+
+    let mut configs = harness::configs();
+    for (base, name) in [("tcg", "rom"), ("kvm", "kvm-rom")] {
+        if let Some(c) = configs.iter().find(|c| c.name == base).cloned() {
+            configs.push(harness::with_rom(c, &rom, name));
+        }
+    }
+    let mut results = Vec::new();
+    let mut skipped = Vec::new();
+    for c in &configs {
+        if let Err(why) = c.available() {
+            skipped.push((c.name, why));
+            continue;
+        }
+        println!("\n==> {} ({})", c.name, c.about);
+        println!(
+            "$ {}",
+            shell_line(&c.qemu.command(&annotated, Path::new("serial.txt")))
+        );
+        let boot = c.qemu.boot(&annotated)?;
+        let report = boot.report().with_context(|| {
+            format!(
+                "{}: no report (exit {:?}):\n{}",
+                c.name, boot.exit_code, boot.serial
+            )
+        })?;
+        for line in boot.messages().lines() {
+            println!("  {line}");
+        }
+        results.push(Run {
+            config: c.clone(),
+            passed: boot.passed(),
+            seconds: boot.elapsed.as_secs_f64(),
+            report,
+        });
+    }
+    print_summary(&results);
+    print_bench(&results);
+    if skipped.is_empty() {
+        println!("\nno configuration skipped");
+    } else {
+        println!("\nskipped:");
+        for (name, why) in &skipped {
+            println!("  {name}: {why}");
+        }
+    }
+    let failed: Vec<&str> = results
+        .iter()
+        .filter(|r| !r.passed || r.report["backend"]["name"] != r.config.expect)
+        .map(|r| r.config.name)
+        .collect();
+    if !failed.is_empty() {
+        bail!("failed: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+struct Run {
+    config: Config,
+    passed: bool,
+    seconds: f64,
+    report: Value,
+}
+
+fn shell_line(c: &Command) -> String {
+    let mut s = c.get_program().to_string_lossy().into_owned();
+    for a in c.get_args() {
+        let a = a.to_string_lossy();
+        if a.contains([' ', ',', '=']) && !a.starts_with('-') {
+            s += &format!(" '{a}'");
+        } else {
+            s += &format!(" {a}");
+        }
+    }
+    s
+}
+
+fn n(v: &Value) -> u64 {
+    v.as_u64().unwrap_or(0)
+}
+
+fn cycles(v: &Value) -> String {
+    match v.as_f64() {
+        Some(x) if x >= 100.0 => format!("{x:.0}"),
+        Some(x) => format!("{x:.1}"),
+        None => "-".into(),
+    }
+}
+
+/// The table across backends.
+fn print_summary(results: &[Run]) {
+    println!("\n==> the guest on every backend\n");
+    println!(
+        "{:<11} {:<7} {:>5}  {:>9} {:>6} {:>6} {:>4} {:>7}  {:<11} {:>11} {:>7}  {:>5}",
+        "config",
+        "backend",
+        "sites",
+        "unchanged",
+        "native",
+        "inline",
+        "call",
+        "nothing",
+        "self-tests",
+        "cycles/site",
+        "% boot",
+        "wall"
+    );
+    for r in results {
+        let rep = &r.report;
+        let o = &rep["patch"]["sites_by_outcome"];
+        let tests = rep["selftests"].as_array().cloned().unwrap_or_default();
+        let count = |k: &str| tests.iter().filter(|t| t["result"] == k).count();
+        let verdict = format!(
+            "{} pass{}{}",
+            count("pass"),
+            match count("skip") {
+                0 => String::new(),
+                k => format!(", {k} skip"),
+            },
+            match count("fail") {
+                0 => String::new(),
+                k => format!(", {k} FAIL"),
+            }
+        );
+        let share = n(&rep["patch"]["share_of_boot_permille"]) as f64 / 10.0;
+        println!(
+            "{:<11} {:<7} {:>5}  {:>9} {:>6} {:>6} {:>4} {:>7}  {:<11} {:>11} {:>6.1}%  {:>4.1}s",
+            r.config.name,
+            rep["backend"]["name"].as_str().unwrap_or("?"),
+            n(&rep["table"]["sites"]),
+            n(&o["unchanged"]),
+            n(&o["native"]),
+            n(&o["inline"]),
+            n(&o["call"]),
+            n(&o["nothing"]),
+            verdict,
+            n(&rep["patch"]["cycles_per_site"]),
+            share,
+            r.seconds
+        );
+    }
+    for r in results {
+        if let Some(refused) = r.report["patch"]["refused"].as_str() {
+            println!("  {}: patched nothing: {refused}", r.config.name);
+        }
+        for t in r.report["selftests"].as_array().into_iter().flatten() {
+            if t["result"] != "pass" {
+                println!(
+                    "  {}: {} {}: {}",
+                    r.config.name,
+                    t["name"].as_str().unwrap_or("?"),
+                    t["result"].as_str().unwrap_or("?"),
+                    t["why"].as_str().unwrap_or("")
+                );
+            }
+        }
+    }
+}
+
+/// The nanobenchmarks, in the manner of Adams & Agesen: cycles per op, kernel mode, per form.
+fn print_bench(results: &[Run]) {
+    println!("\n==> nanobenchmarks: cycles per op (rdtsc, loop overhead subtracted)\n");
+    println!(
+        "{:<11} {:<22} {:<6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "config", "op", "ring", "native", "site", "call", "trapped", "patched", "p. call"
+    );
+    println!(
+        "{:<11} {:<22} {:<6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "", "", "", "insn", "unpatched", "unpatched", "", "site", "site"
+    );
+    for r in results {
+        for row in r.report["bench"]["rows"].as_array().into_iter().flatten() {
+            println!(
+                "{:<11} {:<22} {:<6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+                r.config.name,
+                row["op"].as_str().unwrap_or("?"),
+                row["ring"].as_str().unwrap_or("?"),
+                cycles(&row["native"]),
+                cycles(&row["site_unpatched"]),
+                cycles(&row["call_unpatched"]),
+                cycles(&row["trapped"]),
+                cycles(&row["site_patched"]),
+                cycles(&row["call_patched"])
+            );
+        }
+    }
 }

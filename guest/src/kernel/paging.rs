@@ -1,8 +1,9 @@
 //! The kernel's own page tables: the low 4 GiB identity-mapped with 2 MiB pages, except the
-//! first 2 MiB, mapped with 4 KiB pages so that the kernel's text is read-only (the text poker
-//! has to lift CR0.WP to patch it, as a real kernel's does); and one 4 KiB test page whose
-//! mapping the `invlpg` self-test changes. Installed through annotated `mov cr3` and `mov cr0`
-//! sites.
+//! first 2 MiB, mapped with 4 KiB pages so that the kernel's text is read-only; a writable,
+//! non-executable alias of those 2 MiB at [`ALIAS_BASE`], through which the text poker writes
+//! (as Linux's `text_poke` writes through a temporary mapping: the text itself is never
+//! writable, and CR0.WP stays set); and one 4 KiB test page whose mapping the `invlpg`
+//! self-test changes. Installed through annotated `mov cr3` and `mov cr0` sites.
 
 use core::cell::UnsafeCell;
 
@@ -12,6 +13,13 @@ const P: u64 = 1;
 const W: u64 = 2;
 const U: u64 = 4;
 const PS: u64 = 1 << 7;
+const NX: u64 = 1 << 63;
+
+/// Where the writable alias of the first 2 MiB (the kernel's text among them) starts: PML4
+/// slot 1, 512 GiB.
+pub const ALIAS_BASE: u64 = 1 << 39;
+/// How much the alias covers.
+pub const ALIAS_LEN: u64 = 2 << 20;
 
 /// The virtual address of the test page.
 pub const TEST_VA: u64 = 0x4000_0000;
@@ -25,6 +33,9 @@ struct Tables {
     pdpt: Page,
     pd: [Page; 4],
     low: Page,
+    alias_pdpt: Page,
+    alias_pd: Page,
+    alias_pt: Page,
     test: Page,
     data_a: Page,
     data_b: Page,
@@ -41,6 +52,9 @@ static T: Cell = Cell(UnsafeCell::new(Tables {
     pdpt: EMPTY,
     pd: [EMPTY, EMPTY, EMPTY, EMPTY],
     low: EMPTY,
+    alias_pdpt: EMPTY,
+    alias_pd: EMPTY,
+    alias_pt: EMPTY,
     test: EMPTY,
     data_a: EMPTY,
     data_b: EMPTY,
@@ -77,6 +91,16 @@ pub fn init() {
             (*t).low.0[e as usize] = pa | P | U | if text { 0 } else { W };
         }
         (*t).pd[0].0[0] = addr(&raw const (*t).low) | P | W | U;
+        // The alias: supervisor-only, writable, never executable.
+        for e in 0..512u64 {
+            (*t).alias_pt.0[e as usize] = (e << 12) | P | W | NX;
+        }
+        (*t).alias_pd.0[0] = addr(&raw const (*t).alias_pt) | P | W;
+        (*t).alias_pdpt.0[0] = addr(&raw const (*t).alias_pd) | P | W;
+        (*t).pml4.0[1] = addr(&raw const (*t).alias_pdpt) | P | W;
+        if te > ALIAS_LEN {
+            panic!("the kernel's text ends at {te:#x}, beyond the 2 MiB its alias covers");
+        }
         // The test page: its own page table at 1 GiB.
         (*t).test.0[0] = addr(&raw const (*t).data_a) | P | W;
         (*t).pd[1].0[0] = addr(&raw const (*t).test) | P | W | U;
@@ -111,6 +135,12 @@ pub fn read_test_page() -> u64 {
 
 /// The words the two backing pages hold.
 pub const TEST_WORDS: [u64; 2] = [0xaaaa_aaaa_aaaa_aaaa, 0xbbbb_bbbb_bbbb_bbbb];
+
+/// The writable alias of `addr`, for `len` bytes of the first 2 MiB; `None` outside it.
+pub fn alias(addr: u64, len: u64) -> Option<u64> {
+    let end = addr.checked_add(len)?;
+    (end <= ALIAS_LEN).then_some(ALIAS_BASE + addr)
+}
 
 /// The physical address of the PML4.
 pub fn root() -> u64 {

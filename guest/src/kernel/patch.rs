@@ -13,7 +13,7 @@ use pvpatch_runtime::detect::{self, BackendKind, Detected, Platform};
 use pvpatch_runtime::plan::{self, Outcome, Plan, TextPoke, TextRead};
 use pvpatch_runtime::stats::Stats;
 
-use super::{arch, fwcfg, idt};
+use super::{arch, fwcfg, idt, paging};
 
 unsafe extern "C" {
     static pvpatch_site_table: [u8; HEADER_SIZE];
@@ -47,11 +47,13 @@ impl Platform for GuestPlatform<'_> {
     }
 }
 
-/// Writes kernel text with CR0.WP lifted and interrupts off for the whole batch; serializes
-/// with an `iretq` to self, which does not exit to the hypervisor.
+/// Writes kernel text through its writable alias (see [`paging`]), with interrupts off for the
+/// whole batch: the text itself is never writable and CR0.WP stays set. Serializes with an
+/// `iretq` to self, which does not exit to the hypervisor.
 #[derive(Default)]
 pub struct GuestPoke {
-    saved: Option<(u64, bool)>,
+    /// Interrupts were on before `open`.
+    saved: Option<bool>,
 }
 
 impl TextRead for GuestPoke {
@@ -70,34 +72,33 @@ impl TextRead for GuestPoke {
 
 impl TextPoke for GuestPoke {
     fn open(&mut self) {
-        let on = arch::irq_save();
-        let cr0 = arch::read_cr(0);
-        // SAFETY: clearing CR0.WP lets the kernel write its read-only text; interrupts are off
-        // until `close` restores it, and no code that runs meanwhile is inside a site.
-        unsafe { arch::write_cr(0, cr0 & !(1 << 16)) };
-        self.saved = Some((cr0, on));
+        self.saved = Some(arch::irq_save());
     }
 
     fn close(&mut self) {
-        if let Some((cr0, on)) = self.saved.take() {
-            // SAFETY: restores CR0 as `open` found it.
-            unsafe { arch::write_cr(0, cr0) };
+        if let Some(on) = self.saved.take() {
             arch::irq_restore(on);
         }
     }
 
     fn write(&mut self, addr: u64, bytes: &[u8]) {
-        let inside = text().contains_span(addr, bytes.len() as u64)
-            || rom_area().contains_span(addr, bytes.len() as u64);
+        let len = bytes.len() as u64;
+        let inside = text().contains_span(addr, len) || rom_area().contains_span(addr, len);
+        let Some(alias) = paging::alias(addr, len) else {
+            return;
+        };
         if self.saved.is_none() || !inside {
             return;
         }
-        // SAFETY: inside the kernel's text (checked), with write protection lifted by `open`.
+        // SAFETY: `alias` maps the same physical bytes as `addr..addr+len`, which lie in the
+        // kernel's text (checked), writable; interrupts are off, and no code that runs before
+        // `close` is inside a site being written.
         unsafe {
-            for (i, b) in bytes.iter().enumerate() {
-                core::ptr::write_volatile((addr + i as u64) as *mut u8, *b);
-            }
+            core::ptr::copy_nonoverlapping(bytes.as_ptr(), alias as *mut u8, bytes.len());
         }
+        // The read-back goes through the text's own mapping: keep the compiler from moving it
+        // before the write it cannot see aliases.
+        core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
     }
 
     fn sync(&mut self) {
