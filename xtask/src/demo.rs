@@ -255,31 +255,47 @@ fn print_summary(results: &[Run]) {
     }
 }
 
-/// The nanobenchmarks, in the manner of Adams & Agesen: cycles per op, kernel mode, per form.
+/// The nanobenchmarks, in the manner of Adams & Agesen: cycles per op, per form, in two passes
+/// (before patching: the native instruction and the unpatched sites side by side; after: the
+/// native instruction again and the patched sites side by side), and trapped.
 fn print_bench(results: &[Run]) {
     println!("\n==> nanobenchmarks: cycles per op (rdtsc, loop overhead subtracted)\n");
-    println!(
-        "{:<11} {:<22} {:<6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
-        "config", "op", "ring", "native", "site", "call", "trapped", "patched", "p. call"
-    );
-    println!(
-        "{:<11} {:<22} {:<6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
-        "", "", "", "insn", "unpatched", "unpatched", "", "site", "site"
-    );
+    let line = |c: [&str; 10]| {
+        println!(
+            "{:<11} {:<22} {:<6} {:>8} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8}",
+            c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9]
+        )
+    };
+    line([
+        "config", "op", "ring", "native", "site", "call", "trapped", "native", "patched", "patched",
+    ]);
+    line([
+        "",
+        "",
+        "",
+        "",
+        "unpatched",
+        "unpatched",
+        "",
+        "again",
+        "site",
+        "call",
+    ]);
     for r in results {
         for row in r.report["bench"]["rows"].as_array().into_iter().flatten() {
-            println!(
-                "{:<11} {:<22} {:<6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            let c = |k: &str| cycles(&row[k]);
+            line([
                 r.config.name,
                 row["op"].as_str().unwrap_or("?"),
                 row["ring"].as_str().unwrap_or("?"),
-                cycles(&row["native"]),
-                cycles(&row["site_unpatched"]),
-                cycles(&row["call_unpatched"]),
-                cycles(&row["trapped"]),
-                cycles(&row["site_patched"]),
-                cycles(&row["call_patched"])
-            );
+                &c("native"),
+                &c("site_unpatched"),
+                &c("call_unpatched"),
+                &c("trapped"),
+                &c("native_again"),
+                &c("site_patched"),
+                &c("call_patched"),
+            ]);
         }
     }
 }

@@ -224,7 +224,32 @@ fn measure(f: Loop, n: u32, reps: u32, empty: u64, ring: Ring) -> Option<u64> {
     for _ in 0..reps {
         best = best.min(run(f, n, ring)?);
     }
-    Some((best * 100 / n as u64).saturating_sub(empty))
+    Some(per_op(best, n, empty))
+}
+
+fn per_op(total: u64, n: u32, empty: u64) -> u64 {
+    (total * 100 / n as u64).saturating_sub(empty)
+}
+
+/// The loops `fs`, measured side by side: one run of each in turn, `reps` times over, so that
+/// whatever slows the machine down for a while slows them all alike; per loop, the minimum,
+/// as [`measure`] gives it (`None` for a loop that faulted).
+fn side_by_side<const K: usize>(
+    fs: [Loop; K],
+    n: u32,
+    reps: u32,
+    empty: u64,
+    ring: Ring,
+) -> [Option<u64>; K] {
+    let mut best = [Some(u64::MAX); K];
+    for _ in 0..reps {
+        for (b, f) in best.iter_mut().zip(fs) {
+            if let Some(x) = b {
+                *b = run(f, n, ring).map(|t| t.min(*x));
+            }
+        }
+    }
+    best.map(|b| b.map(|t| per_op(t, n, empty)))
 }
 
 /// One row of results (cycles per op, in hundredths; `None` where the loop faulted).
@@ -234,8 +259,10 @@ pub struct Row {
     pub name: &'static str,
     /// Where it ran.
     pub ring: Ring,
-    /// The native instruction.
+    /// The native instruction, measured with the unpatched sites.
     pub native: Option<u64>,
+    /// The native instruction again, measured with the patched sites.
+    pub native_again: Option<u64>,
     /// Unpatched native-padded site.
     pub site_unpatched: Option<u64>,
     /// Unpatched indirect-call site.
@@ -277,15 +304,20 @@ impl Bench {
         };
         let rows = CASES
             .iter()
-            .map(|c| Row {
-                name: c.name,
-                ring: c.ring,
-                native: measure(c.native, n, reps, base(c.ring), c.ring),
-                site_unpatched: measure(c.site, n, reps, base(c.ring), c.ring),
-                call_unpatched: measure(c.call, n, reps, base(c.ring), c.ring),
-                trapped: None,
-                site_patched: None,
-                call_patched: None,
+            .map(|c| {
+                let [native, site, call] =
+                    side_by_side([c.native, c.site, c.call], n, reps, base(c.ring), c.ring);
+                Row {
+                    name: c.name,
+                    ring: c.ring,
+                    native,
+                    native_again: None,
+                    site_unpatched: site,
+                    call_unpatched: call,
+                    trapped: None,
+                    site_patched: None,
+                    call_patched: None,
+                }
             })
             .collect();
         arch::irq_restore(on);
@@ -311,14 +343,15 @@ impl Bench {
         arch::irq_restore(on);
     }
 
-    /// The last pass, after patching.
+    /// The last pass, after patching: the native instruction again, side by side with the
+    /// patched sites.
     pub fn patched(&mut self) {
         let on = arch::irq_save();
         let (n, reps, kernel, user) = (self.n, self.reps, self.empty, self.empty_user);
         for (r, c) in self.rows.iter_mut().zip(CASES) {
             let b = if c.ring == Ring::User { user } else { kernel };
-            r.site_patched = measure(c.site, n, reps, b, c.ring);
-            r.call_patched = measure(c.call, n, reps, b, c.ring);
+            [r.native_again, r.site_patched, r.call_patched] =
+                side_by_side([c.native, c.site, c.call], n, reps, b, c.ring);
         }
         arch::irq_restore(on);
     }

@@ -297,6 +297,7 @@ extern "C" fn kmain(start_info: u32) -> ! {
                     },
                 )?;
                 o.opt_num("native", r.native.map(Centi))?;
+                o.opt_num("native_again", r.native_again.map(Centi))?;
                 o.opt_num("site_unpatched", r.site_unpatched.map(Centi))?;
                 o.opt_num("call_unpatched", r.call_unpatched.map(Centi))?;
                 o.opt_num("trapped", r.trapped.map(Centi))?;
