@@ -11,8 +11,8 @@ use std::time::Duration;
 use criterion::{Criterion, Throughput};
 use patch_sites::table::{AddrRange, SiteTable, sealed_table_size, write_sealed_table};
 use pvpatch_benches::{
-    HostText, backend, child_peak_rss, decode_only, median, objdump, scan_file, sealed_table,
-    synthetic_sites,
+    HostText, PEAK_RSS_PREFIX, backend, child_peak_rss, decode_only, median, objdump,
+    own_peak_rss_kib, scan_file, sealed_table, synthetic_sites,
 };
 
 const TABLE_ADDR: u64 = 0xffff_ffff_8400_0000;
@@ -139,6 +139,10 @@ fn child(job: &str) {
     let img = pvpatch::image::Image::open(Path::new(input)).unwrap();
     let r = pvpatch::report::scan_image(&img, Default::default(), None);
     pvpatch::annotate::annotate(&r, Path::new(output), &Default::default()).unwrap();
+    println!(
+        "{PEAK_RSS_PREFIX}{}",
+        own_peak_rss_kib().expect("/proc/self/status has VmHWM")
+    );
 }
 
 /// An annotated kernel's table, planned for `kind` on the host: what the boot-time runtime

@@ -86,32 +86,43 @@ pub fn median(n: usize, mut f: impl FnMut()) -> Duration {
     v[v.len() / 2]
 }
 
-/// Runs `exe` with `args` as a child process and returns its peak resident set size in bytes
-/// (from `wait4`'s rusage) and its wall time.
+/// The line a child prints last: its own peak resident set size.
+pub const PEAK_RSS_PREFIX: &str = "peak-rss-kib ";
+
+/// This process's peak resident set size in KiB (`VmHWM` in `/proc/self/status`).
+pub fn own_peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Runs `exe` with `args` as a child process and returns its peak resident set size in bytes,
+/// as the child reports it (a line [`PEAK_RSS_PREFIX`] `N`, from [`own_peak_rss_kib`]), and its
+/// wall time. The child's own `VmHWM` is used rather than `wait4`'s `ru_maxrss`: Linux carries
+/// `ru_maxrss` across `execve`, so a child spawned from a large parent would report the
+/// parent's size.
 pub fn child_peak_rss(
     exe: &Path,
     args: &[&std::ffi::OsStr],
     env: (&str, &str),
 ) -> std::io::Result<(u64, Duration)> {
     let t = Instant::now();
-    let child = Command::new(exe).args(args).env(env.0, env.1).spawn()?;
-    let pid = child.id() as libc::pid_t;
-    let mut status = 0;
-    // SAFETY: an all-zero rusage is a valid value of this plain C struct.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `pid` is our child, not yet reaped (the `Child` is never waited on); the pointers
-    // are to live locals of the types wait4 writes.
-    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    if r != pid {
-        return Err(std::io::Error::last_os_error());
-    }
-    if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+    let out = Command::new(exe).args(args).env(env.0, env.1).output()?;
+    let wall = t.elapsed();
+    if !out.status.success() {
         return Err(std::io::Error::other(format!(
-            "child failed with status {status:#x}"
+            "child failed with {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
         )));
     }
-    // ru_maxrss is in KiB on Linux.
-    Ok((usage.ru_maxrss as u64 * 1024, t.elapsed()))
+    let kib = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix(PEAK_RSS_PREFIX)?.trim().parse::<u64>().ok())
+        .ok_or_else(|| std::io::Error::other("the child did not report its peak RSS"))?;
+    Ok((kib * 1024, wall))
 }
 
 /// An annotated image's code as writable host memory, for running the boot-time planner and

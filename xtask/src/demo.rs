@@ -25,6 +25,8 @@ fn pvpatch() -> Command {
 
 /// Runs the demo.
 pub fn demo() -> Result<()> {
+    // On a fresh machine: QEMU 10 (the Rust tools `cargo xtask test` also needs are left out).
+    crate::setup::system_packages(&mut crate::util::Report::default())?;
     debian_kernel()?;
     guest()
 }

@@ -22,8 +22,10 @@ const USAGE: &str = "\
 usage: cargo xtask <command>
 
 commands:
-  demo                       the main job: pvpatch on Debian's current kernel (fetched if
-                             needed): scan summary, annotation, verification, boot under QEMU
+  demo                       the main job: installs QEMU if missing; pvpatch on Debian's
+                             current kernel (fetched if needed): scan summary, annotation,
+                             verification, boot under QEMU; then our guest kernel annotated,
+                             given a ROM and booted on every backend this machine has
   setup                      install QEMU 10, cmake, libclang-dev, cargo-fuzz, the nightly
                              toolchain and the x86_64-unknown-none target (idempotent; without
                              root, prints the commands instead)

@@ -49,6 +49,13 @@ fn apt_get() -> Command {
 
 /// Installs what is missing. Returns whether everything is in place.
 pub fn setup(report: &mut Report) -> Result<bool> {
+    let system = system_packages(report)?;
+    Ok(rust_tools(report)? && system)
+}
+
+/// The Debian packages: QEMU 10 from bookworm-backports, cmake, libclang-dev (what the demo
+/// needs of the set-up). Whether everything is there.
+pub fn system_packages(report: &mut Report) -> Result<bool> {
     let mut missing_apt: Vec<&str> = PACKAGES
         .iter()
         .copied()
@@ -122,7 +129,6 @@ pub fn setup(report: &mut Report) -> Result<bool> {
                 .args(&pk))?;
         }
     }
-    complete &= rust_tools(report)?;
     Ok(complete)
 }
 
