@@ -138,6 +138,14 @@ fn well_formed(r: &Value) {
             .map(|(_, v)| v.as_u64().unwrap_or(u64::MAX))
             .sum();
         assert_eq!(per_op, sites, "by_op does not add up: {p}");
+        let per_form: u64 = p["by_form"]
+            .as_object()
+            .unwrap_or_else(|| panic!("by_form: {p}"))
+            .values()
+            .flat_map(|o| o.as_object().into_iter().flatten())
+            .map(|(_, v)| v.as_u64().unwrap_or(u64::MAX))
+            .sum();
+        assert_eq!(per_form, sites, "by_form does not add up: {p}");
         assert!(num(r, "patch.boot_cycles") > 0);
     } else {
         assert_eq!(total, 0, "a refused table counted sites: {p}");
@@ -231,6 +239,34 @@ fn patched_plainly(r: &Value) {
     assert_eq!(outcome(r, "call"), 0);
     assert_eq!(outcome(r, "trap"), 0);
     assert!(outcome(r, "native") > 0, "call-form sites were not inlined");
+    // Every indirect-call site got its instruction inline (or nothing, for port-0x80 delays),
+    // but for control transfers (iretq), which are never rewritten; every native-form site
+    // kept its instruction (or became nothing).
+    let by_form = &r["patch"]["by_form"];
+    let calls = by_form["indirect_call"]
+        .as_object()
+        .expect("call-form sites");
+    assert!(
+        calls
+            .keys()
+            .all(|k| ["native", "nothing", "unchanged"].contains(&k.as_str())),
+        "{by_form}"
+    );
+    let transfers: u64 = ["iretq", "sysretq", "sysretl"]
+        .iter()
+        .flat_map(|op| op_counts(r, op))
+        .map(|(_, n)| n)
+        .sum();
+    assert!(
+        calls.get("unchanged").and_then(Value::as_u64).unwrap_or(0) <= transfers,
+        "{by_form}"
+    );
+    let natives = by_form["native"].as_object().expect("native-form sites");
+    assert!(
+        natives.keys().all(|k| k == "unchanged" || k == "nothing"),
+        "{by_form}"
+    );
+    assert_eq!(num(r, "patch.fallbacks"), 0);
     assert_eq!(r["traps"]["pass_ran"], true);
     assert_eq!(r["traps"]["emulation"], "ok");
     assert!(num(r, "traps.bench_sites_trapped") > 0);

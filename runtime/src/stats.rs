@@ -1,10 +1,15 @@
-//! What patching did, counted: sites by outcome and by op, bytes written, cycles spent.
+//! What patching did, counted: sites by outcome, by op and by the form they were emitted in,
+//! bytes written, cycles spent.
 
 use alloc::collections::BTreeMap;
 
 use patch_sites::Op;
+use patch_sites::table::Form;
 
-use crate::plan::{Applied, Outcome, Plan};
+use crate::plan::{Applied, Keep, Outcome, Plan};
+
+/// The site forms, in the order of [`Stats::by_form`].
+pub const FORMS: [Form; 4] = [Form::Native, Form::IndirectCall, Form::Detour, Form::Trap];
 
 /// Counts of one patching run.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -15,7 +20,10 @@ pub struct Stats {
     pub by_outcome: [u32; 6],
     /// Sites by op: (outcome counts) per op id.
     pub by_op: BTreeMap<u16, [u32; 6]>,
-    /// Sites the backend wanted otherwise but that fell back to native (no room, operand).
+    /// Sites by the form they were emitted in ([`FORMS`] order): outcome counts.
+    pub by_form: [[u32; 6]; 4],
+    /// Sites the backend wanted otherwise but that stayed or became native (no room, operand,
+    /// clobbers, no encoding).
     pub fallbacks: u32,
     /// Sites whose op this runtime does not know (left native).
     pub unknown_ops: u32,
@@ -41,10 +49,13 @@ impl Stats {
                 .unwrap_or(0);
             s.by_outcome[k] += 1;
             s.by_op.entry(p.site.op_id).or_default()[k] += 1;
-            if p.site.op().is_none() {
-                s.unknown_ops += 1;
-            } else if p.keep.is_some() && p.outcome != Outcome::Unchanged {
-                s.fallbacks += 1;
+            if let Some(f) = FORMS.iter().position(|f| *f == p.site.form) {
+                s.by_form[f][k] += 1;
+            }
+            match p.keep {
+                Some(Keep::UnknownOp) => s.unknown_ops += 1,
+                Some(Keep::AlreadyThere | Keep::NotRewritable) | None => {}
+                Some(_) => s.fallbacks += 1,
             }
         }
         s

@@ -544,6 +544,14 @@ fn a_rewrite_that_clobbers_what_the_site_does_not_allow_falls_back_to_native() {
     let call = &p.sites[m.index_of(Op::Rdtsc, Form::IndirectCall)];
     assert_eq!(call.outcome, Outcome::Native);
     assert_eq!(call.keep, Some(plan::Keep::Clobbers));
+    // Both count as fallbacks, by form.
+    let stats = pvpatch_runtime::stats::Stats::of(&p);
+    assert_eq!(stats.fallbacks, 2);
+    let native = pvpatch_runtime::stats::FORMS
+        .iter()
+        .position(|f| *f == Form::Native)
+        .unwrap();
+    assert_eq!(stats.by_form[native].iter().sum::<u32>(), 7);
 }
 
 #[test]

@@ -239,6 +239,24 @@ extern "C" fn kmain(start_info: u32) -> ! {
                 }
                 Ok(())
             })?;
+            p.obj("by_form", |f| {
+                for (form, counts) in pvpatch_runtime::stats::FORMS
+                    .iter()
+                    .zip(&outcome.stats.by_form)
+                {
+                    if counts.iter().any(|n| *n > 0) {
+                        f.obj(form.name(), |o| {
+                            for (k, n) in Outcome::ALL.iter().zip(counts) {
+                                if *n > 0 {
+                                    o.num(k.name(), n)?;
+                                }
+                            }
+                            Ok(())
+                        })?;
+                    }
+                }
+                Ok(())
+            })?;
             p.num("fallbacks", outcome.stats.fallbacks)?;
             p.num("sites_written", outcome.stats.applied.sites)?;
             p.num("bytes_written", outcome.stats.applied.bytes)?;
