@@ -424,14 +424,10 @@ fn layouts(kind: TableKind) -> &'static [Layout] {
     }
 }
 
-/// Tries `layout` on the whole table; the entries, and the number of trailing zero entries,
-/// if every entry fits.
-fn try_layout(
-    ctx: &Ctx<'_>,
-    s: &Section,
-    data: &[u8],
-    layout: &Layout,
-) -> Option<(Vec<Entry>, usize)> {
+/// Whether every entry of the table fits `layout`: the number of entries used and of trailing
+/// all-zero entries (section padding). Nothing is kept: a table is bounded only by the file's
+/// size, so its entries are parsed again, one at a time, once a single layout fits.
+fn try_layout(ctx: &Ctx<'_>, s: &Section, data: &[u8], layout: &Layout) -> Option<(usize, usize)> {
     if !data.len().is_multiple_of(layout.size) {
         return None;
     }
@@ -445,13 +441,23 @@ fn try_layout(
     {
         used -= 1;
     }
-    let mut entries = Vec::with_capacity(used);
-    for i in 0..used {
-        let off = i * layout.size;
-        let at = s.addr + off as u64;
-        entries.push((layout.parse)(ctx, at, &data[off..off + layout.size])?);
-    }
-    Some((entries, n - used))
+    entries(ctx, s, data, layout, used)
+        .all(|e| e.is_some())
+        .then_some((used, n - used))
+}
+
+/// The first `used` entries of the table, parsed as `layout`.
+fn entries<'a>(
+    ctx: &'a Ctx<'_>,
+    s: &'a Section,
+    data: &'a [u8],
+    layout: &'a Layout,
+    used: usize,
+) -> impl Iterator<Item = Option<Entry>> + 'a {
+    data.chunks_exact(layout.size)
+        .take(used)
+        .enumerate()
+        .map(move |(i, b)| (layout.parse)(ctx, s.addr + (i * layout.size) as u64, b))
 }
 
 /// Reads every table the image has.
@@ -500,19 +506,25 @@ pub fn read(image: &Image) -> LinuxTables {
             out.reports.push(report);
             continue;
         }
-        let fits: Vec<(&Layout, (Vec<Entry>, usize))> = layouts(kind)
+        let fits: Vec<(&Layout, (usize, usize))> = layouts(kind)
             .iter()
             .filter_map(|l| try_layout(&ctx, s, data, l).map(|r| (l, r)))
             .collect();
+        // A table of nothing but zeros fits every layout whose size divides it, and means the
+        // same under each: no entries.
+        if fits.len() > 1 && fits.iter().all(|(_, (used, _))| *used == 0) {
+            report.layout = Some("empty: every byte is zero");
+            out.reports.push(report);
+            continue;
+        }
         match fits.len() {
             1 => {
-                let (layout, (entries, padding)) =
-                    fits.into_iter().next().unwrap_or_else(|| unreachable!());
+                let (layout, (used, padding)) = fits[0];
                 report.layout = Some(layout.name);
                 report.entry_size = layout.size;
-                report.entries = entries.len();
+                report.entries = used;
                 report.padding = padding;
-                for (i, e) in entries.into_iter().enumerate() {
+                for (i, e) in entries(&ctx, s, data, layout, used).flatten().enumerate() {
                     out.starts
                         .extend(e.starts.into_iter().flatten().map(|a| (a, kind)));
                     for (start, end) in e.protected.into_iter().flatten() {
@@ -544,7 +556,12 @@ pub fn read(image: &Image) -> LinuxTables {
         }
         out.reports.push(report);
     }
-    out.protected.sort_by_key(|p| (p.start, p.end));
+    // Entries that protect the same bytes for the same table are one range: the first is kept,
+    // so that a hostile table of a million copies costs no more than one.
+    out.protected
+        .sort_by_key(|p| (p.start, p.end, p.table as u8));
+    out.protected
+        .dedup_by(|b, a| (a.start, a.end, a.table) == (b.start, b.end, b.table));
     out.longest = out
         .protected
         .iter()

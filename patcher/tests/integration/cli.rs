@@ -251,3 +251,56 @@ fn annotate_with_in_place_replaces_the_input_atomically() {
     );
     assert_eq!(files_in(dir.path()), ["sample.elf"]);
 }
+
+/// Hostile inputs through the command line: exit status 3, the problem named on stderr, the
+/// input untouched, and no output or temporary file left behind; with `--in-place` too.
+#[test]
+fn hostile_images_fail_annotate_with_status_3_and_leave_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = sample_image();
+    let shoff = u64::from_le_bytes(good[0x28..0x30].try_into().unwrap()) as usize;
+    let mut cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("empty", Vec::new(), "empty file"),
+        ("truncated", good[..good.len() / 2].to_vec(), "malformed"),
+    ];
+    let mut b = good.clone();
+    b[shoff + 64 + 24..shoff + 64 + 32].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    cases.push(("text_past_end", b, "exceeds"));
+    let mut b = good.clone();
+    b[0x12] = 3; // EM_386
+    cases.push(("i386", b, "not x86-64"));
+    let mut b = good.clone();
+    b[0x3c..0x3e].copy_from_slice(&0xffffu16.to_le_bytes()); // e_shnum
+    cases.push(("shnum", b, "malformed"));
+    for (name, bytes, message) in cases {
+        let input = dir.path().join(name);
+        std::fs::write(&input, &bytes).unwrap();
+        let output = dir.path().join(format!("{name}.out"));
+        let out = pvpatch()
+            .arg("annotate")
+            .arg(&input)
+            .arg("-o")
+            .arg(&output)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{name}: {stderr}");
+        assert!(stderr.contains(message), "{name}: {stderr}");
+        assert!(!output.exists(), "{name}");
+        let out = pvpatch()
+            .args(["annotate", "--in-place"])
+            .arg(&input)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(3), "{name} in place");
+        assert_eq!(
+            std::fs::read(&input).unwrap(),
+            bytes,
+            "{name}: input intact"
+        );
+    }
+    assert_eq!(
+        files_in(dir.path()),
+        ["empty", "i386", "shnum", "text_past_end", "truncated"]
+    );
+}

@@ -6,3 +6,4 @@ mod cli;
 mod guest;
 mod hostile;
 mod kernel;
+mod tables;
