@@ -4,11 +4,26 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use patch_sites::rom::{Rom, RomAction, RomEntrySpec, rom_size, write_rom};
-use patch_sites::table::{AddrRange, SiteTable, sealed_table_size, write_sealed_table};
+use patch_sites::table::{
+    AddrRange, HEADER_SIZE, Header, RECORD_SIZE, RecordError, Site, SiteTable, Span, TableError,
+    sealed_table_size, unsealed_header, write_sealed_table,
+};
 use proptest::prelude::*;
 use pvpatch_fuzz::strategies::{self as strat, TEXT_BASE};
 
 const TEXT: AddrRange = AddrRange::new(TEXT_BASE, TEXT_BASE + (256 << 20));
+
+/// An unsealed table as a linker gathers it, in the order given: header, then records.
+fn unsealed(sites: &[Site], table_addr: u64) -> Vec<u8> {
+    let begin = table_addr + HEADER_SIZE as u64;
+    let end = begin + (sites.len() * RECORD_SIZE) as u64;
+    let mut b = unsealed_header(table_addr, begin, end).unwrap().to_vec();
+    for (i, s) in sites.iter().enumerate() {
+        let at = begin + (i * RECORD_SIZE) as u64;
+        b.extend_from_slice(&s.to_raw(at).unwrap().to_bytes());
+    }
+    b
+}
 
 proptest! {
     #![proptest_config(pvpatch_fuzz::proptest_config())]
@@ -85,5 +100,44 @@ proptest! {
         // One flipped bit anywhere: the magic, a size, the checksum or a record; CRC-32 catches
         // every single-bit error, so the table is refused.
         prop_assert!(SiteTable::parse_contiguous(&buf, table_addr, &[TEXT]).is_err());
+    }
+
+    /// A linker-gathered table in any order, perhaps with one site moved onto another: the
+    /// sort-based overlap check (with scratch) and the pairwise one (without) accept and refuse
+    /// the same tables, and both refuse one only for an overlap.
+    #[test]
+    fn both_overlap_checks_agree_on_unsorted_tables(
+        sites in strat::sites(48).prop_shuffle(),
+        moved in any::<Option<(prop::sample::Index, prop::sample::Index, u8)>>(),
+    ) {
+        let mut sites = sites;
+        let mut moved_onto = false;
+        if let (Some((from, to, delta)), false) = (moved, sites.is_empty()) {
+            let (from, to) = (from.index(sites.len()), to.index(sites.len()));
+            let delta = u64::from(delta) % u64::from(sites[to].site_len);
+            if from != to {
+                sites[from].addr = sites[to].addr + delta;
+                moved_onto = true;
+            }
+        }
+        let table_addr = TEXT_BASE + (128 << 20);
+        let b = unsealed(&sites, table_addr);
+        let h = Header::parse(&b, table_addr).unwrap();
+        let pairwise = SiteTable::parse(h, &b[HEADER_SIZE..], &[TEXT]).map(|t| t.len());
+        let mut scratch = vec![Span::default(); sites.len()];
+        let sorted = SiteTable::parse_with_scratch(h, &b[HEADER_SIZE..], &[TEXT], &mut scratch)
+            .map(|t| t.len());
+        match (&pairwise, &sorted) {
+            (Ok(a), Ok(b)) => {
+                prop_assert_eq!(*a, sites.len());
+                prop_assert_eq!(*b, sites.len());
+                prop_assert!(!moved_onto, "a site moved onto another was accepted");
+            }
+            (
+                Err(TableError::Record { error: RecordError::Overlap { .. }, .. }),
+                Err(TableError::Record { error: RecordError::Overlap { .. }, .. }),
+            ) => prop_assert!(moved_onto),
+            _ => prop_assert!(false, "pairwise {:?}, sorted {:?}", pairwise, sorted),
+        }
     }
 }

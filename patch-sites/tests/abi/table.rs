@@ -281,6 +281,40 @@ fn overlapping_sites_in_an_unsorted_linker_table() {
 }
 
 #[test]
+fn the_sort_based_overlap_check_agrees_with_the_pairwise_one() {
+    // Sites 0 and 3 overlap, far apart in table order and in address order's neighbours.
+    let sites = [
+        site(TEXT.start + 0x40, Op::Cli, 5, 1, Operand::None, 0),
+        site(TEXT.start + 0x10, Op::Sti, 5, 1, Operand::None, 0),
+        site(TEXT.start + 0x80, Op::Hlt, 5, 1, Operand::None, 0),
+        site(TEXT.start + 0x44, Op::Cli, 5, 1, Operand::None, 0),
+        site(TEXT.start, Op::Sti, 5, 1, Operand::None, 0),
+    ];
+    let parse_both = |b: &[u8]| {
+        let h = Header::parse(b, TABLE_ADDR).unwrap();
+        let records = &b[HEADER_SIZE..];
+        let pairwise = SiteTable::parse(h, records, &[TEXT]).map(|t| t.len());
+        let mut scratch = vec![table::Span::default(); sites.len()];
+        let sorted =
+            SiteTable::parse_with_scratch(h, records, &[TEXT], &mut scratch).map(|t| t.len());
+        (pairwise, sorted)
+    };
+    let (pairwise, sorted) = parse_both(&unsealed(&sites));
+    assert_eq!(pairwise, sorted);
+    assert_eq!(
+        pairwise,
+        Err(TableError::Record {
+            index: 3,
+            error: RecordError::Overlap { other: 0 }
+        })
+    );
+    // Touching is not overlapping: a site may end where the next begins.
+    let mut apart = sites;
+    apart[3] = site(TEXT.start + 0x45, Op::Cli, 5, 1, Operand::None, 0);
+    assert_eq!(parse_both(&unsealed(&apart)), (Ok(5), Ok(5)));
+}
+
+#[test]
 fn unsorted_sealed_table() {
     let mut b = sealed(&sample_sites());
     let r = record_mut(&mut b, 3);
