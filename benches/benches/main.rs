@@ -40,6 +40,90 @@ fn abi(c: &mut Criterion) {
     g.finish();
 }
 
+/// Checked cases a second, as the README quotes it: 20,000 cases (80 passes over the mix).
+fn oracle_side_by_side() {
+    use pvpatch_fuzz::oracle::{self as o, Oracle};
+    use pvpatch_runtime::backend::Choice;
+    use pvpatch_runtime::detect::BackendKind;
+    let cases = oracle_cases();
+    let mut oracle = Oracle::new().expect("unicorn");
+    let native = o::backend(BackendKind::Native, 0, None);
+    let start = std::time::Instant::now();
+    let mut steps = 0;
+    for _ in 0..80 {
+        for (case, state) in &cases {
+            let (_, v) = oracle
+                .check(case, &native, None, Some(Choice::Trap), state)
+                .expect("plans");
+            steps += v.expect("equivalent").steps;
+        }
+    }
+    let t = start.elapsed().as_secs_f64();
+    let n = 80 * cases.len();
+    println!("\nThe equivalence oracle, one reused engine ({n} trap rewrites of 12 ops):");
+    println!(
+        "  checked cases a second:                       {:>8.0}",
+        n as f64 / t
+    );
+    println!(
+        "  per case (two runs, {:.1} instructions):       {:>8.1} us",
+        steps as f64 / n as f64,
+        t * 1e6 / n as f64
+    );
+}
+
+/// The equivalence oracle with one reused engine: a mix of sites (trap rewrites, which run the
+/// runtime's emulator, and ROM templates), each case two runs and a comparison.
+fn oracle_cases() -> Vec<(pvpatch_fuzz::oracle::Case, pvpatch_fuzz::oracle::State)> {
+    use patch_sites::{Gpr, Op, Operand};
+    use pvpatch_fuzz::oracle::{Case, State, vcpu::mix};
+    let sites = [
+        (Op::Cli, Operand::None, 0),
+        (Op::Sti, Operand::None, 0),
+        (Op::SaveFl, Operand::Reg(Gpr::Rax), 8),
+        (Op::RestoreFl, Operand::Reg(Gpr::Rdi), 8),
+        (Op::Wrmsr, Operand::None, 0),
+        (Op::Rdmsr, Operand::None, 0),
+        (Op::MovToCr3, Operand::Reg(Gpr::Rbx), 8),
+        (Op::Invlpg, Operand::MemBase(Gpr::Rsi), 0),
+        (Op::Out, Operand::PortImm(0x71), 1),
+        (Op::In, Operand::PortDx, 4),
+        (Op::Cpuid, Operand::None, 0),
+        (Op::Rdtsc, Operand::None, 0),
+    ];
+    let mut v = Vec::new();
+    for i in 0..256u64 {
+        let (op, operand, width) = sites[i as usize % sites.len()];
+        let case = Case::native(op.id(), operand, width, 0, 3).expect("encodable");
+        let gpr: [u64; 16] = std::array::from_fn(|k| mix(i * 64 + k as u64));
+        let state = State::for_site(&case.site, gpr, mix(i ^ 0xf1a9), mix(i ^ 0x5eed));
+        v.push((case, state));
+    }
+    v
+}
+
+fn oracle(c: &mut Criterion) {
+    use pvpatch_fuzz::oracle::{self as o, Oracle};
+    use pvpatch_runtime::backend::Choice;
+    use pvpatch_runtime::detect::BackendKind;
+    let cases = oracle_cases();
+    let mut oracle = Oracle::new().expect("unicorn");
+    let native = o::backend(BackendKind::Native, 0, None);
+    let mut g = c.benchmark_group("oracle");
+    g.throughput(Throughput::Elements(cases.len() as u64));
+    g.bench_function("check_256_trap_rewrites", |b| {
+        b.iter(|| {
+            for (case, state) in &cases {
+                let (_, v) = oracle
+                    .check(case, &native, None, Some(Choice::Trap), state)
+                    .expect("plans");
+                v.expect("equivalent");
+            }
+        })
+    });
+    g.finish();
+}
+
 fn kernel_path() -> Option<PathBuf> {
     match pvguest::harness::debian_kernel() {
         Ok(k) => Some(k.vmlinux),
@@ -235,6 +319,7 @@ fn main() {
     }
     let mut c = Criterion::default().configure_from_args();
     abi(&mut c);
+    oracle(&mut c);
     let guest = pvguest::harness::build_guest().expect("the guest builds");
     runtime_group(&mut c, "guest", &guest);
     let vmlinux = kernel_path();
@@ -248,6 +333,7 @@ fn main() {
     if let Some(v) = &vmlinux {
         side_by_side(v);
     }
+    oracle_side_by_side();
     runtime_side_by_side("the guest", &guest);
     if let Some(a) = &annotated {
         runtime_side_by_side("the Debian kernel", a);

@@ -1,9 +1,13 @@
 //! # pvpatch-fuzz
 //!
 //! Generators for property tests of the ABI (sites, tables, ROMs), shared by the property
-//! tests in `tests/` and by the cargo-fuzz targets in `cargo-fuzz/`. The rewrite-equivalence
-//! oracle will live here as well.
+//! tests in `tests/` and by the cargo-fuzz targets in `cargo-fuzz/`, and the rewrite-equivalence
+//! [`oracle`] they check the planner's rewrites with.
+//!
+//! The oracle runs code with unicorn-engine, which is GPL-2.0: this crate is for tests only,
+//! and nothing shipped (the `pvpatch` tool, the runtime) depends on it.
 
+pub mod oracle;
 pub mod strategies;
 
 /// The proptest configuration every property test here uses: at least 1,000 cases (more

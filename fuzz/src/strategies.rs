@@ -51,28 +51,37 @@ fn widths_of(w: Widths) -> Vec<u8> {
         .collect()
 }
 
+/// An operand and a width `op` accepts, and site flags it allows.
+pub fn operand_for(op: Op) -> BoxedStrategy<(Operand, u8, u8)> {
+    if op == Op::IoDelay {
+        // `out 0x80, al` and nothing else.
+        return Just((Operand::PortImm(0x80), 1, 0)).boxed();
+    }
+    let info = op.info();
+    let kinds = kinds_of(info.operands);
+    let widths = widths_of(info.widths);
+    let rep = matches!(op, Op::Ins | Op::Outs);
+    (
+        proptest::sample::select(kinds).prop_flat_map(operand_of_kind),
+        proptest::sample::select(widths),
+        if rep {
+            prop_oneof![Just(0u8), Just(SITE_FLAG_REP)].boxed()
+        } else {
+            Just(0u8).boxed()
+        },
+    )
+        // Kinds and widths are drawn apart; a few pairs name no instruction.
+        .prop_filter("an operand the op takes", move |(operand, width, _)| {
+            check_operand(op, *operand, *width).is_ok()
+        })
+        .boxed()
+}
+
 /// An op id with an operand and a width it accepts, and site flags it allows. One case in
 /// sixteen is an op id no reader knows (with a structurally valid operand).
 pub fn op_and_operand() -> impl Strategy<Value = (u16, Operand, u8, u8)> {
     let known = proptest::sample::select(ALL_OPS.to_vec()).prop_flat_map(|op| {
-        let info = op.info();
-        let kinds = kinds_of(info.operands);
-        let widths = widths_of(info.widths);
-        let rep = matches!(op, Op::Ins | Op::Outs);
-        (
-            proptest::sample::select(kinds).prop_flat_map(operand_of_kind),
-            proptest::sample::select(widths),
-            if rep {
-                prop_oneof![Just(0u8), Just(SITE_FLAG_REP)].boxed()
-            } else {
-                Just(0u8).boxed()
-            },
-        )
-            .prop_map(move |(operand, width, flags)| (op.id(), operand, width, flags))
-            // Kinds and widths are drawn apart; a few pairs name no instruction.
-            .prop_filter("an operand the op takes", move |(_, operand, width, _)| {
-                check_operand(op, *operand, *width).is_ok()
-            })
+        operand_for(op).prop_map(move |(operand, width, flags)| (op.id(), operand, width, flags))
     });
     let unknown = (200u16..u16::MAX, 0u8..operand_code::LIMIT)
         .prop_flat_map(|(id, code)| {
@@ -214,5 +223,13 @@ pub fn rom() -> impl Strategy<Value = (String, [u8; 12], Vec<(u16, RomEntryValue
             .prop_map(|(name, sig, ids, entries)| {
                 (name, sig, ids.into_iter().zip(entries).collect())
             })
+    })
+}
+
+/// A machine state for the oracle to run `site` from: random registers, flags and page
+/// contents, made meaningful for the site by [`crate::oracle::State::for_site`].
+pub fn machine_state(site: Site) -> impl Strategy<Value = crate::oracle::State> {
+    (any::<[u64; 16]>(), any::<u64>(), any::<u64>()).prop_map(move |(gpr, rflags, seed)| {
+        crate::oracle::State::for_site(&site, gpr, rflags, seed)
     })
 }

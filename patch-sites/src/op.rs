@@ -171,6 +171,8 @@ impl Widths {
     pub const QWORD: Self = Self(16);
     /// 2 bytes only.
     pub const WORD: Self = Self(4);
+    /// 1 byte only (`io_delay`: `out 0x80, al`).
+    pub const BYTE: Self = Self(2);
     /// 2, 4 or 8 bytes (`str`, `sldt`, `smsw` to a register).
     pub const WORD_UP: Self = Self(4 | 8 | 16);
 
@@ -401,7 +403,7 @@ ops! {
         "push reg; popfq", "RFLAGS := reg (uses 8 bytes below rsp)";
     SafeHalt = 66, "safe_halt", Interrupts, Idiom, NONE, NONE, None, reads[], writes[], undefined[], false,
         "sti; hlt", "IF := 1 and halt, with no interrupt window between the two";
-    IoDelay = 67, "io_delay", PortIo, Idiom, PORT_IMM, IO, None, reads[Rax], writes[], undefined[], false,
+    IoDelay = 67, "io_delay", PortIo, Idiom, PORT_IMM, BYTE, None, reads[Rax], writes[], undefined[], false,
         "out 0x80, al", "a delay of about a microsecond; the value written to the POST port is ignored";
     Vmcall = 112, "vmcall", Hypervisor, HypervisorInterface, NONE, NONE, None, reads[], writes[], undefined[], false,
         "vmcall", "call the hypervisor (Intel VMX)";
@@ -530,6 +532,12 @@ pub fn check_operand(op: Op, operand: Operand, width: u8) -> Result<(), OperandE
     {
         return Err(OperandError::BadDebugRegister);
     }
+    // io_delay is `out 0x80, al`, and nothing else: backends may drop it because port 0x80 is
+    // the POST port, written only as a delay (found by the equivalence oracle: a record with
+    // another port would have had a real port write dropped).
+    if op == Op::IoDelay && (operand != Operand::PortImm(0x80) || width != 1) {
+        return Err(OperandError::NotTheDelayPort);
+    }
     Ok(())
 }
 
@@ -542,6 +550,8 @@ pub enum OperandError {
     WidthNotAllowed,
     /// A debug register number above 7.
     BadDebugRegister,
+    /// An `io_delay` that is not `out 0x80, al`.
+    NotTheDelayPort,
 }
 
 impl core::fmt::Display for OperandError {
@@ -550,6 +560,7 @@ impl core::fmt::Display for OperandError {
             OperandError::KindNotAllowed => "the op does not take this kind of operand",
             OperandError::WidthNotAllowed => "the op does not take this operand width",
             OperandError::BadDebugRegister => "debug register number above 7",
+            OperandError::NotTheDelayPort => "io_delay is out 0x80, al and nothing else",
         })
     }
 }

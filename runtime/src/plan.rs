@@ -336,7 +336,8 @@ fn build(
             (s, Outcome::Call)
         }
         Choice::Trap => {
-            if op.info().kind == Kind::ControlTransfer || !crate::trap::supported(op, site.operand)
+            if op.info().kind == Kind::ControlTransfer
+                || !crate::trap::supported(op, site.operand, site.width)
             {
                 return Err(Keep::NotRewritable);
             }

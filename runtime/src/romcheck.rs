@@ -366,7 +366,13 @@ fn check_code(op: Op, code: &[u8], entry_point: bool) -> Result<(), RomRefusal> 
 /// (an entry point's `ret` pops the return address its call pushed). Straight-line accounting:
 /// the code may branch only within itself, forward or back, and every path is checked
 /// instruction by instruction.
-fn effects(op: Op, code: &[u8], may: RegSet, entry_point: bool) -> Result<(), RomRefusal> {
+fn effects(
+    op: Op,
+    site: &patch_sites::table::Site,
+    code: &[u8],
+    may: RegSet,
+    entry_point: bool,
+) -> Result<(), RomRefusal> {
     let bad = |offset: usize, problem| RomRefusal::Code {
         op,
         offset: offset as u32,
@@ -418,7 +424,19 @@ fn effects(op: Op, code: &[u8], may: RegSet, entry_point: bool) -> Result<(), Ro
         }
         at += i.len();
     }
-    let balanced = if entry_point { depth == 8 } else { depth == 0 };
+    // The stack must end where the op leaves it: `pushf` and `popf` move it by their width
+    // (found by the equivalence oracle: their templates were refused as unbalanced); an entry
+    // point's `ret` pops its return address, and a call cannot push or pop for the caller.
+    let own = match op {
+        Op::Pushf => -(site.width as i64),
+        Op::Popf => site.width as i64,
+        _ => 0,
+    };
+    let balanced = if entry_point {
+        depth == 8 && own == 0
+    } else {
+        depth == own
+    };
     if !balanced {
         return Err(bad(code.len(), CodeProblem::UnbalancedStack));
     }
@@ -507,7 +525,13 @@ pub fn validate(
                     }
                     check_code(op, seq.as_slice(), false)?;
                     same_operands(op, &site, seq.as_slice())?;
-                    effects(op, seq.as_slice(), may_change(op, &site, e.clobbers), false)?;
+                    effects(
+                        op,
+                        &site,
+                        seq.as_slice(),
+                        may_change(op, &site, e.clobbers),
+                        false,
+                    )?;
                 }
                 RomAction::Call { .. } if site.site_len < 5 => {
                     return Err(RomRefusal::NoRoomForCall {
@@ -520,7 +544,7 @@ pub fn validate(
                     // The entry point runs with the site's registers: its own instruction must
                     // use the site's operand, and it may change only what the site allows.
                     same_operands(op, &site, code)?;
-                    effects(op, code, may_change(op, &site, e.clobbers), true)?;
+                    effects(op, &site, code, may_change(op, &site, e.clobbers), true)?;
                 }
                 _ => {}
             }
@@ -535,7 +559,19 @@ mod tests {
 
     /// `effects` with `may` beyond the op's fixed outputs.
     fn fx(op: Op, code: &[u8], may: RegSet, entry: bool) -> Result<(), CodeProblem> {
-        effects(op, code, may.union(op.info().writes), entry).map_err(|e| match e {
+        let site = patch_sites::table::Site {
+            addr: 0,
+            site_len: 16,
+            insn_len: 1,
+            op_id: op.id(),
+            form: patch_sites::table::Form::Native,
+            operand: patch_sites::Operand::None,
+            width: 8,
+            flags: 0,
+            clobbers: RegSet::EMPTY,
+            stub: None,
+        };
+        effects(op, &site, code, may.union(op.info().writes), entry).map_err(|e| match e {
             RomRefusal::Code { problem, .. } => problem,
             other => panic!("{other}"),
         })
@@ -547,6 +583,17 @@ mod tests {
     fn the_ops_own_instructions_are_its_effects() {
         // cpuid writes eax..edx: its outputs, not clobbers.
         assert_eq!(fx(Op::Cpuid, &[0x0f, 0xa2], NONE, false), Ok(()));
+        // pushfq and popfq move the stack by their width, inline; never from a call.
+        assert_eq!(fx(Op::Pushf, &[0x9c], NONE, false), Ok(()));
+        assert_eq!(fx(Op::Popf, &[0x9d], NONE, false), Ok(()));
+        assert_eq!(
+            fx(Op::Pushf, &[0x9c, 0xc3], NONE, true),
+            Err(CodeProblem::UnbalancedStack)
+        );
+        assert_eq!(
+            fx(Op::Cli, &[0x9c, 0xfa], NONE, false),
+            Err(CodeProblem::UnbalancedStack)
+        );
         // pushfq; pop rcx for save_fl into rcx.
         let rcx = RegSet::reg(Gpr::Rcx);
         assert_eq!(fx(Op::SaveFl, &[0x9c, 0x59], rcx, false), Ok(()));

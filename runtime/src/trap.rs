@@ -24,6 +24,17 @@ pub struct Frame {
 /// RFLAGS.IF.
 pub const IF: u64 = 1 << 9;
 
+/// The RFLAGS bits `popfq` loads at CPL 0 in 64-bit mode: CF, PF, AF, ZF, SF, TF, IF, DF, OF,
+/// IOPL, NT, AC and ID. RF, VIF and VIP are cleared, VM stays 0, reserved bits read as their
+/// fixed values (bit 1 set). Found by the equivalence oracle: the emulator once loaded every
+/// bit of the image.
+pub const POPF_LOADS: u64 = 0x0024_7fd5;
+
+/// RFLAGS as `popfq` at CPL 0 makes it from the image `v`.
+pub const fn popf_image(v: u64) -> u64 {
+    (v & POPF_LOADS) | 2
+}
+
 impl Frame {
     fn get(&self, r: Gpr) -> u64 {
         self.gpr[r.number() as usize]
@@ -106,9 +117,12 @@ impl core::fmt::Display for TrapError {
 }
 
 /// Whether [`emulate`] implements `op` (the planner only makes trap sites of these).
-pub fn supported(op: Op, operand: Operand) -> bool {
+pub fn supported(op: Op, operand: Operand, width: u8) -> bool {
     use Op::*;
     match op {
+        // The emulator pushes and pops 8 bytes (found by the equivalence oracle: `pushfw` was
+        // emulated as `pushfq`).
+        Pushf | Popf if width != 8 => false,
         Cli | Sti | Pushf | Popf | Hlt | SafeHalt | SaveFl | RestoreFl | Rdmsr | Wrmsr | Cpuid
         | Wbinvd | Invd | Rdtsc | Swapgs | Clts | In | Out | IoDelay => true,
         MovToCr0 | MovFromCr0 | MovToCr2 | MovFromCr2 | MovToCr3 | MovFromCr3 | MovToCr4
@@ -122,7 +136,7 @@ pub fn supported(op: Op, operand: Operand) -> bool {
 /// Emulates the op of `site` (whose trap just fired) on `frame`, and resumes after the site.
 pub fn emulate(site: &Site, frame: &mut Frame, exec: &mut dyn Exec) -> Result<(), TrapError> {
     let op = site.op().ok_or(TrapError::NotASite(site.addr))?;
-    if !supported(op, site.operand) || site.flags & SITE_FLAG_REP != 0 {
+    if !supported(op, site.operand, site.width) || site.flags & SITE_FLAG_REP != 0 {
         return Err(TrapError::Unsupported(op));
     }
     let port = |f: &Frame| match site.operand {
@@ -133,10 +147,12 @@ pub fn emulate(site: &Site, frame: &mut Frame, exec: &mut dyn Exec) -> Result<()
         (Op::Cli, _) => frame.rflags &= !IF,
         (Op::Sti, _) => frame.rflags |= IF,
         (Op::SaveFl, Operand::Reg(r)) => {
-            let v = frame.rflags;
+            // `pushfq; pop reg`: the pushed image has RF and VM clear (a fault's saved RFLAGS
+            // may have RF set).
+            let v = frame.rflags & !(3 << 16);
             frame.set(r, v)
         }
-        (Op::RestoreFl, Operand::Reg(r)) => frame.rflags = frame.get(r) | 2,
+        (Op::RestoreFl, Operand::Reg(r)) => frame.rflags = popf_image(frame.get(r)),
         (Op::Pushf, _) => {
             let sp = frame.gpr[4].wrapping_sub(8);
             // RF (bit 16) and VM (bit 17) read as zero in the pushed image.
@@ -145,7 +161,7 @@ pub fn emulate(site: &Site, frame: &mut Frame, exec: &mut dyn Exec) -> Result<()
         }
         (Op::Popf, _) => {
             let sp = frame.gpr[4];
-            frame.rflags = exec.read_u64(sp) | 2;
+            frame.rflags = popf_image(exec.read_u64(sp));
             frame.gpr[4] = sp.wrapping_add(8);
         }
         (Op::Hlt, _) => exec.halt(frame.rflags & IF != 0),

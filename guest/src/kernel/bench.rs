@@ -33,7 +33,7 @@ pub fn is_trappable_bench_site(s: &Site) -> bool {
     s.form == Form::Native
         && range().contains_span(s.addr, s.site_len as u64)
         && s.op()
-            .is_some_and(|op| pvpatch_runtime::trap::supported(op, s.operand))
+            .is_some_and(|op| pvpatch_runtime::trap::supported(op, s.operand, s.width))
 }
 
 const KGS: u32 = 0xc000_0102;

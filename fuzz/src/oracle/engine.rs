@@ -1,0 +1,635 @@
+//! The executor: one unicorn engine, reused for every run, with the virtual CPU of
+//! [`super::vcpu`] behind its sensitive instructions and the runtime's own trap emulator behind
+//! `#UD`.
+
+use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
+use patch_sites::table::Site;
+use pvpatch_runtime::trap::{self, Exec, Frame};
+use unicorn_engine::{Arch, Mode, Prot, RegisterX86, Unicorn};
+
+use super::vcpu::{Effect, Vcpu};
+
+/// Where the site under test is placed. The engine runs without paging, where unicorn maps
+/// only physical addresses: the regions lie low, where kernel addresses cannot.
+pub const CODE: u64 = 0x0100_0000;
+/// Size of the text region (the site, padding, and anything the backend adds).
+pub const CODE_SIZE: u64 = 0x1_0000;
+/// Where a ROM or other backend code is placed, inside the text region.
+pub const ROM: u64 = CODE + 0x8000;
+/// The stack page.
+pub const STACK: u64 = 0x0200_0000;
+/// The data page memory operands point into.
+pub const DATA: u64 = 0x0300_0000;
+/// A page private to the backend (a shared-info page, a hypercall scratch area).
+pub const PRIVATE: u64 = 0x0400_0000;
+/// Page size.
+pub const PAGE: u64 = 0x1000;
+/// The most instructions one run may execute.
+pub const MAX_STEPS: usize = 500;
+
+/// The register order of [`State::gpr`] (the ABI's numbering: rax = 0 ... r15 = 15).
+pub const GPRS: [RegisterX86; 16] = [
+    RegisterX86::RAX,
+    RegisterX86::RCX,
+    RegisterX86::RDX,
+    RegisterX86::RBX,
+    RegisterX86::RSP,
+    RegisterX86::RBP,
+    RegisterX86::RSI,
+    RegisterX86::RDI,
+    RegisterX86::R8,
+    RegisterX86::R9,
+    RegisterX86::R10,
+    RegisterX86::R11,
+    RegisterX86::R12,
+    RegisterX86::R13,
+    RegisterX86::R14,
+    RegisterX86::R15,
+];
+
+/// A machine state to start from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct State {
+    /// General registers by number.
+    pub gpr: [u64; 16],
+    /// RFLAGS.
+    pub rflags: u64,
+    /// The seed of the virtual CPU's derived values.
+    pub seed: u64,
+    /// The stack page.
+    pub stack: Vec<u8>,
+    /// The data page.
+    pub data: Vec<u8>,
+    /// The backend's private page.
+    pub private: Vec<u8>,
+}
+
+/// RFLAGS.TF: never set by generated states (a single-step trap would fire at a point that
+/// depends on the padding, not on the rewrite).
+pub const TF: u64 = 1 << 8;
+
+impl State {
+    /// A state for `site`: general registers and RFLAGS from `gpr` and `rflags`, pages filled
+    /// from `seed`; then made meaningful for the site: `rsp` inside the stack page, the base
+    /// register of a memory operand inside the data page, and an RFLAGS image that `popf` or
+    /// `restore_fl` loads without TF.
+    pub fn for_site(site: &Site, mut gpr: [u64; 16], rflags: u64, seed: u64) -> State {
+        let page = |salt: u64| -> Vec<u8> {
+            (0..PAGE / 8)
+                .flat_map(|i| super::vcpu::mix(seed ^ salt ^ (i << 8)).to_le_bytes())
+                .collect()
+        };
+        let mut stack = page(0x5354_0000_0000_0000);
+        let data = page(0x4441_0000_0000_0000);
+        let private = page(0x5052_0000_0000_0000);
+        gpr[4] = (STACK + 0x400 + gpr[4] % 0x800) & !7;
+        let base = match site.operand {
+            patch_sites::Operand::MemBase(b) => Some(b),
+            patch_sites::Operand::RegMemBase { base, .. } => Some(base),
+            _ => None,
+        };
+        if let Some(b) = base.filter(|b| b.number() != 4) {
+            let i = b.number() as usize;
+            gpr[i] = DATA + gpr[i] % 0xf00;
+        }
+        match (site.op(), site.operand) {
+            (Some(patch_sites::Op::Popf), _) => {
+                let at = (gpr[4] - STACK) as usize;
+                let v = u64::from_le_bytes(stack[at..at + 8].try_into().unwrap_or([0; 8])) & !TF;
+                stack[at..at + 8].copy_from_slice(&v.to_le_bytes());
+            }
+            (Some(patch_sites::Op::RestoreFl), patch_sites::Operand::Reg(r)) => {
+                gpr[r.number() as usize] &= !TF;
+            }
+            _ => {}
+        }
+        State {
+            gpr,
+            rflags: (rflags & (super::STATUS_FLAGS | trap::IF | 0x400)) | 2,
+            seed,
+            stack,
+            data,
+            private,
+        }
+    }
+}
+
+/// How a run ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum End {
+    /// At the end of the code under test.
+    Reached,
+    /// A fault that nothing handled (its vector is the last effect).
+    Fault(u8),
+    /// Still running after [`MAX_STEPS`] instructions, or stopped elsewhere.
+    Runaway(u64),
+    /// The emulator failed.
+    Emulator(String),
+}
+
+/// What a run left.
+#[derive(Clone, Debug)]
+pub struct Run {
+    /// How it ended.
+    pub end: End,
+    /// General registers.
+    pub gpr: [u64; 16],
+    /// RFLAGS.
+    pub rflags: u64,
+    /// The stack page.
+    pub stack: Vec<u8>,
+    /// The data page.
+    pub data: Vec<u8>,
+    /// The private page.
+    pub private: Vec<u8>,
+    /// The virtual CPU, with its trace.
+    pub vcpu: Vcpu,
+    /// Instructions executed.
+    pub steps: usize,
+}
+
+/// Per-run data the hooks see.
+#[derive(Debug)]
+struct Hooked {
+    vcpu: Vcpu,
+    trap_site: Option<Site>,
+    fault: Option<u8>,
+    steps: usize,
+    error: Option<String>,
+}
+
+/// The reusable engine.
+pub struct Engine {
+    uc: Unicorn<'static, Hooked>,
+    /// The CPU as created: restored before every run, so that nothing (a pending exception,
+    /// a stop request) carries over from the last one.
+    fresh: unicorn_engine::Context,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Engine")
+    }
+}
+
+/// Why the engine could not be made.
+#[derive(Debug, thiserror::Error)]
+#[error("unicorn: {0}")]
+pub struct EngineError(String);
+
+fn uc_err(e: unicorn_engine::uc_error) -> EngineError {
+    EngineError(format!("{e:?}"))
+}
+
+impl Engine {
+    /// An x86-64 engine with the text, stack, data and private regions mapped and the hooks in.
+    pub fn new() -> Result<Self, EngineError> {
+        let data = Hooked {
+            vcpu: Vcpu::new(0, false),
+            trap_site: None,
+            fault: None,
+            steps: 0,
+            error: None,
+        };
+        let mut uc = Unicorn::new_with_data(Arch::X86, Mode::MODE_64, data).map_err(uc_err)?;
+        uc.mem_map(CODE, CODE_SIZE, Prot::ALL).map_err(uc_err)?;
+        for page in [STACK, DATA, PRIVATE] {
+            uc.mem_map(page, PAGE, Prot::READ | Prot::WRITE)
+                .map_err(uc_err)?;
+        }
+        uc.add_code_hook(1, 0, on_instruction).map_err(uc_err)?;
+        uc.add_intr_hook(on_interrupt).map_err(uc_err)?;
+        uc.add_insn_invalid_hook(on_invalid).map_err(uc_err)?;
+        let fresh = uc.context_init().map_err(uc_err)?;
+        Ok(Engine { uc, fresh })
+    }
+
+    /// Runs from `start` until `until`, with `code` placed first (each `(address, bytes)`; the
+    /// rest of the text region is `int3`), from `state`. `trap_site` is the site whose `ud2`
+    /// or `int3` the runtime's trap emulator handles.
+    pub fn run(
+        &mut self,
+        code: &[(u64, &[u8])],
+        start: u64,
+        until: u64,
+        state: &State,
+        trap_site: Option<Site>,
+    ) -> Run {
+        match self.try_run(code, start, until, state, trap_site) {
+            Ok(r) => r,
+            Err(e) => Run {
+                end: End::Emulator(e.0),
+                gpr: [0; 16],
+                rflags: 0,
+                stack: Vec::new(),
+                data: Vec::new(),
+                private: Vec::new(),
+                vcpu: Vcpu::new(state.seed, false),
+                steps: 0,
+            },
+        }
+    }
+
+    fn try_run(
+        &mut self,
+        code: &[(u64, &[u8])],
+        start: u64,
+        until: u64,
+        state: &State,
+        trap_site: Option<Site>,
+    ) -> Result<Run, EngineError> {
+        let uc = &mut self.uc;
+        uc.context_restore(&self.fresh).map_err(uc_err)?;
+        // Fill the text around what is placed with int3, so that a stray jump faults.
+        let mut spans: Vec<(u64, u64)> = code
+            .iter()
+            .map(|(a, b)| (*a, *a + b.len() as u64))
+            .collect();
+        spans.push((start, until));
+        for &(a, e) in &spans {
+            let lo = a.saturating_sub(64).max(CODE);
+            let hi = (e + 64).min(CODE + CODE_SIZE);
+            uc.mem_write(lo, &vec![0xcc; (hi - lo) as usize])
+                .map_err(uc_err)?;
+        }
+        for (a, b) in code {
+            uc.mem_write(*a, b).map_err(uc_err)?;
+        }
+        uc.ctl_remove_cache(CODE, CODE + CODE_SIZE)
+            .map_err(uc_err)?;
+        uc.mem_write(STACK, &state.stack).map_err(uc_err)?;
+        uc.mem_write(DATA, &state.data).map_err(uc_err)?;
+        uc.mem_write(PRIVATE, &state.private).map_err(uc_err)?;
+        for (r, v) in GPRS.iter().zip(state.gpr) {
+            uc.reg_write(*r, v).map_err(uc_err)?;
+        }
+        uc.reg_write(RegisterX86::RFLAGS, state.rflags)
+            .map_err(uc_err)?;
+        let interrupts = state.rflags & trap::IF != 0;
+        *uc.get_data_mut() = Hooked {
+            vcpu: Vcpu::new(state.seed, interrupts),
+            trap_site,
+            fault: None,
+            steps: 0,
+            error: None,
+        };
+        let result = uc.emu_start(start, until, 0, MAX_STEPS);
+        let mut gpr = [0u64; 16];
+        for (r, v) in GPRS.iter().zip(gpr.iter_mut()) {
+            *v = uc.reg_read(*r).map_err(uc_err)?;
+        }
+        let rip = uc.reg_read(RegisterX86::RIP).map_err(uc_err)?;
+        let rflags = uc.reg_read(RegisterX86::RFLAGS).map_err(uc_err)?;
+        let mut stack = vec![0; PAGE as usize];
+        let mut data = vec![0; PAGE as usize];
+        let mut private = vec![0; PAGE as usize];
+        uc.mem_read(STACK, &mut stack).map_err(uc_err)?;
+        uc.mem_read(DATA, &mut data).map_err(uc_err)?;
+        uc.mem_read(PRIVATE, &mut private).map_err(uc_err)?;
+        let h = uc.get_data_mut();
+        let mut vcpu = std::mem::replace(&mut h.vcpu, Vcpu::new(0, false));
+        let end = if let Some(e) = h.error.take() {
+            End::Emulator(e)
+        } else if let Some(v) = h.fault {
+            End::Fault(v)
+        } else if let Err(e) = result {
+            // An access outside the mapped pages and the like: the CPU would fault.
+            vcpu.record(Effect::Fault(fault_vector(e)));
+            End::Fault(fault_vector(e))
+        } else if rip == until {
+            vcpu.see_flags(rflags);
+            End::Reached
+        } else {
+            End::Runaway(rip)
+        };
+        Ok(Run {
+            end,
+            gpr,
+            rflags,
+            stack,
+            data,
+            private,
+            vcpu,
+            steps: h.steps,
+        })
+    }
+}
+
+/// The vector a CPU would raise where unicorn reports an error.
+fn fault_vector(e: unicorn_engine::uc_error) -> u8 {
+    use unicorn_engine::uc_error as E;
+    match e {
+        E::INSN_INVALID => 6,
+        E::READ_UNMAPPED | E::WRITE_UNMAPPED | E::FETCH_UNMAPPED => 14,
+        E::READ_PROT | E::WRITE_PROT | E::FETCH_PROT => 14,
+        _ => 13,
+    }
+}
+
+fn gpr_index(r: Register) -> Option<usize> {
+    let full = r.full_register();
+    GPRS_ICED.iter().position(|x| *x == full)
+}
+
+const GPRS_ICED: [Register; 16] = [
+    Register::RAX,
+    Register::RCX,
+    Register::RDX,
+    Register::RBX,
+    Register::RSP,
+    Register::RBP,
+    Register::RSI,
+    Register::RDI,
+    Register::R8,
+    Register::R9,
+    Register::R10,
+    Register::R11,
+    Register::R12,
+    Register::R13,
+    Register::R14,
+    Register::R15,
+];
+
+type Uc<'a> = Unicorn<'a, Hooked>;
+
+fn read_gpr(uc: &Uc<'_>, i: usize) -> u64 {
+    uc.reg_read(GPRS[i]).unwrap_or(0)
+}
+
+fn write_gpr(uc: &mut Uc<'_>, i: usize, v: u64) {
+    let _ = uc.reg_write(GPRS[i], v);
+}
+
+fn fail(uc: &mut Uc<'_>, why: String) {
+    uc.get_data_mut().error = Some(why);
+    let _ = uc.emu_stop();
+}
+
+/// Before every instruction: count it, see IF, and carry out a sensitive instruction on the
+/// virtual CPU instead of the emulator.
+fn on_instruction(uc: &mut Uc<'_>, addr: u64, size: u32) {
+    let rflags = uc.reg_read(RegisterX86::RFLAGS).unwrap_or(0);
+    {
+        let h = uc.get_data_mut();
+        h.steps += 1;
+        h.vcpu.see_flags(rflags);
+    }
+    let mut bytes = [0u8; 16];
+    let n = (size as usize).min(15);
+    if uc.mem_read(addr, &mut bytes[..n]).is_err() {
+        return;
+    }
+    let insn = Decoder::with_ip(64, &bytes[..n], addr, DecoderOptions::NONE).decode();
+    if insn.is_invalid() {
+        return;
+    }
+    match model(uc, &insn, rflags) {
+        Ok(true) => {
+            // Skip the instruction: the virtual CPU did it.
+            let _ = uc.reg_write(RegisterX86::RIP, addr + insn.len() as u64);
+        }
+        Ok(false) => {}
+        Err(why) => fail(uc, format!("{addr:#x} {insn}: {why}")),
+    }
+}
+
+/// Carries out `insn` on the virtual CPU if it is one the model owns; `Ok(false)` if the
+/// emulator should run it.
+fn model(uc: &mut Uc<'_>, insn: &Instruction, rflags: u64) -> Result<bool, String> {
+    let reg = |i: u32| insn.op_register(i);
+    match insn.mnemonic() {
+        Mnemonic::Mov
+            if insn.op_count() == 2
+                && insn.op0_kind() == OpKind::Register
+                && insn.op1_kind() == OpKind::Register
+                && [reg(0), reg(1)].iter().any(|r| r.is_cr() || r.is_dr()) =>
+        {
+            // mov crN/drN, reg or mov reg, crN/drN.
+            let to = reg(0).is_cr() || reg(0).is_dr();
+            let (ctl, g) = if to {
+                (reg(0), reg(1))
+            } else {
+                (reg(1), reg(0))
+            };
+            let i = gpr_index(g).ok_or("the other operand is not a GPR")?;
+            let n = ctl.number() as u8;
+            match (to, ctl.is_cr()) {
+                (true, true) => {
+                    let v = read_gpr(uc, i);
+                    uc.get_data_mut().vcpu.write_cr(n, v)
+                }
+                (true, false) => {
+                    let v = read_gpr(uc, i);
+                    uc.get_data_mut().vcpu.write_dr(n, v)
+                }
+                (false, true) => {
+                    let v = uc.get_data().vcpu.read_cr(n);
+                    write_gpr(uc, i, v)
+                }
+                (false, false) => {
+                    let v = uc.get_data().vcpu.read_dr(n);
+                    write_gpr(uc, i, v)
+                }
+            }
+        }
+        Mnemonic::Rdmsr => {
+            let v = uc.get_data().vcpu.rdmsr(read_gpr(uc, 1) as u32);
+            write_gpr(uc, 0, v & 0xffff_ffff);
+            write_gpr(uc, 2, v >> 32);
+        }
+        Mnemonic::Wrmsr => {
+            let v = (read_gpr(uc, 2) << 32) | (read_gpr(uc, 0) & 0xffff_ffff);
+            let msr = read_gpr(uc, 1) as u32;
+            uc.get_data_mut().vcpu.wrmsr(msr, v);
+        }
+        Mnemonic::In => {
+            let width = reg(0).size() as u8;
+            let port = if insn.op1_kind() == OpKind::Immediate8 {
+                insn.immediate8() as u16
+            } else {
+                read_gpr(uc, 2) as u16
+            };
+            let v = uc.get_data_mut().vcpu.port_in(port, width) as u64;
+            let old = read_gpr(uc, 0);
+            let new = match width {
+                1 => (old & !0xff) | v,
+                2 => (old & !0xffff) | v,
+                _ => v,
+            };
+            write_gpr(uc, 0, new);
+        }
+        Mnemonic::Out => {
+            let width = reg(1).size() as u8;
+            let port = if insn.op0_kind() == OpKind::Immediate8 {
+                insn.immediate8() as u16
+            } else {
+                read_gpr(uc, 2) as u16
+            };
+            let v = read_gpr(uc, 0) as u32;
+            uc.get_data_mut().vcpu.port_out(port, width, v);
+        }
+        Mnemonic::Invlpg => {
+            let regs: Vec<u64> = (0..16).map(|i| read_gpr(uc, i)).collect();
+            let a = insn
+                .virtual_address(0, 0, |r, _, _| gpr_index(r).map(|i| regs[i]).or(Some(0)))
+                .ok_or("no address")?;
+            uc.get_data_mut().vcpu.record(Effect::Invlpg(a));
+        }
+        Mnemonic::Wbinvd => uc
+            .get_data_mut()
+            .vcpu
+            .record(Effect::Caches { discard: false }),
+        Mnemonic::Invd => uc
+            .get_data_mut()
+            .vcpu
+            .record(Effect::Caches { discard: true }),
+        Mnemonic::Hlt => uc.get_data_mut().vcpu.halt(rflags & trap::IF != 0),
+        Mnemonic::Cpuid => {
+            let r = uc
+                .get_data()
+                .vcpu
+                .cpuid(read_gpr(uc, 0) as u32, read_gpr(uc, 1) as u32);
+            write_gpr(uc, 0, r[0] as u64);
+            write_gpr(uc, 3, r[1] as u64);
+            write_gpr(uc, 1, r[2] as u64);
+            write_gpr(uc, 2, r[3] as u64);
+        }
+        Mnemonic::Rdtsc => {
+            let t = uc.get_data_mut().vcpu.rdtsc();
+            write_gpr(uc, 0, t & 0xffff_ffff);
+            write_gpr(uc, 2, t >> 32);
+        }
+        Mnemonic::Rdtscp => {
+            let t = uc.get_data_mut().vcpu.rdtsc();
+            let aux = uc.get_data().vcpu.rdmsr(super::vcpu::MSR_TSC_AUX) & 0xffff_ffff;
+            write_gpr(uc, 0, t & 0xffff_ffff);
+            write_gpr(uc, 2, t >> 32);
+            write_gpr(uc, 1, aux);
+        }
+        Mnemonic::Swapgs => uc.get_data_mut().vcpu.swapgs(),
+        Mnemonic::Clts => uc.get_data_mut().vcpu.clts(),
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
+/// `#UD` (unicorn reports invalid instructions apart from other exceptions): a trap site's
+/// `ud2` goes to the runtime's emulator; anything else is a fault.
+fn on_invalid(uc: &mut Uc<'_>) -> bool {
+    let rip = uc.reg_read(RegisterX86::RIP).unwrap_or(0);
+    if emulate_trap(uc, rip) {
+        return true;
+    }
+    let h = uc.get_data_mut();
+    h.fault = Some(6);
+    h.vcpu.record(Effect::Fault(6));
+    false
+}
+
+/// Any other exception: `int3` at a trap site goes to the emulator (it reports the address
+/// after it); anything else is a fault that ends the run.
+fn on_interrupt(uc: &mut Uc<'_>, intno: u32) {
+    let rip = uc.reg_read(RegisterX86::RIP).unwrap_or(0);
+    if intno == 3 && emulate_trap(uc, rip.wrapping_sub(1)) {
+        return;
+    }
+    let h = uc.get_data_mut();
+    h.fault = Some(intno as u8);
+    h.vcpu.record(Effect::Fault(intno as u8));
+    let _ = uc.emu_stop();
+}
+
+/// The kernel's `#UD`/`#BP` handler for trap sites: the runtime's emulator on the virtual CPU,
+/// if the trap at `at` is the trap site's.
+fn emulate_trap(uc: &mut Uc<'_>, at: u64) -> bool {
+    let Some(site) = uc.get_data().trap_site.filter(|s| s.patch_addr() == at) else {
+        return false;
+    };
+    let mut frame = Frame {
+        gpr: [0; 16],
+        rip: at,
+        rflags: uc.reg_read(RegisterX86::RFLAGS).unwrap_or(0),
+    };
+    for (i, g) in frame.gpr.iter_mut().enumerate() {
+        *g = read_gpr(uc, i);
+    }
+    let mut exec = UcExec { uc };
+    if let Err(e) = trap::emulate(&site, &mut frame, &mut exec) {
+        fail(uc, format!("trap at {at:#x}: {e}"));
+        return true;
+    }
+    for (i, g) in frame.gpr.iter().enumerate() {
+        write_gpr(uc, i, *g);
+    }
+    let _ = uc.reg_write(RegisterX86::RFLAGS, frame.rflags);
+    let _ = uc.reg_write(RegisterX86::RIP, frame.rip);
+    true
+}
+
+/// The runtime's [`Exec`] on the virtual CPU and the engine's memory.
+struct UcExec<'u, 'a> {
+    uc: &'u mut Uc<'a>,
+}
+
+impl Exec for UcExec<'_, '_> {
+    fn port_in(&mut self, port: u16, width: u8) -> u32 {
+        self.uc.get_data_mut().vcpu.port_in(port, width)
+    }
+    fn port_out(&mut self, port: u16, width: u8, value: u32) {
+        self.uc.get_data_mut().vcpu.port_out(port, width, value)
+    }
+    fn read_cr(&mut self, n: u8) -> u64 {
+        self.uc.get_data().vcpu.read_cr(n)
+    }
+    fn write_cr(&mut self, n: u8, v: u64) {
+        self.uc.get_data_mut().vcpu.write_cr(n, v)
+    }
+    fn read_dr(&mut self, n: u8) -> u64 {
+        self.uc.get_data().vcpu.read_dr(n)
+    }
+    fn write_dr(&mut self, n: u8, v: u64) {
+        self.uc.get_data_mut().vcpu.write_dr(n, v)
+    }
+    fn rdmsr(&mut self, msr: u32) -> u64 {
+        self.uc.get_data().vcpu.rdmsr(msr)
+    }
+    fn wrmsr(&mut self, msr: u32, v: u64) {
+        self.uc.get_data_mut().vcpu.wrmsr(msr, v)
+    }
+    fn cpuid(&mut self, leaf: u32, sub: u32) -> [u32; 4] {
+        self.uc.get_data().vcpu.cpuid(leaf, sub)
+    }
+    fn invlpg(&mut self, addr: u64) {
+        self.uc.get_data_mut().vcpu.record(Effect::Invlpg(addr))
+    }
+    fn flush_caches(&mut self, discard: bool) {
+        self.uc
+            .get_data_mut()
+            .vcpu
+            .record(Effect::Caches { discard })
+    }
+    fn halt(&mut self, interrupts: bool) {
+        self.uc.get_data_mut().vcpu.halt(interrupts)
+    }
+    fn rdtsc(&mut self) -> u64 {
+        self.uc.get_data_mut().vcpu.rdtsc()
+    }
+    fn swapgs(&mut self) {
+        self.uc.get_data_mut().vcpu.swapgs()
+    }
+    fn clts(&mut self) {
+        self.uc.get_data_mut().vcpu.clts()
+    }
+    fn read_u64(&mut self, addr: u64) -> u64 {
+        let mut b = [0u8; 8];
+        if self.uc.mem_read(addr, &mut b).is_err() {
+            fail(self.uc, format!("trap handler: read of {addr:#x} faults"));
+        }
+        u64::from_le_bytes(b)
+    }
+    fn write_u64(&mut self, addr: u64, v: u64) {
+        if self.uc.mem_write(addr, &v.to_le_bytes()).is_err() {
+            fail(self.uc, format!("trap handler: write of {addr:#x} faults"));
+        }
+    }
+}

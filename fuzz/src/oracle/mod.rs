@@ -1,0 +1,492 @@
+//! The rewrite-equivalence oracle: runs a site's native instruction and the planner's rewrite
+//! of it from the same machine state, and compares what they leave and what they did.
+//!
+//! A rewrite is equivalent to the instruction it replaces when, from the same state:
+//!
+//! * both end at the end of the site (or both fault, with the same vector);
+//! * every general register is equal, except those the op leaves undefined and those the site
+//!   lets a rewrite clobber (the op's *outputs* must be equal);
+//! * RFLAGS is equal (its status flags only where they may be clobbered);
+//! * memory is equal: the data page, the stack at and above the final `rsp` (the kernel has no
+//!   red zone: below `rsp` is scratch an interrupt may overwrite), and the backend's private
+//!   page unless the backend owns it;
+//! * the virtual CPU's state (control, debug registers, MSRs) is equal, and the effect traces
+//!   are equal after the backend's [`abstraction`] function: the native trace less what the
+//!   backend declares void, against the rewrite's trace as the backend interprets it.
+//!
+//! The executor is [`engine::Engine`] (unicorn), with the sensitive instructions carried out by
+//! the [`vcpu`] model and trap sites handled by the runtime's own trap emulator.
+
+pub mod abstraction;
+pub mod engine;
+pub mod vcpu;
+
+use std::fmt;
+
+use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
+use patch_sites::op::Kind;
+use patch_sites::table::{AddrRange, Form, Site, SiteTable, sealed_table_size, write_sealed_table};
+use patch_sites::{Gpr, Op, Operand, RegSet};
+use pvpatch_runtime::backend::{Backend, Choice, LoadedRom};
+use pvpatch_runtime::encode;
+use pvpatch_runtime::plan::{self, Keep, Outcome, TextRead};
+
+pub use abstraction::Abstraction;
+pub use engine::{CODE, DATA, End, Engine, EngineError, PRIVATE, ROM, Run, STACK, State};
+pub use vcpu::Effect;
+
+/// Where the site under test lies.
+pub const SITE: u64 = CODE + 0x100;
+
+/// RFLAGS' status flags (CF, PF, AF, ZF, SF, OF).
+pub const STATUS_FLAGS: u64 = 0x8d5;
+
+/// A site to rewrite: its record, the bytes an annotated kernel holds there, and the native
+/// instruction (with its NOP padding) those bytes stand for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Case {
+    /// The record (at [`SITE`]).
+    pub site: Site,
+    /// The bytes at the site before patching.
+    pub text: Vec<u8>,
+    /// The native instruction, padded with NOPs to the site's length: the reference.
+    pub reference: Vec<u8>,
+}
+
+impl Case {
+    /// A site in the native form: the instruction, then `pad` bytes of NOPs. `None` if the op
+    /// is unknown or has no encoding for this operand.
+    pub fn native(op_id: u16, operand: Operand, width: u8, flags: u8, pad: u8) -> Option<Case> {
+        let mut site = Site {
+            addr: SITE,
+            site_len: 0,
+            insn_len: 0,
+            op_id,
+            form: Form::Native,
+            operand,
+            width,
+            flags,
+            clobbers: RegSet::EMPTY,
+            stub: None,
+        };
+        let op = site.op()?;
+        patch_sites::op::check_operand(op, operand, width).ok()?;
+        let native = encode::native(&site)?;
+        let mut text = native.as_slice().to_vec();
+        text.resize(native.len() + pad as usize, 0);
+        encode::fill_nops(&mut text[native.len()..]);
+        site.insn_len = native.len() as u8;
+        site.site_len = text.len() as u8;
+        Some(Case {
+            site,
+            reference: text.clone(),
+            text,
+        })
+    }
+
+    /// A site in the indirect-call form (`call [rip + disp32]` through the kernel's table of
+    /// thunks, then NOPs), at least as long as the native instruction.
+    pub fn indirect_call(
+        op_id: u16,
+        operand: Operand,
+        width: u8,
+        flags: u8,
+        pad: u8,
+    ) -> Option<Case> {
+        let n = Case::native(op_id, operand, width, flags, 0)?;
+        let len = (6 + pad as usize).max(n.reference.len());
+        let mut text = vec![0xff, 0x15, 0x00, 0x10, 0x00, 0x00];
+        text.resize(len, 0);
+        encode::fill_nops(&mut text[6..]);
+        let mut reference = n.reference.clone();
+        reference.resize(len, 0);
+        encode::fill_nops(&mut reference[n.reference.len()..]);
+        Some(Case {
+            site: Site {
+                form: Form::IndirectCall,
+                insn_len: 6,
+                site_len: len as u8,
+                ..n.site
+            },
+            text,
+            reference,
+        })
+    }
+
+    /// The site's op.
+    pub fn op(&self) -> Option<Op> {
+        self.site.op()
+    }
+}
+
+/// What the planner made of a case for a backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rewrite {
+    /// The site's bytes after patching.
+    pub bytes: Vec<u8>,
+    /// What became of the site.
+    pub outcome: Outcome,
+    /// Why it was left as it was, if it was.
+    pub keep: Option<Keep>,
+    /// Why the runtime's ROM check refused the backend's ROM for this site, if it did.
+    pub rom_refused: Option<String>,
+}
+
+/// Why a case could not be checked at all.
+#[derive(Debug, thiserror::Error)]
+pub enum OracleError {
+    /// The one-site table was refused (a generator bug).
+    #[error("the site's table was refused: {0}")]
+    Table(patch_sites::TableError),
+    /// The planner refused the site.
+    #[error("the planner refused the site: {0}")]
+    Plan(plan::PlanError),
+    /// The engine failed.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+struct SiteText<'a>(&'a [u8]);
+
+impl TextRead for SiteText<'_> {
+    fn read(&self, addr: u64, out: &mut [u8]) -> bool {
+        let Some(at) = addr.checked_sub(SITE).map(|a| a as usize) else {
+            return false;
+        };
+        match self.0.get(at..at + out.len()) {
+            Some(b) => {
+                out.copy_from_slice(b);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Plans `case` for `backend` (with the backend's choice replaced by `force`, if given) with
+/// the runtime's planner, as the boot-time patcher would: a ROM is validated against the site
+/// first, and a refused ROM is not used (every site stays native, as in the guest).
+pub fn rewrite(
+    case: &Case,
+    backend: &Backend<'_>,
+    force: Option<Choice<'_>>,
+) -> Result<Rewrite, OracleError> {
+    let table_addr = CODE + 0x2_0000;
+    let mut buf = vec![0u8; sealed_table_size(1)];
+    write_sealed_table(&[case.site], table_addr, &mut buf)
+        .map_err(|_| OracleError::Table(patch_sites::TableError::BadExtent))?;
+    let text = AddrRange::new(CODE, CODE + engine::CODE_SIZE);
+    let table =
+        SiteTable::parse_contiguous(&buf, table_addr, &[text]).map_err(OracleError::Table)?;
+    let mut backend = *backend;
+    let mut rom_refused = None;
+    if let Some(r) = backend.rom
+        && let Err(e) =
+            pvpatch_runtime::romcheck::validate(&r.rom, &backend.detected.signature, &table)
+    {
+        rom_refused = Some(e.to_string());
+        backend.rom = None;
+    }
+    let forced = force.map(|c| move |_: u32, _: &Site| Some(c));
+    let p = plan::plan(
+        &table,
+        &backend,
+        &SiteText(&case.text),
+        forced.as_ref().map(|f| f as plan::Override<'_, '_>),
+    )
+    .map_err(OracleError::Plan)?;
+    let planned = &p.sites[0];
+    Ok(Rewrite {
+        bytes: planned.new.as_slice().to_vec(),
+        outcome: planned.outcome,
+        keep: planned.keep,
+        rom_refused,
+    })
+}
+
+/// A difference between the native instruction and its rewrite: everything needed to
+/// reproduce it, printed as bytes and disassembly.
+#[derive(Clone, Debug)]
+pub struct Divergence {
+    /// The backend.
+    pub backend: &'static str,
+    /// The site.
+    pub site: Site,
+    /// The native instruction and padding.
+    pub reference: Vec<u8>,
+    /// The rewrite.
+    pub rewrite: Vec<u8>,
+    /// What differs.
+    pub what: Vec<String>,
+}
+
+/// `bytes` at `addr`, disassembled, one instruction a line.
+pub fn disassemble(bytes: &[u8], addr: u64) -> String {
+    let mut out = String::new();
+    let mut f = IntelFormatter::new();
+    let mut d = Decoder::with_ip(64, bytes, addr, DecoderOptions::NONE);
+    while d.can_decode() {
+        let i = d.decode();
+        let start = (i.ip() - addr) as usize;
+        let raw: Vec<String> = bytes[start..start + i.len()]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let mut text = String::new();
+        f.format(&i, &mut text);
+        out.push_str(&format!(
+            "    {:#x}: {:<24} {text}\n",
+            i.ip(),
+            raw.join(" ")
+        ));
+    }
+    out
+}
+
+impl fmt::Display for Divergence {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let op = self.site.op().map_or("unknown op", |o| o.name());
+        writeln!(
+            f,
+            "{} rewrite of {op} ({:?}, width {}, form {:?}) is not equivalent:",
+            self.backend, self.site.operand, self.site.width, self.site.form
+        )?;
+        for w in &self.what {
+            writeln!(f, "  - {w}")?;
+        }
+        writeln!(f, "  native:  {:02x?}", self.reference)?;
+        write!(f, "{}", disassemble(&self.reference, self.site.addr))?;
+        writeln!(f, "  rewrite: {:02x?}", self.rewrite)?;
+        write!(f, "{}", disassemble(&self.rewrite, self.site.patch_addr()))
+    }
+}
+
+/// A rewrite to run against a case's reference: the site's new bytes, any other code it needs
+/// (a ROM, stubs), whether the site is a trap the runtime emulates, and the backend's
+/// abstraction function.
+#[derive(Debug)]
+pub struct Candidate<'a> {
+    /// The site's bytes.
+    pub bytes: &'a [u8],
+    /// Other code, placed first: `(address, bytes)`.
+    pub code: &'a [(u64, &'a [u8])],
+    /// Whether the site's trap is handled by the runtime's emulator.
+    pub trap: bool,
+    /// The backend's abstraction function.
+    pub abstraction: &'a dyn Abstraction,
+}
+
+/// The oracle: a reusable engine.
+#[derive(Debug)]
+pub struct Oracle {
+    engine: Engine,
+}
+
+/// What the oracle checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Checked {
+    /// Effects of the native run.
+    pub effects: usize,
+    /// Instructions executed by the two runs.
+    pub steps: usize,
+}
+
+impl Oracle {
+    /// A new oracle.
+    pub fn new() -> Result<Self, EngineError> {
+        Ok(Oracle {
+            engine: Engine::new()?,
+        })
+    }
+
+    /// Runs `case`'s reference and the planner's rewrite of it for `backend` (ROM bytes, when
+    /// the backend has a ROM, are placed at [`ROM`]) from `state`, and compares them.
+    pub fn check(
+        &mut self,
+        case: &Case,
+        backend: &Backend<'_>,
+        rom: Option<&[u8]>,
+        force: Option<Choice<'_>>,
+        state: &State,
+    ) -> Result<(Rewrite, Result<Checked, Box<Divergence>>), OracleError> {
+        let rw = rewrite(case, backend, force)?;
+        let abs = abstraction::of(backend);
+        let code: Vec<(u64, &[u8])> = rom.map(|r| (ROM, r)).into_iter().collect();
+        let verdict = self.compare(
+            case,
+            &Candidate {
+                bytes: &rw.bytes,
+                code: &code,
+                trap: rw.outcome == Outcome::Trap,
+                abstraction: abs.as_ref(),
+            },
+            state,
+        );
+        Ok((rw, verdict))
+    }
+
+    /// Runs the reference and `candidate` from `state` and compares them.
+    pub fn compare(
+        &mut self,
+        case: &Case,
+        candidate: &Candidate<'_>,
+        state: &State,
+    ) -> Result<Checked, Box<Divergence>> {
+        let site = case.site;
+        let end = site.addr + site.site_len as u64;
+        let reference =
+            self.engine
+                .run(&[(site.addr, &case.reference)], site.addr, end, state, None);
+        let mut code = candidate.code.to_vec();
+        code.push((site.patch_addr(), candidate.bytes));
+        let rewritten =
+            self.engine
+                .run(&code, site.addr, end, state, candidate.trap.then_some(site));
+        let what = differences(
+            &site,
+            candidate.abstraction,
+            state.gpr[4],
+            &reference,
+            &rewritten,
+        );
+        if what.is_empty() {
+            Ok(Checked {
+                effects: reference.vcpu.trace.len(),
+                steps: reference.steps + rewritten.steps,
+            })
+        } else {
+            Err(Box::new(Divergence {
+                backend: candidate.abstraction.name(),
+                site,
+                reference: case.reference.clone(),
+                rewrite: candidate.bytes.to_vec(),
+                what,
+            }))
+        }
+    }
+}
+
+/// Everything that differs between the reference run and the rewrite's.
+fn differences(
+    site: &Site,
+    abs: &dyn Abstraction,
+    initial_rsp: u64,
+    r: &Run,
+    w: &Run,
+) -> Vec<String> {
+    let mut what = Vec::new();
+    let Some(op) = site.op() else {
+        return vec!["unknown op".into()];
+    };
+    if let End::Emulator(e) = &r.end {
+        what.push(format!("the native run failed in the emulator: {e}"));
+        return what;
+    }
+    if r.end != End::Reached {
+        what.push(format!(
+            "the native run did not reach the end of the site ({:?}): the case is invalid",
+            r.end
+        ));
+        return what;
+    }
+    if r.end != w.end {
+        what.push(format!(
+            "the native run ended {:?}, the rewrite {:?}",
+            r.end, w.end
+        ));
+    }
+    let free = op.info().undefined.union(site.clobbers);
+    for g in Gpr::ALL {
+        let i = g.number() as usize;
+        if !free.has(g) && r.gpr[i] != w.gpr[i] {
+            what.push(format!(
+                "{}: native {:#x}, rewrite {:#x}",
+                g.name(),
+                r.gpr[i],
+                w.gpr[i]
+            ));
+        }
+    }
+    let mask = if free.contains(RegSet::FLAGS) {
+        !STATUS_FLAGS
+    } else {
+        !0
+    };
+    if r.rflags & mask != w.rflags & mask {
+        what.push(format!(
+            "rflags: native {:#x}, rewrite {:#x} (compared bits {mask:#x})",
+            r.rflags, w.rflags
+        ));
+    }
+    // The live stack is at and above the final rsp; when the op made rsp something else (a
+    // `save_fl` into rsp), at and above the rsp it started with.
+    let in_stack = |a: u64| (STACK..STACK + engine::PAGE).contains(&a);
+    let rsp = if in_stack(r.gpr[4]) {
+        r.gpr[4]
+    } else {
+        initial_rsp
+    };
+    let from = rsp
+        .checked_sub(STACK)
+        .map_or(0, |o| (o as usize).min(engine::PAGE as usize));
+    if r.stack.get(from..) != w.stack.get(from..) {
+        what.push(format!("the stack at and above rsp {rsp:#x} differs"));
+    }
+    if r.data != w.data {
+        what.push(first_difference("the data page", DATA, &r.data, &w.data));
+    }
+    if !abs.owns_private_page() && r.private != w.private {
+        what.push(first_difference(
+            "the private page",
+            PRIVATE,
+            &r.private,
+            &w.private,
+        ));
+    }
+    if (r.vcpu.cr, r.vcpu.dr) != (w.vcpu.cr, w.vcpu.dr) {
+        what.push(format!(
+            "control/debug registers: native {:x?} {:x?}, rewrite {:x?} {:x?}",
+            r.vcpu.cr, r.vcpu.dr, w.vcpu.cr, w.vcpu.dr
+        ));
+    }
+    let expected: Vec<Effect> = r
+        .vcpu
+        .trace
+        .iter()
+        .filter(|e| !abs.declared_void(op, e))
+        .copied()
+        .collect();
+    let got = abs.trace(w);
+    if expected != got {
+        what.push(format!(
+            "effects: native {expected:x?} (after what {} declares void), rewrite {got:x?}",
+            abs.name()
+        ));
+    }
+    if op.info().kind == Kind::Instruction && r.vcpu.msrs != w.vcpu.msrs && expected == got {
+        what.push("MSR state differs".into());
+    }
+    what
+}
+
+fn first_difference(what: &str, base: u64, a: &[u8], b: &[u8]) -> String {
+    let i = a.iter().zip(b).position(|(x, y)| x != y).unwrap_or(0);
+    format!(
+        "{what} differs first at {:#x}: native {:02x?}, rewrite {:02x?}",
+        base + i as u64,
+        a.get(i),
+        b.get(i)
+    )
+}
+
+/// A backend taken as given, with its ROM (loaded at [`ROM`]) when it is `rom`.
+pub fn backend<'a>(
+    kind: pvpatch_runtime::detect::BackendKind,
+    features: u32,
+    rom: Option<patch_sites::rom::Rom<'a>>,
+) -> Backend<'a> {
+    Backend {
+        detected: pvpatch_runtime::detect::Detected::assumed(kind, features),
+        rom: rom.map(|rom| LoadedRom { rom, base: ROM }),
+    }
+}
