@@ -9,6 +9,7 @@
 
 pub mod oracle;
 pub mod strategies;
+pub mod targets;
 
 /// The proptest configuration every property test here uses: at least 1,000 cases (more
 /// through `PROPTEST_CASES`), failures kept next to the test in `*.proptest-regressions`.

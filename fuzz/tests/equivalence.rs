@@ -9,7 +9,6 @@
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 
-use patch_sites::op::Kind;
 use patch_sites::rom::Rom;
 use patch_sites::{ALL_OPS, Op, Operand};
 use proptest::prelude::*;
@@ -21,31 +20,11 @@ use pvpatch_runtime::detect::{BackendKind, KVM_FEATURE_NOP_IO_DELAY};
 use pvpatch_runtime::plan::Outcome;
 use pvpatch_runtime::trap;
 
-/// Why the oracle does not run an op (its native instruction cannot run in the engine as a
-/// kernel would run it), or `None` if it does.
-fn not_covered(op: Op) -> Option<&'static str> {
-    use Op::*;
-    match op {
-        Ins | Outs => Some("string port I/O: not modelled by the virtual CPU yet"),
-        Rdpmc => Some("unicorn does not implement rdpmc (#UD)"),
-        Xsetbv => Some("unicorn raises #GP for xsetbv without CR4.OSXSAVE"),
-        Invpcid => Some("unicorn does not implement invpcid"),
-        Lgdt | Lidt | Lldt | Ltr | Sgdt | Sidt | Sldt | Str | Smsw => {
-            Some("descriptor-table ops: no backend rewrites them; not modelled yet")
-        }
-        _ => match op.info().kind {
-            Kind::Instruction | Kind::Idiom => None,
-            Kind::ControlTransfer => Some("control transfers are never rewritten"),
-            _ => Some("hypervisor interfaces are never rewritten"),
-        },
-    }
-}
-
 fn covered_ops() -> Vec<Op> {
     ALL_OPS
         .iter()
         .copied()
-        .filter(|op| not_covered(*op).is_none())
+        .filter(|op| oracle::not_covered(*op).is_none())
         .collect()
 }
 

@@ -9,7 +9,9 @@ use pvpatch::report::{Ledger, scan_image};
 use pvpatch::scan::Options;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(img) = Image::from_bytes("fuzz", data.to_vec()) else { return };
+    let Ok(img) = Image::from_bytes("fuzz", data.to_vec()) else {
+        return;
+    };
     let report = scan_image(&img, Options { threads: 1 }, None);
     let _ = Ledger::new(&report);
     let mut out = Vec::new();
@@ -17,6 +19,10 @@ fuzz_target!(|data: &[u8]| {
         // What annotate wrote must load and verify.
         let ann = Image::from_bytes("annotated", out).expect("annotated output loads");
         let v = pvpatch::verify::verify(&ann).expect("annotated output has a valid table");
-        assert!(v.ok(), "annotated output does not verify: {:?}", v.mismatches.first());
+        assert!(
+            v.ok(),
+            "annotated output does not verify: {:?}",
+            v.mismatches.first()
+        );
     }
 });

@@ -16,6 +16,10 @@ fuzz_target!(|data: &[u8]| {
             }
         }
     }
-    assert_eq!(n, rom.len() as usize, "every entry of an accepted ROM is readable");
+    assert_eq!(
+        n,
+        rom.len() as usize,
+        "every entry of an accepted ROM is readable"
+    );
     let _ = rom.name();
 });

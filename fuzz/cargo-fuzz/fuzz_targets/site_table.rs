@@ -12,12 +12,18 @@ const IMAGE: [AddrRange; 2] = [
 ];
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(t) = SiteTable::parse_contiguous(data, TABLE_ADDR, &IMAGE) else { return };
+    let Ok(t) = SiteTable::parse_contiguous(data, TABLE_ADDR, &IMAGE) else {
+        return;
+    };
     let sites: Vec<_> = t.sites().collect();
     assert_eq!(sites.len(), t.len(), "a validated table yields every site");
     if t.header().is_sealed() && t.header().records_begin == TABLE_ADDR + 32 {
         let mut out = vec![0u8; sealed_table_size(sites.len())];
         let n = write_sealed_table(&sites, TABLE_ADDR, &mut out).expect("re-serializes");
-        assert_eq!(&out[..n], &data[..n], "sealed tables round-trip byte for byte");
+        assert_eq!(
+            &out[..n],
+            &data[..n],
+            "sealed tables round-trip byte for byte"
+        );
     }
 });
