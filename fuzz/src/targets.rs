@@ -9,7 +9,7 @@ use pvpatch::report::scan_image;
 use pvpatch::scan::Options;
 use pvpatch_runtime::backend::{Backend, Choice, LoadedRom};
 use pvpatch_runtime::detect::{BackendKind, Detected, KVM_FEATURE_NOP_IO_DELAY};
-use pvpatch_runtime::plan::{self, TextRead};
+use pvpatch_runtime::plan;
 use pvpatch_runtime::{encode, romcheck};
 
 use crate::oracle::{self, Case, Oracle, SITE, State, vcpu::mix};
@@ -107,23 +107,6 @@ fn representative_sites() -> (Vec<Site>, Vec<u8>) {
     (sites, text)
 }
 
-struct Text<'a>(&'a [u8]);
-
-impl TextRead for Text<'_> {
-    fn read(&self, addr: u64, out: &mut [u8]) -> bool {
-        let Some(at) = addr.checked_sub(SITE).map(|a| a as usize) else {
-            return false;
-        };
-        match self.0.get(at..at + out.len()) {
-            Some(b) => {
-                out.copy_from_slice(b);
-                true
-            }
-            None => false,
-        }
-    }
-}
-
 /// Arbitrary bytes as a backend ROM through the runtime's validator: it never panics, and a
 /// ROM it accepts for a table plans every site of that table (no sequence the planner builds
 /// from it fails to decode as intended). `Ok(true)` if the ROM was accepted.
@@ -152,7 +135,7 @@ pub fn rom_validator(data: &[u8]) -> Result<bool, String> {
             base: oracle::ROM,
         }),
     };
-    plan::plan(&table, &backend, &Text(&text), None)
+    plan::plan(&table, &backend, &oracle::SiteText(&text), None)
         .map_err(|e| format!("a validated ROM does not plan: {e}"))?;
     // The native encodings the planner falls back to exist for every site.
     for s in &sites {

@@ -166,7 +166,9 @@ pub enum OracleError {
     Engine(#[from] EngineError),
 }
 
-struct SiteText<'a>(&'a [u8]);
+/// Kernel text holding the bytes from [`SITE`] on, for the planner.
+#[derive(Debug)]
+pub struct SiteText<'a>(pub &'a [u8]);
 
 impl TextRead for SiteText<'_> {
     fn read(&self, addr: u64, out: &mut [u8]) -> bool {
