@@ -194,5 +194,6 @@ pub fn backend(
             pvpatch_runtime::detect::KVM_FEATURE_NOP_IO_DELAY,
         ),
         rom: None,
+        pv: None,
     }
 }

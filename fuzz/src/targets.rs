@@ -134,6 +134,7 @@ pub fn rom_validator(data: &[u8]) -> Result<bool, String> {
             rom,
             base: oracle::ROM,
         }),
+        pv: None,
     };
     plan::plan(&table, &backend, &oracle::SiteText(&text), None)
         .map_err(|e| format!("a validated ROM does not plan: {e}"))?;

@@ -310,3 +310,41 @@ fn declared_void_effects_are_exactly_those() {
         "an `out` that is not an io_delay site is never void"
     );
 }
+
+/// Xen: `cli` as a store to `vcpu_info`'s mask passes with the right polarity (1: masked) and
+/// is caught with the wrong one; `sti` likewise with 0.
+#[test]
+fn a_xen_mask_written_with_the_wrong_polarity_is_caught() {
+    use pvpatch_fuzz::oracle::PRIVATE;
+    use pvpatch_fuzz::oracle::abstraction::XenPv;
+    let mut oracle = Oracle::new().unwrap();
+    let mask = (PRIVATE as u32 + 1).to_le_bytes();
+    let store = |v: u8| {
+        let mut b = vec![0xc6, 0x04, 0x25]; // mov byte [abs32], imm8
+        b.extend_from_slice(&mask);
+        b.push(v);
+        b
+    };
+    for (op, right, wrong) in [(Op::Cli, 1u8, 0u8), (Op::Sti, 0, 1)] {
+        let case = Case::native(op.id(), Operand::None, 0, 0, 7).unwrap();
+        let (ok, bad) = (padded(&case, &store(right)), padded(&case, &store(wrong)));
+        let mut caught = false;
+        for state in states(&case, 32) {
+            let run = |o: &mut Oracle, bytes: &[u8]| {
+                o.compare(
+                    &case,
+                    &Candidate {
+                        bytes,
+                        code: &[],
+                        trap: false,
+                        abstraction: &XenPv,
+                    },
+                    &state,
+                )
+            };
+            run(&mut oracle, &ok).unwrap_or_else(|d| panic!("the right polarity failed: {d}"));
+            caught |= run(&mut oracle, &bad).is_err();
+        }
+        assert!(caught, "{op} with the mask's polarity inverted passed");
+    }
+}

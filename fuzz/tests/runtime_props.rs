@@ -70,6 +70,7 @@ fn backend(kind: BackendKind, features: u32) -> Backend<'static> {
     Backend {
         detected: Detected::assumed(kind, features),
         rom: None,
+        pv: None,
     }
 }
 
@@ -194,7 +195,7 @@ proptest! {
                 }
                 Outcome::Nothing => {
                     prop_assert_eq!(op, Op::IoDelay);
-                    prop_assert!(matches!(kind, BackendKind::Kvm | BackendKind::Vmware));
+                    prop_assert!(matches!(kind, BackendKind::Kvm | BackendKind::Vmware | BackendKind::Xen));
                     prop_assert_eq!(check::nops(now, s.addr, 0), Ok(()));
                 }
                 other => prop_assert!(false, "{:?} from a built-in backend", other),

@@ -7,14 +7,17 @@
 //!   other exits an unmodified kernel takes have no replacement in KVM's interface;
 //! * `vmware`: port-0x80 delays become nothing, as Linux's VMware guest does;
 //! * `rom`: whatever the published ROM says, once it has been validated completely;
-//! * `xen`, `hyperv`: detected; their sequences come with the equivalence work, and until then
-//!   every site stays native (and the report says so).
+//! * `xen`, `hyperv`: calls to the entry points [`crate::pv`] generated for the kernel's
+//!   `vcpu_info`/hypercall page (Xen) or hypercall page and input page (Hyper-V); a port-0x80
+//!   delay is nothing under Xen. Without generated entry points every site stays native (and the
+//!   report says so).
 
 use patch_sites::rom::{Rom, RomAction};
 use patch_sites::table::Site;
 use patch_sites::{Op, RegSet};
 
 use crate::detect::{BackendKind, Detected, KVM_FEATURE_NOP_IO_DELAY};
+use crate::pv::PvCode;
 use crate::template::Template;
 
 /// What a backend wants for one site.
@@ -53,6 +56,8 @@ pub struct Backend<'a> {
     pub detected: Detected,
     /// The ROM, when the backend is `rom`.
     pub rom: Option<LoadedRom<'a>>,
+    /// The generated entry points, when the backend is `xen` or `hyperv`.
+    pub pv: Option<&'a PvCode>,
 }
 
 impl<'a> Backend<'a> {
@@ -63,7 +68,6 @@ impl<'a> Backend<'a> {
 
     /// What the backend wants for `site` (of the known op `op`).
     pub fn choose(&self, site: &Site, op: Op) -> Choice<'a> {
-        let _ = site;
         match self.detected.kind {
             BackendKind::Kvm if op == Op::IoDelay => {
                 if self.detected.features & KVM_FEATURE_NOP_IO_DELAY != 0 {
@@ -72,7 +76,16 @@ impl<'a> Backend<'a> {
                     Choice::Native
                 }
             }
-            BackendKind::Vmware if op == Op::IoDelay => Choice::Nothing,
+            BackendKind::Vmware | BackendKind::Xen if op == Op::IoDelay => Choice::Nothing,
+            BackendKind::Xen | BackendKind::HyperV => {
+                match self.pv.and_then(|p| p.entry(op, site.operand, site.width)) {
+                    Some(target) => Choice::Call {
+                        target,
+                        clobbers: RegSet::EMPTY,
+                    },
+                    None => Choice::Native,
+                }
+            }
             BackendKind::Rom => match self.rom.and_then(|r| r.rom.entry(op).map(|e| (r, e))) {
                 Some((_, e)) => match e.action {
                     RomAction::Nothing => Choice::Nothing,
@@ -96,12 +109,19 @@ impl<'a> Backend<'a> {
         }
     }
 
+    /// Whether a site of `op` must not stay native on this backend (see
+    /// [`PvCode::must_rewrite`]).
+    pub fn must_rewrite(&self, op: Op) -> bool {
+        matches!(self.detected.kind, BackendKind::Xen)
+            && self.pv.is_some_and(|p| p.must_rewrite(op))
+    }
+
     /// Why nothing beyond native is available, for reports.
     pub fn note(&self) -> Option<&'static str> {
         match self.detected.kind {
-            BackendKind::Xen | BackendKind::HyperV => {
-                Some("no sequences for this backend yet: every site stays native")
-            }
+            BackendKind::Xen | BackendKind::HyperV if self.pv.is_none() => Some(
+                "no entry points generated (the kernel provided no layout): every site stays native",
+            ),
             BackendKind::Unknown => Some("unknown hypervisor: every site stays native"),
             _ => None,
         }

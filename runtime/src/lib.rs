@@ -11,7 +11,8 @@
 //! * [`trap`]: emulating the ops of sites rewritten to a trap (`ud2` or `int3`);
 //! * [`classify`], [`check`], [`encode`], [`template`]: what an instruction is, whether a site
 //!   holds what its record says, native encodings and NOPs, operand substitution;
-//! * [`locate`]: finding the table in the running kernel's memory.
+//! * [`locate`]: finding the table in the running kernel's memory;
+//! * [`pv`]: the entry points generated for Xen PV and Hyper-V.
 #![cfg_attr(not(test), no_std)]
 #![deny(missing_docs)]
 
@@ -24,6 +25,7 @@ pub mod detect;
 pub mod encode;
 pub mod locate;
 pub mod plan;
+pub mod pv;
 pub mod romcheck;
 pub mod stats;
 pub mod template;

@@ -136,6 +136,16 @@ pub enum PlanError {
         /// How.
         mismatch: Mismatch,
     },
+    /// A site of an op whose native instruction is wrong on this backend cannot take the
+    /// backend's sequence (too little room, or an operand it has no entry point for).
+    MustRewrite {
+        /// Record index.
+        index: u32,
+        /// Address.
+        addr: u64,
+        /// The op.
+        op: Op,
+    },
     /// What the planner built for a site does not decode as intended (a bug, caught).
     BadSequence {
         /// Record index.
@@ -170,6 +180,11 @@ impl fmt::Display for PlanError {
                     "record {index}: the sequence built for {addr:#x} {mismatch}"
                 )
             }
+            PlanError::MustRewrite { index, addr, op } => write!(
+                f,
+                "record {index}: the {op} at {addr:#x} cannot take the backend's sequence, and \
+                 its native instruction is wrong on this backend"
+            ),
         }
     }
 }
@@ -230,6 +245,10 @@ pub fn plan(
         let choice = force
             .and_then(|f| f(index, &site))
             .unwrap_or_else(|| backend.choose(&site, op));
+        let must_rewrite = PlanError::MustRewrite { index, addr, op };
+        if choice == Choice::Native && backend.must_rewrite(op) {
+            return Err(must_rewrite);
+        }
         if choice == Choice::Native && matches!(site.form, Form::Native | Form::Detour) {
             // The common case: the native instruction is there and stays.
             sites.push(keep(Keep::AlreadyThere));
@@ -260,7 +279,8 @@ pub fn plan(
                 }
             }
             // The backend's choice cannot be used here: fall back to the native instruction,
-            // which every backend on these machines allows.
+            // which every backend allows but for the ops it must rewrite.
+            Err(_) if backend.must_rewrite(op) => return Err(must_rewrite),
             Err(k) => match build(&site, op, Choice::Native, addr, len) {
                 Ok((new, outcome)) if new != old => {
                     verify_sequence(&site, Choice::Native, new.as_slice(), addr).map_err(

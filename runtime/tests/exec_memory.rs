@@ -355,6 +355,7 @@ fn backend(kind: BackendKind) -> Backend<'static> {
     Backend {
         detected: Detected::assumed(kind, 0),
         rom: None,
+        pv: None,
     }
 }
 
@@ -472,6 +473,7 @@ fn rom_backend_inlines_templates_and_calls_entry_points() {
     m.text.close();
     let b = Backend {
         rom: Some(LoadedRom { rom, base }),
+        pv: None,
         ..backend(BackendKind::Rom)
     };
     let p = plan::plan(&table, &b, &m.text, None).unwrap();

@@ -22,6 +22,19 @@ pub const STACK: u64 = 0x0200_0000;
 pub const DATA: u64 = 0x0300_0000;
 /// A page private to the backend (a shared-info page, a hypercall scratch area).
 pub const PRIVATE: u64 = 0x0400_0000;
+/// The hypercall page: calls into it are intercepted as the hypervisor's.
+pub const HYPERCALL: u64 = 0x0500_0000;
+
+/// Which hypervisor answers calls into the hypercall page (and sees the private page).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hypervisor {
+    /// None: the hypercall page is `int3`s.
+    None,
+    /// Xen: hypercall `n` at `32 * n`; `vcpu_info` at the private page.
+    Xen,
+    /// Hyper-V: one entry point; the control word in rcx.
+    HyperV,
+}
 /// Page size.
 pub const PAGE: u64 = 0x1000;
 /// The most instructions one run may execute.
@@ -93,6 +106,12 @@ impl State {
             gpr[i] = DATA + gpr[i] % 0xf00;
         }
         match (site.op(), site.operand) {
+            // Half the CR3 writes reload the current value (a flush, to some backends).
+            (Some(patch_sites::Op::MovToCr3), patch_sites::Operand::Reg(r))
+                if seed & 1 == 0 && r.number() != 4 =>
+            {
+                gpr[r.number() as usize] = Vcpu::new(seed, false).cr[3];
+            }
             (Some(patch_sites::Op::Popf), _) => {
                 let at = (gpr[4] - STACK) as usize;
                 let v = u64::from_le_bytes(stack[at..at + 8].try_into().unwrap_or([0; 8])) & !TF;
@@ -151,6 +170,7 @@ pub struct Run {
 /// Per-run data the hooks see.
 #[derive(Debug)]
 struct Hooked {
+    hypervisor: Hypervisor,
     vcpu: Vcpu,
     trap_site: Option<Site>,
     fault: Option<u8>,
@@ -185,6 +205,7 @@ impl Engine {
     /// An x86-64 engine with the text, stack, data and private regions mapped and the hooks in.
     pub fn new() -> Result<Self, EngineError> {
         let data = Hooked {
+            hypervisor: Hypervisor::None,
             vcpu: Vcpu::new(0, false),
             trap_site: None,
             fault: None,
@@ -197,7 +218,18 @@ impl Engine {
             uc.mem_map(page, PAGE, Prot::READ | Prot::WRITE)
                 .map_err(uc_err)?;
         }
+        uc.mem_map(HYPERCALL, PAGE, Prot::READ | Prot::EXEC)
+            .map_err(uc_err)?;
+        uc.mem_write(HYPERCALL, &[0xcc; PAGE as usize])
+            .map_err(uc_err)?;
         uc.add_code_hook(1, 0, on_instruction).map_err(uc_err)?;
+        uc.add_mem_hook(
+            unicorn_engine::HookType::MEM_WRITE,
+            PRIVATE,
+            PRIVATE + PAGE - 1,
+            on_private_write,
+        )
+        .map_err(uc_err)?;
         uc.add_intr_hook(on_interrupt).map_err(uc_err)?;
         uc.add_insn_invalid_hook(on_invalid).map_err(uc_err)?;
         let fresh = uc.context_init().map_err(uc_err)?;
@@ -214,8 +246,9 @@ impl Engine {
         until: u64,
         state: &State,
         trap_site: Option<Site>,
+        hypervisor: Hypervisor,
     ) -> Run {
-        match self.try_run(code, start, until, state, trap_site) {
+        match self.try_run(code, start, until, state, trap_site, hypervisor) {
             Ok(r) => r,
             Err(e) => Run {
                 end: End::Emulator(e.0),
@@ -237,6 +270,7 @@ impl Engine {
         until: u64,
         state: &State,
         trap_site: Option<Site>,
+        hypervisor: Hypervisor,
     ) -> Result<Run, EngineError> {
         let uc = &mut self.uc;
         uc.context_restore(&self.fresh).map_err(uc_err)?;
@@ -267,6 +301,7 @@ impl Engine {
             .map_err(uc_err)?;
         let interrupts = state.rflags & trap::IF != 0;
         *uc.get_data_mut() = Hooked {
+            hypervisor,
             vcpu: Vcpu::new(state.seed, interrupts),
             trap_site,
             fault: None,
@@ -365,9 +400,78 @@ fn fail(uc: &mut Uc<'_>, why: String) {
     let _ = uc.emu_stop();
 }
 
+/// A write to the private page, seen when a hypervisor owns it.
+fn on_private_write(
+    uc: &mut Uc<'_>,
+    _: unicorn_engine::MemType,
+    addr: u64,
+    size: usize,
+    value: i64,
+) -> bool {
+    let h = uc.get_data_mut();
+    if h.hypervisor != Hypervisor::None {
+        h.vcpu.record(Effect::Store {
+            addr,
+            size: size as u8,
+            value: value as u64,
+        });
+    }
+    true
+}
+
+/// A call into the hypercall page: recorded with its arguments and what they point to, carried
+/// out as far as the hypervisor's side goes (Xen's `SCHEDOP_block` unmasks events), and
+/// returned from with status 0.
+fn hypercall(uc: &mut Uc<'_>, addr: u64) {
+    let hv = uc.get_data().hypervisor;
+    let r = |uc: &Uc<'_>, i: usize| read_gpr(uc, i);
+    let (nr, args, ptr) = match hv {
+        Hypervisor::Xen => {
+            let args = [r(uc, 7), r(uc, 6), r(uc, 2), r(uc, 10), r(uc, 8)];
+            ((addr - HYPERCALL) / 32, args, args[0])
+        }
+        _ => {
+            let args = [r(uc, 1), r(uc, 2), r(uc, 8), 0, 0];
+            (args[0], args, args[1])
+        }
+    };
+    let mut raw = [0u8; 32];
+    let mem = if uc.mem_read(ptr, &mut raw).is_ok() {
+        core::array::from_fn(|i| {
+            u64::from_le_bytes(raw[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]))
+        })
+    } else {
+        [0; 4]
+    };
+    uc.get_data_mut()
+        .vcpu
+        .record(Effect::Hypercall { nr, args, mem });
+    if hv == Hypervisor::Xen
+        && nr == pvpatch_runtime::pv::xen_abi::SCHED_OP
+        && args[0] == pvpatch_runtime::pv::xen_abi::SCHEDOP_BLOCK
+    {
+        let _ = uc.mem_write(PRIVATE + 1, &[0]);
+    }
+    write_gpr(uc, 0, 0);
+    let rsp = read_gpr(uc, 4);
+    let mut ret = [0u8; 8];
+    if uc.mem_read(rsp, &mut ret).is_err() {
+        fail(uc, "hypercall: the return address cannot be read".into());
+        return;
+    }
+    write_gpr(uc, 4, rsp + 8);
+    let _ = uc.reg_write(RegisterX86::RIP, u64::from_le_bytes(ret));
+}
+
 /// Before every instruction: count it, see IF, and carry out a sensitive instruction on the
 /// virtual CPU instead of the emulator.
 fn on_instruction(uc: &mut Uc<'_>, addr: u64, size: u32) {
+    if (HYPERCALL..HYPERCALL + PAGE).contains(&addr) && uc.get_data().hypervisor != Hypervisor::None
+    {
+        uc.get_data_mut().steps += 1;
+        hypercall(uc, addr);
+        return;
+    }
     let rflags = uc.reg_read(RegisterX86::RFLAGS).unwrap_or(0);
     {
         let h = uc.get_data_mut();

@@ -32,7 +32,9 @@ use pvpatch_runtime::encode;
 use pvpatch_runtime::plan::{self, Keep, Outcome, TextRead};
 
 pub use abstraction::Abstraction;
-pub use engine::{CODE, DATA, End, Engine, EngineError, PRIVATE, ROM, Run, STACK, State};
+pub use engine::{
+    CODE, DATA, End, Engine, EngineError, HYPERCALL, Hypervisor, PRIVATE, ROM, Run, STACK, State,
+};
 pub use vcpu::Effect;
 
 /// Where the site under test lies.
@@ -356,21 +358,28 @@ impl Oracle {
     ) -> Result<Checked, Box<Divergence>> {
         let site = case.site;
         let end = site.addr + site.site_len as u64;
-        let reference =
-            self.engine
-                .run(&[(site.addr, &case.reference)], site.addr, end, state, None);
+        let abs = candidate.abstraction;
+        let prepared = abs.prepare(state);
+        let state = prepared.as_ref().unwrap_or(state);
+        let reference = self.engine.run(
+            &[(site.addr, &case.reference)],
+            site.addr,
+            end,
+            state,
+            None,
+            Hypervisor::None,
+        );
         let mut code = candidate.code.to_vec();
         code.push((site.patch_addr(), candidate.bytes));
-        let rewritten =
-            self.engine
-                .run(&code, site.addr, end, state, candidate.trap.then_some(site));
-        let what = differences(
-            &site,
-            candidate.abstraction,
-            state.gpr[4],
-            &reference,
-            &rewritten,
+        let rewritten = self.engine.run(
+            &code,
+            site.addr,
+            end,
+            state,
+            candidate.trap.then_some(site),
+            abs.hypervisor(),
         );
+        let what = differences(&site, abs, state, &reference, &rewritten);
         if what.is_empty() {
             Ok(Checked {
                 effects: reference.vcpu.trace.len(),
@@ -378,7 +387,7 @@ impl Oracle {
             })
         } else {
             Err(Box::new(Divergence {
-                backend: candidate.abstraction.name(),
+                backend: abs.name(),
                 site,
                 reference: case.reference.clone(),
                 rewrite: candidate.bytes.to_vec(),
@@ -392,10 +401,11 @@ impl Oracle {
 fn differences(
     site: &Site,
     abs: &dyn Abstraction,
-    initial_rsp: u64,
+    initial: &State,
     r: &Run,
     w: &Run,
 ) -> Vec<String> {
+    let initial_rsp = initial.gpr[4];
     let mut what = Vec::new();
     let Some(op) = site.op() else {
         return vec!["unknown op".into()];
@@ -434,10 +444,11 @@ fn differences(
     } else {
         !0
     };
-    if r.rflags & mask != w.rflags & mask {
+    let w_rflags = abs.rflags(w);
+    if r.rflags & mask != w_rflags & mask {
         what.push(format!(
             "rflags: native {:#x}, rewrite {:#x} (compared bits {mask:#x})",
-            r.rflags, w.rflags
+            r.rflags, w_rflags
         ));
     }
     // The live stack is at and above the final rsp; when the op made rsp something else (a
@@ -465,7 +476,7 @@ fn differences(
             &w.private,
         ));
     }
-    if (r.vcpu.cr, r.vcpu.dr) != (w.vcpu.cr, w.vcpu.dr) {
+    if abs.compares_control_registers() && (r.vcpu.cr, r.vcpu.dr) != (w.vcpu.cr, w.vcpu.dr) {
         what.push(format!(
             "control/debug registers: native {:x?} {:x?}, rewrite {:x?} {:x?}",
             r.vcpu.cr, r.vcpu.dr, w.vcpu.cr, w.vcpu.dr
@@ -475,23 +486,26 @@ fn differences(
         .vcpu
         .trace
         .iter()
-        .filter(|e| !abs.declared_void(op, e))
-        .copied()
+        .filter_map(|e| abs.canonical(op, e))
         .collect();
-    // A void effect is void whichever run has it (a trap emulator may still perform it).
     let got: Vec<Effect> = abs
-        .trace(w)
-        .into_iter()
-        .filter(|e| !abs.declared_void(op, e))
+        .trace(w, initial)
+        .iter()
+        .filter_map(|e| abs.canonical(op, e))
         .collect();
     if expected != got {
         what.push(format!(
-            "effects: native {expected:x?} (after what {} declares void), rewrite {got:x?}",
+            "effects: native {expected:x?}, rewrite {got:x?} (as {} reads them)",
             abs.name()
         ));
     }
-    if op.info().kind == Kind::Instruction && r.vcpu.msrs != w.vcpu.msrs && expected == got {
-        what.push("MSR state differs".into());
+    let msrs: std::collections::BTreeMap<u32, u64> =
+        w.vcpu.msrs.iter().map(|(m, v)| (abs.msr(*m), *v)).collect();
+    if expected == got && r.vcpu.msrs != msrs {
+        what.push(format!(
+            "MSR state: native {:x?}, rewrite {msrs:x?}",
+            r.vcpu.msrs
+        ));
     }
     what
 }
@@ -515,5 +529,33 @@ pub fn backend<'a>(
     Backend {
         detected: pvpatch_runtime::detect::Detected::assumed(kind, features),
         rom: rom.map(|rom| LoadedRom { rom, base: ROM }),
+        pv: None,
+    }
+}
+
+/// The entry points the runtime generates for `kind` (Xen or Hyper-V) as the oracle lays the
+/// machine out: `vcpu_info` or the hypercall input page in the private page, the hypercall
+/// page at [`HYPERCALL`], the code at [`ROM`].
+pub fn pv_code(kind: pvpatch_runtime::detect::BackendKind) -> Option<pvpatch_runtime::pv::PvCode> {
+    use pvpatch_runtime::detect::BackendKind;
+    use pvpatch_runtime::pv;
+    match kind {
+        BackendKind::Xen => pv::xen(
+            pv::XenLayout {
+                vcpu_info: PRIVATE,
+                hypercall_page: HYPERCALL,
+            },
+            ROM,
+        )
+        .ok(),
+        BackendKind::HyperV => pv::hyperv(
+            pv::HyperVLayout {
+                hypercall_page: HYPERCALL,
+                input_page: PRIVATE + 0x800,
+            },
+            ROM,
+        )
+        .ok(),
+        _ => None,
     }
 }

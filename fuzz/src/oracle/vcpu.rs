@@ -67,6 +67,26 @@ pub enum Effect {
     Swapgs,
     /// A fault was raised with this vector; execution stopped.
     Fault(u8),
+    /// A write to the backend's private page (Xen's `vcpu_info`, Hyper-V's input page): what
+    /// it means is the backend's abstraction function's business.
+    Store {
+        /// Address.
+        addr: u64,
+        /// Bytes.
+        size: u8,
+        /// Value.
+        value: u64,
+    },
+    /// A call into the hypercall page.
+    Hypercall {
+        /// Xen: the hypercall number (the entry's offset over 32); Hyper-V: the control word.
+        nr: u64,
+        /// Xen: rdi, rsi, rdx, r10, r8; Hyper-V: rcx, rdx, r8, 0, 0.
+        args: [u64; 5],
+        /// The first 32 bytes the first pointer argument points to (Xen: rdi; Hyper-V: the
+        /// input page at rdx), as the hypervisor reads them.
+        mem: [u64; 4],
+    },
 }
 
 /// IA32_KERNEL_GS_BASE.

@@ -222,6 +222,7 @@ fn choose_backend(
     let mut backend = Backend {
         detected,
         rom: None,
+        pv: None,
     };
     // A ROM is looked for only under QEMU (fw_cfg is QEMU's), or when asked for.
     let qemu = detected.hypervisor_bit
