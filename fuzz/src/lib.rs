@@ -7,6 +7,8 @@
 //! The oracle runs code with unicorn-engine, which is GPL-2.0: this crate is for tests only,
 //! and nothing shipped (the `pvpatch` tool, the runtime) depends on it.
 
+#[cfg(target_os = "linux")]
+pub mod kvm;
 pub mod oracle;
 pub mod strategies;
 pub mod targets;
