@@ -44,6 +44,7 @@ pub fn plan_and_check(data: &[u8], oracle: &mut Oracle) -> Result<usize, String>
             site,
             text: bytes.to_vec(),
             reference: bytes.to_vec(),
+            around: Vec::new(),
         };
         let gpr: [u64; 16] = core::array::from_fn(|i| mix(seed ^ (i as u64) << 56));
         let state = State::for_site(&site, gpr, mix(seed ^ 0xf1a6), mix(seed));
@@ -136,7 +137,7 @@ pub fn rom_validator(data: &[u8]) -> Result<bool, String> {
         }),
         pv: None,
     };
-    plan::plan(&table, &backend, &oracle::SiteText(&text), None)
+    plan::plan(&table, &backend, &oracle::SiteText(SITE, &text), None)
         .map_err(|e| format!("a validated ROM does not plan: {e}"))?;
     // The native encodings the planner falls back to exist for every site.
     for s in &sites {

@@ -249,30 +249,32 @@ fn builtin_backends_rewrites_are_equivalent() {
     run_all(v);
 }
 
+/// Whether the runtime's trap emulator takes some form of `op`.
+fn trappable(op: Op) -> bool {
+    let g = patch_sites::Gpr::Rax;
+    [
+        Operand::None,
+        Operand::Reg(g),
+        Operand::PortImm(0x80),
+        Operand::MemBase(g),
+        Operand::DebugReg { dr: 0, reg: g },
+    ]
+    .into_iter()
+    .filter(|o| op.info().operands.allows_code(o.code()))
+    .any(|o| {
+        [0u8, 1, 2, 4, 8]
+            .iter()
+            .any(|w| op.info().widths.allows(*w) && trap::supported(op, o, *w))
+    })
+}
+
 /// Every op the runtime can emulate, rewritten to a trap (`ud2`, or `int3` in one byte) and
 /// handled by the runtime's own emulator.
 #[test]
 fn trap_rewrites_are_equivalent() {
     let mut v = Vec::new();
     for op in covered_ops() {
-        let Some(operand) = [
-            Operand::None,
-            Operand::Reg(patch_sites::Gpr::ALL[0]),
-            Operand::PortImm(0),
-            Operand::MemBase(patch_sites::Gpr::ALL[0]),
-            Operand::DebugReg {
-                dr: 0,
-                reg: patch_sites::Gpr::ALL[0],
-            },
-        ]
-        .into_iter()
-        .find(|o| op.info().operands.allows_code(o.code())) else {
-            continue;
-        };
-        if ![0u8, 1, 2, 4, 8]
-            .iter()
-            .any(|w| op.info().widths.allows(*w) && trap::supported(op, operand, *w))
-        {
+        if !trappable(op) {
             continue;
         }
         for start in [Start::Native, Start::IndirectCall] {
@@ -377,4 +379,191 @@ fn xen_sites_left_native_are_not_equivalent() {
         });
         assert!(caught, "a native {op} passed under Xen's abstraction");
     }
+}
+
+/// One instruction around a detoured site: (kind, register, value).
+type Neighbour = (u8, u8, u32);
+
+/// `items` encoded with iced-x86's block encoder at `at`: RIP-relative loads and stores into
+/// the data page, RIP-relative `lea`s, ALU instructions, and short branches forward to a later
+/// item or to the final `nop`.
+fn encode_neighbours(items: &[Neighbour], at: u64) -> Vec<u8> {
+    use iced_x86::{
+        BlockEncoder, BlockEncoderOptions, Code, Instruction, InstructionBlock, MemoryOperand,
+        Register,
+    };
+    const R64: [Register; 16] = [
+        Register::RAX,
+        Register::RCX,
+        Register::RDX,
+        Register::RBX,
+        Register::RBX,
+        Register::RBP,
+        Register::RSI,
+        Register::RDI,
+        Register::R8,
+        Register::R9,
+        Register::R10,
+        Register::R11,
+        Register::R12,
+        Register::R13,
+        Register::R14,
+        Register::R15,
+    ];
+    // Until encoded, instruction i is known by the address 16 i past a placeholder.
+    let ip = |i: usize| 0x7000_0000u64 + 16 * i as u64;
+    let n = items.len();
+    let mut v = Vec::with_capacity(n + 1);
+    for (i, &(kind, r, x)) in items.iter().enumerate() {
+        let reg = R64[r as usize % 16];
+        let data = pvpatch_fuzz::oracle::DATA + ((x as u64 % 0xff8) & !7);
+        let rip = |t: u64| MemoryOperand::with_base_displ(Register::RIP, t as i64);
+        let later = ip(i + 1 + (x as usize % (n - i)));
+        let mut ins = match kind % 7 {
+            0 => Instruction::with2(Code::Mov_r64_rm64, reg, rip(data)),
+            1 => Instruction::with2(Code::Mov_rm64_r64, rip(data), reg),
+            2 => Instruction::with2(
+                Code::Lea_r64_m,
+                reg,
+                rip(pvpatch_fuzz::oracle::CODE + (x as u64 % 0x1_0000)),
+            ),
+            3 => Instruction::with2(Code::Add_rm64_imm32, reg, x as i32),
+            4 => Instruction::with1(Code::Inc_rm64, reg),
+            5 => Instruction::with_branch(
+                [
+                    Code::Je_rel8_64,
+                    Code::Jne_rel8_64,
+                    Code::Jb_rel8_64,
+                    Code::Jl_rel8_64,
+                ][x as usize % 4],
+                later,
+            ),
+            _ => Instruction::with_branch(Code::Jmp_rel8_64, later),
+        }
+        .unwrap();
+        ins.set_ip(ip(i));
+        v.push(ins);
+    }
+    let mut nop = Instruction::with(Code::Nopd);
+    nop.set_ip(ip(n));
+    v.push(nop);
+    BlockEncoder::encode(64, InstructionBlock::new(&v, at), BlockEncoderOptions::NONE)
+        .unwrap()
+        .code_buffer
+}
+
+/// A detour combination: backend, its features, a one-entry ROM (kind, sequence), whether the
+/// stub's copy is forced to a trap, and the outcomes it exists for.
+type DetourCombo = (
+    BackendKind,
+    u32,
+    Option<(&'static str, &'static str)>,
+    bool,
+    &'static [Outcome],
+);
+
+/// Detours: the site's instruction and the instructions after it moved to a stub (with
+/// RIP-relative operands and branches among them), the stub's copy rewritten as the backend
+/// wants, checked against the code as it was.
+#[test]
+fn detour_rewrites_are_equivalent() {
+    let cases = pvpatch_fuzz::proptest_config().cases;
+    let oracle = RefCell::new(Oracle::new().unwrap());
+    let mut failures = Vec::new();
+    let mut total = 0u64;
+    let mut combos = 0;
+    for op in covered_ops() {
+        if matches!(op, Op::Pushf | Op::Popf) {
+            // The analysis never detours a stack move (the stub would need its own unwind data).
+            continue;
+        }
+        let mut backends: Vec<DetourCombo> =
+            vec![(BackendKind::Native, 0, None, false, &[Outcome::Unchanged])];
+        if trappable(op) {
+            backends.push((BackendKind::Native, 0, None, true, &[Outcome::Trap]));
+        }
+        if op == Op::IoDelay {
+            backends.push((
+                BackendKind::Kvm,
+                KVM_FEATURE_NOP_IO_DELAY,
+                None,
+                false,
+                &[Outcome::Nothing],
+            ));
+        }
+        for (kind, seq) in rom_sequences(op) {
+            let expected: &[Outcome] = match kind {
+                "call" => &[Outcome::Call],
+                "nothing" => &[Outcome::Nothing],
+                _ => &[Outcome::Inline, Outcome::Unchanged],
+            };
+            backends.push((BackendKind::Rom, 0, Some((kind, seq)), false, expected));
+        }
+        for (backend, features, rom, trap, expected) in backends {
+            combos += 1;
+            let rom_bytes = rom.and_then(|(k, s)| rom_bytes(op, k, s));
+            let parsed = rom_bytes.as_deref().map(|b| Rom::parse(b).unwrap());
+            let b = oracle::backend(backend, features, parsed);
+            let force = trap.then_some(Choice::Trap);
+            let strategy = (
+                strat::operand_for(op),
+                proptest::collection::vec((any::<u8>(), any::<u8>(), any::<u32>()), 1..6),
+            )
+                .prop_filter_map(
+                    "a detour can be built",
+                    move |((operand, width, flags), items)| {
+                        let insn = Case::native(op.id(), operand, width, flags, 0)?
+                            .reference
+                            .len();
+                        if insn >= 5 {
+                            return None;
+                        }
+                        let code = encode_neighbours(&items, oracle::SITE + insn as u64);
+                        Case::detour(op.id(), operand, width, flags, &code)
+                    },
+                )
+                .prop_flat_map(|case| {
+                    let site = case.site;
+                    (Just(case), strat::machine_state(site))
+                });
+            let mut runner = TestRunner::new(proptest::test_runner::Config {
+                cases,
+                failure_persistence: None,
+                ..pvpatch_fuzz::proptest_config()
+            });
+            let seen = RefCell::new(BTreeMap::new());
+            let result = runner.run(&strategy, |(case, state)| {
+                let (rw, verdict) = oracle
+                    .borrow_mut()
+                    .check(&case, &b, rom_bytes.as_deref(), force, &state)
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                *seen.borrow_mut().entry(rw.outcome.name()).or_insert(0u32) += 1;
+                verdict.map_err(|d| {
+                    TestCaseError::fail(format!(
+                        "{d}  the code as it was:\n{}",
+                        oracle::disassemble(&case.reference, case.site.addr)
+                    ))
+                })?;
+                Ok(())
+            });
+            let name = format!("{op} {} {rom:?} trap={trap} (detour)", backend.name());
+            let seen = seen.into_inner();
+            total += seen.values().map(|v| *v as u64).sum::<u64>();
+            match result {
+                Ok(()) if !expected.iter().any(|o| seen.contains_key(o.name())) => {
+                    failures.push(format!("{name}: never became {expected:?} (saw {seen:?})"))
+                }
+                Ok(()) => {}
+                Err(TestError::Fail(why, (case, _))) => {
+                    failures.push(format!("{name}: {why}\n  minimal case: {:?}", case.site))
+                }
+                Err(e) => failures.push(format!("{name}: {e}")),
+            }
+        }
+    }
+    eprintln!(
+        "{combos} detour combinations, {total} cases checked, {} failures",
+        failures.len()
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }

@@ -8,6 +8,7 @@ pub mod analyze;
 pub mod annotate;
 pub mod bzimage;
 pub mod catalogue;
+pub mod detour;
 /// The classifier the boot-time runtime uses too: one definition of what an instruction is.
 pub use pvpatch_runtime::classify;
 pub mod image;

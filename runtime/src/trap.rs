@@ -222,7 +222,9 @@ pub fn emulate(site: &Site, frame: &mut Frame, exec: &mut dyn Exec) -> Result<()
         (Op::Invlpg, Operand::MemBase(b)) => exec.invlpg(frame.get(b)),
         _ => return Err(TrapError::Unsupported(op)),
     }
-    frame.rip = site.addr + site.site_len as u64;
+    // After the patched bytes: for a detour, in the stub, where the moved instructions follow
+    // (found by the equivalence oracle: the emulator resumed after the site and skipped them).
+    frame.rip = site.patch_addr() + site.site_len as u64;
     Ok(())
 }
 

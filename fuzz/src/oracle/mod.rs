@@ -69,11 +69,19 @@ pub fn not_covered(op: Op) -> Option<&'static str> {
 pub struct Case {
     /// The record (at [`SITE`]).
     pub site: Site,
-    /// The bytes at the site before patching.
+    /// The bytes where the patch is written (the site; a detour's stub), before patching.
     pub text: Vec<u8>,
-    /// The native instruction, padded with NOPs to the site's length: the reference.
+    /// The code at the site as it was before annotation: the native instruction, padded with
+    /// NOPs to the site's length (or, for a detour, followed by the code around it); both runs
+    /// end at its end.
     pub reference: Vec<u8>,
+    /// Code the rewrite's run has besides the patch: a detour's `jmp` at the site (with the
+    /// code after it) and the rest of its stub.
+    pub around: Vec<(u64, Vec<u8>)>,
 }
+
+/// Where a detour's stub is placed.
+pub const STUB: u64 = CODE + 0x4000;
 
 impl Case {
     /// A site in the native form: the instruction, then `pad` bytes of NOPs. `None` if the op
@@ -103,6 +111,35 @@ impl Case {
             site,
             reference: text.clone(),
             text,
+            around: Vec::new(),
+        })
+    }
+
+    /// A site in the detour form: the native instruction followed by `code` (instructions that
+    /// run after it), with the post-link tool's detour built over them: the site becomes a
+    /// `jmp` to a stub at [`STUB`] holding the patchable copy and the moved instructions.
+    pub fn detour(op_id: u16, operand: Operand, width: u8, flags: u8, code: &[u8]) -> Option<Case> {
+        let n = Case::native(op_id, operand, width, flags, 0)?;
+        let insn = n.reference.len();
+        let mut all = n.reference.clone();
+        all.extend_from_slice(code);
+        let d = pvpatch::detour::build(&all, SITE, insn, STUB).ok()?;
+        let room = d.room as usize;
+        let mut at_site = d.site.clone();
+        at_site.extend_from_slice(&all[room..]);
+        Some(Case {
+            site: Site {
+                form: Form::Detour,
+                site_len: d.room,
+                stub: Some(STUB),
+                ..n.site
+            },
+            text: d.stub[..room].to_vec(),
+            reference: all,
+            around: vec![
+                (SITE, at_site),
+                (STUB + room as u64, d.stub[room..].to_vec()),
+            ],
         })
     }
 
@@ -132,6 +169,7 @@ impl Case {
             },
             text,
             reference,
+            around: Vec::new(),
         })
     }
 
@@ -168,16 +206,16 @@ pub enum OracleError {
     Engine(#[from] EngineError),
 }
 
-/// Kernel text holding the bytes from [`SITE`] on, for the planner.
+/// Kernel text holding `.1` from `.0` on, for the planner.
 #[derive(Debug)]
-pub struct SiteText<'a>(pub &'a [u8]);
+pub struct SiteText<'a>(pub u64, pub &'a [u8]);
 
 impl TextRead for SiteText<'_> {
     fn read(&self, addr: u64, out: &mut [u8]) -> bool {
-        let Some(at) = addr.checked_sub(SITE).map(|a| a as usize) else {
+        let Some(at) = addr.checked_sub(self.0).map(|a| a as usize) else {
             return false;
         };
-        match self.0.get(at..at + out.len()) {
+        match self.1.get(at..at + out.len()) {
             Some(b) => {
                 out.copy_from_slice(b);
                 true
@@ -215,7 +253,7 @@ pub fn rewrite(
     let p = plan::plan(
         &table,
         &backend,
-        &SiteText(&case.text),
+        &SiteText(case.site.patch_addr(), &case.text),
         forced.as_ref().map(|f| f as plan::Override<'_, '_>),
     )
     .map_err(OracleError::Plan)?;
@@ -335,7 +373,11 @@ impl Oracle {
     ) -> Result<(Rewrite, Result<Checked, Box<Divergence>>), OracleError> {
         let rw = rewrite(case, backend, force)?;
         let abs = abstraction::of(backend);
-        let code: Vec<(u64, &[u8])> = rom.map(|r| (ROM, r)).into_iter().collect();
+        let code: Vec<(u64, &[u8])> = rom
+            .map(|r| (ROM, r))
+            .into_iter()
+            .chain(case.around.iter().map(|(a, b)| (*a, b.as_slice())))
+            .collect();
         let verdict = self.compare(
             case,
             &Candidate {
@@ -357,7 +399,7 @@ impl Oracle {
         state: &State,
     ) -> Result<Checked, Box<Divergence>> {
         let site = case.site;
-        let end = site.addr + site.site_len as u64;
+        let end = site.addr + case.reference.len() as u64;
         let abs = candidate.abstraction;
         let prepared = abs.prepare(state);
         let state = prepared.as_ref().unwrap_or(state);
