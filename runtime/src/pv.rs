@@ -278,6 +278,20 @@ pub struct XenLayout {
     pub hypercall_page: u64,
 }
 
+/// How a kernel asks Xen for its hypercall page: write the page's physical address to the MSR
+/// whose index CPUID leaf `base + 2` returns in EBX (`base` is the leaf where the
+/// `XenVMMXenVMM` signature was found); `(msr, value)`.
+pub fn xen_hypercall_page_msr(cpuid_base_plus_2_ebx: u32, page_phys: u64) -> (u32, u64) {
+    (cpuid_base_plus_2_ebx, page_phys & !0xfff)
+}
+
+/// How a kernel enables Hyper-V's hypercall page: `HV_X64_MSR_HYPERCALL` (0x4000_0001) with the
+/// page's guest physical address and the enable bit (bit 0); `(msr, value)`. (The guest OS ID,
+/// `HV_X64_MSR_GUEST_OS_ID`, 0x4000_0000, must be written first.)
+pub fn hyperv_hypercall_page_msr(page_phys: u64) -> (u32, u64) {
+    (0x4000_0001, (page_phys & !0xfff) | 1)
+}
+
 /// Xen hypercall numbers and commands the thunks use.
 pub mod xen_abi {
     /// `__HYPERVISOR_xen_version`.
@@ -621,6 +635,18 @@ mod tests {
                 base
             ),
             Err(PvError::OutOfReach((1 << 40) + 1))
+        );
+    }
+
+    #[test]
+    fn hypercall_page_msrs() {
+        assert_eq!(
+            hyperv_hypercall_page_msr(0x1234_5000),
+            (0x4000_0001, 0x1234_5001)
+        );
+        assert_eq!(
+            xen_hypercall_page_msr(0x4000_0000, 0x9_9000),
+            (0x4000_0000, 0x9_9000)
         );
     }
 
