@@ -5,17 +5,16 @@
 //! whole instructions after it that make up the difference) becomes `jmp stub` and `int3`s. The
 //! stub holds the patchable copy (the instruction, NOP-padded to `room` bytes: what the
 //! runtime rewrites, as the record's `stub` says), then the moved instructions re-encoded for
-//! their new address by iced-x86's block encoder (RIP-relative operands keep their targets;
-//! branches among the moved instructions keep theirs, and a branch out of them is re-aimed at
-//! its absolute target), then `jmp addr + room`.
+//! their new address with iced-x86's encoder (a RIP-relative operand keeps its absolute
+//! target, even one inside the moved range: a `lea` of its own address must still give the
+//! original; a branch to a moved instruction follows it into the stub, any other keeps its
+//! absolute target; branches are widened to rel32 so that every address is known in one pass),
+//! then `jmp addr + room`.
 //!
 //! Nothing may jump into `(addr, addr + room)`: the caller checks that (the analysis refuses a
 //! detour over a branch target or a named instruction start).
 
-use iced_x86::{
-    BlockEncoder, BlockEncoderOptions, Code, Decoder, DecoderOptions, FlowControl, Instruction,
-    InstructionBlock,
-};
+use iced_x86::{Code, Decoder, DecoderOptions, Encoder, FlowControl, Instruction};
 use thiserror::Error;
 
 /// A built detour.
@@ -94,15 +93,49 @@ pub fn build(code: &[u8], addr: u64, insn_len: usize, stub: u64) -> Result<Detou
     pvpatch_runtime::encode::fill_nops(&mut out[insn_len..]);
     let back = Instruction::with_branch(Code::Jmp_rel32_64, addr + room as u64)
         .map_err(|e| DetourError::Encode(e.to_string()))?;
-    let mut block = moved;
+    let mut block: Vec<Instruction> = moved
+        .iter()
+        .map(|i| {
+            let mut n = *i;
+            if n.is_jcc_short_or_near() || n.is_jmp_short_or_near() {
+                n.as_near_branch();
+            }
+            n
+        })
+        .collect();
     block.push(back);
-    let encoded = BlockEncoder::encode(
-        64,
-        InstructionBlock::new(&block, stub + room as u64),
-        BlockEncoderOptions::NONE,
-    )
-    .map_err(|e| DetourError::Encode(e.to_string()))?;
-    out.extend_from_slice(&encoded.code_buffer);
+    // Pass 1: where each instruction goes (lengths do not depend on the address: branches are
+    // rel32 and RIP-relative operands disp32).
+    let mut enc = Encoder::new(64);
+    let mut at = stub + room as u64;
+    let mut new_ip = Vec::with_capacity(block.len());
+    for i in &block {
+        new_ip.push(at);
+        let mut probe = *i;
+        if probe.is_jcc_near() || probe.is_jmp_near() {
+            probe.set_near_branch64(at);
+        }
+        let n = enc
+            .encode(&probe, at)
+            .map_err(|e| DetourError::Encode(format!("{:#x}: {e}", i.ip())))?;
+        at += n as u64;
+    }
+    let _ = enc.take_buffer();
+    // Pass 2: branches to moved instructions follow them.
+    for (k, i) in block.iter().enumerate() {
+        let mut i = *i;
+        if i.is_jcc_near() || i.is_jmp_near() {
+            let t = i.near_branch_target();
+            if let Some(j) = moved.iter().position(|m| m.ip() == t) {
+                i.set_near_branch64(new_ip[j]);
+            } else if t > addr && t < addr + room as u64 {
+                return Err(DetourError::Unmovable(i.ip()));
+            }
+        }
+        enc.encode(&i, new_ip[k])
+            .map_err(|e| DetourError::Encode(format!("{:#x}: {e}", i.ip())))?;
+    }
+    out.extend_from_slice(&enc.take_buffer());
     Ok(Detour {
         site,
         stub: out,
@@ -133,6 +166,14 @@ mod tests {
         assert_eq!(mov.ip_rel_memory_address(), addr + 8 + 0x100);
         let jmp = dec.decode();
         assert_eq!(jmp.near_branch_target(), addr + 8);
+        // A lea of its own address keeps the original (found by the oracle: iced's block
+        // encoder re-aims a RIP-relative operand at a moved instruction's new place).
+        let code = [
+            0x41, 0x0f, 0x22, 0xd9, 0x4c, 0x8d, 0x25, 0xf9, 0xff, 0xff, 0xff, 0x90,
+        ];
+        let d = build(&code, addr, 4, stub).unwrap();
+        let lea = Decoder::with_ip(64, &d.stub[11..], stub + 11, DecoderOptions::NONE).decode();
+        assert_eq!(lea.ip_rel_memory_address(), addr + 4);
         // A call cannot move.
         let call = [0xfa, 0xe8, 0, 0, 0, 0];
         assert_eq!(
