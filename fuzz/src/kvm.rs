@@ -19,7 +19,7 @@ use memmap2::MmapMut;
 use patch_sites::table::Site;
 use pvpatch_runtime::trap::{self, Exec, Frame};
 
-use crate::oracle::engine::{CODE, CODE_SIZE, DATA, PAGE, PRIVATE, STACK, State};
+use crate::oracle::engine::{CODE, DATA, PAGE, PRIVATE, STACK, State};
 use crate::oracle::vcpu::{Effect, Vcpu};
 
 /// Guest memory: everything below 96 MiB (the oracle's regions end at 80 MiB).
@@ -79,7 +79,6 @@ pub struct KvmExecutor {
     _vm: VmFd,
     vcpu: VcpuFd,
     mem: MmapMut,
-    fresh_regs: kvm_regs,
 }
 
 impl std::fmt::Debug for KvmExecutor {
@@ -148,13 +147,7 @@ impl KvmExecutor {
         s.cr0 = 0x8005_0033;
         s.efer = 0x501; // SCE, LME, LMA
         vcpu.set_sregs(&s).map_err(io)?;
-        let fresh_regs = vcpu.get_regs().map_err(io)?;
-        Ok(KvmExecutor {
-            _vm: vm,
-            vcpu,
-            mem,
-            fresh_regs,
-        })
+        Ok(KvmExecutor { _vm: vm, vcpu, mem })
     }
 
     fn write(&mut self, addr: u64, bytes: &[u8]) {
@@ -210,7 +203,6 @@ impl KvmExecutor {
             rip: start,
             rflags: state.rflags,
         };
-        let _ = self.fresh_regs;
         self.vcpu.set_regs(&regs).map_err(io)?;
         let mut model = Vcpu::new(state.seed, state.rflags & trap::IF != 0);
         let mut end = Err("too many exits".to_string());
@@ -453,5 +445,4 @@ fn build_tables(mem: &mut MmapMut) {
         put(IDT + 16 * v, &gate_lo.to_le_bytes());
         put(IDT + 16 * v + 8, &(stub >> 32).to_le_bytes());
     }
-    let _ = CODE_SIZE;
 }

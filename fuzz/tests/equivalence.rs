@@ -13,6 +13,7 @@ use patch_sites::rom::Rom;
 use patch_sites::{ALL_OPS, Op, Operand};
 use proptest::prelude::*;
 use proptest::test_runner::{TestError, TestRunner};
+use pvpatch_fuzz::oracle::engine::GPRS_ICED;
 use pvpatch_fuzz::oracle::{self, Case, Oracle, State};
 use pvpatch_fuzz::strategies as strat;
 use pvpatch_runtime::backend::Choice;
@@ -35,6 +36,8 @@ enum Start {
     Native,
     /// `call [rip + disp32]` through the kernel's thunks.
     IndirectCall,
+    /// The instruction and random code after it moved to a stub by the post-link tool.
+    Detour,
 }
 
 #[derive(Clone, Debug)]
@@ -58,9 +61,11 @@ impl Combo {
             s.push_str(&format!("rom {kind} {seq} "));
         }
         s.push_str(match (self.start, self.trap) {
+            (Start::Detour, true) => "trap at a detour's stub",
             (_, true) => "trap",
             (Start::Native, _) => "at a native site",
             (Start::IndirectCall, _) => "at an indirect-call site",
+            (Start::Detour, _) => "at a detour's stub",
         });
         s
     }
@@ -113,12 +118,31 @@ fn run_combo(
     let start = combo.start;
     let outcomes = RefCell::new(BTreeMap::new());
     let refusal = RefCell::new(None::<String>);
-    let case_of = move |(operand, width, flags): (Operand, u8, u8), pad: u8| match start {
-        Start::Native => Case::native(op.id(), operand, width, flags, pad),
-        Start::IndirectCall => Case::indirect_call(op.id(), operand, width, flags, pad),
+    let case_of = move |(operand, width, flags): (Operand, u8, u8),
+                        pad: u8,
+                        around: &[Neighbour]| {
+        match start {
+            Start::Native => Case::native(op.id(), operand, width, flags, pad),
+            Start::IndirectCall => Case::indirect_call(op.id(), operand, width, flags, pad),
+            Start::Detour => {
+                let insn = Case::native(op.id(), operand, width, flags, 0)?
+                    .reference
+                    .len();
+                if insn >= 5 {
+                    return None;
+                }
+                let code = encode_neighbours(around, oracle::SITE + insn as u64);
+                Case::detour(op.id(), operand, width, flags, &code)
+            }
+        }
     };
-    let strategy = (strat::operand_for(op), 0u8..6)
-        .prop_filter_map("an encodable site", move |(o, pad)| case_of(o, pad))
+    let around = if start == Start::Detour { 1..6 } else { 0..1 };
+    let strategy = (
+        strat::operand_for(op),
+        0u8..6,
+        proptest::collection::vec(any::<Neighbour>(), around),
+    )
+        .prop_filter_map("an encodable site", move |(o, pad, n)| case_of(o, pad, &n))
         .prop_flat_map(|case| {
             let site = case.site;
             (Just(case), strat::machine_state(site))
@@ -392,30 +416,16 @@ fn encode_neighbours(items: &[Neighbour], at: u64) -> Vec<u8> {
         BlockEncoder, BlockEncoderOptions, Code, Instruction, InstructionBlock, MemoryOperand,
         Register,
     };
-    const R64: [Register; 16] = [
-        Register::RAX,
-        Register::RCX,
-        Register::RDX,
-        Register::RBX,
-        Register::RBX,
-        Register::RBP,
-        Register::RSI,
-        Register::RDI,
-        Register::R8,
-        Register::R9,
-        Register::R10,
-        Register::R11,
-        Register::R12,
-        Register::R13,
-        Register::R14,
-        Register::R15,
-    ];
     // Until encoded, instruction i is known by the address 16 i past a placeholder.
     let ip = |i: usize| 0x7000_0000u64 + 16 * i as u64;
     let n = items.len();
     let mut v = Vec::with_capacity(n + 1);
     for (i, &(kind, r, x)) in items.iter().enumerate() {
-        let reg = R64[r as usize % 16];
+        // Any register but rsp.
+        let reg = match r as usize % 16 {
+            4 => Register::RBX,
+            n => GPRS_ICED[n],
+        };
         let data = pvpatch_fuzz::oracle::DATA + ((x as u64 % 0xff8) & !7);
         let rip = |t: u64| MemoryOperand::with_base_displ(Register::RIP, t as i64);
         let later = ip(i + 1 + (x as usize % (n - i)));
@@ -452,118 +462,55 @@ fn encode_neighbours(items: &[Neighbour], at: u64) -> Vec<u8> {
         .code_buffer
 }
 
-/// A detour combination: backend, its features, a one-entry ROM (kind, sequence), whether the
-/// stub's copy is forced to a trap, and the outcomes it exists for.
-type DetourCombo = (
-    BackendKind,
-    u32,
-    Option<(&'static str, &'static str)>,
-    bool,
-    &'static [Outcome],
-);
-
-/// Detours: the site's instruction and the instructions after it moved to a stub (with
-/// RIP-relative operands and branches among them), the stub's copy rewritten as the backend
-/// wants, checked against the code as it was.
+/// Detours: the site's instruction and random code after it (RIP-relative operands and
+/// branches among it) moved to a stub, the stub's copy left native, trapped, or rewritten by
+/// each ROM sequence, checked against the code as it was.
 #[test]
 fn detour_rewrites_are_equivalent() {
-    let cases = pvpatch_fuzz::proptest_config().cases;
-    let oracle = RefCell::new(Oracle::new().unwrap());
-    let mut failures = Vec::new();
-    let mut total = 0u64;
-    let mut combos = 0;
+    let mut v = Vec::new();
     for op in covered_ops() {
         if matches!(op, Op::Pushf | Op::Popf) {
             // The analysis never detours a stack move (the stub would need its own unwind data).
             continue;
         }
-        let mut backends: Vec<DetourCombo> =
-            vec![(BackendKind::Native, 0, None, false, &[Outcome::Unchanged])];
+        v.push((
+            combo(BackendKind::Native, 0, op, Start::Detour),
+            &[Outcome::Unchanged][..],
+        ));
         if trappable(op) {
-            backends.push((BackendKind::Native, 0, None, true, &[Outcome::Trap]));
+            v.push((
+                Combo {
+                    trap: true,
+                    ..combo(BackendKind::Native, 0, op, Start::Detour)
+                },
+                &[Outcome::Trap][..],
+            ));
         }
         if op == Op::IoDelay {
-            backends.push((
-                BackendKind::Kvm,
-                KVM_FEATURE_NOP_IO_DELAY,
-                None,
-                false,
-                &[Outcome::Nothing],
+            v.push((
+                combo(
+                    BackendKind::Kvm,
+                    KVM_FEATURE_NOP_IO_DELAY,
+                    op,
+                    Start::Detour,
+                ),
+                &[Outcome::Nothing][..],
             ));
         }
         for (kind, seq) in rom_sequences(op) {
-            let expected: &[Outcome] = match kind {
+            let expected: &'static [Outcome] = match kind {
                 "call" => &[Outcome::Call],
                 "nothing" => &[Outcome::Nothing],
                 _ => &[Outcome::Inline, Outcome::Unchanged],
             };
-            backends.push((BackendKind::Rom, 0, Some((kind, seq)), false, expected));
-        }
-        for (backend, features, rom, trap, expected) in backends {
-            combos += 1;
-            let rom_bytes = rom.and_then(|(k, s)| rom_bytes(op, k, s));
-            let parsed = rom_bytes.as_deref().map(|b| Rom::parse(b).unwrap());
-            let b = oracle::backend(backend, features, parsed);
-            let force = trap.then_some(Choice::Trap);
-            let strategy = (
-                strat::operand_for(op),
-                proptest::collection::vec((any::<u8>(), any::<u8>(), any::<u32>()), 1..6),
-            )
-                .prop_filter_map(
-                    "a detour can be built",
-                    move |((operand, width, flags), items)| {
-                        let insn = Case::native(op.id(), operand, width, flags, 0)?
-                            .reference
-                            .len();
-                        if insn >= 5 {
-                            return None;
-                        }
-                        let code = encode_neighbours(&items, oracle::SITE + insn as u64);
-                        Case::detour(op.id(), operand, width, flags, &code)
-                    },
-                )
-                .prop_flat_map(|case| {
-                    let site = case.site;
-                    (Just(case), strat::machine_state(site))
-                });
-            let mut runner = TestRunner::new(proptest::test_runner::Config {
-                cases,
-                failure_persistence: None,
-                ..pvpatch_fuzz::proptest_config()
-            });
-            let seen = RefCell::new(BTreeMap::new());
-            let result = runner.run(&strategy, |(case, state)| {
-                let (rw, verdict) = oracle
-                    .borrow_mut()
-                    .check(&case, &b, rom_bytes.as_deref(), force, &state)
-                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
-                *seen.borrow_mut().entry(rw.outcome.name()).or_insert(0u32) += 1;
-                verdict.map_err(|d| {
-                    TestCaseError::fail(format!(
-                        "{d}  the code as it was:\n{}",
-                        oracle::disassemble(&case.reference, case.site.addr)
-                    ))
-                })?;
-                Ok(())
-            });
-            let name = format!("{op} {} {rom:?} trap={trap} (detour)", backend.name());
-            let seen = seen.into_inner();
-            total += seen.values().map(|v| *v as u64).sum::<u64>();
-            match result {
-                Ok(()) if !expected.iter().any(|o| seen.contains_key(o.name())) => {
-                    failures.push(format!("{name}: never became {expected:?} (saw {seen:?})"))
-                }
-                Ok(()) => {}
-                Err(TestError::Fail(why, (case, _))) => {
-                    failures.push(format!("{name}: {why}\n  minimal case: {:?}", case.site))
-                }
-                Err(e) => failures.push(format!("{name}: {e}")),
-            }
+            v.push((
+                Combo {
+                    rom: Some((kind, seq)),
+                    ..combo(BackendKind::Rom, 0, op, Start::Detour)
+                },
+                expected,
+            ));
         }
     }
-    eprintln!(
-        "{combos} detour combinations, {total} cases checked, {} failures",
-        failures.len()
-    );
-    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    run_all(v);
 }

@@ -174,7 +174,7 @@ fn catalogue() -> Vec<Wrong> {
             operand: Operand::None,
             width: 0,
             bytes: &[0x31, 0xc9, 0x0f, 0xa2],
-            caught_by: "r",
+            caught_by: "rax:",
         },
         Wrong {
             what: "swapgs dropped",

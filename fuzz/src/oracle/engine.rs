@@ -366,7 +366,8 @@ fn gpr_index(r: Register) -> Option<usize> {
     GPRS_ICED.iter().position(|x| *x == full)
 }
 
-const GPRS_ICED: [Register; 16] = [
+/// The general registers in the ABI's order, as iced names them.
+pub const GPRS_ICED: [Register; 16] = [
     Register::RAX,
     Register::RCX,
     Register::RDX,

@@ -361,19 +361,20 @@ impl Oracle {
         })
     }
 
-    /// Runs `case`'s reference and the planner's rewrite of it for `backend` (ROM bytes, when
-    /// the backend has a ROM, are placed at [`ROM`]) from `state`, and compares them.
+    /// Runs `case`'s reference and the planner's rewrite of it for `backend` from `state`, and
+    /// compares them. `backend_code` is placed at [`ROM`]: the backend's ROM, or the entry
+    /// points generated for Xen or Hyper-V.
     pub fn check(
         &mut self,
         case: &Case,
         backend: &Backend<'_>,
-        rom: Option<&[u8]>,
+        backend_code: Option<&[u8]>,
         force: Option<Choice<'_>>,
         state: &State,
     ) -> Result<(Rewrite, Result<Checked, Box<Divergence>>), OracleError> {
         let rw = rewrite(case, backend, force)?;
         let abs = abstraction::of(backend);
-        let code: Vec<(u64, &[u8])> = rom
+        let code: Vec<(u64, &[u8])> = backend_code
             .map(|r| (ROM, r))
             .into_iter()
             .chain(case.around.iter().map(|(a, b)| (*a, b.as_slice())))
