@@ -250,8 +250,8 @@ fn runtime_group(c: &mut Criterion, name: &str, annotated: &Path) {
     let p = pvpatch_runtime::plan::plan(&table, &b, &text, None).unwrap();
     g.bench_function(format!("apply_and_revert_{name}"), |bch| {
         bch.iter(|| {
-            pvpatch_runtime::plan::apply(&p, &mut text).unwrap();
-            pvpatch_runtime::plan::revert(&p, &mut text);
+            pvpatch_runtime::apply::apply(&p, &mut text).unwrap();
+            pvpatch_runtime::apply::revert(&p, &mut text);
         })
     });
     g.finish();
@@ -287,8 +287,8 @@ fn runtime_side_by_side(name: &str, annotated: &Path) {
     let p = pvpatch_runtime::plan::plan(&t, &b, &text, None).unwrap();
     let written = p.changes().count();
     let applying = tsc(&mut || {
-        pvpatch_runtime::plan::apply(&p, &mut text).unwrap();
-        pvpatch_runtime::plan::revert(&p, &mut text);
+        pvpatch_runtime::apply::apply(&p, &mut text).unwrap();
+        pvpatch_runtime::apply::revert(&p, &mut text);
     });
     println!(
         "  runtime, {name}: {} sites ({written} rewritten for kvm): parse+validate+plan {:.0} TSC \

@@ -168,7 +168,7 @@ impl pvpatch_runtime::plan::TextRead for HostText {
     }
 }
 
-impl pvpatch_runtime::plan::TextPoke for HostText {
+impl pvpatch_runtime::apply::TextPoke for HostText {
     fn write(&mut self, addr: u64, bytes: &[u8]) {
         if let Some(b) = self.find(addr, bytes.len()) {
             b.copy_from_slice(bytes);

@@ -7,10 +7,11 @@ use patch_sites::table::{AddrRange, Site, SiteTable, sealed_table_size, write_se
 use patch_sites::{Gpr, Op, Operand};
 use pvpatch::report::scan_image;
 use pvpatch::scan::Options;
+use pvpatch_isa::encode;
 use pvpatch_runtime::backend::{Backend, Choice, LoadedRom};
 use pvpatch_runtime::detect::{BackendKind, Detected, KVM_FEATURE_NOP_IO_DELAY};
 use pvpatch_runtime::plan;
-use pvpatch_runtime::{encode, romcheck};
+use pvpatch_runtime::romcheck;
 
 use crate::oracle::{self, Case, Oracle, SITE, State, vcpu::mix};
 

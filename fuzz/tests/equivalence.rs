@@ -9,6 +9,7 @@
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 
+use patch_sites::Outcome;
 use patch_sites::rom::Rom;
 use patch_sites::{ALL_OPS, Op, Operand};
 use proptest::prelude::*;
@@ -18,7 +19,6 @@ use pvpatch_fuzz::oracle::{self, Case, Oracle, State};
 use pvpatch_fuzz::strategies as strat;
 use pvpatch_runtime::backend::Choice;
 use pvpatch_runtime::detect::{BackendKind, KVM_FEATURE_NOP_IO_DELAY};
-use pvpatch_runtime::plan::Outcome;
 use pvpatch_runtime::trap;
 
 fn covered_ops() -> Vec<Op> {

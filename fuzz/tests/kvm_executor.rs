@@ -16,7 +16,7 @@ use patch_sites::{Gpr, Op, Operand, RegSet};
 use pvpatch_fuzz::kvm::{KvmExecutor, KvmRun};
 use pvpatch_fuzz::oracle::vcpu::{Effect, MSR_KERNEL_GS_BASE, mix};
 use pvpatch_fuzz::oracle::{Case, End, Engine, Hypervisor, STACK, State};
-use pvpatch_runtime::encode;
+use pvpatch_isa::encode;
 
 fn executor(test: &str) -> Option<KvmExecutor> {
     match KvmExecutor::new() {

@@ -7,7 +7,7 @@
 use patch_sites::{Gpr, Op, Operand};
 use pvpatch_fuzz::oracle::abstraction::{Identity, NoIoDelay};
 use pvpatch_fuzz::oracle::{Abstraction, Candidate, Case, Oracle, State};
-use pvpatch_runtime::encode;
+use pvpatch_isa::encode;
 
 struct Wrong {
     what: &'static str,

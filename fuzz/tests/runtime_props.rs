@@ -7,16 +7,18 @@
 
 use std::cell::Cell;
 
+use patch_sites::Outcome;
 use patch_sites::op::Kind;
 use patch_sites::table::{AddrRange, Form, Site, SiteTable, sealed_table_size, write_sealed_table};
 use patch_sites::{Op, Operand, RegSet};
 use proptest::prelude::*;
 use pvpatch_fuzz::strategies as strat;
+use pvpatch_isa::check;
+use pvpatch_isa::encode;
+use pvpatch_runtime::apply::{self, TextPoke};
 use pvpatch_runtime::backend::Backend;
-use pvpatch_runtime::check;
 use pvpatch_runtime::detect::{BackendKind, Detected, KVM_FEATURE_NOP_IO_DELAY};
-use pvpatch_runtime::encode;
-use pvpatch_runtime::plan::{self, Outcome, TextPoke, TextRead};
+use pvpatch_runtime::plan::{self, TextRead};
 
 const BASE: u64 = 0xffff_ffff_8100_0000;
 
@@ -177,7 +179,7 @@ proptest! {
         let mut text = Text { bytes: bytes.clone(), writes: Cell::new(0) };
         let b = backend(kind, KVM_FEATURE_NOP_IO_DELAY);
         let p = plan::plan(&table, &b, &text, None).unwrap();
-        plan::apply(&p, &mut text).unwrap();
+        apply::apply(&p, &mut text).unwrap();
 
         let mut in_site = vec![false; bytes.len()];
         for (s, planned) in sites.iter().zip(&p.sites) {
@@ -208,7 +210,7 @@ proptest! {
         for (i, (a, b)) in bytes.iter().zip(&text.bytes).enumerate() {
             prop_assert!(in_site[i] || a == b, "byte {:#x} outside every site changed", i);
         }
-        plan::revert(&p, &mut text);
+        apply::revert(&p, &mut text);
         prop_assert_eq!(&text.bytes, &bytes);
     }
 }

@@ -8,6 +8,7 @@
 //! * [`table`]: the versioned site table (header + 24-byte records with self-relative offsets),
 //!   parsed without trusting any count, length or offset, and written;
 //! * [`rom`]: the backend-ROM format, version 1, parsed and written;
+//! * [`outcome`]: what a site becomes, the vocabulary every report uses;
 //! * [`macros`]: source-level annotation macros that emit a patchable site and its record;
 //! * [`regs`]: registers and register/flag sets; [`crc32`]: the checksum both formats use.
 //!
@@ -19,11 +20,13 @@ pub mod crc32;
 mod le;
 pub mod macros;
 pub mod op;
+pub mod outcome;
 pub mod regs;
 pub mod rom;
 pub mod table;
 
 pub use op::{ALL_OPS, Op, Operand};
+pub use outcome::Outcome;
 pub use regs::{Gpr, RegSet};
 pub use rom::{Rom, RomAction, RomEntry, RomError, RomKind};
 pub use table::{AddrRange, Form, Header, Site, SiteTable, TableError};

@@ -280,7 +280,7 @@ fn detour_room(
         if i.flow_control() != FlowControl::Next {
             return Err(format!("{at:#x} is control flow"));
         }
-        if crate::classify::classify(&i).is_some() {
+        if pvpatch_isa::classify::classify(&i).is_some() {
             return Err(format!("{at:#x} is sensitive itself"));
         }
         total += i.len() as u64;

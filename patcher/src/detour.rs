@@ -90,7 +90,7 @@ pub fn build(code: &[u8], addr: u64, insn_len: usize, stub: u64) -> Result<Detou
 
     let mut out = first.to_vec();
     out.resize(room, 0);
-    pvpatch_runtime::encode::fill_nops(&mut out[insn_len..]);
+    pvpatch_isa::encode::fill_nops(&mut out[insn_len..]);
     let back = Instruction::with_branch(Code::Jmp_rel32_64, addr + room as u64)
         .map_err(|e| DetourError::Encode(e.to_string()))?;
     let mut block: Vec<Instruction> = moved

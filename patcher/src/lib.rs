@@ -9,8 +9,6 @@ pub mod annotate;
 pub mod bzimage;
 pub mod catalogue;
 pub mod detour;
-/// The classifier the boot-time runtime uses too: one definition of what an instruction is.
-pub use pvpatch_runtime::classify;
 pub mod image;
 pub mod linux;
 pub mod output;

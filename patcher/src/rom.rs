@@ -566,7 +566,7 @@ mod tests {
     fn the_library_assembles_what_it_says() {
         for s in library() {
             assert!(!s.bytes.is_empty(), "{}", s.name);
-            let i = pvpatch_runtime::check::decode_at(&s.bytes, 0, 0).unwrap();
+            let i = pvpatch_isa::check::decode_at(&s.bytes, 0, 0).unwrap();
             assert!(!i.is_invalid(), "{}", s.name);
         }
         let mov = library()

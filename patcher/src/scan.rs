@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use iced_x86::{Decoder, DecoderOptions, Instruction, OpKind};
 use patch_sites::{Op, Operand};
 
-use crate::classify::{Classified, classify};
 use crate::image::Image;
+use pvpatch_isa::classify::{Classified, classify};
 
 /// A sensitive instruction found by the sweep.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -2,7 +2,7 @@
 //! the instruction it names, with the operand it names, followed by the padding it claims.
 
 use patch_sites::table::{Form, SEALED_SECTION, Site, SiteTable, TableError};
-use pvpatch_runtime::check;
+use pvpatch_isa::check;
 use thiserror::Error;
 
 use crate::annotate::{sealed_table, table_address};

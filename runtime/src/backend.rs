@@ -14,11 +14,11 @@
 
 use patch_sites::rom::{Rom, RomAction};
 use patch_sites::table::Site;
-use patch_sites::{Op, RegSet};
+use patch_sites::{Op, Outcome, RegSet};
+use pvpatch_isa::template::Template;
 
 use crate::detect::{BackendKind, Detected, KVM_FEATURE_NOP_IO_DELAY};
 use crate::pv::PvCode;
-use crate::template::Template;
 
 /// What a backend wants for one site.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,6 +38,19 @@ pub enum Choice<'a> {
     },
     /// A trap (`ud2` where two bytes fit, else `int3`) whose op the runtime emulates.
     Trap,
+}
+
+impl Choice<'_> {
+    /// What a site becomes when this choice is used.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            Choice::Native => Outcome::Native,
+            Choice::Nothing => Outcome::Nothing,
+            Choice::Inline(_) => Outcome::Inline,
+            Choice::Call { .. } => Outcome::Call,
+            Choice::Trap => Outcome::Trap,
+        }
+    }
 }
 
 /// A validated ROM and where its bytes are, executable, in the kernel's address space.

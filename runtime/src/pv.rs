@@ -28,6 +28,7 @@
 use alloc::vec::Vec;
 
 use patch_sites::{Gpr, Op, Operand};
+use pvpatch_isa::asm::{Asm, AsmError, JNZ, JZ, POPFQ, PUSHFQ, RET};
 
 /// Generated entry points.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -69,199 +70,19 @@ impl PvCode {
     }
 }
 
-/// Why thunks cannot be generated at this address.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PvError {
-    /// A structure the thunks address is beyond a rel32 from them.
-    OutOfReach(u64),
-}
-
-impl core::fmt::Display for PvError {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        match self {
-            PvError::OutOfReach(a) => write!(f, "{a:#x} is out of rel32 reach of the thunks"),
-        }
-    }
-}
-
-/// A tiny x86-64 emitter for the thunks' few instruction forms.
-struct Asm {
-    base: u64,
-    b: Vec<u8>,
-}
-
-fn rex(w: bool, r: u8, b: u8) -> Option<u8> {
-    let v = 0x40 | (u8::from(w) << 3) | ((r >> 3) << 2) | (b >> 3);
-    (v != 0x40).then_some(v)
-}
-
-impl Asm {
-    fn at(&self) -> u64 {
-        self.base + self.b.len() as u64
-    }
-
-    fn raw(&mut self, bytes: &[u8]) {
-        self.b.extend_from_slice(bytes);
-    }
-
-    /// A rel32 from the end of an instruction `len` bytes long starting here to `target`.
-    fn rel(&self, len: usize, target: u64) -> Result<[u8; 4], PvError> {
-        let end = self.at() as i128 + len as i128;
-        i32::try_from(target as i128 - end)
-            .map(i32::to_le_bytes)
-            .map_err(|_| PvError::OutOfReach(target))
-    }
-
-    fn push(&mut self, r: u8) {
-        if r >= 8 {
-            self.raw(&[0x41]);
-        }
-        self.raw(&[0x50 + (r & 7)]);
-    }
-
-    fn pop(&mut self, r: u8) {
-        if r >= 8 {
-            self.raw(&[0x41]);
-        }
-        self.raw(&[0x58 + (r & 7)]);
-    }
-
-    fn call(&mut self, target: u64) -> Result<(), PvError> {
-        let d = self.rel(5, target)?;
-        self.raw(&[0xe8]);
-        self.raw(&d);
-        Ok(())
-    }
-
-    /// `op byte [rip + target], imm8` (`c6 /0` mov, `f6 /0` test).
-    fn rip_byte_imm(&mut self, opcode: u8, target: u64, imm: u8) -> Result<(), PvError> {
-        let d = self.rel(7, target)?;
-        self.raw(&[opcode, 0x05]);
-        self.raw(&d);
-        self.raw(&[imm]);
-        Ok(())
-    }
-
-    /// `setz byte [rip + target]`.
-    fn setz_rip(&mut self, target: u64) -> Result<(), PvError> {
-        let d = self.rel(7, target)?;
-        self.raw(&[0x0f, 0x94, 0x05]);
-        self.raw(&d);
-        Ok(())
-    }
-
-    /// `mov qword [rip + target], reg`.
-    fn store_rip(&mut self, target: u64, reg: u8) -> Result<(), PvError> {
-        let len = 7;
-        let d = self.rel(len, target)?;
-        self.raw(&[
-            rex(true, reg, 0).unwrap_or(0x48),
-            0x89,
-            ((reg & 7) << 3) | 5,
-        ]);
-        self.raw(&d);
-        Ok(())
-    }
-
-    /// `mov qword [rip + target], imm32` (sign-extended).
-    fn store_rip_imm(&mut self, target: u64, imm: i32) -> Result<(), PvError> {
-        let d = self.rel(11, target)?;
-        self.raw(&[0x48, 0xc7, 0x05]);
-        self.raw(&d);
-        self.raw(&imm.to_le_bytes());
-        Ok(())
-    }
-
-    /// `lea reg, [rip + target]`.
-    fn lea_rip(&mut self, reg: u8, target: u64) -> Result<(), PvError> {
-        let d = self.rel(7, target)?;
-        self.raw(&[
-            rex(true, reg, 0).unwrap_or(0x48),
-            0x8d,
-            ((reg & 7) << 3) | 5,
-        ]);
-        self.raw(&d);
-        Ok(())
-    }
-
-    /// `mov reg32, imm32` (zero-extends; no flags).
-    fn mov_imm32(&mut self, reg: u8, imm: u32) {
-        if reg >= 8 {
-            self.raw(&[0x41]);
-        }
-        self.raw(&[0xb8 + (reg & 7)]);
-        self.raw(&imm.to_le_bytes());
-    }
-
-    /// `movabs reg, imm64`.
-    fn mov_imm64(&mut self, reg: u8, imm: u64) {
-        self.raw(&[rex(true, 0, reg).unwrap_or(0x48), 0xb8 + (reg & 7)]);
-        self.raw(&imm.to_le_bytes());
-    }
-
-    /// `op reg, imm32` for the `81 /ext` group (`/1` or, `/4` and), 64-bit.
-    fn alu_imm(&mut self, ext: u8, reg: u8, imm: i32) {
-        self.raw(&[
-            rex(true, 0, reg).unwrap_or(0x48),
-            0x81,
-            0xc0 | (ext << 3) | (reg & 7),
-        ]);
-        self.raw(&imm.to_le_bytes());
-    }
-
-    /// `mov [rsp + d8], reg` (64-bit).
-    fn store_rsp(&mut self, d8: u8, reg: u8) {
-        self.raw(&[
-            rex(true, reg, 0).unwrap_or(0x48),
-            0x89,
-            0x44 | ((reg & 7) << 3),
-            0x24,
-            d8,
-        ]);
-    }
-
-    /// `cmp a, b` (64-bit: `39 /r`, flags from a - b).
-    fn cmp(&mut self, a: u8, b: u8) {
-        self.raw(&[
-            rex(true, b, a).unwrap_or(0x48),
-            0x39,
-            0xc0 | ((b & 7) << 3) | (a & 7),
-        ]);
-    }
-
-    /// `mov cr3, reg` / `mov reg, cr3`.
-    fn cr3(&mut self, to_cr: bool, reg: u8) {
-        if reg >= 8 {
-            self.raw(&[0x41]);
-        }
-        self.raw(&[0x0f, if to_cr { 0x22 } else { 0x20 }, 0xd8 | (reg & 7)]);
-    }
-
-    /// A short conditional jump over the next `n` bytes.
-    fn jcc_over(&mut self, opcode: u8, n: usize) {
-        self.raw(&[opcode, n as u8]);
-    }
-}
-
-const JZ: u8 = 0x74;
-const JNZ: u8 = 0x75;
-const PUSHFQ: u8 = 0x9c;
-const POPFQ: u8 = 0x9d;
-const RET: u8 = 0xc3;
+/// Why thunks cannot be generated at this address: a structure the thunks address is beyond a
+/// rel32 from them.
+pub type PvError = AsmError;
 
 /// The caller-saved registers a hypercall may clobber: rax, rcx, rdx, rsi, rdi, r8-r11.
 const VOLATILE: [u8; 9] = [0, 1, 2, 6, 7, 8, 9, 10, 11];
 
-fn save_volatile(a: &mut Asm) {
-    for r in VOLATILE {
-        a.push(r);
-    }
+fn save_volatile(a: &mut Asm<Vec<u8>>) -> Result<(), PvError> {
+    VOLATILE.iter().try_for_each(|r| a.push(*r))
 }
 
-fn restore_volatile(a: &mut Asm) {
-    for r in VOLATILE.iter().rev() {
-        a.pop(*r);
-    }
+fn restore_volatile(a: &mut Asm<Vec<u8>>) -> Result<(), PvError> {
+    VOLATILE.iter().rev().try_for_each(|r| a.pop(*r))
 }
 
 /// The registers a per-register entry point exists for: all but rsp.
@@ -318,92 +139,89 @@ pub fn xen(layout: XenLayout, base: u64) -> Result<PvCode, PvError> {
     let pending = layout.vcpu_info;
     let mask = layout.vcpu_info + 1;
     let hc = |n: u64| layout.hypercall_page + STRIDE * n;
-    let mut a = Asm {
-        base,
-        b: Vec::new(),
-    };
+    let mut a = Asm::new(base, Vec::new());
     let mut entries = Vec::new();
 
     // check_events: force delivery of pending events; preserves everything.
     let check_events = a.at();
-    a.raw(&[PUSHFQ]);
-    save_volatile(&mut a);
-    a.mov_imm32(7, 0);
-    a.mov_imm32(6, 0);
+    a.raw(&[PUSHFQ])?;
+    save_volatile(&mut a)?;
+    a.mov_imm32(7, 0)?;
+    a.mov_imm32(6, 0)?;
     a.call(hc(XEN_VERSION))?;
-    restore_volatile(&mut a);
-    a.raw(&[POPFQ, RET]);
+    restore_volatile(&mut a)?;
+    a.raw(&[POPFQ, RET])?;
 
     entries.push((Op::Cli, None, (a.at() - base) as u32));
     a.rip_byte_imm(0xc6, mask, 1)?;
-    a.raw(&[RET]);
+    a.raw(&[RET])?;
 
     entries.push((Op::Sti, None, (a.at() - base) as u32));
     a.rip_byte_imm(0xc6, mask, 0)?;
-    a.raw(&[PUSHFQ]);
+    a.raw(&[PUSHFQ])?;
     a.rip_byte_imm(0xf6, pending, 0xff)?;
-    a.jcc_over(JZ, 5);
+    a.jcc_over(JZ, 5)?;
     a.call(check_events)?;
-    a.raw(&[POPFQ, RET]);
+    a.raw(&[POPFQ, RET])?;
 
     // pushf: the RFLAGS image with the virtual IF, where the return address was.
     entries.push((Op::Pushf, Some(8), (a.at() - base) as u32));
-    a.raw(&[0xff, 0x34, 0x24, PUSHFQ]); // push qword [rsp]; pushfq
-    a.push(0);
-    a.raw(&[0x48, 0x8b, 0x44, 0x24, 0x08]); // mov rax, [rsp + 8]
-    a.alu_imm(4, 0, !0x200);
+    a.raw(&[0xff, 0x34, 0x24, PUSHFQ])?; // push qword [rsp]; pushfq
+    a.push(0)?;
+    a.raw(&[0x48, 0x8b, 0x44, 0x24, 0x08])?; // mov rax, [rsp + 8]
+    a.alu_imm(4, 0, !0x200)?;
     a.rip_byte_imm(0xf6, mask, 0xff)?;
-    a.jcc_over(JNZ, 6);
-    a.raw(&[0x48, 0x0d, 0x00, 0x02, 0x00, 0x00]); // or rax, 0x200
-    a.raw(&[0x48, 0x89, 0x44, 0x24, 0x18]); // mov [rsp + 24], rax
-    a.pop(0);
-    a.raw(&[POPFQ, RET]);
+    a.jcc_over(JNZ, 6)?;
+    a.raw(&[0x48, 0x0d, 0x00, 0x02, 0x00, 0x00])?; // or rax, 0x200
+    a.raw(&[0x48, 0x89, 0x44, 0x24, 0x18])?; // mov [rsp + 24], rax
+    a.pop(0)?;
+    a.raw(&[POPFQ, RET])?;
 
     // popf: the virtual IF from the image's IF, then popfq of the image past the return.
     entries.push((Op::Popf, Some(8), (a.at() - base) as u32));
-    a.raw(&[0x48, 0xf7, 0x44, 0x24, 0x08, 0x00, 0x02, 0x00, 0x00]); // test qword [rsp+8], 0x200
+    a.raw(&[0x48, 0xf7, 0x44, 0x24, 0x08, 0x00, 0x02, 0x00, 0x00])?; // test qword [rsp+8], 0x200
     a.setz_rip(mask)?;
-    a.jcc_over(JZ, 7 + 2 + 5);
+    a.jcc_over(JZ, 7 + 2 + 5)?;
     a.rip_byte_imm(0xf6, pending, 0xff)?;
-    a.jcc_over(JZ, 5);
+    a.jcc_over(JZ, 5)?;
     a.call(check_events)?;
-    a.push(0);
-    a.raw(&[0x48, 0x8b, 0x44, 0x24, 0x08]); // mov rax, [rsp + 8]: the return address
-    a.raw(&[0x48, 0x87, 0x44, 0x24, 0x10]); // xchg rax, [rsp + 16]: it takes the image's slot
-    a.raw(&[0x48, 0x89, 0x44, 0x24, 0x08]); // mov [rsp + 8], rax: the image below it
-    a.pop(0);
-    a.raw(&[POPFQ, RET]);
+    a.push(0)?;
+    a.raw(&[0x48, 0x8b, 0x44, 0x24, 0x08])?; // mov rax, [rsp + 8]: the return address
+    a.raw(&[0x48, 0x87, 0x44, 0x24, 0x10])?; // xchg rax, [rsp + 16]: it takes the image's slot
+    a.raw(&[0x48, 0x89, 0x44, 0x24, 0x08])?; // mov [rsp + 8], rax: the image below it
+    a.pop(0)?;
+    a.raw(&[POPFQ, RET])?;
 
     entries.push((Op::SafeHalt, None, (a.at() - base) as u32));
-    a.raw(&[PUSHFQ]);
-    save_volatile(&mut a);
-    a.mov_imm32(7, SCHEDOP_BLOCK as u32);
-    a.mov_imm32(6, 0);
+    a.raw(&[PUSHFQ])?;
+    save_volatile(&mut a)?;
+    a.mov_imm32(7, SCHEDOP_BLOCK as u32)?;
+    a.mov_imm32(6, 0)?;
     a.call(hc(SCHED_OP))?;
-    restore_volatile(&mut a);
-    a.raw(&[POPFQ, RET]);
+    restore_volatile(&mut a)?;
+    a.raw(&[POPFQ, RET])?;
 
     for r in regs() {
         // save_fl: RFLAGS with IF replaced by the virtual IF.
         entries.push((Op::SaveFl, Some(r), (a.at() - base) as u32));
-        a.raw(&[PUSHFQ, PUSHFQ]);
-        a.pop(r);
-        a.alu_imm(4, r, !0x200);
+        a.raw(&[PUSHFQ, PUSHFQ])?;
+        a.pop(r)?;
+        a.alu_imm(4, r, !0x200)?;
         a.rip_byte_imm(0xf6, mask, 0xff)?;
-        a.jcc_over(JNZ, 7);
-        a.alu_imm(1, r, 0x200);
-        a.raw(&[POPFQ, RET]);
+        a.jcc_over(JNZ, 7)?;
+        a.alu_imm(1, r, 0x200)?;
+        a.raw(&[POPFQ, RET])?;
 
         // restore_fl: the virtual IF from the image's IF; the rest as popfq loads it.
         entries.push((Op::RestoreFl, Some(r), (a.at() - base) as u32));
-        a.push(r);
-        a.raw(&[0x48, 0xf7, 0x04, 0x24, 0x00, 0x02, 0x00, 0x00]); // test qword [rsp], 0x200
+        a.push(r)?;
+        a.raw(&[0x48, 0xf7, 0x04, 0x24, 0x00, 0x02, 0x00, 0x00])?; // test qword [rsp], 0x200
         a.setz_rip(mask)?;
-        a.jcc_over(JZ, 7 + 2 + 5);
+        a.jcc_over(JZ, 7 + 2 + 5)?;
         a.rip_byte_imm(0xf6, pending, 0xff)?;
-        a.jcc_over(JZ, 5);
+        a.jcc_over(JZ, 5)?;
         a.call(check_events)?;
-        a.raw(&[POPFQ, RET]);
+        a.raw(&[POPFQ, RET])?;
 
         // mov cr3, r and invlpg [r]: one mmuext_op on the stack.
         for (op, cmd, shift) in [
@@ -411,28 +229,28 @@ pub fn xen(layout: XenLayout, base: u64) -> Result<PvCode, PvError> {
             (Op::Invlpg, MMUEXT_INVLPG_LOCAL, false),
         ] {
             entries.push((op, Some(r), (a.at() - base) as u32));
-            a.raw(&[PUSHFQ]);
-            save_volatile(&mut a);
-            a.raw(&[0x48, 0x83, 0xec, 24]); // sub rsp, 24
-            a.store_rsp(8, r);
-            a.raw(&[0xc7, 0x04, 0x24]); // mov dword [rsp], cmd
-            a.raw(&cmd.to_le_bytes());
+            a.raw(&[PUSHFQ])?;
+            save_volatile(&mut a)?;
+            a.raw(&[0x48, 0x83, 0xec, 24])?; // sub rsp, 24
+            a.store_rsp(8, r)?;
+            a.raw(&[0xc7, 0x04, 0x24])?; // mov dword [rsp], cmd
+            a.raw(&cmd.to_le_bytes())?;
             if shift {
-                a.raw(&[0x48, 0xc1, 0x6c, 0x24, 0x08, 12]); // shr qword [rsp + 8], 12
+                a.raw(&[0x48, 0xc1, 0x6c, 0x24, 0x08, 12])?; // shr qword [rsp + 8], 12
             }
-            a.raw(&[0x48, 0x89, 0xe7]); // mov rdi, rsp
-            a.mov_imm32(6, 1);
-            a.mov_imm32(2, 0);
-            a.mov_imm32(10, DOMID_SELF);
+            a.raw(&[0x48, 0x89, 0xe7])?; // mov rdi, rsp
+            a.mov_imm32(6, 1)?;
+            a.mov_imm32(2, 0)?;
+            a.mov_imm32(10, DOMID_SELF)?;
             a.call(hc(MMUEXT_OP))?;
-            a.raw(&[0x48, 0x83, 0xc4, 24]); // add rsp, 24
-            restore_volatile(&mut a);
-            a.raw(&[POPFQ, RET]);
+            a.raw(&[0x48, 0x83, 0xc4, 24])?; // add rsp, 24
+            restore_volatile(&mut a)?;
+            a.raw(&[POPFQ, RET])?;
         }
     }
     Ok(PvCode {
         base,
-        code: a.b,
+        code: a.out,
         entries,
         must_rewrite: &[
             Op::Cli,
@@ -481,40 +299,37 @@ pub mod hyperv_abi {
 pub fn hyperv(layout: HyperVLayout, base: u64) -> Result<PvCode, PvError> {
     use hyperv_abi::*;
     let input = layout.input_page;
-    let mut a = Asm {
-        base,
-        b: Vec::new(),
-    };
+    let mut a = Asm::new(base, Vec::new());
     let mut entries = Vec::new();
 
     // wrmsr: x2APIC EOI, ICR and TPR through their synthetic MSRs; everything else native.
     entries.push((Op::Wrmsr, None, (a.at() - base) as u32));
-    a.raw(&[PUSHFQ]);
+    a.raw(&[PUSHFQ])?;
     for (synthetic, x2apic) in SYNTHETIC_APIC_MSRS {
         // cmp ecx, x2apic; jne next; push rcx; mov ecx, synthetic; wrmsr; pop rcx; popfq; ret
-        a.raw(&[0x81, 0xf9]);
-        a.raw(&x2apic.to_le_bytes());
-        a.jcc_over(JNZ, 1 + 5 + 2 + 1 + 1 + 1);
-        a.push(1);
-        a.mov_imm32(1, synthetic);
-        a.raw(&[0x0f, 0x30]);
-        a.pop(1);
-        a.raw(&[POPFQ, RET]);
+        a.raw(&[0x81, 0xf9])?;
+        a.raw(&x2apic.to_le_bytes())?;
+        a.jcc_over(JNZ, 1 + 5 + 2 + 1 + 1 + 1)?;
+        a.push(1)?;
+        a.mov_imm32(1, synthetic)?;
+        a.raw(&[0x0f, 0x30])?;
+        a.pop(1)?;
+        a.raw(&[POPFQ, RET])?;
     }
-    a.raw(&[POPFQ, 0x0f, 0x30, RET]);
+    a.raw(&[POPFQ, 0x0f, 0x30, RET])?;
 
-    let hypercall = |a: &mut Asm, control: u64| -> Result<(), PvError> {
-        a.mov_imm64(1, control);
+    let hypercall = |a: &mut Asm<Vec<u8>>, control: u64| -> Result<(), PvError> {
+        a.mov_imm64(1, control)?;
         a.lea_rip(2, input)?;
-        a.mov_imm32(8, 0);
+        a.mov_imm32(8, 0)?;
         a.call(layout.hypercall_page)
     };
     for r in regs() {
         // invlpg [r]: flush one GVA, every address space, every processor (a superset).
         entries.push((Op::Invlpg, Some(r), (a.at() - base) as u32));
-        a.raw(&[PUSHFQ]);
+        a.raw(&[PUSHFQ])?;
         a.store_rip(input + 24, r)?;
-        save_volatile(&mut a);
+        save_volatile(&mut a)?;
         a.store_rip_imm(input, 0)?;
         a.store_rip_imm(
             input + 8,
@@ -522,40 +337,40 @@ pub fn hyperv(layout: HyperVLayout, base: u64) -> Result<PvCode, PvError> {
         )?;
         a.store_rip_imm(input + 16, 0)?;
         hypercall(&mut a, FLUSH_VIRTUAL_ADDRESS_LIST | (1 << REP_COUNT_SHIFT))?;
-        restore_volatile(&mut a);
-        a.raw(&[POPFQ, RET]);
+        restore_volatile(&mut a)?;
+        a.raw(&[POPFQ, RET])?;
 
         // mov cr3, r: a reload of the current value is a flush of the address space's
         // non-global mappings; any other value is written.
         entries.push((Op::MovToCr3, Some(r), (a.at() - base) as u32));
         let scratch = if r == 0 { 1 } else { 0 };
-        a.raw(&[PUSHFQ]);
-        a.push(scratch);
-        a.cr3(false, scratch);
-        a.cmp(scratch, r);
-        a.pop(scratch);
+        a.raw(&[PUSHFQ])?;
+        a.push(scratch)?;
+        a.mov_cr(false, 3, scratch)?;
+        a.cmp(scratch, r)?;
+        a.pop(scratch)?;
         // jne to the native write at the end.
-        let flush_start = a.b.len();
-        a.raw(&[JNZ, 0]); // patched below
+        let flush_start = a.out.len();
+        a.raw(&[JNZ, 0])?; // patched below
         a.store_rip(input, r)?;
-        save_volatile(&mut a);
+        save_volatile(&mut a)?;
         a.store_rip_imm(
             input + 8,
             (FLUSH_NON_GLOBAL_ONLY | FLUSH_ALL_PROCESSORS) as i32,
         )?;
         a.store_rip_imm(input + 16, 0)?;
         hypercall(&mut a, FLUSH_VIRTUAL_ADDRESS_SPACE)?;
-        restore_volatile(&mut a);
-        a.raw(&[POPFQ, RET]);
-        let over = a.b.len() - (flush_start + 2);
-        a.b[flush_start + 1] = over as u8;
-        a.raw(&[POPFQ]);
-        a.cr3(true, r);
-        a.raw(&[RET]);
+        restore_volatile(&mut a)?;
+        a.raw(&[POPFQ, RET])?;
+        let over = a.out.len() - (flush_start + 2);
+        a.out[flush_start + 1] = over as u8;
+        a.raw(&[POPFQ])?;
+        a.mov_cr(true, 3, r)?;
+        a.raw(&[RET])?;
     }
     Ok(PvCode {
         base,
-        code: a.b,
+        code: a.out,
         entries,
         must_rewrite: &[],
     })
@@ -634,7 +449,7 @@ mod tests {
                 },
                 base
             ),
-            Err(PvError::OutOfReach((1 << 40) + 1))
+            Err(AsmError::OutOfReach((1 << 40) + 1))
         );
     }
 

@@ -3,10 +3,14 @@
 
 use alloc::collections::BTreeMap;
 
-use patch_sites::Op;
 use patch_sites::table::Form;
+use patch_sites::{Op, Outcome};
 
-use crate::plan::{Applied, Keep, Outcome, Plan};
+use crate::apply::Applied;
+use crate::plan::{Keep, Plan};
+
+/// Counts by outcome, indexed by [`Outcome::index`].
+pub type ByOutcome = [u32; Outcome::ALL.len()];
 
 /// The site forms, in the order of [`Stats::by_form`].
 pub const FORMS: [Form; 4] = [Form::Native, Form::IndirectCall, Form::Detour, Form::Trap];
@@ -17,11 +21,11 @@ pub struct Stats {
     /// Sites in the table.
     pub sites: u32,
     /// Sites by outcome, in [`Outcome::ALL`] order.
-    pub by_outcome: [u32; 6],
+    pub by_outcome: ByOutcome,
     /// Sites by op: (outcome counts) per op id.
-    pub by_op: BTreeMap<u16, [u32; 6]>,
+    pub by_op: BTreeMap<u16, ByOutcome>,
     /// Sites by the form they were emitted in ([`FORMS`] order): outcome counts.
-    pub by_form: [[u32; 6]; 4],
+    pub by_form: [ByOutcome; 4],
     /// Sites the backend wanted otherwise but that stayed or became native (no room, operand,
     /// clobbers, no encoding).
     pub fallbacks: u32,
@@ -43,10 +47,7 @@ impl Stats {
             ..Stats::default()
         };
         for p in &plan.sites {
-            let k = Outcome::ALL
-                .iter()
-                .position(|o| *o == p.outcome)
-                .unwrap_or(0);
+            let k = p.outcome.index();
             s.by_outcome[k] += 1;
             s.by_op.entry(p.site.op_id).or_default()[k] += 1;
             if let Some(f) = FORMS.iter().position(|f| *f == p.site.form) {
@@ -63,10 +64,7 @@ impl Stats {
 
     /// Sites with this outcome.
     pub fn count(&self, o: Outcome) -> u32 {
-        Outcome::ALL
-            .iter()
-            .position(|x| *x == o)
-            .map_or(0, |k| self.by_outcome[k])
+        self.by_outcome[o.index()]
     }
 
     /// The op name of an id, for reports.

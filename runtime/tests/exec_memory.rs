@@ -9,12 +9,14 @@
 use dynasmrt::x64::X64Relocation;
 use dynasmrt::{DynasmApi, VecAssembler, dynasm};
 use memmap2::{Mmap, MmapMut};
+use patch_sites::Outcome;
 use patch_sites::rom::{NO_REX, Rom, RomEntrySpec, RomKind, Slot, SlotKind, SlotSource};
 use patch_sites::table::{AddrRange, Form, Site, SiteTable, write_sealed_table};
 use patch_sites::{Gpr, Op, Operand, RegSet};
+use pvpatch_runtime::apply::{self, ApplyError, TextPoke};
 use pvpatch_runtime::backend::{Backend, Choice, LoadedRom};
 use pvpatch_runtime::detect::{BackendKind, Detected};
-use pvpatch_runtime::plan::{self, ApplyError, Outcome, PlanError, TextPoke, TextRead};
+use pvpatch_runtime::plan::{self, PlanError, TextRead};
 use pvpatch_runtime::romcheck;
 
 const MAP_LEN: usize = 0x4000;
@@ -386,7 +388,7 @@ fn native_backend_inlines_call_sites_and_keeps_the_rest() {
         };
         assert_eq!(s.outcome, want, "site {}", s.index);
     }
-    let applied = plan::apply(&p, &mut m.text).unwrap();
+    let applied = apply::apply(&p, &mut m.text).unwrap();
     assert_eq!(applied.sites, 3);
     assert_eq!(applied.bytes, 18);
     m.text.probe().check();
@@ -411,7 +413,7 @@ fn native_backend_inlines_call_sites_and_keeps_the_rest() {
         );
     }
     // Revert restores every byte.
-    plan::revert(&p, &mut m.text);
+    apply::revert(&p, &mut m.text);
     assert_eq!(m.snapshot(), before);
     m.text.probe().check();
 }
@@ -483,7 +485,7 @@ fn rom_backend_inlines_templates_and_calls_entry_points() {
     assert_eq!(outcome(Op::Rdtsc, Form::IndirectCall), Outcome::Call);
     assert_eq!(outcome(Op::SaveFl, Form::IndirectCall), Outcome::Inline);
     assert_eq!(outcome(Op::RestoreFl, Form::Native), Outcome::Unchanged);
-    plan::apply(&p, &mut m.text).unwrap();
+    apply::apply(&p, &mut m.text).unwrap();
     m.text.probe().check();
     // The rdtsc sites call the entry point.
     let entry = base
@@ -564,7 +566,7 @@ fn a_failed_read_back_restores_every_site() {
     let p = plan::plan(&table, &backend(BackendKind::Native), &m.text, None).unwrap();
     // The second of three writes lands wrong.
     m.text.corrupt_write = Some(m.text.writes + 1);
-    let e = plan::apply(&p, &mut m.text).unwrap_err();
+    let e = apply::apply(&p, &mut m.text).unwrap_err();
     assert!(matches!(e, ApplyError::ReadBack { .. }), "{e:?}");
     assert_eq!(m.snapshot(), before, "every site restored");
     m.text.probe().check();
@@ -580,7 +582,7 @@ fn a_restore_that_fails_too_is_reported_as_such() {
     // restore lands wrong too).
     m.text.corrupt_write = Some(m.text.writes + 2);
     m.text.corrupt_also = Some(m.text.writes + 3);
-    let e = plan::apply(&p, &mut m.text).unwrap_err();
+    let e = apply::apply(&p, &mut m.text).unwrap_err();
     assert!(matches!(e, ApplyError::NotRestored { .. }), "{e:?}");
 }
 
@@ -598,7 +600,7 @@ fn a_site_changed_after_planning_stops_everything() {
     m.text.close();
     let before = m.snapshot();
     let writes = m.text.writes;
-    let e = plan::apply(&p, &mut m.text).unwrap_err();
+    let e = apply::apply(&p, &mut m.text).unwrap_err();
     assert_eq!(
         e,
         ApplyError::Changed {
@@ -635,7 +637,7 @@ fn unknown_ops_are_left_alone() {
     assert_eq!(table.unknown_ops(), 1);
     let p = plan::plan(&table, &backend(BackendKind::Native), &m.text, None).unwrap();
     assert_eq!(p.sites[i].keep, Some(plan::Keep::UnknownOp));
-    plan::apply(&p, &mut m.text).unwrap();
+    apply::apply(&p, &mut m.text).unwrap();
     // Still a call through the ops table, which still works.
     assert_eq!(m.site_bytes(i)[..2], [0xff, 0x15]);
     m.text.probe().check();
@@ -648,7 +650,7 @@ fn forced_traps_are_written_as_ud2_and_reverted() {
     let table = table!(m);
     let force = |_: u32, s: &Site| (s.op() == Some(Op::Cpuid)).then_some(Choice::Trap);
     let p = plan::plan(&table, &backend(BackendKind::Native), &m.text, Some(&force)).unwrap();
-    plan::apply(&p, &mut m.text).unwrap();
+    apply::apply(&p, &mut m.text).unwrap();
     for (i, s) in m.sites.iter().enumerate() {
         if s.op() == Some(Op::Cpuid) {
             assert_eq!(p.sites[i].outcome, Outcome::Trap);
@@ -656,7 +658,7 @@ fn forced_traps_are_written_as_ud2_and_reverted() {
         }
     }
     // Not run here (a user-mode ud2 is SIGILL); undone exactly.
-    plan::revert(&p, &mut m.text);
+    apply::revert(&p, &mut m.text);
     assert_eq!(m.snapshot(), before);
     m.text.probe().check();
 }

@@ -24,12 +24,13 @@ pub mod vcpu;
 use std::fmt;
 
 use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
+use patch_sites::Outcome;
 use patch_sites::op::Kind;
 use patch_sites::table::{AddrRange, Form, Site, SiteTable, sealed_table_size, write_sealed_table};
 use patch_sites::{Gpr, Op, Operand, RegSet};
+use pvpatch_isa::encode;
 use pvpatch_runtime::backend::{Backend, Choice, LoadedRom};
-use pvpatch_runtime::encode;
-use pvpatch_runtime::plan::{self, Keep, Outcome, TextRead};
+use pvpatch_runtime::plan::{self, Keep, TextRead};
 
 pub use abstraction::Abstraction;
 pub use engine::{

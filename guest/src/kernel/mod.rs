@@ -27,9 +27,9 @@ use core::cell::UnsafeCell;
 use core::fmt::Write;
 use core::sync::atomic::Ordering;
 
+use patch_sites::Outcome;
 use patch_sites::{pv_out, pv_site_table_header};
 use pvpatch_runtime::backend::Choice;
-use pvpatch_runtime::plan::Outcome;
 
 use console::Console;
 use report::{Centi, Json};

@@ -6,11 +6,13 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
+use patch_sites::Outcome;
 use patch_sites::rom::{FW_CFG_NAME, Rom};
 use patch_sites::table::{AddrRange, HEADER_SIZE, SEALED_ALIGN, Site, SiteTable, TABLE_MAGIC};
+use pvpatch_runtime::apply::{self, TextPoke};
 use pvpatch_runtime::backend::{Backend, Choice, LoadedRom};
 use pvpatch_runtime::detect::{self, BackendKind, Detected, Platform};
-use pvpatch_runtime::plan::{self, Outcome, Plan, TextPoke, TextRead};
+use pvpatch_runtime::plan::{self, Plan, TextRead};
 use pvpatch_runtime::stats::Stats;
 
 use super::{arch, fwcfg, idt, paging};
@@ -322,14 +324,14 @@ pub fn patch(
         planned.sites.retain(|s| f(&s.site));
     }
     let t1 = arch::rdtsc();
-    let applied = plan::apply(&planned, &mut GuestPoke::default());
+    let applied = apply::apply(&planned, &mut GuestPoke::default());
     let t2 = arch::rdtsc();
     let mut stats = Stats::of(&planned);
     stats.plan_cycles = t1 - t0;
     stats.apply_cycles = t2 - t1;
     match applied {
         Ok(a) => stats.applied = a,
-        Err(e @ plan::ApplyError::NotRestored { .. }) => {
+        Err(e @ apply::ApplyError::NotRestored { .. }) => {
             // Half-patched text that cannot be put back: nothing after this can be trusted.
             panic!("patching failed and could not be undone: {e}");
         }
@@ -358,6 +360,6 @@ pub fn patch(
 /// Writes the old bytes of every site `plan` changed back (the benchmark's trap pass undoes
 /// itself this way).
 pub fn revert(plan: &Plan) {
-    plan::revert(plan, &mut GuestPoke::default());
+    apply::revert(plan, &mut GuestPoke::default());
     idt::set_trap_sites(Vec::new());
 }

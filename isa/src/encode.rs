@@ -6,7 +6,9 @@
 //! encoding is checked by decoding it back (see [`crate::check`]).
 
 use patch_sites::table::{SITE_FLAG_REP, Site};
-use patch_sites::{Gpr, Op, Operand};
+use patch_sites::{Op, Operand};
+
+use crate::asm::Asm;
 
 /// The longest sequence the runtime builds for one site.
 pub const MAX_SEQ: usize = 64;
@@ -119,54 +121,11 @@ pub fn fill_nops(out: &mut [u8]) {
     }
 }
 
-fn rex(w: bool, r: u8, x: u8, b: u8) -> u8 {
-    0x40 | ((w as u8) << 3) | ((r >> 3) << 2) | ((x >> 3) << 1) | (b >> 3)
-}
-
-fn modrm(md: u8, reg: u8, rm: u8) -> u8 {
-    (md << 6) | ((reg & 7) << 3) | (rm & 7)
-}
-
-/// `[REX] opcode... modrm` for a register operand in ModRM.rm with `/digit` in ModRM.reg.
-fn reg_form(s: &mut Seq, w: bool, digit: u8, rm: u8, opcode: &[u8]) -> Option<()> {
-    let r = rex(w, digit, 0, rm);
-    if r != 0x40 {
-        s.push(&[r])?;
-    }
-    s.push(opcode)?;
-    s.push(&[modrm(3, digit, rm)])
-}
-
-/// `[REX] opcode... modrm [sib] [disp8]` for a `[base]` memory operand.
-fn mem_form(s: &mut Seq, prefix: &[u8], reg: u8, base: u8, opcode: &[u8]) -> Option<()> {
-    s.push(prefix)?;
-    let r = rex(false, reg, 0, base);
-    if r != 0x40 {
-        s.push(&[r])?;
-    }
-    s.push(opcode)?;
-    match base & 7 {
-        // rsp/r12: a SIB byte with no index
-        4 => s.push(&[modrm(0, reg, 4), 0x24]),
-        // rbp/r13: mod=01 with a zero disp8
-        5 => s.push(&[modrm(1, reg, 5), 0x00]),
-        _ => s.push(&[modrm(0, reg, base)]),
-    }
-}
-
-fn width_prefix(s: &mut Seq, width: u8) -> Option<()> {
-    if width == 2 {
-        s.push(&[0x66])
-    } else {
-        Some(())
-    }
-}
-
 /// The native encoding of what `site` records, if it can be encoded: a memory operand other
 /// than `[base]`, or a hypervisor interface, cannot.
 pub fn native(site: &Site) -> Option<Seq> {
     let op = site.op()?;
-    let mut s = Seq::new();
+    let mut a = Asm::new(0, Seq::new());
     let reg = |o: Operand| -> Option<u8> {
         match o {
             Operand::Reg(r) => Some(r.number()),
@@ -175,77 +134,53 @@ pub fn native(site: &Site) -> Option<Seq> {
     };
     let w = site.width;
     match (op, site.operand) {
-        (Op::Cli, _) => s.push(&[0xfa])?,
-        (Op::Sti, _) => s.push(&[0xfb])?,
-        (Op::Hlt, _) => s.push(&[0xf4])?,
-        (Op::SafeHalt, _) => s.push(&[0xfb, 0xf4])?,
-        (Op::Pushf, _) => {
-            width_prefix(&mut s, w)?;
-            s.push(&[0x9c])?
+        (Op::Cli, _) => a.raw(&[0xfa]),
+        (Op::Sti, _) => a.raw(&[0xfb]),
+        (Op::Hlt, _) => a.raw(&[0xf4]),
+        (Op::SafeHalt, _) => a.raw(&[0xfb, 0xf4]),
+        (Op::Pushf, _) => a.width_prefix(w).and_then(|_| a.raw(&[0x9c])),
+        (Op::Popf, _) => a.width_prefix(w).and_then(|_| a.raw(&[0x9d])),
+        (Op::MovToCr0 | Op::MovToCr2 | Op::MovToCr3 | Op::MovToCr4 | Op::MovToCr8, o) => {
+            a.mov_cr(true, op.control_register().unwrap_or(8), reg(o)?)
         }
-        (Op::Popf, _) => {
-            width_prefix(&mut s, w)?;
-            s.push(&[0x9d])?
-        }
-        (Op::MovToCr0 | Op::MovToCr2 | Op::MovToCr3 | Op::MovToCr4 | Op::MovToCr8, o) => reg_form(
-            &mut s,
-            false,
-            op.control_register().unwrap_or(8),
-            reg(o)?,
-            &[0x0f, 0x22],
-        )?,
         (Op::MovFromCr0 | Op::MovFromCr2 | Op::MovFromCr3 | Op::MovFromCr4 | Op::MovFromCr8, o) => {
-            reg_form(
-                &mut s,
-                false,
-                op.control_register().unwrap_or(8),
-                reg(o)?,
-                &[0x0f, 0x20],
-            )?
+            a.mov_cr(false, op.control_register().unwrap_or(8), reg(o)?)
         }
         (Op::MovToDr, Operand::DebugReg { dr, reg }) => {
-            reg_form(&mut s, false, dr, reg.number(), &[0x0f, 0x23])?
+            a.reg_form(false, dr, reg.number(), &[0x0f, 0x23])
         }
         (Op::MovFromDr, Operand::DebugReg { dr, reg }) => {
-            reg_form(&mut s, false, dr, reg.number(), &[0x0f, 0x21])?
+            a.reg_form(false, dr, reg.number(), &[0x0f, 0x21])
         }
-        (Op::Rdmsr, _) => s.push(&[0x0f, 0x32])?,
-        (Op::Wrmsr, _) => s.push(&[0x0f, 0x30])?,
-        (Op::In, Operand::PortImm(p)) => {
-            width_prefix(&mut s, w)?;
-            s.push(&[if w == 1 { 0xe4 } else { 0xe5 }, p])?
-        }
-        (Op::In, Operand::PortDx) => {
-            width_prefix(&mut s, w)?;
-            s.push(&[if w == 1 { 0xec } else { 0xed }])?
-        }
-        (Op::Out | Op::IoDelay, Operand::PortImm(p)) => {
-            width_prefix(&mut s, w)?;
-            s.push(&[if w == 1 { 0xe6 } else { 0xe7 }, p])?
-        }
-        (Op::Out, Operand::PortDx) => {
-            width_prefix(&mut s, w)?;
-            s.push(&[if w == 1 { 0xee } else { 0xef }])?
-        }
+        (Op::Rdmsr, _) => a.raw(&[0x0f, 0x32]),
+        (Op::Wrmsr, _) => a.raw(&[0x0f, 0x30]),
+        (Op::In, Operand::PortImm(p)) => a
+            .width_prefix(w)
+            .and_then(|_| a.raw(&[if w == 1 { 0xe4 } else { 0xe5 }, p])),
+        (Op::In, Operand::PortDx) => a
+            .width_prefix(w)
+            .and_then(|_| a.raw(&[if w == 1 { 0xec } else { 0xed }])),
+        (Op::Out | Op::IoDelay, Operand::PortImm(p)) => a
+            .width_prefix(w)
+            .and_then(|_| a.raw(&[if w == 1 { 0xe6 } else { 0xe7 }, p])),
+        (Op::Out, Operand::PortDx) => a
+            .width_prefix(w)
+            .and_then(|_| a.raw(&[if w == 1 { 0xee } else { 0xef }])),
         (Op::Ins | Op::Outs, Operand::PortDx) => {
             if site.flags & SITE_FLAG_REP != 0 {
-                s.push(&[0xf3])?;
+                a.raw(&[0xf3]).ok()?;
             }
-            width_prefix(&mut s, w)?;
             let base = if op == Op::Ins { 0x6c } else { 0x6e };
-            s.push(&[if w == 1 { base } else { base + 1 }])?
+            a.width_prefix(w)
+                .and_then(|_| a.raw(&[if w == 1 { base } else { base + 1 }]))
         }
-        (Op::Invlpg, Operand::MemBase(b)) => mem_form(&mut s, &[], 7, b.number(), &[0x0f, 0x01])?,
-        (Op::Invpcid, Operand::RegMemBase { reg, base }) => mem_form(
-            &mut s,
-            &[0x66],
-            reg.number(),
-            base.number(),
-            &[0x0f, 0x38, 0x82],
-        )?,
-        (Op::Wbinvd, _) => s.push(&[0x0f, 0x09])?,
-        (Op::Invd, _) => s.push(&[0x0f, 0x08])?,
-        (Op::Cpuid, _) => s.push(&[0x0f, 0xa2])?,
+        (Op::Invlpg, Operand::MemBase(b)) => a.mem_form(&[], 7, b.number(), &[0x0f, 0x01]),
+        (Op::Invpcid, Operand::RegMemBase { reg, base }) => {
+            a.mem_form(&[0x66], reg.number(), base.number(), &[0x0f, 0x38, 0x82])
+        }
+        (Op::Wbinvd, _) => a.raw(&[0x0f, 0x09]),
+        (Op::Invd, _) => a.raw(&[0x0f, 0x08]),
+        (Op::Cpuid, _) => a.raw(&[0x0f, 0xa2]),
         (Op::Lgdt | Op::Lidt | Op::Sgdt | Op::Sidt, Operand::MemBase(b)) => {
             let digit = match op {
                 Op::Sgdt => 0,
@@ -253,7 +188,7 @@ pub fn native(site: &Site) -> Option<Seq> {
                 Op::Lgdt => 2,
                 _ => 3,
             };
-            mem_form(&mut s, &[], digit, b.number(), &[0x0f, 0x01])?
+            a.mem_form(&[], digit, b.number(), &[0x0f, 0x01])
         }
         (Op::Lldt | Op::Ltr | Op::Sldt | Op::Str, o) => {
             let digit = match op {
@@ -262,56 +197,37 @@ pub fn native(site: &Site) -> Option<Seq> {
                 Op::Lldt => 2,
                 _ => 3,
             };
+            let stores = matches!(op, Op::Sldt | Op::Str);
             match o {
                 Operand::Reg(r) => {
-                    if matches!(op, Op::Sldt | Op::Str) {
-                        width_prefix(&mut s, w)?;
+                    if stores {
+                        a.width_prefix(w).ok()?;
                     }
-                    reg_form(
-                        &mut s,
-                        w == 8 && matches!(op, Op::Sldt | Op::Str),
-                        digit,
-                        r.number(),
-                        &[0x0f, 0x00],
-                    )?
+                    a.reg_form(w == 8 && stores, digit, r.number(), &[0x0f, 0x00])
                 }
-                Operand::MemBase(b) => mem_form(&mut s, &[], digit, b.number(), &[0x0f, 0x00])?,
+                Operand::MemBase(b) => a.mem_form(&[], digit, b.number(), &[0x0f, 0x00]),
                 _ => return None,
             }
         }
-        (Op::Smsw, Operand::Reg(r)) => {
-            width_prefix(&mut s, w)?;
-            reg_form(&mut s, w == 8, 4, r.number(), &[0x0f, 0x01])?
-        }
-        (Op::Smsw, Operand::MemBase(b)) => mem_form(&mut s, &[], 4, b.number(), &[0x0f, 0x01])?,
-        (Op::Clts, _) => s.push(&[0x0f, 0x06])?,
-        (Op::Swapgs, _) => s.push(&[0x0f, 0x01, 0xf8])?,
-        (Op::Rdtsc, _) => s.push(&[0x0f, 0x31])?,
-        (Op::Rdtscp, _) => s.push(&[0x0f, 0x01, 0xf9])?,
-        (Op::Rdpmc, _) => s.push(&[0x0f, 0x33])?,
-        (Op::Iretq, _) => s.push(&[0x48, 0xcf])?,
-        (Op::Sysretq, _) => s.push(&[0x48, 0x0f, 0x07])?,
-        (Op::Sysretl, _) => s.push(&[0x0f, 0x07])?,
-        (Op::Xsetbv, _) => s.push(&[0x0f, 0x01, 0xd1])?,
-        (Op::SaveFl, Operand::Reg(r)) => {
-            s.push(&[0x9c])?;
-            push_pop_reg(&mut s, 0x58, r)?
-        }
-        (Op::RestoreFl, Operand::Reg(r)) => {
-            push_pop_reg(&mut s, 0x50, r)?;
-            s.push(&[0x9d])?
-        }
+        (Op::Smsw, Operand::Reg(r)) => a
+            .width_prefix(w)
+            .and_then(|_| a.reg_form(w == 8, 4, r.number(), &[0x0f, 0x01])),
+        (Op::Smsw, Operand::MemBase(b)) => a.mem_form(&[], 4, b.number(), &[0x0f, 0x01]),
+        (Op::Clts, _) => a.raw(&[0x0f, 0x06]),
+        (Op::Swapgs, _) => a.raw(&[0x0f, 0x01, 0xf8]),
+        (Op::Rdtsc, _) => a.raw(&[0x0f, 0x31]),
+        (Op::Rdtscp, _) => a.raw(&[0x0f, 0x01, 0xf9]),
+        (Op::Rdpmc, _) => a.raw(&[0x0f, 0x33]),
+        (Op::Iretq, _) => a.raw(&[0x48, 0xcf]),
+        (Op::Sysretq, _) => a.raw(&[0x48, 0x0f, 0x07]),
+        (Op::Sysretl, _) => a.raw(&[0x0f, 0x07]),
+        (Op::Xsetbv, _) => a.raw(&[0x0f, 0x01, 0xd1]),
+        (Op::SaveFl, Operand::Reg(r)) => a.raw(&[0x9c]).and_then(|_| a.pop(r.number())),
+        (Op::RestoreFl, Operand::Reg(r)) => a.push(r.number()).and_then(|_| a.raw(&[0x9d])),
         _ => return None,
     }
-    Some(s)
-}
-
-fn push_pop_reg(s: &mut Seq, opcode: u8, r: Gpr) -> Option<()> {
-    let n = r.number();
-    if n >= 8 {
-        s.push(&[0x41])?;
-    }
-    s.push(&[opcode + (n & 7)])
+    .ok()?;
+    Some(a.out)
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use patch_sites::table::{Form, SITE_FLAG_REP, Site};
 use patch_sites::{Gpr, Op, Operand};
 
 use crate::classify::{classify, gpr, reg_width};
+use crate::encode::{self, Seq};
 
 /// How a site's bytes differ from its record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,6 +45,8 @@ pub enum Mismatch {
     NotIndirectCall,
     /// Not `int3`/`ud2` where the record says trap.
     NotTrap,
+    /// Not a `call rel32` to this target.
+    NotCall(u64),
     /// The record's op is unknown or cannot be checked.
     Unknown,
 }
@@ -67,6 +70,7 @@ impl fmt::Display for Mismatch {
             Mismatch::NotPadding(a) => write!(f, "padding at {a:#x} is not a NOP"),
             Mismatch::NotIndirectCall => f.write_str("is not a 6-byte call [rip+disp32]"),
             Mismatch::NotTrap => f.write_str("is not int3 or ud2"),
+            Mismatch::NotCall(t) => write!(f, "is not a call to {t:#x}"),
             Mismatch::Unknown => f.write_str("the record's op cannot be checked"),
         }
     }
@@ -155,25 +159,40 @@ pub fn nops(bytes: &[u8], addr: u64, from: usize) -> Result<(), Mismatch> {
     Ok(())
 }
 
-/// Whether `bytes` are exactly the native encoding of the record followed by the recommended
-/// NOPs: what the annotation macros emit. Comparing is much cheaper than decoding, and exact:
-/// the encoder's output is checked against the decoder by the tests.
-fn is_canonical(bytes: &[u8], site: &Site) -> bool {
-    let Some(enc) = crate::encode::native(site) else {
-        return false;
-    };
-    if enc.len() != site.insn_len as usize || !bytes.starts_with(enc.as_slice()) {
+/// Whether `bytes` are exactly `native` (the record's native encoding) followed by the
+/// recommended NOPs: what the annotation macros emit. Comparing is much cheaper than decoding,
+/// and exact: the encoder's output is checked against the decoder by the tests.
+fn is_canonical(bytes: &[u8], site: &Site, native: &[u8]) -> bool {
+    if native.len() != site.insn_len as usize || !bytes.starts_with(native) {
         return false;
     }
-    let mut pad = crate::encode::Seq::new();
-    pad.pad_to(bytes.len() - enc.len()).is_some() && bytes[enc.len()..] == *pad.as_slice()
+    let mut pad = Seq::new();
+    pad.pad_to(bytes.len() - native.len()).is_some() && bytes[native.len()..] == *pad.as_slice()
 }
 
 /// Checks that `bytes` (the site's `site_len` bytes, at the site's patch address `addr`) hold
 /// what an unpatched site of this form holds.
 pub fn original(bytes: &[u8], addr: u64, site: &Site) -> Result<(), Mismatch> {
+    original_encoded(
+        bytes,
+        addr,
+        site,
+        encode::native(site).as_ref().map(Seq::as_slice),
+    )
+}
+
+/// [`original`], given the record's native encoding (`None` if it has none), so that a caller
+/// that needs it anyway encodes it once.
+pub fn original_encoded(
+    bytes: &[u8],
+    addr: u64,
+    site: &Site,
+    native: Option<&[u8]>,
+) -> Result<(), Mismatch> {
     match site.form {
-        Form::Native | Form::Detour if is_canonical(bytes, site) => Ok(()),
+        Form::Native | Form::Detour if native.is_some_and(|n| is_canonical(bytes, site, n)) => {
+            Ok(())
+        }
         Form::Native | Form::Detour => {
             native_insn(bytes, addr, site)?;
             nops(bytes, addr, site.insn_len as usize)
@@ -196,4 +215,25 @@ pub fn original(bytes: &[u8], addr: u64, site: &Site) -> Result<(), Mismatch> {
             Ok(())
         }
     }
+}
+
+/// Checks that `bytes` start with `call rel32` to `target`; its length.
+pub fn call_to(bytes: &[u8], addr: u64, target: u64) -> Result<usize, Mismatch> {
+    let i = decode_at(bytes, addr, 0)?;
+    if i.mnemonic() != Mnemonic::Call || i.near_branch_target() != target || i.len() != 5 {
+        return Err(Mismatch::NotCall(target));
+    }
+    Ok(5)
+}
+
+/// Checks that `bytes` start with whole instructions that end exactly at `len`.
+pub fn decodes_exactly(bytes: &[u8], addr: u64, len: usize) -> Result<(), Mismatch> {
+    let mut at = 0;
+    while at < len {
+        at += decode_at(bytes, addr, at)?.len();
+    }
+    if at != len {
+        return Err(Mismatch::Undecodable(addr + at as u64));
+    }
+    Ok(())
 }
