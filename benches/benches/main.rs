@@ -125,7 +125,7 @@ fn oracle(c: &mut Criterion) {
 }
 
 fn kernel_path() -> Option<PathBuf> {
-    match pvguest::harness::debian_kernel() {
+    match pvpatch_testkit::debian_kernel() {
         Ok(k) => Some(k.vmlinux),
         Err(why) => {
             println!("skipped: the kernel benchmarks: {why}");
@@ -137,7 +137,7 @@ fn kernel_path() -> Option<PathBuf> {
 /// Scanning and annotating the whole Debian vmlinux, and objdump -d over it, side by side.
 fn kernel(c: &mut Criterion, vmlinux: &Path) {
     let code: u64 = {
-        let img = pvpatch::image::Image::open(vmlinux).unwrap();
+        let img = pvpatch::load::image::Image::open(vmlinux).unwrap();
         img.exec_sections().map(|s| s.size).sum()
     };
     let mut g = c.benchmark_group("kernel");
@@ -150,8 +150,8 @@ fn kernel(c: &mut Criterion, vmlinux: &Path) {
     let out = dir.path().join("annotated");
     g.bench_function("pvpatch_annotate_vmlinux", |b| {
         b.iter(|| {
-            let img = pvpatch::image::Image::open(vmlinux).unwrap();
-            let r = pvpatch::report::scan_image(&img, Default::default(), None);
+            let img = pvpatch::load::image::Image::open(vmlinux).unwrap();
+            let r = pvpatch::scan_image(&img, Default::default(), None);
             pvpatch::annotate::annotate(&r, &out, &Default::default()).unwrap()
         })
     });
@@ -165,7 +165,7 @@ fn kernel(c: &mut Criterion, vmlinux: &Path) {
 
 /// Ratios from the same run, and annotate's peak memory.
 fn side_by_side(vmlinux: &Path) {
-    let img = pvpatch::image::Image::open(vmlinux).unwrap();
+    let img = pvpatch::load::image::Image::open(vmlinux).unwrap();
     let size = img.bytes().len() as u64;
     let code: u64 = img.exec_sections().map(|s| s.size).sum();
     let scan = median(11, || {
@@ -220,8 +220,8 @@ fn child(job: &str) {
     let [_, input, output] = parts[..] else {
         panic!("bad job {job}")
     };
-    let img = pvpatch::image::Image::open(Path::new(input)).unwrap();
-    let r = pvpatch::report::scan_image(&img, Default::default(), None);
+    let img = pvpatch::load::image::Image::open(Path::new(input)).unwrap();
+    let r = pvpatch::scan_image(&img, Default::default(), None);
     pvpatch::annotate::annotate(&r, Path::new(output), &Default::default()).unwrap();
     println!(
         "{PEAK_RSS_PREFIX}{}",
@@ -233,7 +233,7 @@ fn child(job: &str) {
 /// does before writing a byte, and then writing and undoing it.
 fn runtime_group(c: &mut Criterion, name: &str, annotated: &Path) {
     use pvpatch_runtime::detect::BackendKind;
-    let img = pvpatch::image::Image::open(annotated).unwrap();
+    let img = pvpatch::load::image::Image::open(annotated).unwrap();
     let (tb, addr) = sealed_table(&img).expect("annotated");
     let code = img.code_ranges();
     let table = SiteTable::parse_contiguous(&tb, addr, &code).unwrap();
@@ -261,7 +261,7 @@ fn runtime_group(c: &mut Criterion, name: &str, annotated: &Path) {
 /// side-by-side report.
 fn runtime_side_by_side(name: &str, annotated: &Path) {
     use pvpatch_runtime::detect::BackendKind;
-    let img = pvpatch::image::Image::open(annotated).unwrap();
+    let img = pvpatch::load::image::Image::open(annotated).unwrap();
     let (tb, addr) = sealed_table(&img).expect("annotated");
     let code = img.code_ranges();
     let mut text = HostText::of(&img);
@@ -307,8 +307,8 @@ fn rdtsc() -> u64 {
 /// The Debian kernel annotated into `dir`.
 fn annotated_kernel(vmlinux: &Path, dir: &Path) -> PathBuf {
     let out = dir.join("vmlinux.annotated");
-    let img = pvpatch::image::Image::open(vmlinux).unwrap();
-    let r = pvpatch::report::scan_image(&img, Default::default(), None);
+    let img = pvpatch::load::image::Image::open(vmlinux).unwrap();
+    let r = pvpatch::scan_image(&img, Default::default(), None);
     pvpatch::annotate::annotate(&r, &out, &Default::default()).unwrap();
     out
 }
@@ -320,7 +320,7 @@ fn main() {
     let mut c = Criterion::default().configure_from_args();
     abi(&mut c);
     oracle(&mut c);
-    let guest = pvguest::harness::build_guest().expect("the guest builds");
+    let guest = pvpatch_testkit::build_guest().expect("the guest builds");
     runtime_group(&mut c, "guest", &guest);
     let vmlinux = kernel_path();
     let dir = tempfile::tempdir().unwrap();

@@ -19,7 +19,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .next()
         .ok_or("usage: profile_plan KERNEL.annotated [ROUNDS]")?;
     let rounds: usize = args.next().map(|r| r.parse()).transpose()?.unwrap_or(500);
-    let img = pvpatch::image::Image::open(std::path::Path::new(&path))?;
+    let img = pvpatch::load::image::Image::open(std::path::Path::new(&path))?;
     let (tb, addr) = sealed_table(&img).ok_or("the kernel is not annotated")?;
     let code = img.code_ranges();
     let text = HostText::of(&img);

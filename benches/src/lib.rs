@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use iced_x86::{Decoder, DecoderOptions, Instruction};
 use patch_sites::table::{Form, Site};
 use patch_sites::{ALL_OPS, Operand, RegSet};
-use pvpatch::image::Image;
+use pvpatch::load::image::Image;
 
 /// `n` sorted, non-overlapping native sites spread over kernel text, deterministic.
 pub fn synthetic_sites(n: usize) -> Vec<Site> {
@@ -38,9 +38,9 @@ pub fn synthetic_sites(n: usize) -> Vec<Site> {
 }
 
 /// The whole scan as `pvpatch scan` does it: load, Linux's tables, sweep, analysis.
-pub fn scan_file(path: &Path) -> Result<usize, pvpatch::image::ImageError> {
+pub fn scan_file(path: &Path) -> Result<usize, pvpatch::load::image::ImageError> {
     let img = Image::open(path)?;
-    let r = pvpatch::report::scan_image(&img, Default::default(), None);
+    let r = pvpatch::scan_image(&img, Default::default(), None);
     Ok(r.analysis.sites.len())
 }
 

@@ -19,7 +19,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::fs::create_dir_all(dir.join("site_table"))?;
     std::fs::create_dir_all(dir.join("rom"))?;
     std::fs::create_dir_all(dir.join("image"))?;
-    std::fs::write(dir.join("image/seed-sample"), pvpatch::testimg::sample())?;
+    std::fs::write(
+        dir.join("image/seed-sample"),
+        pvpatch_testkit::elf::sample(),
+    )?;
 
     let table_addr = 0xffff_ffff_8200_0000u64;
     let text = 0xffff_ffff_8100_0000u64;

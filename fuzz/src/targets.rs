@@ -5,8 +5,8 @@
 use patch_sites::rom::Rom;
 use patch_sites::table::{AddrRange, Site, SiteTable, sealed_table_size, write_sealed_table};
 use patch_sites::{Gpr, Op, Operand};
-use pvpatch::report::scan_image;
-use pvpatch::scan::Options;
+use pvpatch::scan_image;
+use pvpatch::sweep::Options;
 use pvpatch_isa::encode;
 use pvpatch_runtime::backend::{Backend, Choice, LoadedRom};
 use pvpatch_runtime::detect::{BackendKind, Detected, KVM_FEATURE_NOP_IO_DELAY};
@@ -24,9 +24,10 @@ pub fn plan_and_check(data: &[u8], oracle: &mut Oracle) -> Result<usize, String>
         return Ok(0);
     };
     let seed = u64::from_le_bytes(*seed);
-    let Ok(img) =
-        pvpatch::image::Image::from_bytes("fuzz", pvpatch::testimg::build(code, &[], &[]))
-    else {
+    let Ok(img) = pvpatch::load::image::Image::from_bytes(
+        "fuzz",
+        pvpatch_testkit::elf::build(code, &[], &[]),
+    ) else {
         return Ok(0);
     };
     let report = scan_image(&img, Options { threads: 1 }, None);

@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 use patch_sites::rom::{RomEntrySpec, RomKind, rom_size, write_rom};
 use patch_sites::table::{SEALED_SECTION, Site, SiteTable, write_sealed_table};
 use patch_sites::{Op, RegSet};
-use pvguest::harness::{self, Boot, Config};
+use pvpatch_testkit::{self as harness, Boot, Config};
 use serde_json::Value;
 
 /// The annotated guest, built once for every test of this binary.
@@ -395,7 +395,7 @@ fn with_table(
     f: impl FnOnce(&mut [u8], u64, &[patch_sites::table::AddrRange]),
 ) -> PathBuf {
     let src = guest();
-    let img = pvpatch::image::Image::open(src).expect("the annotated guest opens");
+    let img = pvpatch::load::image::Image::open(src).expect("the annotated guest opens");
     let s = img
         .section(SEALED_SECTION)
         .expect("the guest is annotated")

@@ -23,10 +23,10 @@ use patch_sites::table::{
 };
 use thiserror::Error;
 
-use crate::analyze::SiteInfo;
-use crate::image::Image;
+use crate::ScanReport;
+use crate::analyse::SiteInfo;
+use crate::load::image::Image;
 use crate::output::{OutputError, write_atomic};
-use crate::report::ScanReport;
 
 /// The section holding a linker-gathered table's header.
 pub const LINKED_HEADER_SECTION: &str = patch_sites::table::HEADER_SECTION;
@@ -118,7 +118,7 @@ pub fn record_for(s: &SiteInfo) -> Site {
         addr: f.addr,
         site_len: s.room.in_place,
         insn_len: f.len,
-        op_id: crate::analyze::recorded_op(f).id(),
+        op_id: crate::analyse::recorded_op(f).id(),
         form: Form::Native,
         operand: f.operand(),
         width: f.class.width,
@@ -170,7 +170,7 @@ pub fn plan_sites(
 /// malformed image), not counting an existing table.
 pub fn table_address(image: &Image) -> Option<u64> {
     let existing = image.section(SEALED_SECTION);
-    let is_existing = |p: &crate::image::Segment| {
+    let is_existing = |p: &crate::load::image::Segment| {
         existing.is_some_and(|t| p.offset == t.offset && p.vaddr == t.addr && p.filesz == t.size)
     };
     let segments = image

@@ -1,20 +1,88 @@
 //! # pvpatch
 //!
-//! The post-link tool's library: load an x86-64 ELF kernel image, find and classify every
-//! sensitive instruction, read Linux's own patch tables, and write a site table into the
-//! image.
+//! The post-link tool's library. It reads as its pipeline, one module per step:
+//!
+//! 1. [`load`]: an x86-64 ELF kernel image (or the vmlinux inside a bzImage);
+//! 2. [`linux`]: Linux's own patch tables, each layout detected by checking every entry;
+//! 3. [`sweep`]: every executable section decoded, every sensitive instruction classified;
+//! 4. [`analyse`]: per site, what covers it and the room it offers a rewrite (in place, a
+//!    detour built by [`analyse::detour`]);
+//! 5. [`ledger`]: all of it, machine-readable (and [`summary`] for people);
+//! 6. [`annotate`]: a sealed site table written into a copy of the image;
+//! 7. [`verify`]: every record of an annotated image checked against its code.
+//!
+//! [`scan_image`] runs steps 2 to 4. Beside the pipeline: [`rom`] builds and shows backend
+//! ROMs, [`output`] writes files atomically, [`catalogue`] prints the op catalogue.
+//!
+//! The x86 rules (what an instruction is, its native encoding, whether bytes hold what a record
+//! says) are `pvpatch-isa`'s, shared with the boot-time runtime.
 
-pub mod analyze;
+pub mod analyse;
 pub mod annotate;
-pub mod bzimage;
 pub mod catalogue;
-pub mod detour;
-pub mod image;
+pub mod ledger;
 pub mod linux;
+pub mod load;
 pub mod output;
-pub mod report;
 pub mod rom;
-pub mod scan;
-#[doc(hidden)]
-pub mod testimg;
+pub mod summary;
+pub mod sweep;
 pub mod verify;
+
+use std::time::Duration;
+
+use crate::analyse::{Analysis, analyse};
+use crate::linux::LinuxTables;
+use crate::load::Image;
+use crate::sweep::Sweep;
+
+/// A scanned image: steps 2 to 4 of the pipeline.
+#[derive(Debug)]
+pub struct ScanReport<'a> {
+    /// The image.
+    pub image: &'a Image,
+    /// Linux's tables.
+    pub tables: LinuxTables,
+    /// The sweep.
+    pub sweep: Sweep,
+    /// Per-site facts.
+    pub analysis: Analysis,
+    /// Time spent (tables, sweep, analysis).
+    pub elapsed: Duration,
+}
+
+/// Reads Linux's tables, sweeps the code (restarting at every instruction start a table or a
+/// symbol names), analyses every site.
+pub fn scan_image<'a>(
+    image: &'a Image,
+    opts: sweep::Options,
+    progress: Option<&(dyn Fn(u64) + Sync)>,
+) -> ScanReport<'a> {
+    let t = std::time::Instant::now();
+    let tables = linux::read(image);
+    let mut known: Vec<u64> = tables.starts.iter().map(|s| s.0).collect();
+    known.extend(image.symbols.iter().map(|s| s.addr));
+    known.sort_unstable();
+    known.dedup();
+    let sweep = sweep::sweep(image, &known, opts, progress);
+    let analysis = analyse(image, &tables, &sweep);
+    ScanReport {
+        image,
+        tables,
+        sweep,
+        analysis,
+        elapsed: t.elapsed(),
+    }
+}
+
+/// Test images for the unit tests: the test kit's ELF builder, loaded by this crate's loader.
+#[cfg(test)]
+pub(crate) mod testing {
+    pub use pvpatch_testkit::elf::TEXT;
+
+    /// An image with `code` as `.text` at [`TEXT`] and function symbols `(name, offset, size)`.
+    pub fn elf_with_code(code: &[u8], symbols: &[(&str, u64, u64)]) -> crate::load::Image {
+        let bytes = pvpatch_testkit::elf::build(code, symbols, &[]);
+        crate::load::Image::from_bytes("test.elf", bytes).unwrap_or_else(|e| panic!("{e}"))
+    }
+}

@@ -14,7 +14,7 @@
 
 use std::fmt;
 
-use crate::image::{Image, Section};
+use crate::load::image::{Image, Section};
 
 /// The tables this module knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -11,10 +11,13 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use pvpatch::annotate::{AnnotateError, AnnotateOptions, annotate};
-use pvpatch::image::{Image, ImageError};
+use pvpatch::ledger::{Ledger, hex};
+use pvpatch::load::bzimage;
+use pvpatch::load::image::{Image, ImageError};
 use pvpatch::output::{OutputError, same_file, write_bytes};
-use pvpatch::report::{Ledger, ScanReport, hex, human_summary, scan_image};
-use pvpatch::{bzimage, catalogue, scan, verify};
+use pvpatch::summary::human_summary;
+use pvpatch::{ScanReport, scan_image};
+use pvpatch::{catalogue, sweep, verify};
 
 /// `print!` that does not panic when standard output is a closed pipe (`pvpatch ... | head`).
 macro_rules! out {
@@ -177,7 +180,7 @@ fn open(path: &Path) -> Result<Image, Failure> {
 
 /// Scans with a progress bar on a terminal.
 fn scan_with_progress(image: &Image, threads: Option<usize>) -> ScanReport<'_> {
-    let mut opts = scan::Options::default();
+    let mut opts = sweep::Options::default();
     if let Some(t) = threads {
         opts.threads = t.max(1);
     }

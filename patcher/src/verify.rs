@@ -6,8 +6,8 @@ use pvpatch_isa::check;
 use thiserror::Error;
 
 use crate::annotate::{sealed_table, table_address};
-use crate::image::Image;
-use crate::report::hex;
+use crate::ledger::hex;
+use crate::load::image::Image;
 
 /// Why verification could not even start.
 #[derive(Debug, Error)]

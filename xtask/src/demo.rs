@@ -12,27 +12,44 @@ use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
-use pvguest::harness::{self, Config, Qemu};
+use pvpatch_testkit::{self as harness, Config, Qemu};
 use serde_json::Value;
 
 use crate::util::{cargo, run};
 
+/// The `pvpatch` binary [`build_tools`] built.
 fn pvpatch() -> Command {
-    let mut c = cargo();
-    c.args(["run", "--quiet", "--release", "-p", "pvpatch", "--"]);
-    c
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| crate::util::root().join("target"));
+    Command::new(target.join("release/pvpatch"))
 }
 
 /// Runs the demo.
 pub fn demo() -> Result<()> {
-    // On a fresh machine: QEMU 10 (the Rust tools `cargo xtask test` also needs are left out).
+    println!("==> set-up: QEMU 10 and the Rust target the guest kernel is built for");
+    // On a fresh machine: QEMU 10 and the bare-metal target (not the fuzzing tools, which only
+    // `cargo xtask test` needs).
     crate::setup::system_packages(&mut crate::util::Report::default())?;
-    debian_kernel()?;
+    crate::setup::rust_target()?;
+    build_tools()?;
+    println!("\n==> the Debian kernels (downloaded once, cached)");
+    let kernels = crate::kernel::fetch()?;
+    debian_kernel(&kernels[0])?;
     guest()
 }
 
-fn debian_kernel() -> Result<()> {
-    let k = crate::kernel::fetch()?;
+/// Builds the `pvpatch` binary and the guest kernel, with cargo's progress (the first build on
+/// a new machine takes minutes).
+fn build_tools() -> Result<()> {
+    println!("\n==> building pvpatch (release)");
+    run(cargo().args(["build", "--release", "--locked", "-p", "pvpatch"]))?;
+    println!("\n==> building the guest kernel (x86_64-unknown-none, release)");
+    run(&mut harness::guest::build_command(false))?;
+    Ok(())
+}
+
+fn debian_kernel(k: &pvpatch_testkit::CachedKernel) -> Result<()> {
     let dir = k.vmlinux.parent().context("kernel directory")?.to_owned();
     let annotated = dir.join("vmlinux.annotated");
     let ledger = dir.join("ledger.json");
@@ -55,14 +72,14 @@ fn debian_kernel() -> Result<()> {
         return Ok(());
     }
     let initrd = dir.join("initrd.cpio");
-    std::fs::write(&initrd, pvguest::initramfs::initramfs())?;
+    std::fs::write(&initrd, pvpatch_testkit::initramfs::initramfs())?;
     let q = Qemu::linux(&initrd);
     println!(
         "$ {:?}",
         q.command(&annotated, std::path::Path::new("serial.txt"))
     );
     let boot = q.boot(&annotated)?;
-    if !boot.passed() || !boot.serial.contains(pvguest::initramfs::MARKER) {
+    if !boot.passed() || !boot.serial.contains(pvpatch_testkit::initramfs::MARKER) {
         bail!(
             "the annotated kernel did not reach its init (exit {:?}):\n{}",
             boot.exit_code,
@@ -73,7 +90,7 @@ fn debian_kernel() -> Result<()> {
         "QEMU (TCG, microvm) booted the annotated kernel to its init in {:.2} s; init printed {:?} \
          and exited QEMU with status 33",
         boot.elapsed.as_secs_f64(),
-        pvguest::initramfs::MARKER
+        pvpatch_testkit::initramfs::MARKER
     );
     Ok(())
 }
@@ -93,7 +110,7 @@ fn guest() -> Result<()> {
     println!("\n==> a backend ROM, assembled from {}", harness::DEMO_ROM);
     run(pvpatch()
         .args(["rom", "build"])
-        .arg(harness::workspace_root().join(harness::DEMO_ROM))
+        .arg(crate::util::root().join(harness::DEMO_ROM))
         .arg("-o")
         .arg(&rom)
         .arg("--for")

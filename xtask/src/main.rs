@@ -7,6 +7,7 @@
 //! Every step says what it runs. Whatever cannot run is listed at the end with the reason.
 
 mod demo;
+mod deps;
 mod fuzz;
 mod kernel;
 mod setup;
@@ -26,14 +27,15 @@ commands:
                              current kernel (fetched if needed): scan summary, annotation,
                              verification, boot under QEMU; then our guest kernel annotated,
                              given a ROM and booted on every backend this machine has
-  setup                      install QEMU 10, cmake, libclang-dev, cargo-fuzz, the nightly
-                             toolchain and the x86_64-unknown-none target (idempotent; without
+  setup                      install QEMU 10, cmake, libclang-dev, the x86_64-unknown-none
+                             target, the nightly toolchain and cargo-fuzz (idempotent; without
                              root, prints the commands instead)
   test                       setup, fmt --check, clippy -D warnings, every test, ~20 s of fuzzing
                              per target; lists what was skipped and why
   fuzz [--time S] [TARGET..] run the cargo-fuzz targets (default: all, 60 s each)
-  kernel                     download Debian bookworm's current linux-image-*-amd64 package,
-                             extract its vmlinux and cache it (outside the repository)
+  kernel                     download the current Debian kernels (bookworm's 6.1 and
+                             bookworm-backports' 6.12) and their System.map, extract each
+                             vmlinux and cache them (outside the repository)
 ";
 
 fn main() {
@@ -78,23 +80,29 @@ fn test() -> Result<()> {
             "warnings",
         ]))
     })?;
-    report.step("clippy (x86_64-unknown-none: ABI, runtime, guest)", |_| {
-        run(cargo().args([
-            "clippy",
-            "--locked",
-            "--target",
-            "x86_64-unknown-none",
-            "-p",
-            "patch-sites",
-            "-p",
-            "pvpatch-runtime",
-            "-p",
-            "pvguest",
-            "--",
-            "-D",
-            "warnings",
-        ]))
-    })?;
+    report.step(
+        "clippy (x86_64-unknown-none: ABI, ISA, runtime, guest)",
+        |_| {
+            run(cargo().args([
+                "clippy",
+                "--locked",
+                "--target",
+                "x86_64-unknown-none",
+                "-p",
+                "patch-sites",
+                "-p",
+                "pvpatch-isa",
+                "-p",
+                "pvpatch-runtime",
+                "-p",
+                "pvguest",
+                "--",
+                "-D",
+                "warnings",
+            ]))
+        },
+    )?;
+    report.step("crate boundaries (cargo tree)", |_| deps::check())?;
     report.step("clippy (cargo-fuzz targets)", |_| {
         run(cargo().current_dir(root.join("fuzz/cargo-fuzz")).args([
             "clippy",
@@ -105,16 +113,23 @@ fn test() -> Result<()> {
             "warnings",
         ]))
     })?;
-    report.step("build patch-sites for x86_64-unknown-none", |_| {
-        run(cargo().args([
-            "build",
-            "--locked",
-            "-p",
-            "patch-sites",
-            "--target",
-            "x86_64-unknown-none",
-        ]))
-    })?;
+    report.step(
+        "build patch-sites, pvpatch-isa, pvpatch-runtime for x86_64-unknown-none",
+        |_| {
+            run(cargo().args([
+                "build",
+                "--locked",
+                "-p",
+                "patch-sites",
+                "-p",
+                "pvpatch-isa",
+                "-p",
+                "pvpatch-runtime",
+                "--target",
+                "x86_64-unknown-none",
+            ]))
+        },
+    )?;
     let skip_log = root.join("target/xtask-skips.log");
     let _ = std::fs::remove_file(&skip_log);
     report.step("cargo test --workspace", |_| {

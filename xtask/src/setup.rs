@@ -3,8 +3,8 @@
 //! * QEMU 10 from bookworm-backports: the stock 7.2 package cannot be installed beside the
 //!   machine's qemu-utils from backports (it `Breaks: qemu-system-common (< 1:8.0)`);
 //! * cmake and libclang-dev, which unicorn-engine's build needs;
-//! * the nightly toolchain and cargo-fuzz, for the fuzz targets;
-//! * the x86_64-unknown-none target (rust-toolchain.toml asks rustup for it).
+//! * the x86_64-unknown-none target, which rustup does not install on its own here;
+//! * the nightly toolchain and cargo-fuzz, for the fuzz targets (`test` only).
 
 use std::path::Path;
 use std::process::Command;
@@ -50,7 +50,8 @@ fn apt_get() -> Command {
 /// Installs what is missing. Returns whether everything is in place.
 pub fn setup(report: &mut Report) -> Result<bool> {
     let system = system_packages(report)?;
-    Ok(rust_tools(report)? && system)
+    rust_target()?;
+    Ok(fuzz_tools(report)? && system)
 }
 
 /// The Debian packages: QEMU 10 from bookworm-backports, cmake, libclang-dev (what the demo
@@ -132,7 +133,25 @@ pub fn system_packages(report: &mut Report) -> Result<bool> {
     Ok(complete)
 }
 
-fn rust_tools(report: &mut Report) -> Result<bool> {
+/// The target the guest kernel (and the boot shim) are built for. `rust-toolchain.toml` names
+/// it, but rustup does not install toolchain parts on its own here (`RUSTUP_AUTO_INSTALL=0`), so
+/// a machine that has only the host target would fail at the first kernel build.
+pub fn rust_target() -> Result<()> {
+    let targets =
+        output(Command::new("rustup").args(["target", "list", "--installed"])).unwrap_or_default();
+    if targets.lines().any(|l| l.trim() == TARGET) {
+        println!("setup: Rust target {TARGET}: present");
+        return Ok(());
+    }
+    println!("setup: installing the Rust target {TARGET} (the guest kernel is built for it)");
+    run(Command::new("rustup").args(["target", "add", TARGET]))
+}
+
+/// The bare-metal target.
+pub const TARGET: &str = "x86_64-unknown-none";
+
+/// What fuzzing needs: the nightly toolchain (sanitizers) and cargo-fuzz. Whether both are there.
+pub fn fuzz_tools(report: &mut Report) -> Result<bool> {
     let toolchains = output(Command::new("rustup").args(["toolchain", "list"])).unwrap_or_default();
     if !toolchains.lines().any(|l| l.starts_with("nightly")) {
         println!("setup: installing the nightly toolchain (cargo-fuzz needs it)");
@@ -144,11 +163,6 @@ fn rust_tools(report: &mut Report) -> Result<bool> {
             "minimal",
         ]))?;
     }
-    let targets =
-        output(Command::new("rustup").args(["target", "list", "--installed"])).unwrap_or_default();
-    if !targets.lines().any(|l| l.trim() == "x86_64-unknown-none") {
-        run(Command::new("rustup").args(["target", "add", "x86_64-unknown-none"]))?;
-    }
     if output(Command::new("cargo").args(["fuzz", "--version"])).is_none() {
         println!("setup: installing cargo-fuzz from crates.io");
         if let Err(e) = run(Command::new("cargo").args(["install", "--locked", "cargo-fuzz"])) {
@@ -156,7 +170,7 @@ fn rust_tools(report: &mut Report) -> Result<bool> {
             return Ok(false);
         }
     } else {
-        println!("setup: nightly, x86_64-unknown-none, cargo-fuzz: present");
+        println!("setup: nightly toolchain, cargo-fuzz: present");
     }
     Ok(true)
 }

@@ -4,9 +4,9 @@
 
 use libfuzzer_sys::fuzz_target;
 use pvpatch::annotate::{AnnotateOptions, annotate_into};
-use pvpatch::image::Image;
-use pvpatch::report::{Ledger, scan_image};
-use pvpatch::scan::Options;
+use pvpatch::load::image::Image;
+use pvpatch::ledger::{Ledger, scan_image};
+use pvpatch::sweep::Options;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(img) = Image::from_bytes("fuzz", data.to_vec()) else {

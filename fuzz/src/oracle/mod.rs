@@ -124,7 +124,7 @@ impl Case {
         let insn = n.reference.len();
         let mut all = n.reference.clone();
         all.extend_from_slice(code);
-        let d = pvpatch::detour::build(&all, SITE, insn, STUB).ok()?;
+        let d = pvpatch::analyse::detour::build(&all, SITE, insn, STUB).ok()?;
         let room = d.room as usize;
         let mut at_site = d.site.clone();
         at_site.extend_from_slice(&all[room..]);

@@ -3,13 +3,13 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use pvpatch::testimg;
+use pvpatch_testkit::elf as testimg;
 
 fn pvpatch() -> Command {
     Command::new(env!("CARGO_BIN_EXE_pvpatch"))
 }
 
-/// The sample image (see `pvpatch::testimg::sample`).
+/// The sample image (see `pvpatch_testkit::elf::sample`).
 pub fn sample_image() -> Vec<u8> {
     testimg::sample()
 }
@@ -209,7 +209,7 @@ fn annotate_verify_and_the_exit_statuses() {
         Some(4)
     );
     let mut bytes = std::fs::read(&ann).unwrap();
-    let image = pvpatch::image::Image::from_bytes("ann", bytes.clone()).unwrap();
+    let image = pvpatch::load::image::Image::from_bytes("ann", bytes.clone()).unwrap();
     let s = image.section(".pvpatch_sites").unwrap();
     bytes[s.offset as usize + 40] ^= 0xff; // inside the first record
     let bad = dir.path().join("bad");

@@ -1,10 +1,10 @@
 //! Our own guest kernel, annotated the way its build will: the records its annotation macros
 //! emitted are merged with what the sweep finds, and the result verifies and boots.
 
-use pvguest::harness::{self, Qemu};
 use pvpatch::annotate::{AnnotateOptions, annotate, linked_sites};
-use pvpatch::image::Image;
-use pvpatch::report::scan_image;
+use pvpatch::load::image::Image;
+use pvpatch::scan_image;
+use pvpatch_testkit::{self as harness, Qemu};
 
 #[test]
 fn the_guest_table_merges_macro_records_and_boots() {

@@ -4,11 +4,12 @@
 use std::io::Write;
 
 use pvpatch::annotate::{AnnotateOptions, annotate_into};
-use pvpatch::image::{Image, ImageError};
+use pvpatch::ledger::Ledger;
 use pvpatch::linux::TableKind;
-use pvpatch::report::{Ledger, scan_image};
-use pvpatch::scan::Options;
-use pvpatch::testimg::{self, Extra, TEXT};
+use pvpatch::load::image::{Image, ImageError};
+use pvpatch::scan_image;
+use pvpatch::sweep::Options;
+use pvpatch_testkit::elf::{self as testimg, Extra, TEXT};
 
 use super::cli::sample_image;
 

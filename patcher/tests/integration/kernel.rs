@@ -6,10 +6,10 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use capstone::prelude::*;
-use pvguest::harness::{self, Qemu};
-use pvpatch::image::Image;
 use pvpatch::linux::TableKind;
-use pvpatch::report::scan_image;
+use pvpatch::load::image::Image;
+use pvpatch::scan_image;
+use pvpatch_testkit::{self as harness, Qemu};
 
 fn kernel(test: &str) -> Option<PathBuf> {
     match harness::debian_kernel() {
@@ -288,7 +288,7 @@ fn linux_table_addresses_land_on_instruction_starts() {
         );
         let off: Vec<String> = addrs
             .iter()
-            .filter(|a| !report.scan.is_insn_start(**a))
+            .filter(|a| !report.sweep.is_insn_start(**a))
             .take(10)
             .map(|a| format!("{a:#x}"))
             .collect();
@@ -424,10 +424,10 @@ fn annotated_kernel_keeps_every_section_verifies_and_boots() {
         return harness::skip(test, &why);
     }
     let initrd = dir.path().join("initrd.cpio");
-    std::fs::write(&initrd, pvguest::initramfs::initramfs()).unwrap();
+    std::fs::write(&initrd, pvpatch_testkit::initramfs::initramfs()).unwrap();
     let boot = Qemu::linux(&initrd).boot(&out).unwrap();
     assert!(
-        boot.passed() && boot.serial.contains(pvguest::initramfs::MARKER),
+        boot.passed() && boot.serial.contains(pvpatch_testkit::initramfs::MARKER),
         "exit {:?} after {:?}\nserial:\n{}\nstderr:\n{}",
         boot.exit_code,
         boot.elapsed,

@@ -2,11 +2,11 @@
 //! table is built byte by byte next to code it points into, and the sites it covers must be
 //! left to Linux.
 
-use pvpatch::image::Image;
 use pvpatch::linux::{LinuxTables, TableKind};
-use pvpatch::report::{ScanReport, scan_image};
-use pvpatch::scan::Options;
-use pvpatch::testimg::{self, Extra, TEXT};
+use pvpatch::load::image::Image;
+use pvpatch::sweep::Options;
+use pvpatch::{ScanReport, scan_image};
+use pvpatch_testkit::elf::{self as testimg, Extra, TEXT};
 
 /// Where the tables are linked: 1 MiB above `.text`, inside a rel32's reach.
 const TABLE: u64 = TEXT + 0x10_0000;

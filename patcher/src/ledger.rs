@@ -1,60 +1,21 @@
-//! The whole scan of one image, and what it says: the machine-readable ledger (JSON, documented
-//! in `docs/ledger.md`) and the human summary.
+//! The ledger: what a scan found, machine-readable (JSON, documented in `docs/ledger.md`): the
+//! image, the code swept, Linux's tables, every sensitive instruction with what covers it and the
+//! room it offers a rewrite.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::time::Duration;
 
 use iced_x86::{Decoder, DecoderOptions, FastFormatter};
-use patch_sites::{Gpr, Op, Operand};
+use patch_sites::{Gpr, Operand};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::analyze::{Analysis, SiteInfo, analyze};
-use crate::image::Image;
-use crate::linux::{self, LinuxTables};
-use crate::scan::{self, ResyncReason, Scan};
+use crate::ScanReport;
+use crate::analyse::SiteInfo;
+use crate::load::image::Image;
+use crate::sweep::ResyncReason;
 
 /// The version of the ledger's schema.
 pub const LEDGER_SCHEMA: &str = "pvpatch-ledger/1";
-
-/// A scanned image.
-#[derive(Debug)]
-pub struct ScanReport<'a> {
-    /// The image.
-    pub image: &'a Image,
-    /// Linux's tables.
-    pub tables: LinuxTables,
-    /// The sweep.
-    pub scan: Scan,
-    /// Per-site facts.
-    pub analysis: Analysis,
-    /// Time spent (tables, sweep, analysis).
-    pub elapsed: Duration,
-}
-
-/// Reads the tables, sweeps the code, analyses every site.
-pub fn scan_image<'a>(
-    image: &'a Image,
-    opts: scan::Options,
-    progress: Option<&(dyn Fn(u64) + Sync)>,
-) -> ScanReport<'a> {
-    let t = std::time::Instant::now();
-    let tables = linux::read(image);
-    let mut known: Vec<u64> = tables.starts.iter().map(|s| s.0).collect();
-    known.extend(image.symbols.iter().map(|s| s.addr));
-    known.sort_unstable();
-    known.dedup();
-    let scan = scan::scan(image, &known, opts, progress);
-    let analysis = analyze(image, &tables, &scan);
-    ScanReport {
-        image,
-        tables,
-        scan,
-        analysis,
-        elapsed: t.elapsed(),
-    }
-}
 
 /// `0x`-prefixed lowercase hex.
 pub fn hex(v: u64) -> String {
@@ -417,7 +378,7 @@ impl Ledger {
                 })
                 .collect(),
             resyncs: report
-                .scan
+                .sweep
                 .resyncs
                 .iter()
                 .map(|r| ResyncInfo {
@@ -435,13 +396,13 @@ impl Ledger {
     }
 }
 
-fn code_info(report: &ScanReport<'_>) -> CodeInfo {
+pub(crate) fn code_info(report: &ScanReport<'_>) -> CodeInfo {
     let image = report.image;
     CodeInfo {
-        bytes: report.scan.bytes,
-        instructions: report.scan.instructions,
+        bytes: report.sweep.bytes,
+        instructions: report.sweep.instructions,
         sections: report
-            .scan
+            .sweep
             .code
             .iter()
             .map(|c| {
@@ -463,7 +424,7 @@ fn code_info(report: &ScanReport<'_>) -> CodeInfo {
     }
 }
 
-fn summary(report: &ScanReport<'_>) -> Summary {
+pub(crate) fn summary(report: &ScanReport<'_>) -> Summary {
     let sites = &report.analysis.sites;
     let mut by_class = BTreeMap::new();
     for s in sites {
@@ -479,130 +440,4 @@ fn summary(report: &ScanReport<'_>) -> Summary {
             .count(),
         by_class,
     }
-}
-
-/// The human summary: tables, a table per class, a table per section.
-pub fn human_summary(report: &ScanReport<'_>) -> String {
-    let image = report.image;
-    let sites = &report.analysis.sites;
-    let mut o = String::new();
-    let _ = writeln!(
-        o,
-        "{}: x86-64 {}, {} bytes, {} function symbols{}",
-        image.path.display(),
-        if image.elf_type == object::elf::ET_DYN {
-            "ET_DYN"
-        } else {
-            "ET_EXEC"
-        },
-        image.bytes().len(),
-        image.symbols.len(),
-        if image.symbols.is_empty() {
-            " (stripped)"
-        } else {
-            ""
-        }
-    );
-    let _ = writeln!(
-        o,
-        "swept {} bytes of code, {} instructions, in {:.1} ms; {} resynchronisations",
-        report.scan.bytes,
-        report.scan.instructions,
-        report.elapsed.as_secs_f64() * 1e3,
-        report.scan.resyncs.len()
-    );
-    let _ = writeln!(o, "\nLinux tables:");
-    for r in &report.tables.reports {
-        if !r.present {
-            let _ = writeln!(o, "  {:<22} absent", r.kind.section());
-        } else if let Some(p) = &r.problem {
-            let _ = writeln!(o, "  {:<22} NOT USED: {p}", r.kind.section());
-        } else if r.entry_size == 0 {
-            let _ = writeln!(
-                o,
-                "  {:<22} {} bytes of {}",
-                r.kind.section(),
-                r.size,
-                r.layout.unwrap_or("")
-            );
-        } else {
-            let pad = if r.padding > 0 {
-                format!(" (+{} padding)", r.padding)
-            } else {
-                String::new()
-            };
-            let _ = writeln!(
-                o,
-                "  {:<22} {:>7} entries{pad}: {}",
-                r.kind.section(),
-                r.entries,
-                r.layout.unwrap_or("")
-            );
-        }
-    }
-    if report.tables.orc_inside_patch_sites > 0 {
-        let _ = writeln!(
-            o,
-            "  ({} ORC IPs inside paravirt/alternative sites describe the patched code; not used \
-             as instruction starts)",
-            report.tables.orc_inside_patch_sites
-        );
-    }
-
-    let _ = writeln!(o, "\nSensitive instructions by class:");
-    let _ = writeln!(
-        o,
-        "  {:<14} {:>6} {:>9} {:>10} {:>9} {:>7} {:>6}",
-        "class", "sites", "covered", "in-place5", "in-place", "detour", "trap"
-    );
-    let mut classes: BTreeMap<u16, Vec<&SiteInfo>> = BTreeMap::new();
-    for s in sites {
-        classes.entry(s.found.op().id()).or_default().push(s);
-    }
-    for (id, list) in &classes {
-        let name = Op::from_id(*id).map(Op::name).unwrap_or("?");
-        let covered = list.iter().filter(|s| s.covered_by.is_some()).count();
-        let big = list.iter().filter(|s| s.room.in_place >= 5).count();
-        let small = list
-            .iter()
-            .filter(|s| s.room.in_place > 0 && s.room.in_place < 5)
-            .count();
-        let detour = list.iter().filter(|s| s.room.detour.is_some()).count();
-        let trap_only = list
-            .iter()
-            .filter(|s| s.room.in_place > 0 && s.room.in_place < 5 && s.room.detour.is_none())
-            .count();
-        let _ = writeln!(
-            o,
-            "  {:<14} {:>6} {:>9} {:>10} {:>9} {:>7} {:>6}",
-            name,
-            list.len(),
-            covered,
-            big,
-            small,
-            detour,
-            trap_only
-        );
-    }
-    let s = summary(report);
-    let _ = writeln!(
-        o,
-        "  {:<14} {:>6} {:>9}   patchable: {}, hypervisor interfaces: {}",
-        "total", s.sites, s.covered, s.patchable, s.hypervisor_interfaces
-    );
-    let _ = writeln!(
-        o,
-        "  (in-place5: room for a call; in-place: less than 5 bytes; detour: \
-                         can move following code; trap: only an int3 fits)"
-    );
-
-    let _ = writeln!(o, "\nBy section:");
-    for c in code_info(report).sections {
-        let _ = writeln!(
-            o,
-            "  {:<22} {:>18} {:>10} bytes {:>9} instructions {:>6} sites",
-            c.name, c.address, c.size, c.instructions, c.sites
-        );
-    }
-    o
 }

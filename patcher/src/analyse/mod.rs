@@ -15,41 +15,15 @@
 //! A site covered by one of Linux's patch tables has no room at all: its bytes are never changed
 //! behind Linux's back.
 
+pub mod detour;
+
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic};
-use patch_sites::Op;
 use patch_sites::op::Kind;
+use patch_sites::{Op, Outcome};
 
-use crate::image::Image;
 use crate::linux::{LinuxTables, Protected, TableKind};
-use crate::scan::{Found, Scan};
-
-/// How a site may be rewritten.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum RoomForm {
-    /// A sequence of at most `in_place` bytes.
-    Inline,
-    /// `call rel32` to a thunk (needs 5 bytes in place).
-    Call,
-    /// `jmp rel32` (control-transfer ops; needs 5 bytes in place).
-    Jump,
-    /// Move the following instructions to a stub.
-    Detour,
-    /// `int3`, emulated.
-    Trap,
-}
-
-impl RoomForm {
-    /// The name in reports.
-    pub fn name(self) -> &'static str {
-        match self {
-            RoomForm::Inline => "inline",
-            RoomForm::Call => "call",
-            RoomForm::Jump => "jump",
-            RoomForm::Detour => "detour",
-            RoomForm::Trap => "trap",
-        }
-    }
-}
+use crate::load::image::Image;
+use crate::sweep::{Found, Sweep};
 
 /// The room a site offers.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -58,8 +32,8 @@ pub struct Room {
     pub in_place: u8,
     /// Bytes a detour would take (instruction plus moved instructions), if one is possible.
     pub detour: Option<u8>,
-    /// The forms the site allows.
-    pub forms: Vec<RoomForm>,
+    /// What the site may become (never [`Outcome::Unchanged`], which every site allows).
+    pub forms: Vec<Outcome>,
     /// Why the site allows nothing, or why it allows no detour.
     pub reason: Option<String>,
 }
@@ -91,7 +65,7 @@ pub struct Analysis {
 
 /// A sorted list of addresses with a membership test.
 struct Starts<'a> {
-    symbols: &'a [crate::image::Symbol],
+    symbols: &'a [crate::load::image::Symbol],
     tables: &'a LinuxTables,
 }
 
@@ -129,17 +103,17 @@ pub fn recorded_op(f: &Found) -> Op {
 }
 
 /// Analyses every site the sweep found.
-pub fn analyze(image: &Image, tables: &LinuxTables, scan: &Scan) -> Analysis {
+pub fn analyse(image: &Image, tables: &LinuxTables, sweep: &Sweep) -> Analysis {
     let starts = Starts {
         symbols: &image.symbols,
         tables,
     };
-    let sites = scan
+    let sites = sweep
         .found
         .iter()
         .map(|f| {
             let covered_by = covering(tables, f);
-            let room = room(image, tables, scan, &starts, f, covered_by.as_ref());
+            let room = room(image, tables, sweep, &starts, f, covered_by.as_ref());
             SiteInfo {
                 found: *f,
                 covered_by,
@@ -175,7 +149,7 @@ fn nothing(reason: String) -> Room {
 fn room(
     image: &Image,
     tables: &LinuxTables,
-    scan: &Scan,
+    sweep: &Sweep,
     starts: &Starts<'_>,
     f: &Found,
     covered_by: Option<&Protected>,
@@ -201,7 +175,7 @@ fn room(
     let mut in_place = f.len as u64;
     let mut at = f.addr + f.len as u64;
     while in_place < 255 {
-        if starts.named(at) || scan.is_branch_target(at) || tables.covering(at, 1).next().is_some()
+        if starts.named(at) || sweep.is_branch_target(at) || tables.covering(at, 1).next().is_some()
         {
             break;
         }
@@ -214,26 +188,26 @@ fn room(
         }
     }
     let control = op.info().kind == Kind::ControlTransfer;
-    let mut forms = vec![RoomForm::Inline];
+    let mut forms = vec![Outcome::Inline];
     if in_place >= 5 {
         forms.push(if control {
-            RoomForm::Jump
+            Outcome::Jump
         } else {
-            RoomForm::Call
+            Outcome::Call
         });
     }
     let (detour, reason) = if in_place >= 5 {
         (None, None)
     } else {
-        match detour_room(image, tables, scan, starts, f) {
+        match detour_room(image, tables, sweep, starts, f) {
             Ok(n) => (Some(n), None),
             Err(why) => (None, Some(format!("no detour: {why}"))),
         }
     };
     if detour.is_some() && !control {
-        forms.push(RoomForm::Detour);
+        forms.push(Outcome::Detour);
     }
-    forms.push(RoomForm::Trap);
+    forms.push(Outcome::Trap);
     Room {
         in_place: in_place as u8,
         detour,
@@ -247,7 +221,7 @@ fn room(
 fn detour_room(
     image: &Image,
     tables: &LinuxTables,
-    scan: &Scan,
+    sweep: &Sweep,
     starts: &Starts<'_>,
     f: &Found,
 ) -> Result<u8, String> {
@@ -267,7 +241,7 @@ fn detour_room(
                 "{at:#x} is named as an instruction start (symbol or table)"
             ));
         }
-        if scan.is_branch_target(at) {
+        if sweep.is_branch_target(at) {
             return Err(format!("{at:#x} is a branch target"));
         }
         if let Some(p) = tables.covering(at, 1).next() {
@@ -292,25 +266,25 @@ fn detour_room(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::scan::{Options, scan};
-    use crate::testimg::{TEXT, elf_with_code};
+    use crate::sweep::{Options, sweep};
+    use crate::testing::{TEXT, elf_with_code};
 
-    fn analyse(code: &[u8], symbols: &[(&str, u64, u64)]) -> Analysis {
+    fn analysed(code: &[u8], symbols: &[(&str, u64, u64)]) -> Analysis {
         let img = elf_with_code(code, symbols);
         let t = crate::linux::read(&img);
         let known: Vec<u64> = img.symbols.iter().map(|s| s.addr).collect();
-        let s = scan(&img, &known, Options { threads: 1 }, None);
-        analyze(&img, &t, &s)
+        let s = sweep(&img, &known, Options { threads: 1 }, None);
+        super::analyse(&img, &t, &s)
     }
 
     #[test]
     fn padding_counts_as_room() {
         // cli; nop4; ret -> 5 bytes in place
-        let a = analyse(&[0xfa, 0x0f, 0x1f, 0x40, 0x00, 0xc3], &[]);
+        let a = analysed(&[0xfa, 0x0f, 0x1f, 0x40, 0x00, 0xc3], &[]);
         assert_eq!(a.sites[0].room.in_place, 5);
         assert_eq!(
             a.sites[0].room.forms,
-            [RoomForm::Inline, RoomForm::Call, RoomForm::Trap]
+            [Outcome::Inline, Outcome::Call, Outcome::Trap]
         );
     }
 
@@ -318,7 +292,7 @@ mod tests {
     fn padding_that_is_jumped_into_is_not_room() {
         // cli; nop; nop; nop; nop; ret; jmp -6 (to the 2nd nop)
         let code = [0xfa, 0x90, 0x90, 0x90, 0x90, 0xc3, 0xeb, 0xf9];
-        let a = analyse(&code, &[]);
+        let a = analysed(&code, &[]);
         assert_eq!(a.sites[0].room.in_place, 1);
     }
 
@@ -326,17 +300,17 @@ mod tests {
     fn detour_over_movable_instructions() {
         // sti; mov rax, rbx; add rax, 1; ret
         let code = [0xfb, 0x48, 0x89, 0xd8, 0x48, 0x83, 0xc0, 0x01, 0xc3];
-        let a = analyse(&code, &[]);
+        let a = analysed(&code, &[]);
         let r = &a.sites[0].room;
         assert_eq!(r.in_place, 1);
         assert_eq!(r.detour, Some(8));
-        assert!(r.forms.contains(&RoomForm::Detour));
+        assert!(r.forms.contains(&Outcome::Detour));
     }
 
     #[test]
     fn no_detour_across_a_symbol_or_control_flow() {
         let code = [0xfb, 0xc3, 0x90, 0x90, 0x90, 0x90];
-        let a = analyse(&code, &[]);
+        let a = analysed(&code, &[]);
         assert!(
             a.sites[0]
                 .room
@@ -346,7 +320,7 @@ mod tests {
                 .contains("control flow")
         );
         let code = [0xfb, 0x48, 0x89, 0xd8, 0x48, 0x83, 0xc0, 0x01, 0xc3];
-        let a = analyse(&code, &[("f", 0, 1), ("g", 1, 8)]);
+        let a = analysed(&code, &[("f", 0, 1), ("g", 1, 8)]);
         let r = &a.sites[0].room;
         assert_eq!(r.detour, None);
         assert!(
@@ -358,7 +332,7 @@ mod tests {
 
     #[test]
     fn hypervisor_interfaces_have_no_room() {
-        let a = analyse(&[0x0f, 0x01, 0xc1, 0xc3], &[]);
+        let a = analysed(&[0x0f, 0x01, 0xc1, 0xc3], &[]);
         assert!(a.sites[0].room.forms.is_empty());
         assert!(!a.sites[0].patchable());
     }

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use iced_x86::{Decoder, DecoderOptions, Instruction, OpKind};
 use patch_sites::{Op, Operand};
 
-use crate::image::Image;
+use crate::load::image::Image;
 use pvpatch_isa::classify::{Classified, classify};
 
 /// A sensitive instruction found by the sweep.
@@ -119,7 +119,7 @@ pub struct SectionCode {
 
 /// Everything the sweep produced.
 #[derive(Clone, Debug, Default)]
-pub struct Scan {
+pub struct Sweep {
     /// Sensitive instructions, sorted by address.
     pub found: Vec<Found>,
     /// Resynchronisations, sorted by address.
@@ -132,7 +132,7 @@ pub struct Scan {
     pub bytes: u64,
 }
 
-impl Scan {
+impl Sweep {
     /// The code map of the section holding `addr`.
     pub fn code_at(&self, addr: u64) -> Option<&SectionCode> {
         self.code
@@ -186,12 +186,12 @@ struct ChunkResult {
 
 /// Sweeps every executable section of `image`. `known_starts` must be sorted; starts outside
 /// code are ignored. `progress`, if given, is advanced by the bytes swept.
-pub fn scan(
+pub fn sweep(
     image: &Image,
     known_starts: &[u64],
     opts: Options,
     progress: Option<&(dyn Fn(u64) + Sync)>,
-) -> Scan {
+) -> Sweep {
     let exec: Vec<usize> = image
         .sections
         .iter()
@@ -234,7 +234,7 @@ pub fn scan(
         chunks
             .iter()
             .map(|chunk| {
-                let r = sweep(image, &exec, *chunk, known_starts);
+                let r = sweep_chunk(image, &exec, *chunk, known_starts);
                 if let Some(p) = progress {
                     p(chunk.end - chunk.start);
                 }
@@ -250,7 +250,7 @@ pub fn scan(
                         loop {
                             let i = next.fetch_add(1, Ordering::Relaxed) as usize;
                             let Some(chunk) = chunks.get(i) else { break };
-                            out.push(sweep(image, &exec, *chunk, known_starts));
+                            out.push(sweep_chunk(image, &exec, *chunk, known_starts));
                             if let Some(p) = progress {
                                 p(chunk.end - chunk.start);
                             }
@@ -266,9 +266,9 @@ pub fn scan(
         })
     };
 
-    let mut scan = Scan {
+    let mut scan = Sweep {
         bytes: total,
-        ..Scan::default()
+        ..Sweep::default()
     };
     for &si in &exec {
         let s = &image.sections[si];
@@ -298,7 +298,7 @@ pub fn scan(
     scan
 }
 
-fn sweep(image: &Image, exec: &[usize], chunk: Chunk, known: &[u64]) -> ChunkResult {
+fn sweep_chunk(image: &Image, exec: &[usize], chunk: Chunk, known: &[u64]) -> ChunkResult {
     let s = &image.sections[chunk.section];
     let data = image.section_data(s);
     let mut out = ChunkResult {
@@ -407,34 +407,34 @@ fn resume(dec: &mut Decoder<'_>, pos: usize, base: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testimg::elf_with_code;
+    use crate::testing::elf_with_code;
 
     #[test]
     fn finds_and_resynchronises() {
         // cli; mov rax, cr3; <bad byte 0x06 (invalid in 64-bit)>; sti; nop; ret
         let code = [0xfa, 0x0f, 0x20, 0xd8, 0x06, 0xfb, 0x90, 0xc3];
         let img = elf_with_code(&code, &[]);
-        let s = scan(&img, &[], Options { threads: 1 }, None);
+        let s = sweep(&img, &[], Options { threads: 1 }, None);
         let ops: Vec<Op> = s.found.iter().map(Found::op).collect();
         assert_eq!(ops, [Op::Cli, Op::MovFromCr3, Op::Sti]);
         assert_eq!(s.resyncs.len(), 1);
         assert_eq!(s.resyncs[0].reason, ResyncReason::Undecodable);
-        assert_eq!(s.resyncs[0].addr, crate::testimg::TEXT + 4);
-        assert_eq!(s.resyncs[0].resumed_at, crate::testimg::TEXT + 5);
-        assert!(s.is_insn_start(crate::testimg::TEXT + 5));
-        assert!(!s.is_insn_start(crate::testimg::TEXT + 2));
+        assert_eq!(s.resyncs[0].addr, crate::testing::TEXT + 4);
+        assert_eq!(s.resyncs[0].resumed_at, crate::testing::TEXT + 5);
+        assert!(s.is_insn_start(crate::testing::TEXT + 5));
+        assert!(!s.is_insn_start(crate::testing::TEXT + 2));
     }
 
     #[test]
     fn restarts_at_known_starts() {
         // b8 fa fb 90 90 = mov eax, 0x9090fbfa -- but a known start at +1 says `cli` is there.
         let code = [0xb8, 0xfa, 0xfb, 0x90, 0x90, 0xc3];
-        let base = crate::testimg::TEXT;
+        let base = crate::testing::TEXT;
         let img = elf_with_code(&code, &[]);
-        let plain = scan(&img, &[], Options { threads: 1 }, None);
+        let plain = sweep(&img, &[], Options { threads: 1 }, None);
         assert!(plain.found.is_empty());
         let known = [base + 1];
-        let s = scan(&img, &known, Options { threads: 1 }, None);
+        let s = sweep(&img, &known, Options { threads: 1 }, None);
         let ops: Vec<Op> = s.found.iter().map(Found::op).collect();
         assert_eq!(ops, [Op::Cli, Op::Sti]);
         assert_eq!(s.resyncs[0].reason, ResyncReason::CrossedKnownStart);
@@ -455,10 +455,10 @@ mod tests {
         let img = elf_with_code(&code, &[]);
         let known: Vec<u64> = (0..code.len() as u64)
             .step_by(4096)
-            .map(|o| crate::testimg::TEXT + o)
+            .map(|o| crate::testing::TEXT + o)
             .collect();
-        let a = scan(&img, &known, Options { threads: 1 }, None);
-        let b = scan(&img, &known, Options { threads: 4 }, None);
+        let a = sweep(&img, &known, Options { threads: 1 }, None);
+        let b = sweep(&img, &known, Options { threads: 4 }, None);
         assert_eq!(a.found, b.found);
         assert_eq!(a.resyncs, b.resyncs);
         assert_eq!(a.instructions, b.instructions);

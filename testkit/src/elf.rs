@@ -35,9 +35,9 @@ impl Extra {
 }
 
 /// An image with `code` as `.text` at [`TEXT`] and function symbols `(name, offset, size)`.
-pub fn elf_with_code(code: &[u8], symbols: &[(&str, u64, u64)]) -> crate::image::Image {
+pub fn elf_with_code(code: &[u8], symbols: &[(&str, u64, u64)]) -> pvpatch::load::Image {
     let bytes = build(code, symbols, &[]);
-    crate::image::Image::from_bytes("test.elf", bytes).unwrap_or_else(|e| panic!("{e}"))
+    pvpatch::load::Image::from_bytes("test.elf", bytes).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn push_shdr(out: &mut Vec<u8>, f: [u64; 10]) {

@@ -1,0 +1,136 @@
+//! The human summary of a scan: Linux's tables, sites per class, sites per section.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use patch_sites::Op;
+
+use crate::ScanReport;
+use crate::analyse::SiteInfo;
+use crate::ledger::{code_info, summary};
+
+/// The human summary: tables, a table per class, a table per section.
+pub fn human_summary(report: &ScanReport<'_>) -> String {
+    let image = report.image;
+    let sites = &report.analysis.sites;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "{}: x86-64 {}, {} bytes, {} function symbols{}",
+        image.path.display(),
+        if image.elf_type == object::elf::ET_DYN {
+            "ET_DYN"
+        } else {
+            "ET_EXEC"
+        },
+        image.bytes().len(),
+        image.symbols.len(),
+        if image.symbols.is_empty() {
+            " (stripped)"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(
+        o,
+        "swept {} bytes of code, {} instructions, in {:.1} ms; {} resynchronisations",
+        report.sweep.bytes,
+        report.sweep.instructions,
+        report.elapsed.as_secs_f64() * 1e3,
+        report.sweep.resyncs.len()
+    );
+    let _ = writeln!(o, "\nLinux tables:");
+    for r in &report.tables.reports {
+        if !r.present {
+            let _ = writeln!(o, "  {:<22} absent", r.kind.section());
+        } else if let Some(p) = &r.problem {
+            let _ = writeln!(o, "  {:<22} NOT USED: {p}", r.kind.section());
+        } else if r.entry_size == 0 {
+            let _ = writeln!(
+                o,
+                "  {:<22} {} bytes of {}",
+                r.kind.section(),
+                r.size,
+                r.layout.unwrap_or("")
+            );
+        } else {
+            let pad = if r.padding > 0 {
+                format!(" (+{} padding)", r.padding)
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                o,
+                "  {:<22} {:>7} entries{pad}: {}",
+                r.kind.section(),
+                r.entries,
+                r.layout.unwrap_or("")
+            );
+        }
+    }
+    if report.tables.orc_inside_patch_sites > 0 {
+        let _ = writeln!(
+            o,
+            "  ({} ORC IPs inside paravirt/alternative sites describe the patched code; not used \
+             as instruction starts)",
+            report.tables.orc_inside_patch_sites
+        );
+    }
+
+    let _ = writeln!(o, "\nSensitive instructions by class:");
+    let _ = writeln!(
+        o,
+        "  {:<14} {:>6} {:>9} {:>10} {:>9} {:>7} {:>6}",
+        "class", "sites", "covered", "in-place5", "in-place", "detour", "trap"
+    );
+    let mut classes: BTreeMap<u16, Vec<&SiteInfo>> = BTreeMap::new();
+    for s in sites {
+        classes.entry(s.found.op().id()).or_default().push(s);
+    }
+    for (id, list) in &classes {
+        let name = Op::from_id(*id).map(Op::name).unwrap_or("?");
+        let covered = list.iter().filter(|s| s.covered_by.is_some()).count();
+        let big = list.iter().filter(|s| s.room.in_place >= 5).count();
+        let small = list
+            .iter()
+            .filter(|s| s.room.in_place > 0 && s.room.in_place < 5)
+            .count();
+        let detour = list.iter().filter(|s| s.room.detour.is_some()).count();
+        let trap_only = list
+            .iter()
+            .filter(|s| s.room.in_place > 0 && s.room.in_place < 5 && s.room.detour.is_none())
+            .count();
+        let _ = writeln!(
+            o,
+            "  {:<14} {:>6} {:>9} {:>10} {:>9} {:>7} {:>6}",
+            name,
+            list.len(),
+            covered,
+            big,
+            small,
+            detour,
+            trap_only
+        );
+    }
+    let s = summary(report);
+    let _ = writeln!(
+        o,
+        "  {:<14} {:>6} {:>9}   patchable: {}, hypervisor interfaces: {}",
+        "total", s.sites, s.covered, s.patchable, s.hypervisor_interfaces
+    );
+    let _ = writeln!(
+        o,
+        "  (in-place5: room for a call; in-place: less than 5 bytes; detour: \
+                         can move following code; trap: only an int3 fits)"
+    );
+
+    let _ = writeln!(o, "\nBy section:");
+    for c in code_info(report).sections {
+        let _ = writeln!(
+            o,
+            "  {:<22} {:>18} {:>10} bytes {:>9} instructions {:>6} sites",
+            c.name, c.address, c.size, c.instructions, c.sites
+        );
+    }
+    o
+}

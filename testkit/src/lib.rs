@@ -1,0 +1,93 @@
+//! # pvpatch-testkit
+//!
+//! What the tests, the benchmarks and `cargo xtask` share on the host:
+//!
+//! * [`qemu`]: one QEMU run (machine, accelerator, CPU, command line), its serial output, its
+//!   exit status, and whether QEMU and `/dev/kvm` are there;
+//! * [`guest`]: the guest kernel built and annotated as its build does, the demo ROM, and the
+//!   configurations it is booted in;
+//! * [`kernels`]: the cache of Debian kernels (`cargo xtask kernel` fills it);
+//! * [`initramfs`]: a minimal initramfs whose `/init` proves a Linux kernel reached user space;
+//! * [`elf`]: small ELF images built byte by byte, for tests, fuzzing and benchmarks;
+//! * [`skip`]: a test that cannot run here says why (and fails in CI instead).
+//!
+//! Files are written with the post-link tool's own atomic writer (`pvpatch::output`).
+
+pub mod elf;
+pub mod guest;
+pub mod initramfs;
+pub mod kernels;
+pub mod qemu;
+
+pub use guest::{
+    Config, DEMO_ROM, RAW_SECTION, build_demo_rom, build_guest, build_guest_plain, configs,
+    with_rom,
+};
+pub use kernels::{CachedKernel, debian_kernel};
+/// Writes a file atomically (the post-link tool's writer: a temporary file beside it, then a
+/// rename), so that tests running side by side never see half a file.
+pub use pvpatch::output::write_bytes as write_file;
+pub use qemu::{Accel, Boot, Machine, QEMU_PASS, Qemu, kvm_available, qemu_available};
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// Errors of the harness.
+#[derive(Debug, thiserror::Error)]
+pub enum HarnessError {
+    /// A command could not be started.
+    #[error("cannot run {what}")]
+    Spawn {
+        /// What.
+        what: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Building the guest failed.
+    #[error("building the guest failed ({0})")]
+    Build(std::process::ExitStatus),
+    /// QEMU ran past its time limit and was killed.
+    #[error("QEMU did not exit within {0:?}; serial output so far:\n{1}")]
+    Timeout(Duration, String),
+    /// Annotating the guest failed.
+    #[error("annotating the guest failed: {0}")]
+    Annotate(String),
+    /// An I/O error on a scratch file.
+    #[error("I/O error on {path}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Records that `test` was skipped for `reason`: printed, and appended to the file named by
+/// `PVPATCH_SKIP_LOG` (which `cargo xtask test` lists at the end). When
+/// `PVPATCH_REQUIRE_ALL` is set (CI), a skip is a failure instead.
+pub fn skip(test: &str, reason: &str) {
+    if std::env::var_os("PVPATCH_REQUIRE_ALL").is_some() {
+        panic!("{test} cannot run here and PVPATCH_REQUIRE_ALL is set: {reason}");
+    }
+    eprintln!("skipped: {test}: {reason}");
+    if let Some(log) = std::env::var_os("PVPATCH_SKIP_LOG") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+        {
+            let _ = writeln!(f, "{test}: {reason}");
+        }
+    }
+}
