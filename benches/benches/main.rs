@@ -42,7 +42,7 @@ fn abi(c: &mut Criterion) {
 
 /// Checked cases a second, as the README quotes it: 20,000 cases (80 passes over the mix).
 fn oracle_side_by_side() {
-    use pvpatch_fuzz::oracle::{self as o, Oracle};
+    use pvpatch_oracle::oracle::{self as o, Oracle};
     use pvpatch_runtime::backend::Choice;
     use pvpatch_runtime::detect::BackendKind;
     let cases = oracle_cases();
@@ -74,9 +74,9 @@ fn oracle_side_by_side() {
 
 /// The equivalence oracle with one reused engine: a mix of sites (trap rewrites, which run the
 /// runtime's emulator, and ROM templates), each case two runs and a comparison.
-fn oracle_cases() -> Vec<(pvpatch_fuzz::oracle::Case, pvpatch_fuzz::oracle::State)> {
+fn oracle_cases() -> Vec<(pvpatch_oracle::oracle::Case, pvpatch_oracle::oracle::State)> {
     use patch_sites::{Gpr, Op, Operand};
-    use pvpatch_fuzz::oracle::{Case, State, vcpu::mix};
+    use pvpatch_oracle::oracle::{Case, State, vcpu::mix};
     let sites = [
         (Op::Cli, Operand::None, 0),
         (Op::Sti, Operand::None, 0),
@@ -103,7 +103,7 @@ fn oracle_cases() -> Vec<(pvpatch_fuzz::oracle::Case, pvpatch_fuzz::oracle::Stat
 }
 
 fn oracle(c: &mut Criterion) {
-    use pvpatch_fuzz::oracle::{self as o, Oracle};
+    use pvpatch_oracle::oracle::{self as o, Oracle};
     use pvpatch_runtime::backend::Choice;
     use pvpatch_runtime::detect::BackendKind;
     let cases = oracle_cases();

@@ -1,7 +1,7 @@
 //! The crate boundaries, checked with `cargo tree`: the ABI crate has no dependencies at all; the
 //! ISA crate and the runtime are `no_std` (they build for `x86_64-unknown-none`, checked by their
-//! own step); the post-link tool's library pulls in no command-line crate; no oracle module
-//! reaches anything shipped (unicorn is GPL-2.0).
+//! own step); the post-link tool's library pulls in no command-line crate. (That nothing shipped
+//! reaches unicorn, which is GPL-2.0, is checked on the lock file by the oracle's tests.)
 
 use std::collections::BTreeSet;
 
@@ -55,12 +55,5 @@ pub fn check() -> Result<()> {
         "pvpatch --no-default-features: {} crates, none of clap, anyhow, indicatif",
         lib.len()
     );
-    for shipped in ["pvpatch", "pvpatch-runtime", "pvpatch-isa"] {
-        let d = tree(shipped, &[])?;
-        if let Some(gpl) = d.iter().find(|p| p.starts_with("unicorn")) {
-            bail!("{shipped} depends on {gpl} (GPL-2.0)");
-        }
-    }
-    println!("pvpatch, pvpatch-runtime, pvpatch-isa: no unicorn");
     Ok(())
 }

@@ -1,7 +1,7 @@
-//! The cargo-fuzz targets in `fuzz/cargo-fuzz`, run with the nightly toolchain. Each run uses
+//! The cargo-fuzz targets in `fuzz`, run with the nightly toolchain. Each run uses
 //! a scratch corpus (new inputs go there) seeded from the corpus kept in the repository, so a
 //! run never dirties the tree. A crash fails the run and leaves its input in
-//! `fuzz/cargo-fuzz/artifacts/TARGET/`; copy it into the corpus and a regression test.
+//! `fuzz/artifacts/TARGET/`; copy it into the corpus and a regression test.
 
 use std::process::Command;
 
@@ -11,7 +11,7 @@ use crate::util::{Report, output, root, run};
 
 /// Every target, from the fuzz package's manifest.
 pub fn targets() -> Result<Vec<String>> {
-    let manifest = root().join("fuzz/cargo-fuzz/Cargo.toml");
+    let manifest = root().join("fuzz/Cargo.toml");
     let text =
         std::fs::read_to_string(&manifest).with_context(|| format!("{}", manifest.display()))?;
     Ok(text
@@ -37,7 +37,7 @@ fn available() -> Result<(), String> {
 /// Runs one target for `secs` seconds.
 pub fn run_target(target: &str, secs: u64) -> Result<()> {
     let root = root();
-    let dir = root.join("fuzz/cargo-fuzz");
+    let dir = root.join("fuzz");
     let seeds = dir.join("corpus").join(target);
     let scratch = root.join("target/fuzz-corpus").join(target);
     std::fs::create_dir_all(&scratch)?;

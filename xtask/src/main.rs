@@ -33,6 +33,9 @@ commands:
   test                       setup, fmt --check, clippy -D warnings, every test, ~20 s of fuzzing
                              per target; lists what was skipped and why
   fuzz [--time S] [TARGET..] run the cargo-fuzz targets (default: all, 60 s each)
+  test-update                rewrite the expected outputs the tests compare with (golden
+                             ledgers and summaries, fuzz seeds) from what the code writes now;
+                             review the diff like code
   kernel                     download the current Debian kernels (bookworm's 6.1 and
                              bookworm-backports' 6.12) and their System.map, extract each
                              vmlinux and cache them (outside the repository)
@@ -45,6 +48,7 @@ fn main() {
         Some("test") => test(),
         Some("fuzz") => fuzz::command(&args[1..]),
         Some("kernel") => kernel::fetch().map(|_| ()),
+        Some("test-update") => test_update(),
         Some("demo") => demo::demo(),
         Some("help") | Some("--help") | Some("-h") | None => {
             print!("{USAGE}");
@@ -56,6 +60,21 @@ fn main() {
         eprintln!("xtask: error: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// Rewrites every expected-output file the tests compare with (`PVPATCH_UPDATE=1`).
+fn test_update() -> Result<()> {
+    for (package, test, filter) in [
+        ("patch-sites", "abi", "seeds"),
+        ("pvpatch", "integration", "golden"),
+        ("pvpatch", "integration", "fuzz_seed"),
+    ] {
+        run(cargo()
+            .args(["test", "--locked", "-p", package, "--test", test, filter])
+            .env("PVPATCH_UPDATE", "1"))?;
+    }
+    println!("rewritten; `git diff` shows what changed");
+    Ok(())
 }
 
 fn test() -> Result<()> {
@@ -104,7 +123,7 @@ fn test() -> Result<()> {
     )?;
     report.step("crate boundaries (cargo tree)", |_| deps::check())?;
     report.step("clippy (cargo-fuzz targets)", |_| {
-        run(cargo().current_dir(root.join("fuzz/cargo-fuzz")).args([
+        run(cargo().current_dir(root.join("fuzz")).args([
             "clippy",
             "--locked",
             "--all-targets",

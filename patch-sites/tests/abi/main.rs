@@ -5,4 +5,5 @@
 mod doc;
 mod linked;
 mod rom;
+mod seeds;
 mod table;

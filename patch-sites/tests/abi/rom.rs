@@ -9,7 +9,7 @@ use patch_sites::{Op, RegSet, Rom, RomError};
 
 const SIG: [u8; 12] = *b"TCGTCGTCGTCG";
 
-fn sample() -> Vec<u8> {
+pub fn sample() -> Vec<u8> {
     // mov cr3, rdi (0f 22 df) with the register in ModRM.rm; out imm8, al (e6 ib).
     let cr3 = [0x0f, 0x22, 0xdf];
     let cr3_slots = [Slot {

@@ -8,8 +8,8 @@ use patch_sites::table::{
 };
 use patch_sites::{Gpr, Op, RegSet};
 
-const TABLE_ADDR: u64 = 0xffff_ffff_8200_0000;
-const TEXT: AddrRange = AddrRange::new(0xffff_ffff_8100_0000, 0xffff_ffff_8180_0000);
+pub const TABLE_ADDR: u64 = 0xffff_ffff_8200_0000;
+pub const TEXT: AddrRange = AddrRange::new(0xffff_ffff_8100_0000, 0xffff_ffff_8180_0000);
 
 fn site(addr: u64, op: Op, len: u8, insn_len: u8, operand: Operand, width: u8) -> Site {
     Site {
@@ -26,7 +26,7 @@ fn site(addr: u64, op: Op, len: u8, insn_len: u8, operand: Operand, width: u8) -
     }
 }
 
-fn sample_sites() -> Vec<Site> {
+pub fn sample_sites() -> Vec<Site> {
     vec![
         site(TEXT.start + 0x10, Op::Cli, 5, 1, Operand::None, 0),
         site(

@@ -304,3 +304,17 @@ fn hostile_images_fail_annotate_with_status_3_and_leave_nothing() {
         ["empty", "i386", "shnum", "text_past_end", "truncated"]
     );
 }
+
+/// The `image` fuzz target's seed is the sample image; `PVPATCH_UPDATE=1` rewrites it.
+#[test]
+fn the_image_fuzz_seed_is_the_sample_image() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/image/seed-sample");
+    if std::env::var_os("PVPATCH_UPDATE").is_some() {
+        std::fs::write(&path, sample_image()).unwrap();
+    }
+    assert!(
+        std::fs::read(&path).unwrap_or_default() == sample_image(),
+        "{} is not the sample image (PVPATCH_UPDATE=1 rewrites it)",
+        path.display()
+    );
+}

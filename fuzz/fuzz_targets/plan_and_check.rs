@@ -6,7 +6,7 @@
 use std::cell::RefCell;
 
 use libfuzzer_sys::fuzz_target;
-use pvpatch_fuzz::oracle::Oracle;
+use pvpatch_oracle::oracle::Oracle;
 
 thread_local! {
     static ORACLE: RefCell<Oracle> = RefCell::new(Oracle::new().expect("unicorn"));
@@ -14,7 +14,7 @@ thread_local! {
 
 fuzz_target!(|data: &[u8]| {
     ORACLE.with(|o| {
-        if let Err(e) = pvpatch_fuzz::targets::plan_and_check(data, &mut o.borrow_mut()) {
+        if let Err(e) = pvpatch_oracle::targets::plan_and_check(data, &mut o.borrow_mut()) {
             panic!("{e}");
         }
     });

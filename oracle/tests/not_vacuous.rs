@@ -5,9 +5,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use patch_sites::{Gpr, Op, Operand};
-use pvpatch_fuzz::oracle::abstraction::{Identity, NoIoDelay};
-use pvpatch_fuzz::oracle::{Abstraction, Candidate, Case, Oracle, State};
 use pvpatch_isa::encode;
+use pvpatch_oracle::oracle::abstraction::{Identity, NoIoDelay};
+use pvpatch_oracle::oracle::{Abstraction, Candidate, Case, Oracle, State};
 
 struct Wrong {
     what: &'static str,
@@ -198,7 +198,7 @@ fn catalogue() -> Vec<Wrong> {
 /// States from a fixed sequence of seeds.
 fn states(case: &Case, n: u64) -> impl Iterator<Item = State> + '_ {
     (0..n).map(move |i| {
-        let m = |k: u64| pvpatch_fuzz::oracle::vcpu::mix(i * 0x100 + k);
+        let m = |k: u64| pvpatch_oracle::oracle::vcpu::mix(i * 0x100 + k);
         let mut gpr = [0u64; 16];
         for (k, g) in gpr.iter_mut().enumerate() {
             *g = m(k as u64);
@@ -315,8 +315,8 @@ fn declared_void_effects_are_exactly_those() {
 /// is caught with the wrong one; `sti` likewise with 0.
 #[test]
 fn a_xen_mask_written_with_the_wrong_polarity_is_caught() {
-    use pvpatch_fuzz::oracle::PRIVATE;
-    use pvpatch_fuzz::oracle::abstraction::XenPv;
+    use pvpatch_oracle::oracle::PRIVATE;
+    use pvpatch_oracle::oracle::abstraction::XenPv;
     let mut oracle = Oracle::new().unwrap();
     let mask = (PRIVATE as u32 + 1).to_le_bytes();
     let store = |v: u8| {

@@ -13,10 +13,10 @@
 use std::collections::BTreeMap;
 
 use patch_sites::{Gpr, Op, Operand, RegSet};
-use pvpatch_fuzz::kvm::{KvmExecutor, KvmRun};
-use pvpatch_fuzz::oracle::vcpu::{Effect, MSR_KERNEL_GS_BASE, mix};
-use pvpatch_fuzz::oracle::{Case, End, Engine, Hypervisor, STACK, State};
 use pvpatch_isa::encode;
+use pvpatch_oracle::kvm::{KvmExecutor, KvmRun};
+use pvpatch_oracle::oracle::vcpu::{Effect, MSR_KERNEL_GS_BASE, mix};
+use pvpatch_oracle::oracle::{Case, End, Engine, Hypervisor, STACK, State};
 
 fn executor(test: &str) -> Option<KvmExecutor> {
     match KvmExecutor::new() {

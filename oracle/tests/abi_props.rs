@@ -9,7 +9,7 @@ use patch_sites::table::{
     sealed_table_size, unsealed_header, write_sealed_table,
 };
 use proptest::prelude::*;
-use pvpatch_fuzz::strategies::{self as strat, TEXT_BASE};
+use pvpatch_oracle::strategies::{self as strat, TEXT_BASE};
 
 const TEXT: AddrRange = AddrRange::new(TEXT_BASE, TEXT_BASE + (256 << 20));
 
@@ -26,7 +26,7 @@ fn unsealed(sites: &[Site], table_addr: u64) -> Vec<u8> {
 }
 
 proptest! {
-    #![proptest_config(pvpatch_fuzz::proptest_config())]
+    #![proptest_config(pvpatch_oracle::proptest_config())]
 
     #[test]
     fn table_round_trip(sites in strat::sites(64), table_off in 0u64..(1 << 30)) {

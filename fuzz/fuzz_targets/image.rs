@@ -5,7 +5,8 @@
 use libfuzzer_sys::fuzz_target;
 use pvpatch::annotate::{AnnotateOptions, annotate_into};
 use pvpatch::load::image::Image;
-use pvpatch::ledger::{Ledger, scan_image};
+use pvpatch::ledger::Ledger;
+use pvpatch::scan_image;
 use pvpatch::sweep::Options;
 
 fuzz_target!(|data: &[u8]| {

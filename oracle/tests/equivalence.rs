@@ -14,9 +14,9 @@ use patch_sites::rom::Rom;
 use patch_sites::{ALL_OPS, Op, Operand};
 use proptest::prelude::*;
 use proptest::test_runner::{TestError, TestRunner};
-use pvpatch_fuzz::oracle::engine::GPRS_ICED;
-use pvpatch_fuzz::oracle::{self, Case, Oracle, State};
-use pvpatch_fuzz::strategies as strat;
+use pvpatch_oracle::oracle::engine::GPRS_ICED;
+use pvpatch_oracle::oracle::{self, Case, Oracle, State};
+use pvpatch_oracle::strategies as strat;
 use pvpatch_runtime::backend::Choice;
 use pvpatch_runtime::detect::{BackendKind, KVM_FEATURE_NOP_IO_DELAY};
 use pvpatch_runtime::trap;
@@ -150,7 +150,7 @@ fn run_combo(
     let mut runner = TestRunner::new(proptest::test_runner::Config {
         cases,
         failure_persistence: None,
-        ..pvpatch_fuzz::proptest_config()
+        ..pvpatch_oracle::proptest_config()
     });
     let force = combo.trap.then_some(Choice::Trap);
     let result = runner.run(&strategy, |(case, state): (Case, State)| {
@@ -204,7 +204,7 @@ fn run_combo(
 /// Runs every combination; fails with every failure, and if a combination never produced the
 /// outcome it exists to test.
 fn run_all(combos: Vec<(Combo, &'static [Outcome])>) {
-    let cases = pvpatch_fuzz::proptest_config().cases;
+    let cases = pvpatch_oracle::proptest_config().cases;
     let oracle = RefCell::new(Oracle::new().unwrap());
     let mut failures = Vec::new();
     let mut total = 0u64;
@@ -376,8 +376,8 @@ fn xen_and_hyperv_rewrites_are_equivalent() {
 /// not mask its events; its `popf` does not change its IF).
 #[test]
 fn xen_sites_left_native_are_not_equivalent() {
-    use pvpatch_fuzz::oracle::abstraction::XenPv;
-    use pvpatch_fuzz::oracle::{Candidate, vcpu::mix};
+    use pvpatch_oracle::oracle::abstraction::XenPv;
+    use pvpatch_oracle::oracle::{Candidate, vcpu::mix};
     let mut o = Oracle::new().unwrap();
     for (op, operand, width) in [
         (Op::Cli, Operand::None, 0),
@@ -426,7 +426,7 @@ fn encode_neighbours(items: &[Neighbour], at: u64) -> Vec<u8> {
             4 => Register::RBX,
             n => GPRS_ICED[n],
         };
-        let data = pvpatch_fuzz::oracle::DATA + ((x as u64 % 0xff8) & !7);
+        let data = pvpatch_oracle::oracle::DATA + ((x as u64 % 0xff8) & !7);
         let rip = |t: u64| MemoryOperand::with_base_displ(Register::RIP, t as i64);
         let later = ip(i + 1 + (x as usize % (n - i)));
         let mut ins = match kind % 7 {
@@ -435,7 +435,7 @@ fn encode_neighbours(items: &[Neighbour], at: u64) -> Vec<u8> {
             2 => Instruction::with2(
                 Code::Lea_r64_m,
                 reg,
-                rip(pvpatch_fuzz::oracle::CODE + (x as u64 % 0x1_0000)),
+                rip(pvpatch_oracle::oracle::CODE + (x as u64 % 0x1_0000)),
             ),
             3 => Instruction::with2(Code::Add_rm64_imm32, reg, x as i32),
             4 => Instruction::with1(Code::Inc_rm64, reg),

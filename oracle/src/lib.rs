@@ -1,8 +1,9 @@
-//! # pvpatch-fuzz
+//! # pvpatch-oracle
 //!
-//! Generators for property tests of the ABI (sites, tables, ROMs), shared by the property
-//! tests in `tests/` and by the cargo-fuzz targets in `cargo-fuzz/`, and the rewrite-equivalence
-//! [`oracle`] they check the planner's rewrites with.
+//! The rewrite-equivalence [`oracle`] (unicorn, with a virtual CPU behind the sensitive
+//! instructions), its second executor on real ring-0 code under KVM ([`kvm`]), the generators of
+//! the property tests ([`strategies`]) and the bodies of the oracle's fuzz targets ([`targets`]),
+//! shared by the property tests in `tests/` and the cargo-fuzz targets in `../fuzz/`.
 //!
 //! The oracle runs code with unicorn-engine, which is GPL-2.0: this crate is for tests only,
 //! and nothing shipped (the `pvpatch` tool, the runtime) depends on it.

@@ -5,11 +5,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use proptest::prelude::*;
-use pvpatch_fuzz::oracle::Oracle;
-use pvpatch_fuzz::targets::{plan_and_check, rom_validator};
+use pvpatch_oracle::oracle::Oracle;
+use pvpatch_oracle::targets::{plan_and_check, rom_validator};
 
 fn corpus(target: &str) -> Vec<(String, Vec<u8>)> {
-    let dir = format!("{}/cargo-fuzz/corpus/{target}", env!("CARGO_MANIFEST_DIR"));
+    let dir = format!("{}/../fuzz/corpus/{target}", env!("CARGO_MANIFEST_DIR"));
     let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| {
@@ -95,7 +95,7 @@ fn code() -> impl Strategy<Value = Vec<u8>> {
 }
 
 proptest! {
-    #![proptest_config(pvpatch_fuzz::proptest_config())]
+    #![proptest_config(pvpatch_oracle::proptest_config())]
 
     #[test]
     fn plan_and_check_random_code(seed in any::<u64>(), code in code()) {

@@ -5,7 +5,7 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Err(e) = pvpatch_fuzz::targets::rom_validator(data) {
+    if let Err(e) = pvpatch_oracle::targets::rom_validator(data) {
         panic!("{e}");
     }
 });

@@ -12,9 +12,9 @@ use patch_sites::op::Kind;
 use patch_sites::table::{AddrRange, Form, Site, SiteTable, sealed_table_size, write_sealed_table};
 use patch_sites::{Op, Operand, RegSet};
 use proptest::prelude::*;
-use pvpatch_fuzz::strategies as strat;
 use pvpatch_isa::check;
 use pvpatch_isa::encode;
+use pvpatch_oracle::strategies as strat;
 use pvpatch_runtime::apply::{self, TextPoke};
 use pvpatch_runtime::backend::Backend;
 use pvpatch_runtime::detect::{BackendKind, Detected, KVM_FEATURE_NOP_IO_DELAY};
@@ -117,7 +117,7 @@ fn placed(
 }
 
 proptest! {
-    #![proptest_config(pvpatch_fuzz::proptest_config())]
+    #![proptest_config(pvpatch_oracle::proptest_config())]
 
     /// Whatever the encoder emits for a record decodes and classifies back to that record
     /// (op, operand, width, rep), at its length.
