@@ -16,8 +16,10 @@
 pub mod elf;
 pub mod guest;
 pub mod initramfs;
+pub mod kallsyms;
 pub mod kernels;
 pub mod qemu;
+pub mod tools;
 
 pub use guest::{
     Config, DEMO_ROM, RAW_SECTION, build_demo_rom, build_guest, build_guest_plain, configs,

@@ -51,7 +51,42 @@ fn apt_get() -> Command {
 pub fn setup(report: &mut Report) -> Result<bool> {
     let system = system_packages(report)?;
     rust_target()?;
-    Ok(fuzz_tools(report)? && system)
+    let references = reference_tools(report);
+    Ok(fuzz_tools(report)? && system && references)
+}
+
+/// The reference tools the tests compare with (see `pvpatch_testkit::tools`), in a Python
+/// environment in the cache. Whether they are there.
+pub fn reference_tools(report: &mut Report) -> bool {
+    use pvpatch_testkit::tools;
+    if tools::kallsyms_finder().is_ok() {
+        println!("setup: {}: present", tools::VMLINUX_TO_ELF);
+        return true;
+    }
+    let venv = tools::venv();
+    println!(
+        "setup: installing {} (the reference for kallsyms) into {}",
+        tools::VMLINUX_TO_ELF,
+        venv.display()
+    );
+    let made = run(Command::new("python3").arg("-m").arg("venv").arg(&venv)).and_then(|()| {
+        run(Command::new(venv.join("bin/pip")).args([
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            tools::VMLINUX_TO_ELF,
+        ]))
+    });
+    match made.and_then(|()| tools::kallsyms_finder().map_err(anyhow::Error::msg)) {
+        Ok(_) => true,
+        Err(e) => {
+            report.skip(format!(
+                "setup: {} could not be installed: {e:#}",
+                tools::VMLINUX_TO_ELF
+            ));
+            false
+        }
+    }
 }
 
 /// The Debian packages: QEMU 10 from bookworm-backports, cmake, libclang-dev (what the demo

@@ -147,6 +147,29 @@ impl Backing {
     }
 }
 
+/// Where an image's symbols came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SymbolSource {
+    /// The ELF symbol table.
+    Symtab,
+    /// The kernel's own kallsyms (a stripped `vmlinux`).
+    Kallsyms,
+    /// None: the image is stripped and has no kallsyms (names and function starts come only
+    /// from the section headers and Linux's tables).
+    None,
+}
+
+impl SymbolSource {
+    /// The name reports use.
+    pub fn name(self) -> &'static str {
+        match self {
+            SymbolSource::Symtab => "symtab",
+            SymbolSource::Kallsyms => "kallsyms",
+            SymbolSource::None => "none",
+        }
+    }
+}
+
 /// A loaded, checked image.
 pub struct Image {
     /// Where it came from (for reports).
@@ -160,8 +183,15 @@ pub struct Image {
     pub sections: Vec<Section>,
     /// Every program header.
     pub segments: Vec<Segment>,
-    /// Function symbols, sorted by address (empty for a stripped image).
+    /// Function symbols, sorted by address (from the ELF symbol table, else from the kernel's
+    /// kallsyms; empty for a stripped image without kallsyms).
     pub symbols: Vec<Symbol>,
+    /// Where the symbols came from.
+    pub symbol_source: SymbolSource,
+    /// The kernel's kallsyms, when the symbols came from it.
+    pub kallsyms: Option<super::kallsyms::Kallsyms>,
+    /// Every named symbol's address (functions and data), from the same source.
+    names: std::collections::HashMap<String, u64>,
     /// The GNU build id, if the image has one.
     pub build_id: Option<Vec<u8>>,
 }
@@ -321,23 +351,55 @@ impl Image {
         check_overlaps(&sections)?;
 
         let mut symbols = Vec::new();
+        let mut names = std::collections::HashMap::new();
         let symtab = table
             .symbols(endian, bytes, elf::SHT_SYMTAB)
             .map_err(|e| ImageError::malformed(format!("symbol table: {e}")))?;
         let strings: StringTable<'_> = symtab.strings();
         for sym in symtab.symbols() {
-            if sym.st_type() != elf::STT_FUNC || sym.st_shndx(endian) == elf::SHN_UNDEF {
+            if sym.st_shndx(endian) == elf::SHN_UNDEF {
                 continue;
             }
             let name = sym
                 .name(endian, strings)
                 .map(|n| String::from_utf8_lossy(n).into_owned())
                 .unwrap_or_default();
-            symbols.push(Symbol {
-                name,
-                addr: sym.st_value(endian),
-                size: sym.st_size(endian),
-            });
+            if !name.is_empty() {
+                names.entry(name.clone()).or_insert(sym.st_value(endian));
+            }
+            if sym.st_type() == elf::STT_FUNC {
+                symbols.push(Symbol {
+                    name,
+                    addr: sym.st_value(endian),
+                    size: sym.st_size(endian),
+                });
+            }
+        }
+        let mut symbol_source = SymbolSource::Symtab;
+        let mut kallsyms = None;
+        if symbols.is_empty() {
+            symbol_source = SymbolSource::None;
+            let rodata = sections
+                .iter()
+                .find(|s| s.name == ".rodata" && s.is_alloc() && s.has_file_data());
+            if let Some(r) = rodata {
+                let data = bytes
+                    .get(r.offset as usize..(r.offset + r.size) as usize)
+                    .unwrap_or(&[]);
+                if let Some(k) =
+                    super::kallsyms::read(data, r.addr).map_err(ImageError::Malformed)?
+                {
+                    symbols = kallsyms_functions(&k, &sections);
+                    names = k
+                        .symbols
+                        .iter()
+                        .rev()
+                        .map(|s| (s.name.clone(), s.addr))
+                        .collect();
+                    symbol_source = SymbolSource::Kallsyms;
+                    kallsyms = Some(k);
+                }
+            }
         }
         symbols.sort_by(|a, b| a.addr.cmp(&b.addr).then_with(|| a.name.cmp(&b.name)));
         symbols.dedup_by_key(|s| s.addr);
@@ -367,6 +429,9 @@ impl Image {
             sections,
             segments,
             symbols,
+            symbol_source,
+            kallsyms,
+            names,
             build_id,
         };
         if !image.sections.iter().any(Section::is_exec) {
@@ -376,6 +441,12 @@ impl Image {
             )));
         }
         Ok(image)
+    }
+
+    /// The address of the symbol named `name` (any kind: function, data, linker-defined), from
+    /// the symbol table or the kernel's kallsyms.
+    pub fn symbol_address(&self, name: &str) -> Option<u64> {
+        self.names.get(name).copied()
     }
 
     /// The whole file.
@@ -439,6 +510,39 @@ impl Image {
             .filter_map(|s| s.vaddr.checked_add(s.memsz))
             .max()
     }
+}
+
+/// The function symbols of a kernel's kallsyms (types `T`, `t`, `W`, `w` inside an executable
+/// section), each as long as the distance to the next symbol of any kind in the same section
+/// (kallsyms has no sizes; 6.12's `__pfx_` padding symbols end the function before them).
+fn kallsyms_functions(k: &super::kallsyms::Kallsyms, sections: &[Section]) -> Vec<Symbol> {
+    let exec: Vec<&Section> = sections.iter().filter(|s| s.is_exec()).collect();
+    let section_of = |a: u64| exec.iter().find(|s| s.contains(a)).copied();
+    // The next greater address after each symbol, from the end (kallsyms is sorted).
+    let mut next = vec![u64::MAX; k.symbols.len()];
+    let mut greater = u64::MAX;
+    for i in (0..k.symbols.len()).rev() {
+        next[i] = greater;
+        if i > 0 && k.symbols[i - 1].addr < k.symbols[i].addr {
+            greater = k.symbols[i].addr;
+        }
+    }
+    let mut out = Vec::new();
+    for (i, s) in k.symbols.iter().enumerate() {
+        if !s.is_text() {
+            continue;
+        }
+        let Some(sec) = section_of(s.addr) else {
+            continue;
+        };
+        let end = next[i].min(sec.addr + sec.size);
+        out.push(Symbol {
+            name: s.name.clone(),
+            addr: s.addr,
+            size: end - s.addr,
+        });
+    }
+    out
 }
 
 fn check_overlaps(sections: &[Section]) -> Result<()> {

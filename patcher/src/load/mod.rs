@@ -3,5 +3,6 @@
 
 pub mod bzimage;
 pub mod image;
+pub mod kallsyms;
 
-pub use image::{Image, ImageError, Section, Segment, Symbol};
+pub use image::{Image, ImageError, Section, Segment, Symbol, SymbolSource};

@@ -6,5 +6,7 @@ mod cli;
 mod golden;
 mod guest;
 mod hostile;
+mod kallsyms;
 mod kernel;
+mod kernels;
 mod tables;
