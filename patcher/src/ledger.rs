@@ -10,12 +10,12 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::ScanReport;
-use crate::analyse::SiteInfo;
+use crate::analyse::{Direction, SiteInfo};
 use crate::load::image::Image;
 use crate::sweep::ResyncReason;
 
 /// The version of the ledger's schema.
-pub const LEDGER_SCHEMA: &str = "pvpatch-ledger/1";
+pub const LEDGER_SCHEMA: &str = "pvpatch-ledger/2";
 
 /// `0x`-prefixed lowercase hex.
 pub fn hex(v: u64) -> String {
@@ -76,8 +76,14 @@ pub struct ImageInfo {
     pub elf_type: &'static str,
     /// Entry point.
     pub entry: String,
-    /// Function symbols (0 when stripped).
+    /// Function symbols (0 when stripped and without kallsyms).
     pub symbols: usize,
+    /// Where the symbols came from: `symtab`, `kallsyms` (a stripped kernel's own table) or
+    /// `none`.
+    pub symbol_source: &'static str,
+    /// Whether it is a stock kernel (a Linux image we did not build: no trap form, out-of-line
+    /// code only in caves inside its text).
+    pub stock_kernel: bool,
 }
 
 /// The code swept.
@@ -113,6 +119,9 @@ pub struct TableInfo {
     pub name: &'static str,
     /// Whether the image has it.
     pub present: bool,
+    /// How it was found: `section`, or `symbols` (its `__start_`/`__stop_` symbols); null if
+    /// absent.
+    pub found_by: Option<&'static str>,
     /// Address (null if absent).
     pub address: Option<String>,
     /// Size.
@@ -151,6 +160,23 @@ pub struct Summary {
     pub patchable: usize,
     /// Hypervisor interfaces (vmcall, vmmcall, vmgexit).
     pub hypervisor_interfaces: usize,
+    /// Sites a backend may rewrite: instructions and idioms no Linux table covers.
+    pub rewritable: usize,
+    /// Of those, the sites from which out-of-line code can be reached (a call in place, or a
+    /// detour with cave space).
+    pub out_of_line: usize,
+    /// Detours planned, by direction.
+    pub detours_forward: usize,
+    /// Detours that move the instructions before the site.
+    pub detours_backward: usize,
+    /// Why rewritable sites have no way out of line, with how many.
+    pub native_reasons: BTreeMap<String, usize>,
+    /// Caves found (stock kernels), their bytes, and what is left after the arena and stubs.
+    pub caves: usize,
+    /// Bytes in caves.
+    pub cave_bytes: u64,
+    /// The arena reserved for the backend's out-of-line code.
+    pub arena: Option<String>,
     /// Per class.
     pub by_class: BTreeMap<&'static str, usize>,
 }
@@ -228,13 +254,30 @@ pub struct CoveredBy {
     pub end: String,
 }
 
+/// A site's detour.
+#[derive(Debug, Serialize)]
+pub struct DetourInfo {
+    /// `forward` or `backward`.
+    pub direction: &'static str,
+    /// The first moved byte.
+    pub start: String,
+    /// Bytes moved.
+    pub length: u8,
+    /// Where its stub runs (a cave), or null before cave space is given.
+    pub stub: Option<String>,
+    /// The stub's length.
+    pub stub_length: Option<usize>,
+    /// Where the site's patchable copy is in the stub.
+    pub copy_offset: Option<u8>,
+}
+
 /// Room.
 #[derive(Debug, Serialize)]
 pub struct RoomInfo {
     /// Bytes patchable in place.
     pub in_place: u8,
-    /// Bytes a detour would take, or null.
-    pub detour: Option<u8>,
+    /// The detour the site can take, or null.
+    pub detour: Option<DetourInfo>,
     /// Forms the site allows.
     pub forms: Vec<&'static str>,
     /// Why nothing, or no detour.
@@ -324,7 +367,14 @@ fn site_entry(report: &ScanReport<'_>, s: &SiteInfo) -> SiteEntry {
         }),
         room: RoomInfo {
             in_place: s.room.in_place,
-            detour: s.room.detour,
+            detour: s.room.detour.as_ref().map(|m| DetourInfo {
+                direction: m.direction.name(),
+                start: hex(m.start),
+                length: m.len,
+                stub: m.stub.as_ref().map(|st| hex(st.addr)),
+                stub_length: m.stub.as_ref().map(|st| st.bytes.len()),
+                copy_offset: m.stub.as_ref().map(|st| st.copy_off),
+            }),
             forms: s.room.forms.iter().map(|f| f.name()).collect(),
             reason: s.room.reason.clone(),
         },
@@ -359,6 +409,8 @@ impl Ledger {
                 },
                 entry: hex(image.entry),
                 symbols: image.symbols.len(),
+                symbol_source: image.symbol_source.name(),
+                stock_kernel: report.analysis.stock,
             },
             code: code_info(report),
             tables: report
@@ -368,6 +420,7 @@ impl Ledger {
                 .map(|r| TableInfo {
                     name: r.kind.section(),
                     present: r.present,
+                    found_by: r.found_by,
                     address: r.present.then(|| hex(r.addr)),
                     size: r.size,
                     layout: r.layout,
@@ -427,9 +480,26 @@ pub(crate) fn code_info(report: &ScanReport<'_>) -> CodeInfo {
 pub(crate) fn summary(report: &ScanReport<'_>) -> Summary {
     let sites = &report.analysis.sites;
     let mut by_class = BTreeMap::new();
+    let mut native_reasons = BTreeMap::new();
     for s in sites {
         *by_class.entry(s.found.op().name()).or_default() += 1;
+        if s.rewritable() && !s.reaches_out_of_line() {
+            *native_reasons
+                .entry(s.room.why.clone().unwrap_or_else(|| "unknown".into()))
+                .or_default() += 1;
+        }
     }
+    let detours = |d: Direction| {
+        sites
+            .iter()
+            .filter(|s| {
+                s.room
+                    .detour
+                    .as_ref()
+                    .is_some_and(|m| m.direction == d && m.stub.is_some())
+            })
+            .count()
+    };
     Summary {
         sites: sites.len(),
         covered: sites.iter().filter(|s| s.covered_by.is_some()).count(),
@@ -438,6 +508,20 @@ pub(crate) fn summary(report: &ScanReport<'_>) -> Summary {
             .iter()
             .filter(|s| s.found.op().info().kind == patch_sites::op::Kind::HypervisorInterface)
             .count(),
+        rewritable: sites.iter().filter(|s| s.rewritable()).count(),
+        out_of_line: sites
+            .iter()
+            .filter(|s| s.rewritable() && s.reaches_out_of_line())
+            .count(),
+        detours_forward: detours(Direction::Forward),
+        detours_backward: detours(Direction::Backward),
+        native_reasons,
+        caves: report.analysis.caves.len(),
+        cave_bytes: report.analysis.caves.iter().map(|c| c.len()).sum(),
+        arena: report
+            .analysis
+            .arena
+            .map(|(a, n)| format!("{} ({n} bytes)", hex(a))),
         by_class,
     }
 }

@@ -1,6 +1,9 @@
 //! Linux's own patch and annotation tables, read from a linked image.
 //!
-//! Each table is found by its section name and parsed with bounds checks. Where the entry
+//! Each table is found by its section name, or, for the three a `vmlinux` folds into `.rodata`
+//! and `.init.data` with no section of their own (`__mcount_loc`, `__jump_table`,
+//! `.static_call_sites`), by its `__start_`/`__stop_` symbols (from the symbol table, or from a
+//! stripped kernel's kallsyms), and parsed with bounds checks. Where the entry
 //! layout changed across kernel versions (`.parainstructions`, `.altinstructions`,
 //! `__bug_table`), every candidate layout is tried against the whole table: a layout is
 //! accepted only if every entry of it resolves to a plausible place (inside code, onto the
@@ -49,11 +52,15 @@ pub enum TableKind {
     /// `.static_call_sites`: static-call sites (inside `.rodata` in a vmlinux, like the jump
     /// table).
     StaticCallSites,
+    /// `__mcount_loc`: the `call __fentry__` at each traced function's entry, which ftrace
+    /// turns into NOPs and back (inside `.init.data` in a vmlinux; zero entries, for functions
+    /// the build dropped, are skipped).
+    McountLoc,
 }
 
 impl TableKind {
     /// Every kind, in report order.
-    pub const ALL: [TableKind; 13] = [
+    pub const ALL: [TableKind; 14] = [
         TableKind::Parainstructions,
         TableKind::Altinstructions,
         TableKind::AltinstrReplacement,
@@ -67,6 +74,7 @@ impl TableKind {
         TableKind::BugTable,
         TableKind::JumpTable,
         TableKind::StaticCallSites,
+        TableKind::McountLoc,
     ];
 
     /// The section name.
@@ -85,6 +93,19 @@ impl TableKind {
             TableKind::BugTable => "__bug_table",
             TableKind::JumpTable => "__jump_table",
             TableKind::StaticCallSites => ".static_call_sites",
+            TableKind::McountLoc => "__mcount_loc",
+        }
+    }
+
+    /// The symbols that bound the table where it has no section of its own.
+    pub fn bounds(self) -> Option<(&'static str, &'static str)> {
+        match self {
+            TableKind::JumpTable => Some(("__start___jump_table", "__stop___jump_table")),
+            TableKind::StaticCallSites => {
+                Some(("__start_static_call_sites", "__stop_static_call_sites"))
+            }
+            TableKind::McountLoc => Some(("__start_mcount_loc", "__stop_mcount_loc")),
+            _ => None,
         }
     }
 
@@ -109,11 +130,13 @@ impl fmt::Display for TableKind {
 pub struct TableReport {
     /// Which table.
     pub kind: TableKind,
-    /// Whether the image has the section.
+    /// Whether the image has the table.
     pub present: bool,
-    /// Section address.
+    /// How it was found: `"section"`, or `"symbols"` (its `__start_`/`__stop_` symbols).
+    pub found_by: Option<&'static str>,
+    /// Its address.
     pub addr: u64,
-    /// Section size.
+    /// Its size.
     pub size: u64,
     /// The layout recognised (`None` if absent or unrecognised).
     pub layout: Option<&'static str>,
@@ -223,6 +246,21 @@ impl Ctx<'_> {
     fn bytes_at(&self, addr: u64, len: usize) -> Option<&[u8]> {
         self.image.read(addr, len)
     }
+
+    /// The length of the instruction at `addr` (in code), if it decodes.
+    fn insn_len(&self, addr: u64) -> Option<u64> {
+        let s = self.code.iter().find(|s| s.contains(addr))?;
+        let avail = (s.addr + s.size - addr).min(15) as usize;
+        let b = self.image.read(addr, avail)?;
+        let i = iced_x86::Decoder::with_ip(64, b, addr, iced_x86::DecoderOptions::NONE).decode();
+        (!i.is_invalid()).then_some(i.len() as u64)
+    }
+
+    /// The instruction at `addr` as a protected range, if it decodes to at least `min` bytes.
+    fn insn(&self, addr: u64, min: u64) -> Option<(u64, u64)> {
+        let len = self.insn_len(addr)?;
+        (len >= min).then_some((addr, addr + len))
+    }
 }
 
 fn rel(entry_addr: u64, field: u64, b: &[u8], off: usize) -> Option<u64> {
@@ -305,9 +343,10 @@ const EX_TABLE: &[Layout] = &[Layout {
     parse: |ctx, at, b| {
         let insn = rel(at, 0, b, 0)?;
         let fixup = rel(at, 4, b, 4)?;
-        (ctx.in_code(insn, 1) && ctx.in_code(fixup, 1)).then_some(Entry {
+        (ctx.in_code(insn, 1) && ctx.in_code(fixup, 1)).then(|| Entry {
             starts: [Some(insn), Some(fixup)],
-            protected: [Some((insn, insn + 1)), None],
+            // The whole instruction: its address is the table's key, so it must not move.
+            protected: [Some(ctx.insn(insn, 1).unwrap_or((insn, insn + 1))), None],
         })
     },
 }];
@@ -332,6 +371,15 @@ const BUG_TABLE: &[Layout] = &[
     },
 ];
 
+/// What a table of relative pointers protects at each address: nothing (ORC: instruction
+/// starts only), a fixed number of bytes, or the whole instruction there.
+#[derive(Clone, Copy)]
+enum Guard {
+    Nothing,
+    Bytes(u64),
+    Insn,
+}
+
 macro_rules! rel32_table {
     ($name:ident, $what:literal, $check:expr, $prot:expr) => {
         const $name: &[Layout] = &[Layout {
@@ -340,8 +388,12 @@ macro_rules! rel32_table {
             parse: |ctx, at, b| {
                 let a = rel(at, 0, b, 0)?;
                 let check: fn(&Ctx<'_>, u64) -> bool = $check;
-                let prot: u64 = $prot;
-                check(ctx, a).then(|| Entry::one(a, (prot > 0).then_some((a, a + prot))))
+                let prot = match $prot {
+                    Guard::Nothing => None,
+                    Guard::Bytes(n) => Some((a, a + n)),
+                    Guard::Insn => Some(ctx.insn(a, 1)?),
+                };
+                check(ctx, a).then(|| Entry::one(a, prot))
             },
         }];
     };
@@ -351,37 +403,37 @@ rel32_table!(
     ORC_IP,
     "s32 ip (4 bytes)",
     |ctx, a| ctx.in_code_or_end(a),
-    0
+    Guard::Nothing
 );
 rel32_table!(
     SMP_LOCKS,
     "s32 lock prefix (4 bytes)",
     |ctx, a| ctx.bytes_at(a, 1) == Some(&[0xf0]) && ctx.in_code(a, 1),
-    1
+    Guard::Insn
 );
 rel32_table!(
     RETPOLINE,
     "s32 call/jmp site (4 bytes)",
     |ctx, a| ctx.in_code(a, 2),
-    1
+    Guard::Insn
 );
 rel32_table!(
     RETURN,
     "s32 return site (4 bytes)",
     |ctx, a| ctx.in_code(a, 1),
-    1
+    Guard::Insn
 );
 rel32_table!(
     CALL,
     "s32 call site (4 bytes)",
     |ctx, a| ctx.in_code(a, 5),
-    1
+    Guard::Insn
 );
 rel32_table!(
     ENDBR,
     "s32 endbr64 (4 bytes)",
     |ctx, a| ctx.bytes_at(a, 4) == Some(&[0xf3, 0x0f, 0x1e, 0xfa]),
-    4
+    Guard::Bytes(4)
 );
 
 const JUMP_TABLE: &[Layout] = &[Layout {
@@ -390,9 +442,10 @@ const JUMP_TABLE: &[Layout] = &[Layout {
     parse: |ctx, at, b| {
         let code = rel(at, 0, b, 0)?;
         let target = rel(at, 4, b, 4)?;
-        (ctx.in_code(code, 2) && ctx.in_code(target, 1)).then_some(Entry {
+        (ctx.in_code(code, 2) && ctx.in_code(target, 1)).then(|| Entry {
             starts: [Some(code), Some(target)],
-            protected: [Some((code, code + 2)), None],
+            // A `jmp`/NOP of 2 or 5 bytes, toggled when the key changes.
+            protected: [Some(ctx.insn(code, 2).unwrap_or((code, code + 5))), None],
         })
     },
 }];
@@ -402,6 +455,18 @@ const STATIC_CALLS: &[Layout] = &[Layout {
     size: 8,
     parse: |ctx, at, b| {
         let a = rel(at, 0, b, 0)?;
+        ctx.in_code(a, 5).then(|| Entry::one(a, Some((a, a + 5))))
+    },
+}];
+
+const MCOUNT_LOC: &[Layout] = &[Layout {
+    name: "u64 address of a 5-byte `call __fentry__` (8 bytes; 0 for a dropped function)",
+    size: 8,
+    parse: |ctx, _at, b| {
+        let a = u64::from_le_bytes(b.get(0..8)?.try_into().ok()?);
+        if a == 0 {
+            return Some(Entry::default());
+        }
         ctx.in_code(a, 5).then(|| Entry::one(a, Some((a, a + 5))))
     },
 }];
@@ -421,13 +486,14 @@ fn layouts(kind: TableKind) -> &'static [Layout] {
         TableKind::BugTable => BUG_TABLE,
         TableKind::JumpTable => JUMP_TABLE,
         TableKind::StaticCallSites => STATIC_CALLS,
+        TableKind::McountLoc => MCOUNT_LOC,
     }
 }
 
 /// Whether every entry of the table fits `layout`: the number of entries used and of trailing
 /// all-zero entries (section padding). Nothing is kept: a table is bounded only by the file's
 /// size, so its entries are parsed again, one at a time, once a single layout fits.
-fn try_layout(ctx: &Ctx<'_>, s: &Section, data: &[u8], layout: &Layout) -> Option<(usize, usize)> {
+fn try_layout(ctx: &Ctx<'_>, s: &Place, data: &[u8], layout: &Layout) -> Option<(usize, usize)> {
     if !data.len().is_multiple_of(layout.size) {
         return None;
     }
@@ -449,7 +515,7 @@ fn try_layout(ctx: &Ctx<'_>, s: &Section, data: &[u8], layout: &Layout) -> Optio
 /// The first `used` entries of the table, parsed as `layout`.
 fn entries<'a>(
     ctx: &'a Ctx<'_>,
-    s: &'a Section,
+    s: &'a Place,
     data: &'a [u8],
     layout: &'a Layout,
     used: usize,
@@ -458,6 +524,47 @@ fn entries<'a>(
         .take(used)
         .enumerate()
         .map(move |(i, b)| (layout.parse)(ctx, s.addr + (i * layout.size) as u64, b))
+}
+
+/// Where a table lies.
+struct Place {
+    addr: u64,
+    size: u64,
+    found_by: &'static str,
+}
+
+/// Where `kind` lies in `image`: its section, else its bounding symbols; with its bytes. An
+/// error names why symbols that bound it cannot be used.
+fn locate<'a>(image: &'a Image, kind: TableKind) -> Option<Result<(Place, &'a [u8]), String>> {
+    if let Some(s) = image.section(kind.section()) {
+        let data = image.section_data(s);
+        if data.len() as u64 != s.size {
+            return Some(Err("the section has no bytes in the file".into()));
+        }
+        let place = Place {
+            addr: s.addr,
+            size: s.size,
+            found_by: "section",
+        };
+        return Some(Ok((place, data)));
+    }
+    let (start, stop) = kind.bounds()?;
+    let (a, b) = (image.symbol_address(start)?, image.symbol_address(stop)?);
+    let place = Place {
+        addr: a,
+        size: b.wrapping_sub(a),
+        found_by: "symbols",
+    };
+    let data = (b >= a)
+        .then(|| usize::try_from(b - a).ok())
+        .flatten()
+        .and_then(|len| image.read(a, len));
+    Some(match data {
+        Some(d) => Ok((place, d)),
+        None => Err(format!(
+            "{start} ({a:#x}) and {stop} ({b:#x}) do not bound bytes inside one section"
+        )),
+    })
 }
 
 /// Reads every table the image has.
@@ -469,46 +576,44 @@ pub fn read(image: &Image) -> LinuxTables {
     };
     let mut out = LinuxTables::default();
     for kind in TableKind::ALL {
-        let Some(s) = image.section(kind.section()) else {
-            out.reports.push(TableReport {
-                kind,
-                present: false,
-                addr: 0,
-                size: 0,
-                layout: None,
-                entry_size: 0,
-                entries: 0,
-                padding: 0,
-                problem: None,
-            });
-            continue;
-        };
         let mut report = TableReport {
             kind,
-            present: true,
-            addr: s.addr,
-            size: s.size,
+            present: false,
+            found_by: None,
+            addr: 0,
+            size: 0,
             layout: None,
             entry_size: 0,
             entries: 0,
             padding: 0,
             problem: None,
         };
+        let (s, data) = match locate(image, kind) {
+            None => {
+                out.reports.push(report);
+                continue;
+            }
+            Some(Err(why)) => {
+                report.present = true;
+                report.problem = Some(why);
+                out.reports.push(report);
+                continue;
+            }
+            Some(Ok(found)) => found,
+        };
+        report.present = true;
+        report.found_by = Some(s.found_by);
+        report.addr = s.addr;
+        report.size = s.size;
         if kind == TableKind::AltinstrReplacement {
             // Code, not a table: decoded by the sweep; its entries come from .altinstructions.
             report.layout = Some("replacement code");
             out.reports.push(report);
             continue;
         }
-        let data = image.section_data(s);
-        if data.len() as u64 != s.size {
-            report.problem = Some("the section has no bytes in the file".into());
-            out.reports.push(report);
-            continue;
-        }
         let fits: Vec<(&Layout, (usize, usize))> = layouts(kind)
             .iter()
-            .filter_map(|l| try_layout(&ctx, s, data, l).map(|r| (l, r)))
+            .filter_map(|l| try_layout(&ctx, &s, data, l).map(|r| (l, r)))
             .collect();
         // A table of nothing but zeros fits every layout whose size divides it, and means the
         // same under each: no entries.
@@ -524,7 +629,7 @@ pub fn read(image: &Image) -> LinuxTables {
                 report.entry_size = layout.size;
                 report.entries = used;
                 report.padding = padding;
-                for (i, e) in entries(&ctx, s, data, layout, used).flatten().enumerate() {
+                for (i, e) in entries(&ctx, &s, data, layout, used).flatten().enumerate() {
                     out.starts
                         .extend(e.starts.into_iter().flatten().map(|a| (a, kind)));
                     for (start, end) in e.protected.into_iter().flatten() {
@@ -568,7 +673,10 @@ pub fn read(image: &Image) -> LinuxTables {
         .map(|p| p.end - p.start)
         .max()
         .unwrap_or(0);
-    out.starts.sort_unstable();
+    // One kind per address: any table's but ORC's where several name it (an ORC IP is only a
+    // boundary; a fixup or a jump target is something that jumps there).
+    out.starts
+        .sort_unstable_by_key(|s| (s.0, s.1 == TableKind::OrcUnwindIp, s.1));
     out.starts.dedup_by_key(|s| s.0);
     // ORC describes the code as it runs, after Linux has patched its paravirt and alternative
     // sites: an ORC IP strictly inside such a site (e.g. after the `pushf` of a `pushf; pop

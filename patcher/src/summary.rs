@@ -78,10 +78,12 @@ pub fn human_summary(report: &ScanReport<'_>) -> String {
     }
 
     let _ = writeln!(o, "\nSensitive instructions by class:");
+    let stock = report.analysis.stock;
+    let last = if stock { "native" } else { "trap" };
     let _ = writeln!(
         o,
         "  {:<14} {:>6} {:>9} {:>10} {:>9} {:>7} {:>6}",
-        "class", "sites", "covered", "in-place5", "in-place", "detour", "trap"
+        "class", "sites", "covered", "in-place5", "in-place", "detour", last
     );
     let mut classes: BTreeMap<u16, Vec<&SiteInfo>> = BTreeMap::new();
     for s in sites {
@@ -96,9 +98,16 @@ pub fn human_summary(report: &ScanReport<'_>) -> String {
             .filter(|s| s.room.in_place > 0 && s.room.in_place < 5)
             .count();
         let detour = list.iter().filter(|s| s.room.detour.is_some()).count();
+        // Stock kernels: rewritable sites with no way out of line; others: only a trap fits.
         let trap_only = list
             .iter()
-            .filter(|s| s.room.in_place > 0 && s.room.in_place < 5 && s.room.detour.is_none())
+            .filter(|s| {
+                if stock {
+                    s.rewritable() && !s.reaches_out_of_line()
+                } else {
+                    s.room.in_place > 0 && s.room.in_place < 5 && s.room.detour.is_none()
+                }
+            })
             .count();
         let _ = writeln!(
             o,
@@ -118,11 +127,41 @@ pub fn human_summary(report: &ScanReport<'_>) -> String {
         "  {:<14} {:>6} {:>9}   patchable: {}, hypervisor interfaces: {}",
         "total", s.sites, s.covered, s.patchable, s.hypervisor_interfaces
     );
-    let _ = writeln!(
-        o,
-        "  (in-place5: room for a call; in-place: less than 5 bytes; detour: \
+    if stock {
+        let _ = writeln!(
+            o,
+            "  (in-place5: room for a call; in-place: less than 5 bytes; detour: can move \
+             neighbouring code to a cave stub; native: no way out of line)"
+        );
+        let pct = if s.rewritable == 0 {
+            100.0
+        } else {
+            100.0 * s.out_of_line as f64 / s.rewritable as f64
+        };
+        let _ = writeln!(
+            o,
+            "\nStock kernel ({} symbols from {}): {} of {} rewritable sites reach out-of-line \
+             code ({pct:.1}%): {} detours forward, {} backward; {} caves of {} bytes, arena {}",
+            report.image.symbols.len(),
+            report.image.symbol_source.name(),
+            s.out_of_line,
+            s.rewritable,
+            s.detours_forward,
+            s.detours_backward,
+            s.caves,
+            s.cave_bytes,
+            s.arena.as_deref().unwrap_or("none")
+        );
+        for (why, n) in &s.native_reasons {
+            let _ = writeln!(o, "  {n:>5} native: {why}");
+        }
+    } else {
+        let _ = writeln!(
+            o,
+            "  (in-place5: room for a call; in-place: less than 5 bytes; detour: \
                          can move following code; trap: only an int3 fits)"
-    );
+        );
+    }
 
     let _ = writeln!(o, "\nBy section:");
     for c in code_info(report).sections {

@@ -1,17 +1,20 @@
 //! Detours: a site too small for the sequence a backend wants moves its instruction, and the
-//! instructions after it, to a stub, and becomes a `jmp` there.
+//! instructions next to it, to a stub, and becomes a `jmp` there.
 //!
-//! The site `[addr, addr + room)` (room at least 5 bytes: the sensitive instruction and the
-//! whole instructions after it that make up the difference) becomes `jmp stub` and `int3`s. The
-//! stub holds the patchable copy (the instruction, NOP-padded to `room` bytes: what the
-//! runtime rewrites, as the record's `stub` says), then the moved instructions re-encoded for
-//! their new address with iced-x86's encoder (a RIP-relative operand keeps its absolute
-//! target, even one inside the moved range: a `lea` of its own address must still give the
-//! original; a branch to a moved instruction follows it into the stub, any other keeps its
-//! absolute target; branches are widened to rel32 so that every address is known in one pass),
-//! then `jmp addr + room`.
+//! A *moved range* `[start, start + len)` (at least 5 bytes, for a `jmp rel32`) holds whole
+//! instructions, the site's among them: the site and the instructions after it (forward), or the
+//! instructions before it and the site (backward). It becomes `jmp stub` and `int3`s. The stub
+//! holds, in order: the instructions before the site, re-encoded for their new address; the
+//! site's *patchable copy* (its instruction, NOP-padded to `copy_len` bytes: what the runtime
+//! rewrites); the instructions after the site, re-encoded; `jmp start + len`.
 //!
-//! Nothing may jump into `(addr, addr + room)`: the caller checks that (the analysis refuses a
+//! Re-encoding uses iced-x86's encoder: a RIP-relative operand keeps its absolute target, even
+//! one inside the moved range (a `lea` of its own address must still give the original); a
+//! branch to a moved instruction follows it into the stub, any other keeps its absolute target;
+//! branches are widened to rel32, so that every length is known before any address. The site's
+//! own instruction is copied byte for byte (re-encoded only if it is RIP-relative).
+//!
+//! Nothing may jump into `(start, start + len)`: the caller checks that (the analysis refuses a
 //! detour over a branch target or a named instruction start).
 
 use iced_x86::{Code, Decoder, DecoderOptions, Encoder, FlowControl, Instruction};
@@ -20,18 +23,22 @@ use thiserror::Error;
 /// A built detour.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Detour {
-    /// The bytes at the site: `jmp stub`, then `int3`s (`room` bytes).
+    /// The bytes of the moved range once detoured: `jmp stub`, then `int3`s.
     pub site: Vec<u8>,
-    /// The stub: the patchable copy (`room` bytes), the moved instructions, `jmp` back.
+    /// The stub.
     pub stub: Vec<u8>,
-    /// The bytes of the site and of the stub's patchable copy: the record's `site_len`.
+    /// Where in the stub the site's patchable copy is.
+    pub copy_off: u8,
+    /// The copy's length (its room).
+    pub copy_len: u8,
+    /// The moved range's length.
     pub room: u8,
 }
 
 /// Why a detour cannot be built.
 #[derive(Clone, Debug, PartialEq, Eq, Error)]
 pub enum DetourError {
-    /// The code after the instruction does not decode.
+    /// The code does not decode.
     #[error("{0:#x} does not decode")]
     Undecodable(u64),
     /// The code ends before there is room for a `jmp rel32`.
@@ -41,24 +48,35 @@ pub enum DetourError {
     /// moved call would push the stub's address).
     #[error("{0:#x} cannot be moved")]
     Unmovable(u64),
-    /// The stub is out of `rel32` reach, or the block encoder refused.
+    /// The stub is out of `rel32` reach, or the encoder refused.
     #[error("cannot encode the stub: {0}")]
     Encode(String),
 }
 
 const JMP_REL32: u8 = 0xe9;
 
-/// Builds the detour for the instruction of `insn_len` bytes at `addr`, whose code (from
-/// `addr` on) is `code`, with its stub at `stub`.
-pub fn build(code: &[u8], addr: u64, insn_len: usize, stub: u64) -> Result<Detour, DetourError> {
-    let first = code.get(..insn_len).ok_or(DetourError::TooShort)?;
-    let mut d = Decoder::with_ip(64, code, addr, DecoderOptions::NONE);
-    d.set_position(insn_len)
-        .map_err(|_| DetourError::TooShort)?;
-    d.set_ip(addr + insn_len as u64);
-    let mut moved: Vec<Instruction> = Vec::new();
-    let mut room = insn_len;
-    while room < 5 {
+/// Whether `i` can run anywhere once re-encoded: it falls through, is a direct `jmp`/`jcc`
+/// (its target kept), a direct `call` (the callee returns into the stub, which goes on as the
+/// original would), or a near `ret` (which leaves the stub as it would have left the function).
+pub fn movable(i: &Instruction) -> bool {
+    match i.flow_control() {
+        FlowControl::Next => true,
+        FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch => {
+            i.is_jcc_short_or_near() || i.is_jmp_short_or_near()
+        }
+        FlowControl::Call => i.is_call_near(),
+        FlowControl::Return => i.code() == Code::Retnq,
+        _ => false,
+    }
+}
+
+/// Builds the detour of the instruction of `insn_len` bytes at `site`, forward: it and the
+/// instructions after it, up to 5 bytes, move; the copy's room is the whole moved range (the
+/// form the ABI's build-time `Detour` records describe). `code` is the code from `site` on.
+pub fn build(code: &[u8], site: u64, insn_len: usize, stub: u64) -> Result<Detour, DetourError> {
+    let mut d = Decoder::with_ip(64, code, site, DecoderOptions::NONE);
+    let mut len = 0;
+    while len < 5 {
         if !d.can_decode() {
             return Err(DetourError::TooShort);
         }
@@ -66,80 +84,137 @@ pub fn build(code: &[u8], addr: u64, insn_len: usize, stub: u64) -> Result<Detou
         if i.is_invalid() {
             return Err(DetourError::Undecodable(i.ip()));
         }
-        if !matches!(
-            i.flow_control(),
-            FlowControl::Next | FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch
-        ) || (i.flow_control() != FlowControl::Next
-            && !i.is_jcc_short_or_near()
-            && !i.is_jmp_short_or_near())
-        {
+        len += i.len();
+    }
+    build_moved(code.get(..len).ok_or(DetourError::TooShort)?, site, 0, insn_len, len, stub)
+}
+
+/// Builds the detour of the moved range `code` (at `start`), in which the site's instruction
+/// of `insn_len` bytes starts at `site_off`, with a patchable copy of `copy_len` bytes and the
+/// stub at `stub`.
+pub fn build_moved(
+    code: &[u8],
+    start: u64,
+    site_off: usize,
+    insn_len: usize,
+    copy_len: usize,
+    stub: u64,
+) -> Result<Detour, DetourError> {
+    let len = code.len();
+    if len < 5 || site_off + insn_len > len || copy_len < insn_len {
+        return Err(DetourError::TooShort);
+    }
+    let room = u8::try_from(len).map_err(|_| DetourError::TooShort)?;
+    let site_addr = start + site_off as u64;
+    let mut d = Decoder::with_ip(64, code, start, DecoderOptions::NONE);
+    let mut before: Vec<Instruction> = Vec::new();
+    let mut after: Vec<Instruction> = Vec::new();
+    let mut site: Option<Instruction> = None;
+    while d.can_decode() {
+        let i = d.decode();
+        if i.is_invalid() {
+            return Err(DetourError::Undecodable(i.ip()));
+        }
+        if i.ip() == site_addr {
+            if i.len() != insn_len {
+                return Err(DetourError::Undecodable(i.ip()));
+            }
+            site = Some(i);
+            continue;
+        }
+        if !movable(&i) {
             return Err(DetourError::Unmovable(i.ip()));
         }
-        room += i.len();
-        moved.push(i);
+        let mut n = i;
+        if n.is_jcc_short_or_near() || n.is_jmp_short_or_near() {
+            n.as_near_branch();
+        }
+        if site.is_none() { before.push(n) } else { after.push(n) }
     }
-    let room_u8 = u8::try_from(room).map_err(|_| DetourError::TooShort)?;
-    let rel = |from_end: u64, to: u64| -> Result<[u8; 4], DetourError> {
-        i32::try_from(to as i128 - from_end as i128)
-            .map(i32::to_le_bytes)
-            .map_err(|_| DetourError::Encode(format!("{to:#x} is out of reach of {from_end:#x}")))
-    };
-    let mut site = vec![JMP_REL32];
-    site.extend_from_slice(&rel(addr + 5, stub)?);
-    site.resize(room, 0xcc);
-
-    let mut out = first.to_vec();
-    out.resize(room, 0);
-    pvpatch_isa::encode::fill_nops(&mut out[insn_len..]);
-    let back = Instruction::with_branch(Code::Jmp_rel32_64, addr + room as u64)
+    if d.position() != len {
+        return Err(DetourError::Undecodable(start + d.position() as u64));
+    }
+    let site = site.ok_or(DetourError::Undecodable(site_addr))?;
+    let enc_err = |ip: u64| move |e: iced_x86::IcedError| DetourError::Encode(format!("{ip:#x}: {e}"));
+    let back = Instruction::with_branch(Code::Jmp_rel32_64, start + len as u64)
         .map_err(|e| DetourError::Encode(e.to_string()))?;
-    let mut block: Vec<Instruction> = moved
-        .iter()
-        .map(|i| {
-            let mut n = *i;
-            if n.is_jcc_short_or_near() || n.is_jmp_short_or_near() {
-                n.as_near_branch();
-            }
-            n
-        })
-        .collect();
-    block.push(back);
     // Pass 1: where each instruction goes (lengths do not depend on the address: branches are
     // rel32 and RIP-relative operands disp32).
     let mut enc = Encoder::new(64);
-    let mut at = stub + room as u64;
-    let mut new_ip = Vec::with_capacity(block.len());
-    for i in &block {
-        new_ip.push(at);
+    let mut at = stub;
+    let mut place = |i: &Instruction, at: &mut u64| -> Result<u64, DetourError> {
         let mut probe = *i;
-        if probe.is_jcc_near() || probe.is_jmp_near() {
-            probe.set_near_branch64(at);
+        if probe.is_jcc_near() || probe.is_jmp_near() || probe.is_call_near() {
+            probe.set_near_branch64(*at);
         }
-        let n = enc
-            .encode(&probe, at)
-            .map_err(|e| DetourError::Encode(format!("{:#x}: {e}", i.ip())))?;
-        at += n as u64;
+        let here = *at;
+        *at += enc.encode(&probe, here).map_err(enc_err(i.ip()))? as u64;
+        Ok(here)
+    };
+    let mut new_ip: Vec<(u64, u64)> = Vec::new();
+    for i in &before {
+        new_ip.push((i.ip(), place(i, &mut at)?));
+    }
+    let copy_off = at - stub;
+    new_ip.push((site.ip(), at));
+    at += copy_len as u64;
+    for i in &after {
+        new_ip.push((i.ip(), place(i, &mut at)?));
     }
     let _ = enc.take_buffer();
-    // Pass 2: branches to moved instructions follow them.
-    for (k, i) in block.iter().enumerate() {
+    // Pass 2: encode; branches to moved instructions follow them.
+    let moved_to = |t: u64| new_ip.iter().find(|(o, _)| *o == t).map(|(_, n)| *n);
+    let mut out = Vec::new();
+    let emit = |i: &Instruction, here: u64, out: &mut Vec<u8>| -> Result<(), DetourError> {
         let mut i = *i;
-        if i.is_jcc_near() || i.is_jmp_near() {
+        if i.is_jcc_near() || i.is_jmp_near() || i.is_call_near() {
             let t = i.near_branch_target();
-            if let Some(j) = moved.iter().position(|m| m.ip() == t) {
-                i.set_near_branch64(new_ip[j]);
-            } else if t > addr && t < addr + room as u64 {
+            if let Some(n) = moved_to(t) {
+                i.set_near_branch64(n);
+            } else if t > start && t < start + len as u64 {
                 return Err(DetourError::Unmovable(i.ip()));
             }
         }
-        enc.encode(&i, new_ip[k])
-            .map_err(|e| DetourError::Encode(format!("{:#x}: {e}", i.ip())))?;
+        let mut e = Encoder::new(64);
+        e.encode(&i, here).map_err(enc_err(i.ip()))?;
+        out.extend_from_slice(&e.take_buffer());
+        Ok(())
+    };
+    for i in &before {
+        let here = stub + out.len() as u64;
+        emit(i, here, &mut out)?;
     }
-    out.extend_from_slice(&enc.take_buffer());
+    // The copy: the site's bytes, unless they are RIP-relative (then re-encoded in place).
+    if site.is_ip_rel_memory_operand() {
+        let here = stub + out.len() as u64;
+        emit(&site, here, &mut out)?;
+        if out.len() as u64 - copy_off != insn_len as u64 {
+            return Err(DetourError::Encode(format!(
+                "{:#x}: the re-encoded site changed length",
+                site.ip()
+            )));
+        }
+    } else {
+        out.extend_from_slice(&code[site_off..site_off + insn_len]);
+    }
+    let pad_from = out.len();
+    out.resize(copy_off as usize + copy_len, 0);
+    pvpatch_isa::encode::fill_nops(&mut out[pad_from..]);
+    for i in after.iter().chain(std::iter::once(&back)) {
+        let here = stub + out.len() as u64;
+        emit(i, here, &mut out)?;
+    }
+    let rel = i32::try_from(stub as i128 - (start as i128 + 5))
+        .map_err(|_| DetourError::Encode(format!("{stub:#x} is out of reach of {start:#x}")))?;
+    let mut jump = vec![JMP_REL32];
+    jump.extend_from_slice(&rel.to_le_bytes());
+    jump.resize(len, 0xcc);
     Ok(Detour {
-        site,
+        site: jump,
         stub: out,
-        room: room_u8,
+        copy_off: u8::try_from(copy_off).map_err(|_| DetourError::TooShort)?,
+        copy_len: u8::try_from(copy_len).map_err(|_| DetourError::TooShort)?,
+        room,
     })
 }
 

@@ -1,41 +1,111 @@
-//! From the sweep and Linux's tables to per-site facts: what covers each site, and how much room
-//! it offers a rewrite.
+//! From the sweep and Linux's tables to per-site facts: what covers each site, how much room
+//! it offers a rewrite, and, in a stock kernel, where its detour goes.
 //!
 //! *Room* is what a later rewrite may use:
 //! * **in place**: the instruction's own bytes, plus any NOP padding that follows it, as long as
 //!   nothing can jump into that padding (no direct branch targets it, no table names it as an
-//!   instruction start, no symbol starts there);
-//! * **detour**: the instruction plus the instructions after it that could be moved into a stub
-//!   (at least 5 bytes, for a `jmp rel32`), where none of the moved instructions is a branch
-//!   target, a table entry (ORC, exception table, alternatives, ...), a symbol, control flow, or
-//!   sensitive itself;
-//! * **trap**: a one-byte `int3` the runtime emulates, always possible where the bytes are not
-//!   Linux's.
+//!   instruction start, no symbol starts there) and nothing protects it ([`guard`]);
+//! * **detour**: the instruction and the whole instructions next to it that make 5 bytes, moved
+//!   to a stub ([`detour`]), where none of the moved instructions is a branch target, a named
+//!   instruction start, protected, control flow, or sensitive itself;
+//! * **trap**: a one-byte `int3` the runtime emulates, only in kernels of our own (a stock
+//!   kernel's #UD and int3 handlers would kill it).
 //!
 //! A site covered by one of Linux's patch tables has no room at all: its bytes are never changed
 //! behind Linux's back.
+//!
+//! In a **stock kernel** (a Linux image we did not build: it has `_text` and `_etext` and no
+//! linked site table of ours), out-of-line code lives only in [`caves`] inside Linux's text. Each
+//! detour is planned forward (the site and the instructions after it) or, where that is not
+//! possible, backward (the instructions before it and the site), its stub built and given cave
+//! space, deterministically in address order; an arena is reserved first for the backend's own
+//! out-of-line code.
 
+pub mod caves;
 pub mod detour;
+pub mod guard;
 
-use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic};
+use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic};
 use patch_sites::op::Kind;
 use patch_sites::{Op, Outcome};
 
 use crate::linux::{LinuxTables, Protected, TableKind};
-use crate::load::image::Image;
+use crate::load::Image;
 use crate::sweep::{Found, Sweep};
+use caves::{Allocator, Cave};
+use guard::Guards;
+
+/// Bytes reserved in the caves for the backend's out-of-line code (a ROM's entry points, the
+/// thunks a backend generates): a ROM is at most 64 KiB.
+pub const ARENA: u64 = 64 * 1024;
+
+/// The longest moved range a detour may have (and the longest stub): what the runtime builds in
+/// one buffer.
+pub const MAX_MOVED: usize = 32;
+
+/// Which way a detour moves code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// The site and the instructions after it.
+    Forward,
+    /// The instructions before the site, and the site.
+    Backward,
+}
+
+impl Direction {
+    /// The name in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Direction::Forward => "forward",
+            Direction::Backward => "backward",
+        }
+    }
+}
+
+/// A detour a site can take.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Moved {
+    /// The first moved byte.
+    pub start: u64,
+    /// Bytes moved.
+    pub len: u8,
+    /// The site's offset in the moved range.
+    pub site_off: u8,
+    /// Which way.
+    pub direction: Direction,
+    /// The stub, once it has cave space (stock kernels).
+    pub stub: Option<Stub>,
+}
+
+/// A detour's stub, built for its place in a cave.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stub {
+    /// Where it runs.
+    pub addr: u64,
+    /// Its bytes.
+    pub bytes: Vec<u8>,
+    /// Where the site's patchable copy is in it.
+    pub copy_off: u8,
+    /// The copy's room.
+    pub copy_len: u8,
+    /// What the moved range becomes (`jmp stub`, `int3`s).
+    pub jump: Vec<u8>,
+}
 
 /// The room a site offers.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Room {
     /// Bytes patchable in place (0 when the site must not be touched).
     pub in_place: u8,
-    /// Bytes a detour would take (instruction plus moved instructions), if one is possible.
-    pub detour: Option<u8>,
+    /// The detour it can take, if any.
+    pub detour: Option<Moved>,
     /// What the site may become (never [`Outcome::Unchanged`], which every site allows).
     pub forms: Vec<Outcome>,
     /// Why the site allows nothing, or why it allows no detour.
     pub reason: Option<String>,
+    /// The same, as a kind without addresses (`forward: branch target; backward: protected
+    /// (__mcount_loc)`), for counting.
+    pub why: Option<String>,
 }
 
 /// A sensitive instruction with everything known about it.
@@ -54,27 +124,36 @@ impl SiteInfo {
     pub fn patchable(&self) -> bool {
         !self.room.forms.is_empty()
     }
+
+    /// Whether a backend may rewrite it at all: an instruction or idiom that no Linux table
+    /// covers (control transfers and hypervisor interfaces are reported, never rewritten).
+    pub fn rewritable(&self) -> bool {
+        self.covered_by.is_none()
+            && matches!(self.found.op().info().kind, Kind::Instruction | Kind::Idiom)
+    }
+
+    /// Whether out-of-line code can be reached from it (a call in place, or a detour).
+    pub fn reaches_out_of_line(&self) -> bool {
+        self.room
+            .forms
+            .iter()
+            .any(|f| matches!(f, Outcome::Call | Outcome::Detour))
+    }
 }
 
 /// Everything known about the sites of one image.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Analysis {
     /// Per site, in address order.
     pub sites: Vec<SiteInfo>,
-}
-
-/// A sorted list of addresses with a membership test.
-struct Starts<'a> {
-    symbols: &'a [crate::load::image::Symbol],
-    tables: &'a LinuxTables,
-}
-
-impl Starts<'_> {
-    /// Whether something other than the sweep says an instruction starts at `a` (and so may be
-    /// jumped to, or is named by a table).
-    fn named(&self, a: u64) -> bool {
-        self.tables.is_start(a) || self.symbols.binary_search_by_key(&a, |s| s.addr).is_ok()
-    }
+    /// Whether the image is a stock kernel (no trap form; out-of-line code in caves).
+    pub stock: bool,
+    /// The caves found (stock kernels).
+    pub caves: Vec<Cave>,
+    /// The arena reserved for the backend's out-of-line code: `(address, length)`.
+    pub arena: Option<(u64, u64)>,
+    /// The protected bytes.
+    pub guards: Guards,
 }
 
 fn decode_at(image: &Image, addr: u64) -> Option<Instruction> {
@@ -102,18 +181,26 @@ pub fn recorded_op(f: &Found) -> Op {
     }
 }
 
+/// Whether `image` is a stock Linux kernel: it has `_text` and `_etext` and no linked site
+/// table of ours.
+pub fn is_stock(image: &Image) -> bool {
+    image.symbol_address("_text").is_some()
+        && image.symbol_address("_etext").is_some()
+        && image
+            .section(patch_sites::table::HEADER_SECTION)
+            .is_none()
+}
+
 /// Analyses every site the sweep found.
 pub fn analyse(image: &Image, tables: &LinuxTables, sweep: &Sweep) -> Analysis {
-    let starts = Starts {
-        symbols: &image.symbols,
-        tables,
-    };
-    let sites = sweep
+    let guards = Guards::new(image, tables);
+    let stock = is_stock(image);
+    let mut sites: Vec<SiteInfo> = sweep
         .found
         .iter()
         .map(|f| {
             let covered_by = covering(tables, f);
-            let room = room(image, tables, sweep, &starts, f, covered_by.as_ref());
+            let room = room(image, tables, sweep, &guards, stock, f, covered_by.as_ref());
             SiteInfo {
                 found: *f,
                 covered_by,
@@ -121,7 +208,71 @@ pub fn analyse(image: &Image, tables: &LinuxTables, sweep: &Sweep) -> Analysis {
             }
         })
         .collect();
-    Analysis { sites }
+    let mut analysis = Analysis {
+        stock,
+        ..Analysis::default()
+    };
+    if stock {
+        analysis.caves = caves::find(image, &guards, sweep);
+        let mut alloc = Allocator::new(analysis.caves.clone());
+        analysis.arena = alloc.alloc(ARENA).map(|a| (a, ARENA));
+        for s in &mut sites {
+            place_stub(image, &mut alloc, s);
+        }
+    }
+    analysis.sites = sites;
+    analysis.guards = guards;
+    analysis
+}
+
+/// Builds the stub of a site's detour and gives it cave space; without space, the detour is
+/// dropped and the reason says why.
+fn place_stub(image: &Image, alloc: &mut Allocator, s: &mut SiteInfo) {
+    let Some(m) = s.room.detour.as_mut() else {
+        return;
+    };
+    let copy_len = (s.found.len as usize).max(5);
+    let built = image
+        .read(m.start, m.len as usize)
+        .ok_or_else(|| "the moved range cannot be read".to_owned())
+        .and_then(|code| {
+            let build = |at| {
+                detour::build_moved(code, m.start, m.site_off as usize, s.found.len as usize, copy_len, at)
+                    .map_err(|e| e.to_string())
+            };
+            // Lengths do not depend on the address: size it, place it, build it there.
+            let len = build(m.start)?.stub.len();
+            if len > MAX_MOVED + 16 {
+                return Err(format!("its stub would be {len} bytes"));
+            }
+            let at = alloc
+                .alloc(len as u64)
+                .ok_or_else(|| "no cave space left".to_owned())?;
+            build(at).map(|d| (at, d))
+        });
+    match built {
+        Ok((addr, d)) => {
+            m.stub = Some(Stub {
+                addr,
+                bytes: d.stub,
+                copy_off: d.copy_off,
+                copy_len: d.copy_len,
+                jump: d.site,
+            });
+        }
+        Err(why) => {
+            s.room.detour = None;
+            s.room.forms.retain(|f| *f != Outcome::Detour);
+            s.room.reason = Some(format!("no detour: {why}"));
+            s.room.why = Some(if why.starts_with("its stub") {
+                "stub too long".into()
+            } else if why.starts_with("no cave") {
+                "no cave space".into()
+            } else {
+                "stub not encodable".into()
+            });
+        }
+    }
 }
 
 /// The most relevant table entry overlapping the instruction: one Linux patches, else one
@@ -137,12 +288,27 @@ fn covering(tables: &LinuxTables, f: &Found) -> Option<Protected> {
     best
 }
 
-fn nothing(reason: String) -> Room {
+fn nothing(reason: String, why: &str) -> Room {
     Room {
         in_place: 0,
         detour: None,
         forms: Vec::new(),
         reason: Some(reason),
+        why: Some(why.to_owned()),
+    }
+}
+
+/// Why a detour is not possible: a message with addresses, and its kind.
+#[derive(Clone, Debug)]
+struct Blocked {
+    message: String,
+    kind: String,
+}
+
+fn blocked(kind: impl Into<String>, message: String) -> Blocked {
+    Blocked {
+        message,
+        kind: kind.into(),
     }
 }
 
@@ -150,117 +316,235 @@ fn room(
     image: &Image,
     tables: &LinuxTables,
     sweep: &Sweep,
-    starts: &Starts<'_>,
+    guards: &Guards,
+    stock: bool,
     f: &Found,
     covered_by: Option<&Protected>,
 ) -> Room {
     let op = f.op();
     if op.info().kind == Kind::HypervisorInterface {
-        return nothing("hypervisor interface: reported, never rewritten".into());
+        return nothing(
+            "hypervisor interface: reported, never rewritten".into(),
+            "hypervisor interface",
+        );
     }
     if let Some(p) = covered_by {
-        return nothing(if p.table == TableKind::ExTable {
-            format!(
-                "may fault and has a fixup ({} entry {}): its address must not change",
-                p.table, p.entry
-            )
-        } else {
-            format!(
-                "covered by {} entry {}: Linux patches these bytes itself",
-                p.table, p.entry
-            )
-        });
+        let kind = format!("covered by {}", p.table);
+        return nothing(
+            if p.table == TableKind::ExTable {
+                format!(
+                    "may fault and has a fixup ({} entry {}): its address must not change",
+                    p.table, p.entry
+                )
+            } else {
+                format!(
+                    "covered by {} entry {}: Linux patches these bytes itself",
+                    p.table, p.entry
+                )
+            },
+            &kind,
+        );
     }
-    // In place: the instruction, then NOP padding nothing jumps into.
+    if let Some(g) = guards.first_overlap(f.addr, f.addr + f.len as u64) {
+        return nothing(
+            format!("protected ({}): never written", g.why),
+            &format!("protected ({})", kind_of(&g.why)),
+        );
+    }
+    let control = op.info().kind == Kind::ControlTransfer;
+    if stock && control {
+        return nothing(
+            "control transfer: never rewritten in a stock kernel (no trap form there)".into(),
+            "control transfer",
+        );
+    }
+    // In place: the instruction, then NOP padding nothing jumps into and nothing protects.
     let mut in_place = f.len as u64;
     let mut at = f.addr + f.len as u64;
     while in_place < 255 {
-        if starts.named(at) || sweep.is_branch_target(at) || tables.covering(at, 1).next().is_some()
+        if guards.is_named(at)
+            || guards.is_orc(at)
+            || sweep.is_branch_target(at)
+            || tables.covering(at, 1).next().is_some()
         {
             break;
         }
         match decode_at(image, at) {
-            Some(i) if is_nop(&i) && in_place + i.len() as u64 <= 255 => {
+            Some(i)
+                if is_nop(&i)
+                    && in_place + i.len() as u64 <= 255
+                    && guards.first_overlap(at, at + i.len() as u64).is_none() =>
+            {
                 in_place += i.len() as u64;
                 at += i.len() as u64;
             }
             _ => break,
         }
     }
-    let control = op.info().kind == Kind::ControlTransfer;
     let mut forms = vec![Outcome::Inline];
     if in_place >= 5 {
-        forms.push(if control {
-            Outcome::Jump
-        } else {
-            Outcome::Call
-        });
+        forms.push(if control { Outcome::Jump } else { Outcome::Call });
     }
-    let (detour, reason) = if in_place >= 5 {
-        (None, None)
+    let (detour, reason, why) = if in_place >= 5 || control {
+        (None, None, None)
     } else {
-        match detour_room(image, tables, sweep, starts, f) {
-            Ok(n) => (Some(n), None),
-            Err(why) => (None, Some(format!("no detour: {why}"))),
+        match moved_range(image, sweep, guards, f, stock) {
+            Ok(m) => (Some(m), None, None),
+            Err(b) => (None, Some(format!("no detour: {}", b.message)), Some(b.kind)),
         }
     };
-    if detour.is_some() && !control {
+    if detour.is_some() {
         forms.push(Outcome::Detour);
     }
-    forms.push(Outcome::Trap);
+    if !stock {
+        forms.push(Outcome::Trap);
+    }
     Room {
         in_place: in_place as u8,
         detour,
         forms,
         reason,
+        why,
     }
 }
 
-/// The bytes of the instruction and of the instructions that could be moved after it, if they
-/// reach the 5 a `jmp rel32` needs.
-fn detour_room(
+/// A protection's kind, without its entry.
+fn kind_of(w: &guard::Why) -> String {
+    match w {
+        guard::Why::Table(t, _) => t.section().to_owned(),
+        other => other.to_string(),
+    }
+}
+
+/// Why the instruction at `at` cannot be moved with a site, if it cannot.
+fn unmovable(image: &Image, at: u64) -> Result<Instruction, Blocked> {
+    let i = decode_at(image, at)
+        .ok_or_else(|| blocked("undecodable", format!("{at:#x} does not decode")))?;
+    if !detour::movable(&i) {
+        return Err(blocked(
+            "control flow",
+            format!("{at:#x} is control flow"),
+        ));
+    }
+    if pvpatch_isa::classify::classify(&i).is_some() {
+        return Err(blocked(
+            "another site",
+            format!("{at:#x} is sensitive itself"),
+        ));
+    }
+    Ok(i)
+}
+
+/// Checks a candidate moved range `[start, end)`: inside one section, nothing protected in it,
+/// nothing jumps into it.
+fn check_range(
     image: &Image,
-    tables: &LinuxTables,
     sweep: &Sweep,
-    starts: &Starts<'_>,
+    guards: &Guards,
+    start: u64,
+    end: u64,
+) -> Result<(), Blocked> {
+    let s = image
+        .section_at(start)
+        .ok_or_else(|| blocked("outside sections", "the site is outside any section".into()))?;
+    if !s.contains(end - 1) {
+        return Err(blocked("section end", "the section ends".into()));
+    }
+    if let Some(g) = guards.first_overlap(start, end) {
+        return Err(blocked(
+            format!("protected ({})", kind_of(&g.why)),
+            format!("{:#x} is protected ({})", g.start.max(start), g.why),
+        ));
+    }
+    if let Some(a) = guards.start_inside(sweep, start, end) {
+        return Err(if guards.is_named(a) {
+            blocked(
+                "named instruction start",
+                format!("{a:#x} is named as an instruction start (symbol or table)"),
+            )
+        } else {
+            blocked("branch target", format!("{a:#x} is a branch target"))
+        });
+    }
+    Ok(())
+}
+
+/// The range a detour of `f` would move: forward (the site and what follows) where possible,
+/// else, in a stock kernel, backward (what precedes, and the site).
+fn moved_range(
+    image: &Image,
+    sweep: &Sweep,
+    guards: &Guards,
     f: &Found,
-) -> Result<u8, String> {
-    if matches!(f.op(), Op::Pushf | Op::Popf) {
-        // Relocating code around a stack adjustment would need ORC for the stub.
-        return Err("the instruction changes the stack".into());
-    }
-    let section = image.section_at(f.addr).ok_or("site outside any section")?;
-    let mut total = f.len as u64;
-    let mut at = f.addr + f.len as u64;
-    while total < 5 {
-        if !section.contains(at) {
-            return Err("the section ends".into());
+    stock: bool,
+) -> Result<Moved, Blocked> {
+    let site_end = f.addr + f.len as u64;
+    let forward = (|| {
+        let mut end = site_end;
+        while end - f.addr < 5 {
+            let i = unmovable(image, end)?;
+            end += i.len() as u64;
         }
-        if starts.named(at) {
-            return Err(format!(
-                "{at:#x} is named as an instruction start (symbol or table)"
+        if end - f.addr > MAX_MOVED as u64 {
+            return Err(blocked(
+                "too long",
+                format!("{} bytes would move", end - f.addr),
             ));
         }
-        if sweep.is_branch_target(at) {
-            return Err(format!("{at:#x} is a branch target"));
+        check_range(image, sweep, guards, f.addr, end)?;
+        Ok(Moved {
+            start: f.addr,
+            len: (end - f.addr) as u8,
+            site_off: 0,
+            direction: Direction::Forward,
+            stub: None,
+        })
+    })();
+    let forward_err = match forward {
+        Ok(m) => return Ok(m),
+        Err(e) => e,
+    };
+    if !stock {
+        return Err(forward_err);
+    }
+    let backward = (|| {
+        let mut start = f.addr;
+        while site_end - start < 5 {
+            // The instruction that ends where `start` is: the sweep knows instruction starts.
+            let prev = (1..=15u64)
+                .filter_map(|k| start.checked_sub(k))
+                .find(|&p| {
+                    sweep.is_insn_start(p)
+                        && decode_at(image, p).is_some_and(|i| p + i.len() as u64 == start)
+                })
+                .ok_or_else(|| {
+                    blocked(
+                        "no instruction before",
+                        format!("no instruction ends at {start:#x}"),
+                    )
+                })?;
+            unmovable(image, prev)?;
+            start = prev;
         }
-        if let Some(p) = tables.covering(at, 1).next() {
-            return Err(format!(
-                "{at:#x} is covered by {} entry {}",
-                p.table, p.entry
+        if site_end - start > MAX_MOVED as u64 {
+            return Err(blocked(
+                "too long",
+                format!("{} bytes would move", site_end - start),
             ));
         }
-        let i = decode_at(image, at).ok_or_else(|| format!("{at:#x} does not decode"))?;
-        if i.flow_control() != FlowControl::Next {
-            return Err(format!("{at:#x} is control flow"));
-        }
-        if pvpatch_isa::classify::classify(&i).is_some() {
-            return Err(format!("{at:#x} is sensitive itself"));
-        }
-        total += i.len() as u64;
-        at += i.len() as u64;
-    }
-    Ok(total as u8)
+        check_range(image, sweep, guards, start, site_end)?;
+        Ok(Moved {
+            start,
+            len: (site_end - start) as u8,
+            site_off: (f.addr - start) as u8,
+            direction: Direction::Backward,
+            stub: None,
+        })
+    })();
+    backward.map_err(|b| Blocked {
+        message: format!("forward: {}; backward: {}", forward_err.message, b.message),
+        kind: format!("forward: {}; backward: {}", forward_err.kind, b.kind),
+    })
 }
 
 #[cfg(test)]

@@ -1,0 +1,167 @@
+//! Code caves: where out-of-line code (detour stubs, a backend's thunks) can live in a stock
+//! kernel for the kernel's whole life.
+//!
+//! Only inside `[_text, _etext)`: everything after `_etext` is made non-executable or freed once
+//! Linux has booted, and memory outside the image is not executable in Linux's direct map. There,
+//! a cave is a run of `int3` alignment padding that:
+//!
+//! * no symbol, table entry or direct branch target falls in;
+//! * is covered by an undefined ORC entry (the one at the run's start, whose stack-pointer
+//!   register is `ORC_REG_UNDEFINED`) and by no other: an unwind from inside stops as
+//!   unreliable instead of going wrong.
+//!
+//! Space is handed out deterministically: the lowest cave with room first, 16-byte aligned.
+
+use crate::analyse::guard::Guards;
+use crate::load::{Image, Section};
+use crate::sweep::Sweep;
+
+/// The shortest run worth using.
+pub const MIN_CAVE: u64 = 64;
+
+/// A cave.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cave {
+    /// First byte.
+    pub start: u64,
+    /// One past the last.
+    pub end: u64,
+}
+
+impl Cave {
+    /// Its size.
+    pub fn len(&self) -> u64 {
+        self.end - self.start
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.end == self.start
+    }
+}
+
+/// The ORC table: every IP with whether its entry is undefined, sorted by IP.
+fn orc(image: &Image) -> Option<Vec<(u64, bool)>> {
+    let ips: &Section = image.section(".orc_unwind_ip")?;
+    let units: &Section = image.section(".orc_unwind")?;
+    let ip_data = image.section_data(ips);
+    let unit_data = image.section_data(units);
+    let n = ip_data.len() / 4;
+    if n == 0 || unit_data.len() / 6 != n {
+        return None;
+    }
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let rel = i32::from_le_bytes(ip_data[4 * i..4 * i + 4].try_into().ok()?);
+        let ip = (ips.addr + 4 * i as u64).checked_add_signed(rel as i64)?;
+        // struct orc_entry { s16 sp_offset; s16 bp_offset; u8 sp_reg:4, bp_reg:4; ... }
+        let undefined = unit_data[6 * i + 4] & 0x0f == 0;
+        out.push((ip, undefined));
+    }
+    out.sort_unstable_by_key(|e| e.0);
+    Some(out)
+}
+
+/// Every cave of a stock kernel, by address. Empty if the image has no `_text`/`_etext` or no
+/// ORC table (nothing could vouch for an unwind from inside).
+pub fn find(image: &Image, guards: &Guards, sweep: &Sweep) -> Vec<Cave> {
+    let (Some(text), Some(etext)) = (
+        image.symbol_address("_text"),
+        image.symbol_address("_etext"),
+    ) else {
+        return Vec::new();
+    };
+    let Some(orc) = orc(image) else {
+        return Vec::new();
+    };
+    let covering = |a: u64| {
+        let i = orc.partition_point(|e| e.0 <= a);
+        i.checked_sub(1).map(|i| orc[i])
+    };
+    let mut caves = Vec::new();
+    for s in image.exec_sections() {
+        let lo = s.addr.max(text);
+        let hi = (s.addr + s.size).min(etext);
+        if lo >= hi {
+            continue;
+        }
+        let data = image.section_data(s);
+        let base = s.addr;
+        let mut at = lo;
+        while at < hi {
+            let off = (at - base) as usize;
+            let Some(p) = data[off..(hi - base) as usize].iter().position(|&b| b == 0xcc) else {
+                break;
+            };
+            let start = at + p as u64;
+            let len = data[(start - base) as usize..(hi - base) as usize]
+                .iter()
+                .take_while(|&&b| b == 0xcc)
+                .count() as u64;
+            let end = start + len;
+            at = end;
+            if len < MIN_CAVE {
+                continue;
+            }
+            // Cut the run at every ORC IP, symbol or table start inside it; keep the pieces an
+            // undefined ORC entry covers and nothing protects.
+            let mut cuts: Vec<u64> = orc[orc.partition_point(|e| e.0 <= start)..]
+                .iter()
+                .map(|e| e.0)
+                .take_while(|&ip| ip < end)
+                .collect();
+            let mut a = start;
+            while let Some(n) = guards.start_inside(sweep, a, end) {
+                cuts.push(n);
+                a = n;
+            }
+            cuts.sort_unstable();
+            cuts.dedup();
+            let mut from = start;
+            for to in cuts.into_iter().chain(std::iter::once(end)) {
+                let piece = Cave {
+                    start: (from + 15) & !15,
+                    end: to,
+                };
+                let undefined = covering(from).is_some_and(|e| e.1);
+                if piece.end > piece.start
+                    && piece.len() >= MIN_CAVE
+                    && undefined
+                    && guards.first_overlap(from, to).is_none()
+                {
+                    caves.push(piece);
+                }
+                from = to;
+            }
+        }
+    }
+    caves
+}
+
+/// Hands out cave space: the lowest cave with room first, 16-byte aligned.
+#[derive(Clone, Debug, Default)]
+pub struct Allocator {
+    free: Vec<Cave>,
+}
+
+impl Allocator {
+    /// An allocator over `caves`.
+    pub fn new(mut caves: Vec<Cave>) -> Self {
+        caves.sort_by_key(|c| c.start);
+        Allocator { free: caves }
+    }
+
+    /// `len` bytes, 16-byte aligned, if some cave has room.
+    pub fn alloc(&mut self, len: u64) -> Option<u64> {
+        let c = self.free.iter_mut().find(|c| c.len() >= len)?;
+        let at = c.start;
+        c.start = (c.start + len + 15) & !15;
+        c.start = c.start.min(c.end);
+        Some(at)
+    }
+
+    /// What is left.
+    pub fn remaining(&self) -> u64 {
+        self.free.iter().map(Cave::len).sum()
+    }
+}
