@@ -165,10 +165,16 @@ pub struct Summary {
     /// Of those, the sites from which out-of-line code can be reached (a call in place, or a
     /// detour with cave space).
     pub out_of_line: usize,
-    /// Detours planned, by direction.
+    /// Sites whose detour moves the instructions after them.
     pub detours_forward: usize,
-    /// Detours that move the instructions before the site.
+    /// Sites whose detour moves the instructions before them.
     pub detours_backward: usize,
+    /// Sites whose detour moves instructions on both sides, or shares a stub with other sites.
+    pub detours_around: usize,
+    /// Detours reached through a trampoline in nearby padding.
+    pub trampolines: usize,
+    /// Stubs planned (one per detour; sites may share one).
+    pub stubs: usize,
     /// Why rewritable sites have no way out of line, with how many.
     pub native_reasons: BTreeMap<String, usize>,
     /// Caves found (stock kernels), their bytes, and what is left after the arena and stubs.
@@ -263,12 +269,16 @@ pub struct DetourInfo {
     pub start: String,
     /// Bytes moved.
     pub length: u8,
-    /// Where its stub runs (a cave), or null before cave space is given.
+    /// Where its stub runs (a cave), or null in a kernel of our own (no stub planned).
     pub stub: Option<String>,
     /// The stub's length.
     pub stub_length: Option<usize>,
     /// Where the site's patchable copy is in the stub.
     pub copy_offset: Option<u8>,
+    /// The trampoline the moved range jumps through (a `jmp rel8` to nearby padding), if any.
+    pub trampoline: Option<String>,
+    /// The other sites that share the detour.
+    pub shared_with: Vec<String>,
 }
 
 /// Room.
@@ -367,13 +377,27 @@ fn site_entry(report: &ScanReport<'_>, s: &SiteInfo) -> SiteEntry {
         }),
         room: RoomInfo {
             in_place: s.room.in_place,
-            detour: s.room.detour.as_ref().map(|m| DetourInfo {
-                direction: m.direction.name(),
-                start: hex(m.start),
-                length: m.len,
-                stub: m.stub.as_ref().map(|st| hex(st.addr)),
-                stub_length: m.stub.as_ref().map(|st| st.bytes.len()),
-                copy_offset: m.stub.as_ref().map(|st| st.copy_off),
+            detour: s.room.detour.as_ref().map(|m| {
+                let plan = m.group.and_then(|g| report.analysis.detours.get(g));
+                DetourInfo {
+                    direction: m.direction.name(),
+                    start: hex(m.start),
+                    length: m.len,
+                    stub: plan.map(|p| hex(p.stub_addr)),
+                    stub_length: plan.map(|p| p.stub.len()),
+                    copy_offset: m.copy.map(|c| c.0),
+                    trampoline: plan.and_then(|p| p.trampoline.as_ref()).map(|t| hex(t.0)),
+                    shared_with: plan
+                        .map(|p| {
+                            p.members
+                                .iter()
+                                .map(|&k| report.analysis.sites[k].found.addr)
+                                .filter(|&a| a != f.addr)
+                                .map(hex)
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                }
             }),
             forms: s.room.forms.iter().map(|f| f.name()).collect(),
             reason: s.room.reason.clone(),
@@ -496,7 +520,7 @@ pub(crate) fn summary(report: &ScanReport<'_>) -> Summary {
                 s.room
                     .detour
                     .as_ref()
-                    .is_some_and(|m| m.direction == d && m.stub.is_some())
+                    .is_some_and(|m| m.direction == d && m.group.is_some())
             })
             .count()
     };
@@ -515,6 +539,14 @@ pub(crate) fn summary(report: &ScanReport<'_>) -> Summary {
             .count(),
         detours_forward: detours(Direction::Forward),
         detours_backward: detours(Direction::Backward),
+        detours_around: detours(Direction::Around),
+        trampolines: report
+            .analysis
+            .detours
+            .iter()
+            .filter(|d| d.trampoline.is_some())
+            .count(),
+        stubs: report.analysis.detours.len(),
         native_reasons,
         caves: report.analysis.caves.len(),
         cave_bytes: report.analysis.caves.iter().map(|c| c.len()).sum(),

@@ -141,13 +141,17 @@ pub fn human_summary(report: &ScanReport<'_>) -> String {
         let _ = writeln!(
             o,
             "\nStock kernel ({} symbols from {}): {} of {} rewritable sites reach out-of-line \
-             code ({pct:.1}%): {} detours forward, {} backward; {} caves of {} bytes, arena {}",
+             code ({pct:.1}%): detours forward {}, backward {}, around {} ({} stubs, {} through \
+             trampolines); {} caves of {} bytes, arena {}",
             report.image.symbols.len(),
             report.image.symbol_source.name(),
             s.out_of_line,
             s.rewritable,
             s.detours_forward,
             s.detours_backward,
+            s.detours_around,
+            s.stubs,
+            s.trampolines,
             s.caves,
             s.cave_bytes,
             s.arena.as_deref().unwrap_or("none")

@@ -40,43 +40,72 @@ impl Cave {
     }
 }
 
-/// The ORC table: every IP with whether its entry is undefined, sorted by IP.
-fn orc(image: &Image) -> Option<Vec<(u64, bool)>> {
-    let ips: &Section = image.section(".orc_unwind_ip")?;
-    let units: &Section = image.section(".orc_unwind")?;
-    let ip_data = image.section_data(ips);
-    let unit_data = image.section_data(units);
-    let n = ip_data.len() / 4;
-    if n == 0 || unit_data.len() / 6 != n {
-        return None;
+/// The ORC table: every IP with its entry, sorted by IP.
+#[derive(Clone, Debug, Default)]
+pub struct Orc {
+    entries: Vec<(u64, [u8; 6])>,
+}
+
+impl Orc {
+    /// The image's ORC table, if it has a consistent one.
+    pub fn read(image: &Image) -> Option<Orc> {
+        let ips: &Section = image.section(".orc_unwind_ip")?;
+        let units: &Section = image.section(".orc_unwind")?;
+        let ip_data = image.section_data(ips);
+        let unit_data = image.section_data(units);
+        let n = ip_data.len() / 4;
+        if n == 0 || unit_data.len() / 6 != n {
+            return None;
+        }
+        let mut entries = Vec::with_capacity(n);
+        for i in 0..n {
+            let rel = i32::from_le_bytes(ip_data[4 * i..4 * i + 4].try_into().ok()?);
+            let ip = (ips.addr + 4 * i as u64).checked_add_signed(rel as i64)?;
+            entries.push((ip, unit_data[6 * i..6 * i + 6].try_into().ok()?));
+        }
+        entries.sort_unstable_by_key(|e| e.0);
+        Some(Orc { entries })
     }
-    let mut out = Vec::with_capacity(n);
-    for i in 0..n {
-        let rel = i32::from_le_bytes(ip_data[4 * i..4 * i + 4].try_into().ok()?);
-        let ip = (ips.addr + 4 * i as u64).checked_add_signed(rel as i64)?;
-        // struct orc_entry { s16 sp_offset; s16 bp_offset; u8 sp_reg:4, bp_reg:4; ... }
-        let undefined = unit_data[6 * i + 4] & 0x0f == 0;
-        out.push((ip, undefined));
+
+    /// The entry that describes `addr` (the last at or before it).
+    pub fn covering(&self, addr: u64) -> Option<[u8; 6]> {
+        let i = self.entries.partition_point(|e| e.0 <= addr);
+        i.checked_sub(1).map(|i| self.entries[i].1)
     }
-    out.sort_unstable_by_key(|e| e.0);
-    Some(out)
+
+    /// Whether an entry is undefined (`struct orc_entry { s16 sp_offset; s16 bp_offset;
+    /// u8 sp_reg:4, bp_reg:4; ... }` with `sp_reg` `ORC_REG_UNDEFINED`): an unwind stops there.
+    pub fn undefined(e: &[u8; 6]) -> bool {
+        e[4] & 0x0f == 0
+    }
+
+    /// The IPs in `[start, end)`.
+    pub fn ips_in(&self, start: u64, end: u64) -> impl Iterator<Item = u64> + '_ {
+        self.entries[self.entries.partition_point(|e| e.0 < start)..]
+            .iter()
+            .map(|e| e.0)
+            .take_while(move |&ip| ip < end)
+    }
 }
 
 /// Every cave of a stock kernel, by address. Empty if the image has no `_text`/`_etext` or no
 /// ORC table (nothing could vouch for an unwind from inside).
 pub fn find(image: &Image, guards: &Guards, sweep: &Sweep) -> Vec<Cave> {
+    runs(image, guards, sweep, MIN_CAVE, true)
+}
+
+/// Every piece of `int3` padding of at least `min` bytes inside `[_text, _etext)` that one ORC
+/// entry covers (an undefined one if `undefined`) and that nothing protects or names, by address
+/// (pieces that can hold stubs start 16-byte aligned when `min` is [`MIN_CAVE`]).
+pub fn runs(image: &Image, guards: &Guards, sweep: &Sweep, min: u64, undefined: bool) -> Vec<Cave> {
     let (Some(text), Some(etext)) = (
         image.symbol_address("_text"),
         image.symbol_address("_etext"),
     ) else {
         return Vec::new();
     };
-    let Some(orc) = orc(image) else {
+    let Some(orc) = Orc::read(image) else {
         return Vec::new();
-    };
-    let covering = |a: u64| {
-        let i = orc.partition_point(|e| e.0 <= a);
-        i.checked_sub(1).map(|i| orc[i])
     };
     let mut caves = Vec::new();
     for s in image.exec_sections() {
@@ -100,16 +129,12 @@ pub fn find(image: &Image, guards: &Guards, sweep: &Sweep) -> Vec<Cave> {
                 .count() as u64;
             let end = start + len;
             at = end;
-            if len < MIN_CAVE {
+            if len < min {
                 continue;
             }
             // Cut the run at every ORC IP, symbol or table start inside it; keep the pieces an
             // undefined ORC entry covers and nothing protects.
-            let mut cuts: Vec<u64> = orc[orc.partition_point(|e| e.0 <= start)..]
-                .iter()
-                .map(|e| e.0)
-                .take_while(|&ip| ip < end)
-                .collect();
+            let mut cuts: Vec<u64> = orc.ips_in(start + 1, end).collect();
             let mut a = start;
             while let Some(n) = guards.start_inside(sweep, a, end) {
                 cuts.push(n);
@@ -119,14 +144,17 @@ pub fn find(image: &Image, guards: &Guards, sweep: &Sweep) -> Vec<Cave> {
             cuts.dedup();
             let mut from = start;
             for to in cuts.into_iter().chain(std::iter::once(end)) {
+                let align = if min >= MIN_CAVE { 15 } else { 0 };
                 let piece = Cave {
-                    start: (from + 15) & !15,
+                    start: (from + align) & !align,
                     end: to,
                 };
-                let undefined = covering(from).is_some_and(|e| e.1);
+                let covered = orc
+                    .covering(from)
+                    .is_some_and(|e| !undefined || Orc::undefined(&e));
                 if piece.end > piece.start
-                    && piece.len() >= MIN_CAVE
-                    && undefined
+                    && piece.len() >= min
+                    && covered
                     && guards.first_overlap(from, to).is_none()
                 {
                     caves.push(piece);

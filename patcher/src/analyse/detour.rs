@@ -86,86 +86,131 @@ pub fn build(code: &[u8], site: u64, insn_len: usize, stub: u64) -> Result<Detou
         }
         len += i.len();
     }
-    build_moved(code.get(..len).ok_or(DetourError::TooShort)?, site, 0, insn_len, len, stub)
+    let code = code.get(..len).ok_or(DetourError::TooShort)?;
+    let g = build_group(code, site, &[Copy { off: 0, insn_len, len }], stub, Jump::Direct)?;
+    Ok(Detour {
+        site: g.site,
+        stub: g.stub,
+        copy_off: g.copies[0],
+        copy_len: len as u8,
+        room: len as u8,
+    })
 }
 
-/// Builds the detour of the moved range `code` (at `start`), in which the site's instruction
-/// of `insn_len` bytes starts at `site_off`, with a patchable copy of `copy_len` bytes and the
-/// stub at `stub`.
-pub fn build_moved(
+/// One site of a moved range: its offset, its instruction's length, its copy's room.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Copy {
+    /// Offset of the site in the moved range.
+    pub off: usize,
+    /// Its instruction's length.
+    pub insn_len: usize,
+    /// Its patchable copy's room in the stub.
+    pub len: usize,
+}
+
+/// How the moved range reaches its stub.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Jump {
+    /// `jmp rel32 stub` (the range has at least 5 bytes).
+    Direct,
+    /// `jmp rel8 trampoline` (2 bytes), the trampoline `jmp rel32 stub`.
+    Trampoline(u64),
+}
+
+/// A built group detour.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Group {
+    /// The moved range once detoured: `jmp`, then `int3`s.
+    pub site: Vec<u8>,
+    /// The trampoline's bytes (`jmp rel32 stub`), if there is one.
+    pub trampoline: Option<Vec<u8>>,
+    /// The stub.
+    pub stub: Vec<u8>,
+    /// Where each site's copy is in the stub, in the order the sites were given.
+    pub copies: Vec<u8>,
+}
+
+fn rel32(from_end: u64, to: u64) -> Result<[u8; 4], DetourError> {
+    i32::try_from(to as i128 - from_end as i128)
+        .map(i32::to_le_bytes)
+        .map_err(|_| DetourError::Encode(format!("{to:#x} is out of reach of {from_end:#x}")))
+}
+
+/// Builds the detour of the moved range `code` (at `start`), in which the sites `copies` (by
+/// offset, ascending) each get a patchable copy, with the stub at `stub`, reached by `jump`.
+pub fn build_group(
     code: &[u8],
     start: u64,
-    site_off: usize,
-    insn_len: usize,
-    copy_len: usize,
+    copies: &[Copy],
     stub: u64,
-) -> Result<Detour, DetourError> {
+    jump: Jump,
+) -> Result<Group, DetourError> {
     let len = code.len();
-    if len < 5 || site_off + insn_len > len || copy_len < insn_len {
+    let min = match jump {
+        Jump::Direct => 5,
+        Jump::Trampoline(_) => 2,
+    };
+    if len < min || copies.is_empty() || u8::try_from(len).is_err() {
         return Err(DetourError::TooShort);
     }
-    let room = u8::try_from(len).map_err(|_| DetourError::TooShort)?;
-    let site_addr = start + site_off as u64;
+    for c in copies {
+        if c.off + c.insn_len > len || c.len < c.insn_len {
+            return Err(DetourError::TooShort);
+        }
+    }
+    let copy_at = |ip: u64| copies.iter().find(|c| start + c.off as u64 == ip);
+    // Everything in the range, in order: a site (copied) or a moved instruction (re-encoded).
     let mut d = Decoder::with_ip(64, code, start, DecoderOptions::NONE);
-    let mut before: Vec<Instruction> = Vec::new();
-    let mut after: Vec<Instruction> = Vec::new();
-    let mut site: Option<Instruction> = None;
+    let mut all: Vec<(Instruction, Option<Copy>)> = Vec::new();
     while d.can_decode() {
         let i = d.decode();
         if i.is_invalid() {
             return Err(DetourError::Undecodable(i.ip()));
         }
-        if i.ip() == site_addr {
-            if i.len() != insn_len {
-                return Err(DetourError::Undecodable(i.ip()));
+        match copy_at(i.ip()) {
+            Some(c) if i.len() != c.insn_len => return Err(DetourError::Undecodable(i.ip())),
+            Some(c) => all.push((i, Some(*c))),
+            None if !movable(&i) => return Err(DetourError::Unmovable(i.ip())),
+            None => {
+                let mut n = i;
+                if n.is_jcc_short_or_near() || n.is_jmp_short_or_near() {
+                    n.as_near_branch();
+                }
+                all.push((n, None));
             }
-            site = Some(i);
-            continue;
         }
-        if !movable(&i) {
-            return Err(DetourError::Unmovable(i.ip()));
-        }
-        let mut n = i;
-        if n.is_jcc_short_or_near() || n.is_jmp_short_or_near() {
-            n.as_near_branch();
-        }
-        if site.is_none() { before.push(n) } else { after.push(n) }
     }
-    if d.position() != len {
+    if d.position() != len || all.iter().filter(|(_, c)| c.is_some()).count() != copies.len() {
         return Err(DetourError::Undecodable(start + d.position() as u64));
     }
-    let site = site.ok_or(DetourError::Undecodable(site_addr))?;
-    let enc_err = |ip: u64| move |e: iced_x86::IcedError| DetourError::Encode(format!("{ip:#x}: {e}"));
+    let enc_err =
+        |ip: u64| move |e: iced_x86::IcedError| DetourError::Encode(format!("{ip:#x}: {e}"));
     let back = Instruction::with_branch(Code::Jmp_rel32_64, start + len as u64)
         .map_err(|e| DetourError::Encode(e.to_string()))?;
     // Pass 1: where each instruction goes (lengths do not depend on the address: branches are
-    // rel32 and RIP-relative operands disp32).
+    // rel32 and RIP-relative operands disp32; a copy takes its room).
     let mut enc = Encoder::new(64);
     let mut at = stub;
-    let mut place = |i: &Instruction, at: &mut u64| -> Result<u64, DetourError> {
-        let mut probe = *i;
-        if probe.is_jcc_near() || probe.is_jmp_near() || probe.is_call_near() {
-            probe.set_near_branch64(*at);
-        }
-        let here = *at;
-        *at += enc.encode(&probe, here).map_err(enc_err(i.ip()))? as u64;
-        Ok(here)
-    };
-    let mut new_ip: Vec<(u64, u64)> = Vec::new();
-    for i in &before {
-        new_ip.push((i.ip(), place(i, &mut at)?));
+    let mut new_ip: Vec<(u64, u64)> = Vec::with_capacity(all.len());
+    for (i, c) in &all {
+        new_ip.push((i.ip(), at));
+        at += match c {
+            Some(c) => c.len as u64,
+            None => {
+                let mut probe = *i;
+                if probe.is_jcc_near() || probe.is_jmp_near() || probe.is_call_near() {
+                    probe.set_near_branch64(at);
+                }
+                enc.encode(&probe, at).map_err(enc_err(i.ip()))? as u64
+            }
+        };
     }
-    let copy_off = at - stub;
-    new_ip.push((site.ip(), at));
-    at += copy_len as u64;
-    for i in &after {
-        new_ip.push((i.ip(), place(i, &mut at)?));
-    }
-    let _ = enc.take_buffer();
     // Pass 2: encode; branches to moved instructions follow them.
     let moved_to = |t: u64| new_ip.iter().find(|(o, _)| *o == t).map(|(_, n)| *n);
     let mut out = Vec::new();
-    let emit = |i: &Instruction, here: u64, out: &mut Vec<u8>| -> Result<(), DetourError> {
+    let mut offs = Vec::new();
+    let emit = |i: &Instruction, out: &mut Vec<u8>| -> Result<(), DetourError> {
+        let here = stub + out.len() as u64;
         let mut i = *i;
         if i.is_jcc_near() || i.is_jmp_near() || i.is_call_near() {
             let t = i.near_branch_target();
@@ -180,41 +225,52 @@ pub fn build_moved(
         out.extend_from_slice(&e.take_buffer());
         Ok(())
     };
-    for i in &before {
-        let here = stub + out.len() as u64;
-        emit(i, here, &mut out)?;
-    }
-    // The copy: the site's bytes, unless they are RIP-relative (then re-encoded in place).
-    if site.is_ip_rel_memory_operand() {
-        let here = stub + out.len() as u64;
-        emit(&site, here, &mut out)?;
-        if out.len() as u64 - copy_off != insn_len as u64 {
-            return Err(DetourError::Encode(format!(
-                "{:#x}: the re-encoded site changed length",
-                site.ip()
-            )));
+    for (i, c) in &all {
+        let Some(c) = c else {
+            emit(i, &mut out)?;
+            continue;
+        };
+        let copy_off = out.len();
+        offs.push(u8::try_from(copy_off).map_err(|_| DetourError::TooShort)?);
+        // The copy: the site's bytes, unless they are RIP-relative (then re-encoded in place).
+        if i.is_ip_rel_memory_operand() {
+            emit(i, &mut out)?;
+            if out.len() - copy_off != c.insn_len {
+                return Err(DetourError::Encode(format!(
+                    "{:#x}: the re-encoded site changed length",
+                    i.ip()
+                )));
+            }
+        } else {
+            out.extend_from_slice(&code[c.off..c.off + c.insn_len]);
         }
-    } else {
-        out.extend_from_slice(&code[site_off..site_off + insn_len]);
+        let pad_from = out.len();
+        out.resize(copy_off + c.len, 0);
+        pvpatch_isa::encode::fill_nops(&mut out[pad_from..]);
     }
-    let pad_from = out.len();
-    out.resize(copy_off as usize + copy_len, 0);
-    pvpatch_isa::encode::fill_nops(&mut out[pad_from..]);
-    for i in after.iter().chain(std::iter::once(&back)) {
-        let here = stub + out.len() as u64;
-        emit(i, here, &mut out)?;
-    }
-    let rel = i32::try_from(stub as i128 - (start as i128 + 5))
-        .map_err(|_| DetourError::Encode(format!("{stub:#x} is out of reach of {start:#x}")))?;
-    let mut jump = vec![JMP_REL32];
-    jump.extend_from_slice(&rel.to_le_bytes());
-    jump.resize(len, 0xcc);
-    Ok(Detour {
-        site: jump,
+    emit(&back, &mut out)?;
+    let (site, trampoline) = match jump {
+        Jump::Direct => {
+            let mut j = vec![JMP_REL32];
+            j.extend_from_slice(&rel32(start + 5, stub)?);
+            (j, None)
+        }
+        Jump::Trampoline(t) => {
+            let r = i8::try_from(t as i128 - (start as i128 + 2)).map_err(|_| {
+                DetourError::Encode(format!("{t:#x} is out of rel8 reach of {start:#x}"))
+            })?;
+            let mut tr = vec![JMP_REL32];
+            tr.extend_from_slice(&rel32(t + 5, stub)?);
+            (vec![0xeb, r as u8], Some(tr))
+        }
+    };
+    let mut site = site;
+    site.resize(len, 0xcc);
+    Ok(Group {
+        site,
+        trampoline,
         stub: out,
-        copy_off: u8::try_from(copy_off).map_err(|_| DetourError::TooShort)?,
-        copy_len: u8::try_from(copy_len).map_err(|_| DetourError::TooShort)?,
-        room,
+        copies: offs,
     })
 }
 

@@ -24,6 +24,7 @@
 pub mod caves;
 pub mod detour;
 pub mod guard;
+pub mod stock;
 
 use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic};
 use patch_sites::op::Kind;
@@ -50,6 +51,8 @@ pub enum Direction {
     Forward,
     /// The instructions before the site, and the site.
     Backward,
+    /// Instructions on both sides, or several sites.
+    Around,
 }
 
 impl Direction {
@@ -58,6 +61,7 @@ impl Direction {
         match self {
             Direction::Forward => "forward",
             Direction::Backward => "backward",
+            Direction::Around => "around",
         }
     }
 }
@@ -73,23 +77,10 @@ pub struct Moved {
     pub site_off: u8,
     /// Which way.
     pub direction: Direction,
-    /// The stub, once it has cave space (stock kernels).
-    pub stub: Option<Stub>,
-}
-
-/// A detour's stub, built for its place in a cave.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Stub {
-    /// Where it runs.
-    pub addr: u64,
-    /// Its bytes.
-    pub bytes: Vec<u8>,
-    /// Where the site's patchable copy is in it.
-    pub copy_off: u8,
-    /// The copy's room.
-    pub copy_len: u8,
-    /// What the moved range becomes (`jmp stub`, `int3`s).
-    pub jump: Vec<u8>,
+    /// The planned detour (an index into [`Analysis::detours`]), in a stock kernel.
+    pub group: Option<usize>,
+    /// Where the site's patchable copy is in the stub, and its room.
+    pub copy: Option<(u8, u8)>,
 }
 
 /// The room a site offers.
@@ -152,11 +143,13 @@ pub struct Analysis {
     pub caves: Vec<Cave>,
     /// The arena reserved for the backend's out-of-line code: `(address, length)`.
     pub arena: Option<(u64, u64)>,
+    /// The detours planned (stock kernels), by address.
+    pub detours: Vec<stock::DetourPlan>,
     /// The protected bytes.
     pub guards: Guards,
 }
 
-fn decode_at(image: &Image, addr: u64) -> Option<Instruction> {
+pub(crate) fn decode_at(image: &Image, addr: u64) -> Option<Instruction> {
     let bytes = image.read(addr, 15).or_else(|| {
         let s = image.section_at(addr)?;
         image.read(addr, (s.addr + s.size - addr) as usize)
@@ -191,6 +184,18 @@ pub fn is_stock(image: &Image) -> bool {
             .is_none()
 }
 
+/// Whether `addr` is in Linux's entry text (`[__entry_text_start, __entry_text_end)`), which
+/// runs on the user page tables when page-table isolation is on.
+pub fn in_entry_text(image: &Image, addr: u64) -> bool {
+    match (
+        image.symbol_address("__entry_text_start"),
+        image.symbol_address("__entry_text_end"),
+    ) {
+        (Some(s), Some(e)) => (s..e).contains(&addr),
+        _ => false,
+    }
+}
+
 /// Analyses every site the sweep found.
 pub fn analyse(image: &Image, tables: &LinuxTables, sweep: &Sweep) -> Analysis {
     let guards = Guards::new(image, tables);
@@ -216,63 +221,11 @@ pub fn analyse(image: &Image, tables: &LinuxTables, sweep: &Sweep) -> Analysis {
         analysis.caves = caves::find(image, &guards, sweep);
         let mut alloc = Allocator::new(analysis.caves.clone());
         analysis.arena = alloc.alloc(ARENA).map(|a| (a, ARENA));
-        for s in &mut sites {
-            place_stub(image, &mut alloc, s);
-        }
+        analysis.detours = stock::plan(image, sweep, &guards, &mut sites, &analysis.caves, &mut alloc);
     }
     analysis.sites = sites;
     analysis.guards = guards;
     analysis
-}
-
-/// Builds the stub of a site's detour and gives it cave space; without space, the detour is
-/// dropped and the reason says why.
-fn place_stub(image: &Image, alloc: &mut Allocator, s: &mut SiteInfo) {
-    let Some(m) = s.room.detour.as_mut() else {
-        return;
-    };
-    let copy_len = (s.found.len as usize).max(5);
-    let built = image
-        .read(m.start, m.len as usize)
-        .ok_or_else(|| "the moved range cannot be read".to_owned())
-        .and_then(|code| {
-            let build = |at| {
-                detour::build_moved(code, m.start, m.site_off as usize, s.found.len as usize, copy_len, at)
-                    .map_err(|e| e.to_string())
-            };
-            // Lengths do not depend on the address: size it, place it, build it there.
-            let len = build(m.start)?.stub.len();
-            if len > MAX_MOVED + 16 {
-                return Err(format!("its stub would be {len} bytes"));
-            }
-            let at = alloc
-                .alloc(len as u64)
-                .ok_or_else(|| "no cave space left".to_owned())?;
-            build(at).map(|d| (at, d))
-        });
-    match built {
-        Ok((addr, d)) => {
-            m.stub = Some(Stub {
-                addr,
-                bytes: d.stub,
-                copy_off: d.copy_off,
-                copy_len: d.copy_len,
-                jump: d.site,
-            });
-        }
-        Err(why) => {
-            s.room.detour = None;
-            s.room.forms.retain(|f| *f != Outcome::Detour);
-            s.room.reason = Some(format!("no detour: {why}"));
-            s.room.why = Some(if why.starts_with("its stub") {
-                "stub too long".into()
-            } else if why.starts_with("no cave") {
-                "no cave space".into()
-            } else {
-                "stub not encodable".into()
-            });
-        }
-    }
 }
 
 /// The most relevant table entry overlapping the instruction: one Linux patches, else one
@@ -300,12 +253,12 @@ fn nothing(reason: String, why: &str) -> Room {
 
 /// Why a detour is not possible: a message with addresses, and its kind.
 #[derive(Clone, Debug)]
-struct Blocked {
+pub(crate) struct Blocked {
     message: String,
     kind: String,
 }
 
-fn blocked(kind: impl Into<String>, message: String) -> Blocked {
+pub(crate) fn blocked(kind: impl Into<String>, message: String) -> Blocked {
     Blocked {
         message,
         kind: kind.into(),
@@ -352,6 +305,7 @@ fn room(
         );
     }
     let control = op.info().kind == Kind::ControlTransfer;
+    let entry_text = stock && in_entry_text(image, f.addr);
     if stock && control {
         return nothing(
             "control transfer: never rewritten in a stock kernel (no trap form there)".into(),
@@ -382,13 +336,29 @@ fn room(
         }
     }
     let mut forms = vec![Outcome::Inline];
+    if entry_text {
+        // Entry code runs on the user page tables (PTI), where only the entry text is mapped:
+        // a call or a jump out of it to a cave would fault.
+        return Room {
+            in_place: in_place as u8,
+            detour: None,
+            forms,
+            reason: Some(
+                "entry text: it runs on the user page tables (PTI), where no cave is mapped; \
+                 only rewrites in place"
+                    .into(),
+            ),
+            why: Some("entry text (PTI)".into()),
+        };
+    }
     if in_place >= 5 {
         forms.push(if control { Outcome::Jump } else { Outcome::Call });
     }
-    let (detour, reason, why) = if in_place >= 5 || control {
+    // Stock kernels: detours are planned for the whole image at once ([`stock`]).
+    let (detour, reason, why) = if in_place >= 5 || control || stock {
         (None, None, None)
     } else {
-        match moved_range(image, sweep, guards, f, stock) {
+        match moved_range(image, sweep, guards, f) {
             Ok(m) => (Some(m), None, None),
             Err(b) => (None, Some(format!("no detour: {}", b.message)), Some(b.kind)),
         }
@@ -417,7 +387,7 @@ fn kind_of(w: &guard::Why) -> String {
 }
 
 /// Why the instruction at `at` cannot be moved with a site, if it cannot.
-fn unmovable(image: &Image, at: u64) -> Result<Instruction, Blocked> {
+pub(crate) fn unmovable(image: &Image, at: u64) -> Result<Instruction, Blocked> {
     let i = decode_at(image, at)
         .ok_or_else(|| blocked("undecodable", format!("{at:#x} does not decode")))?;
     if !detour::movable(&i) {
@@ -437,7 +407,7 @@ fn unmovable(image: &Image, at: u64) -> Result<Instruction, Blocked> {
 
 /// Checks a candidate moved range `[start, end)`: inside one section, nothing protected in it,
 /// nothing jumps into it.
-fn check_range(
+pub(crate) fn check_range(
     image: &Image,
     sweep: &Sweep,
     guards: &Guards,
@@ -469,81 +439,28 @@ fn check_range(
     Ok(())
 }
 
-/// The range a detour of `f` would move: forward (the site and what follows) where possible,
-/// else, in a stock kernel, backward (what precedes, and the site).
-fn moved_range(
-    image: &Image,
-    sweep: &Sweep,
-    guards: &Guards,
-    f: &Found,
-    stock: bool,
-) -> Result<Moved, Blocked> {
-    let site_end = f.addr + f.len as u64;
-    let forward = (|| {
-        let mut end = site_end;
-        while end - f.addr < 5 {
-            let i = unmovable(image, end)?;
-            end += i.len() as u64;
-        }
-        if end - f.addr > MAX_MOVED as u64 {
-            return Err(blocked(
-                "too long",
-                format!("{} bytes would move", end - f.addr),
-            ));
-        }
-        check_range(image, sweep, guards, f.addr, end)?;
-        Ok(Moved {
-            start: f.addr,
-            len: (end - f.addr) as u8,
-            site_off: 0,
-            direction: Direction::Forward,
-            stub: None,
-        })
-    })();
-    let forward_err = match forward {
-        Ok(m) => return Ok(m),
-        Err(e) => e,
-    };
-    if !stock {
-        return Err(forward_err);
+/// The range a detour of `f` would move in a kernel of our own: the site and what follows
+/// (the build-time `Detour` form of the ABI).
+fn moved_range(image: &Image, sweep: &Sweep, guards: &Guards, f: &Found) -> Result<Moved, Blocked> {
+    let mut end = f.addr + f.len as u64;
+    while end - f.addr < 5 {
+        let i = unmovable(image, end)?;
+        end += i.len() as u64;
     }
-    let backward = (|| {
-        let mut start = f.addr;
-        while site_end - start < 5 {
-            // The instruction that ends where `start` is: the sweep knows instruction starts.
-            let prev = (1..=15u64)
-                .filter_map(|k| start.checked_sub(k))
-                .find(|&p| {
-                    sweep.is_insn_start(p)
-                        && decode_at(image, p).is_some_and(|i| p + i.len() as u64 == start)
-                })
-                .ok_or_else(|| {
-                    blocked(
-                        "no instruction before",
-                        format!("no instruction ends at {start:#x}"),
-                    )
-                })?;
-            unmovable(image, prev)?;
-            start = prev;
-        }
-        if site_end - start > MAX_MOVED as u64 {
-            return Err(blocked(
-                "too long",
-                format!("{} bytes would move", site_end - start),
-            ));
-        }
-        check_range(image, sweep, guards, start, site_end)?;
-        Ok(Moved {
-            start,
-            len: (site_end - start) as u8,
-            site_off: (f.addr - start) as u8,
-            direction: Direction::Backward,
-            stub: None,
-        })
-    })();
-    backward.map_err(|b| Blocked {
-        message: format!("forward: {}; backward: {}", forward_err.message, b.message),
-        kind: format!("forward: {}; backward: {}", forward_err.kind, b.kind),
+    if end - f.addr > MAX_MOVED as u64 {
+        return Err(blocked(
+            "too long",
+            format!("{} bytes would move", end - f.addr),
+        ));
+    }
+    check_range(image, sweep, guards, f.addr, end)?;
+    Ok(Moved {
+        start: f.addr,
+        len: (end - f.addr) as u8,
+        site_off: 0,
+        direction: Direction::Forward,
+        group: None,
+        copy: None,
     })
 }
 

@@ -1,0 +1,366 @@
+//! Detours in a stock kernel: for every rewritable site with less than 5 bytes in place, a
+//! moved range around it, its stub in a cave, and the jump that reaches it.
+//!
+//! A moved range is made of whole instructions around the site: some after it (forward), some
+//! before it (backward), or both (around). Every instruction in it is movable (falls through, a
+//! direct `jmp`/`jcc`/`call`, a near `ret`) or another rewritable site, which then shares the
+//! detour (a *group*: one stub, a patchable copy per site). Nothing protected lies in it and
+//! nothing jumps into it ([`super::check_range`]).
+//!
+//! A range of at least 5 bytes becomes `jmp rel32 stub`. A shorter one (at least 2 bytes)
+//! becomes `jmp rel8` to a *trampoline*: 5 bytes of a nearby run of `int3` padding (too small
+//! for a cave, vouched for by an undefined ORC entry like a cave) that hold `jmp rel32 stub`.
+//! Direct detours are preferred, then the fewest bytes moved.
+//!
+//! Sites are planned in address order, stubs get cave space in that order, trampolines the
+//! nearest free padding: the result is deterministic.
+
+use patch_sites::Outcome;
+
+use super::caves::{Allocator, Cave, Orc};
+use super::detour::{self, Copy, Jump};
+use super::guard::Guards;
+use super::{Blocked, Direction, MAX_MOVED, Moved, SiteInfo, blocked, check_range, decode_at};
+use crate::load::Image;
+use crate::sweep::Sweep;
+
+/// A planned detour: a moved range, the sites it carries, its stub and jumps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DetourPlan {
+    /// The first moved byte.
+    pub start: u64,
+    /// Bytes moved.
+    pub len: u8,
+    /// The sites it carries (indices into the analysis' sites), by address.
+    pub members: Vec<usize>,
+    /// Per member: where its patchable copy is in the stub, and its room.
+    pub copies: Vec<(u8, u8)>,
+    /// Where the stub runs (a cave).
+    pub stub_addr: u64,
+    /// The stub.
+    pub stub: Vec<u8>,
+    /// What the moved range becomes.
+    pub jump: Vec<u8>,
+    /// The trampoline, if the range is reached through one: its address and bytes.
+    pub trampoline: Option<(u64, Vec<u8>)>,
+}
+
+/// The instruction starts before `at` (nearest first), up to `n`.
+fn before(image: &Image, sweep: &Sweep, at: u64, n: usize) -> Vec<u64> {
+    let mut out = Vec::new();
+    let mut cur = at;
+    while out.len() < n {
+        let Some(p) = (1..=15u64)
+            .filter_map(|k| cur.checked_sub(k))
+            .find(|&p| {
+                sweep.is_insn_start(p)
+                    && decode_at(image, p).is_some_and(|i| p + i.len() as u64 == cur)
+            })
+        else {
+            break;
+        };
+        out.push(p);
+        cur = p;
+    }
+    out
+}
+
+/// The instruction ends after `at` (nearest first), up to `n`.
+fn after(image: &Image, at: u64, n: usize) -> Vec<u64> {
+    let mut out = Vec::new();
+    let mut cur = at;
+    while out.len() < n {
+        let Some(i) = decode_at(image, cur) else { break };
+        cur += i.len() as u64;
+        out.push(cur);
+    }
+    out
+}
+
+/// Runs of `int3` padding that can hold trampolines: 5 to [`super::caves::MIN_CAVE`] bytes,
+/// inside `[_text, _etext)`, one ORC entry covering each, nothing protected or named in them.
+/// `(start, end)`, sorted; the free part of each shrinks as trampolines are placed.
+fn padding(image: &Image, guards: &Guards, sweep: &Sweep) -> Vec<(u64, u64)> {
+    super::caves::runs(image, guards, sweep, 5, false)
+        .into_iter()
+        .filter(|c| c.len() < super::caves::MIN_CAVE)
+        .map(|c| (c.start, c.end))
+        .collect()
+}
+
+/// Plans the detours of every site of a stock kernel that needs one; fills in their rooms.
+pub fn plan(
+    image: &Image,
+    sweep: &Sweep,
+    guards: &Guards,
+    sites: &mut [SiteInfo],
+    caves: &[Cave],
+    alloc: &mut Allocator,
+) -> Vec<DetourPlan> {
+    let mut pads = padding(image, guards, sweep);
+    let orc = Orc::read(image);
+    let _ = caves;
+    let mut plans = Vec::new();
+    let addr_of: Vec<u64> = sites.iter().map(|s| s.found.addr).collect();
+    let mut taken = vec![false; sites.len()];
+    for i in 0..sites.len() {
+        let s = &sites[i];
+        if taken[i]
+            || !s.rewritable()
+            || s.room.in_place >= 5
+            || !s.room.forms.contains(&Outcome::Inline)
+            || super::in_entry_text(image, s.found.addr)
+        {
+            continue;
+        }
+        match plan_one(
+            image, sweep, guards, sites, &addr_of, &taken, i, &mut pads, &orc, alloc,
+        ) {
+            Ok(p) => {
+                let k = plans.len();
+                for (n, &m) in p.members.iter().enumerate() {
+                    taken[m] = true;
+                    let site = &mut sites[m];
+                    let off = (site.found.addr - p.start) as u8;
+                    let direction = if p.members.len() == 1 && off == 0 {
+                        Direction::Forward
+                    } else if site.found.addr + site.found.len as u64 == p.start + p.len as u64 {
+                        Direction::Backward
+                    } else {
+                        Direction::Around
+                    };
+                    site.room.detour = Some(Moved {
+                        start: p.start,
+                        len: p.len,
+                        site_off: off,
+                        direction,
+                        group: Some(k),
+                        copy: Some(p.copies[n]),
+                    });
+                    if !site.room.forms.contains(&Outcome::Detour) {
+                        site.room.forms.push(Outcome::Detour);
+                    }
+                    site.room.reason = None;
+                    site.room.why = None;
+                }
+                plans.push(p);
+            }
+            Err(b) => {
+                let s = &mut sites[i];
+                s.room.reason = Some(format!("no detour: {}", b.message));
+                s.room.why = Some(b.kind);
+            }
+        }
+    }
+    plans
+}
+
+/// A window around site `i`: `[start, end)` with the sites it carries.
+struct Window {
+    start: u64,
+    end: u64,
+    members: Vec<usize>,
+}
+
+/// Checks a window: every instruction in it movable or a free rewritable site; nothing
+/// protected; nothing jumps in.
+#[allow(clippy::too_many_arguments)]
+fn check_window(
+    image: &Image,
+    sweep: &Sweep,
+    guards: &Guards,
+    sites: &[SiteInfo],
+    addr_of: &[u64],
+    taken: &[bool],
+    start: u64,
+    end: u64,
+) -> Result<Window, Blocked> {
+    let mut members = Vec::new();
+    let mut at = start;
+    while at < end {
+        if let Ok(k) = addr_of.binary_search(&at) {
+            let s = &sites[k];
+            if taken[k] || !s.rewritable() {
+                return Err(blocked(
+                    "another site",
+                    format!("{at:#x} is a site that cannot share a detour"),
+                ));
+            }
+            members.push(k);
+            at += s.found.len as u64;
+            continue;
+        }
+        let i = super::unmovable(image, at)?;
+        at += i.len() as u64;
+    }
+    if at != end {
+        return Err(blocked(
+            "undecodable",
+            format!("{end:#x} is not an instruction boundary"),
+        ));
+    }
+    check_range(image, sweep, guards, start, end)?;
+    Ok(Window {
+        start,
+        end,
+        members,
+    })
+}
+
+/// The nearest free trampoline slot reachable by a `jmp rel8` at `start`; taken from `pads`.
+/// The ORC entry that covers the slot must be undefined (an unwind from there stops) or the
+/// very entry that covers `start` (an unwind from there is the one from the site).
+fn trampoline(pads: &mut [(u64, u64)], orc: &Orc, start: u64) -> Option<u64> {
+    let site = orc.covering(start);
+    let sound = |t: u64| {
+        orc.covering(t)
+            .is_some_and(|e| Orc::undefined(&e) || Some(e) == site)
+    };
+    let reach = |t: u64| (t as i128 - (start as i128 + 2)).unsigned_abs() <= 127 && sound(t);
+    let lo = pads.partition_point(|p| p.1 + 128 < start);
+    let best = pads[lo..]
+        .iter_mut()
+        .take_while(|p| p.0 <= start + 130)
+        .filter(|p| p.1 - p.0 >= 5)
+        .filter_map(|p| {
+            // The slot: the free part's start, or its end minus 5, whichever is reachable.
+            [p.0, p.1 - 5]
+                .into_iter()
+                .find(|&t| reach(t))
+                .map(|t| (t.abs_diff(start), t, p))
+        })
+        .min_by_key(|(d, t, _)| (*d, *t))?;
+    let (_, t, p) = best;
+    if t == p.0 {
+        p.0 += 5;
+    } else {
+        p.1 -= 5;
+    }
+    Some(t)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn plan_one(
+    image: &Image,
+    sweep: &Sweep,
+    guards: &Guards,
+    sites: &[SiteInfo],
+    addr_of: &[u64],
+    taken: &[bool],
+    i: usize,
+    pads: &mut [(u64, u64)],
+    orc: &Option<Orc>,
+    alloc: &mut Allocator,
+) -> Result<DetourPlan, Blocked> {
+    let orc = orc.as_ref();
+    let f = &sites[i].found;
+    let site_end = f.addr + f.len as u64;
+    let befores = before(image, sweep, f.addr, 4);
+    let afters = after(image, site_end, 6);
+    // Every window, by preference: direct before trampoline, then fewest bytes.
+    let mut candidates: Vec<(bool, u64, u64, u64)> = Vec::new();
+    for b in std::iter::once(f.addr).chain(befores.iter().copied()) {
+        for e in std::iter::once(site_end).chain(afters.iter().copied()) {
+            let len = e - b;
+            if (2..=MAX_MOVED as u64).contains(&len) {
+                candidates.push((len < 5, len, f.addr - b, b));
+            }
+        }
+    }
+    candidates.sort_unstable();
+    let mut first_fwd: Option<Blocked> = None;
+    let mut first_back: Option<Blocked> = None;
+    for (needs_tramp, len, _, start) in candidates {
+        let end = start + len;
+        let w = match check_window(image, sweep, guards, sites, addr_of, taken, start, end) {
+            Ok(w) => w,
+            Err(b) => {
+                if start == f.addr && first_fwd.is_none() {
+                    first_fwd = Some(b);
+                } else if end == site_end && first_back.is_none() {
+                    first_back = Some(b);
+                }
+                continue;
+            }
+        };
+        let jump = if needs_tramp {
+            match orc.and_then(|o| trampoline(pads, o, start)) {
+                Some(t) => Jump::Trampoline(t),
+                None => {
+                    if first_fwd.is_none() && start == f.addr {
+                        first_fwd = Some(blocked(
+                            "no padding in reach",
+                            format!("no int3 padding within a jmp rel8 of {start:#x}"),
+                        ));
+                    }
+                    continue;
+                }
+            }
+        } else {
+            Jump::Direct
+        };
+        return build(image, sites, w, jump, alloc);
+    }
+    let fwd = first_fwd.unwrap_or_else(|| blocked("too long", "no forward range".into()));
+    let back = first_back.unwrap_or_else(|| blocked("too long", "no backward range".into()));
+    Err(Blocked {
+        message: format!("forward: {}; backward: {}", fwd.message, back.message),
+        kind: format!("forward: {}; backward: {}", fwd.kind, back.kind),
+    })
+}
+
+fn build(
+    image: &Image,
+    sites: &[SiteInfo],
+    w: Window,
+    jump: Jump,
+    alloc: &mut Allocator,
+) -> Result<DetourPlan, Blocked> {
+    let len = (w.end - w.start) as usize;
+    let code = image
+        .read(w.start, len)
+        .ok_or_else(|| blocked("unreadable", "the moved range cannot be read".into()))?;
+    let copies: Vec<Copy> = w
+        .members
+        .iter()
+        .map(|&m| {
+            let f = &sites[m].found;
+            Copy {
+                off: (f.addr - w.start) as usize,
+                insn_len: f.len as usize,
+                len: (f.len as usize).max(5),
+            }
+        })
+        .collect();
+    let fail = |e: detour::DetourError| blocked("stub not encodable", e.to_string());
+    // Lengths do not depend on the address: size it, place it, build it there.
+    let probe = detour::build_group(code, w.start, &copies, w.start, jump).map_err(fail)?;
+    if probe.stub.len() > pvpatch_isa::encode::MAX_SEQ {
+        return Err(blocked(
+            "stub too long",
+            format!("its stub would be {} bytes", probe.stub.len()),
+        ));
+    }
+    let at = alloc
+        .alloc(probe.stub.len() as u64)
+        .ok_or_else(|| blocked("no cave space", "no cave space left".into()))?;
+    let g = detour::build_group(code, w.start, &copies, at, jump).map_err(fail)?;
+    Ok(DetourPlan {
+        start: w.start,
+        len: len as u8,
+        members: w.members,
+        copies: g
+            .copies
+            .iter()
+            .zip(&copies)
+            .map(|(off, c)| (*off, c.len as u8))
+            .collect(),
+        stub_addr: at,
+        stub: g.stub,
+        jump: g.site,
+        trampoline: match (jump, g.trampoline) {
+            (Jump::Trampoline(t), Some(b)) => Some((t, b)),
+            _ => None,
+        },
+    })
+}
