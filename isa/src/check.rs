@@ -190,10 +190,12 @@ pub fn original_encoded(
     native: Option<&[u8]>,
 ) -> Result<(), Mismatch> {
     match site.form {
-        Form::Native | Form::Detour if native.is_some_and(|n| is_canonical(bytes, site, n)) => {
+        Form::Native | Form::Detour | Form::Movable
+            if native.is_some_and(|n| is_canonical(bytes, site, n)) =>
+        {
             Ok(())
         }
-        Form::Native | Form::Detour => {
+        Form::Native | Form::Detour | Form::Movable => {
             native_insn(bytes, addr, site)?;
             nops(bytes, addr, site.insn_len as usize)
         }
@@ -234,6 +236,135 @@ pub fn decodes_exactly(bytes: &[u8], addr: u64, len: usize) -> Result<(), Mismat
     }
     if at != len {
         return Err(Mismatch::Undecodable(addr + at as u64));
+    }
+    Ok(())
+}
+
+/// A site's patchable copy in a stub: where the site is in the moved range, its
+/// instruction's length, where its copy is in the stub, the copy's room.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StubCopy {
+    /// Offset of the site in the moved range.
+    pub site_off: usize,
+    /// Its instruction's length.
+    pub insn_len: usize,
+    /// Offset of its copy in the stub.
+    pub copy_off: usize,
+    /// The copy's room.
+    pub copy_len: usize,
+}
+
+/// Checks that `stub` (at `stub_addr`) does what the moved range `moved` (at `moved_addr`) did,
+/// decoding both independently of whatever built the stub: every moved instruction in order,
+/// each the same instruction with the same absolute branch target and memory operand (a
+/// branch to a moved instruction follows it into the stub; a short branch may have been
+/// widened); each site's copy where `copies` says (its original bytes, or the same instruction
+/// where it is RIP-relative), NOP-padded to its room; then `jmp` back to the end of the moved
+/// range, and nothing else.
+pub fn stub(
+    moved: &[u8],
+    moved_addr: u64,
+    stub: &[u8],
+    stub_addr: u64,
+    copies: &[StubCopy],
+) -> Result<(), Mismatch> {
+    let end = moved_addr.wrapping_add(moved.len() as u64);
+    // The moved instructions, and where each must be in the stub.
+    let mut orig: alloc::vec::Vec<(Instruction, Option<StubCopy>)> = alloc::vec::Vec::new();
+    let mut at = 0;
+    while at < moved.len() {
+        let i = decode_at(moved, moved_addr, at)?;
+        let copy = copies.iter().find(|c| c.site_off == at).copied();
+        if let Some(c) = copy
+            && c.insn_len != i.len()
+        {
+            return Err(Mismatch::WrongLength {
+                found: i.len() as u8,
+            });
+        }
+        orig.push((i, copy));
+        at += i.len();
+    }
+    if at != moved.len() || orig.iter().filter(|o| o.1.is_some()).count() != copies.len() {
+        return Err(Mismatch::Undecodable(moved_addr + at as u64));
+    }
+    // Where each moved instruction is in the stub: walk the stub once.
+    let mut placed: alloc::vec::Vec<u64> = alloc::vec::Vec::with_capacity(orig.len());
+    let mut s = 0usize;
+    for (i, copy) in &orig {
+        placed.push(stub_addr + s as u64);
+        match copy {
+            Some(c) => {
+                if s != c.copy_off {
+                    return Err(Mismatch::NotPadding(stub_addr + s as u64));
+                }
+                s += c.copy_len;
+            }
+            None => s += decode_at(stub, stub_addr, s)?.len(),
+        }
+        let _ = i;
+    }
+    let new_place = |t: u64| {
+        orig.iter()
+            .position(|(o, _)| o.ip() == t)
+            .map(|k| placed[k])
+    };
+    for ((i, copy), &here) in orig.iter().zip(&placed) {
+        let off = (here - stub_addr) as usize;
+        match copy {
+            Some(c) => {
+                let body = stub
+                    .get(off..off + c.insn_len)
+                    .ok_or(Mismatch::Undecodable(here))?;
+                let same = body == &moved[c.site_off..c.site_off + c.insn_len] || {
+                    let n = decode_at(stub, stub_addr, off)?;
+                    n.len() == c.insn_len
+                        && i.is_ip_rel_memory_operand()
+                        && n.code() == i.code()
+                        && n.ip_rel_memory_address() == i.ip_rel_memory_address()
+                };
+                if !same {
+                    return Err(Mismatch::WrongOp {
+                        found: crate::classify::classify(&decode_at(stub, stub_addr, off)?)
+                            .map_or(patch_sites::Op::Vmcall, |c| c.op),
+                    });
+                }
+                nops(&stub[..off + c.copy_len], stub_addr, off + c.insn_len)?;
+            }
+            None => {
+                let n = decode_at(stub, stub_addr, off)?;
+                let mut want = *i;
+                if want.is_jcc_short_or_near() || want.is_jmp_short_or_near() {
+                    want.as_near_branch();
+                }
+                let mut got = n;
+                if got.is_jcc_short_or_near() || got.is_jmp_short_or_near() {
+                    got.as_near_branch();
+                }
+                if want.is_jcc_near() || want.is_jmp_near() || want.is_call_near() {
+                    let t = want.near_branch_target();
+                    let to = if t > moved_addr && t < end {
+                        new_place(t).ok_or(Mismatch::Undecodable(i.ip()))?
+                    } else {
+                        new_place(t).filter(|_| t == moved_addr).unwrap_or(t)
+                    };
+                    want.set_near_branch64(to);
+                }
+                want.set_ip(got.ip());
+                want.set_len(got.len());
+                want.set_next_ip(got.next_ip());
+                if want != got {
+                    return Err(Mismatch::NotSensitive(n.mnemonic()));
+                }
+            }
+        }
+    }
+    let back = decode_at(stub, stub_addr, s)?;
+    if back.mnemonic() != Mnemonic::Jmp || back.near_branch_target() != end {
+        return Err(Mismatch::NotCall(end));
+    }
+    if s + back.len() != stub.len() {
+        return Err(Mismatch::NotPadding(stub_addr + (s + back.len()) as u64));
     }
     Ok(())
 }

@@ -8,7 +8,7 @@
 use core::fmt;
 
 use crate::plan::{Plan, TextRead};
-use pvpatch_isa::encode::Seq;
+use pvpatch_isa::encode::{MAX_SEQ, Seq};
 
 /// Writes kernel text.
 pub trait TextPoke: TextRead {
@@ -81,58 +81,95 @@ pub struct Applied {
     pub sites: u32,
     /// Bytes written.
     pub bytes: u64,
+    /// Detours installed.
+    pub detours: u32,
 }
 
-/// Applies `plan`: all of it, or (on any failure) none of it.
-pub fn apply(plan: &Plan, t: &mut dyn TextPoke) -> Result<Applied, ApplyError> {
+/// Whether the text at `addr` holds `bytes` (read in pieces of at most [`MAX_SEQ`] bytes).
+fn holds(t: &dyn TextPoke, addr: u64, bytes: &[u8]) -> bool {
     let mut buf = Seq::new();
-    for p in plan.changes() {
-        buf = p.old;
-        if !t.read(p.addr, buf.as_mut_slice()) || buf != p.old {
+    bytes.chunks(MAX_SEQ).enumerate().all(|(k, chunk)| {
+        buf = Seq::from_slice(chunk).unwrap_or_default();
+        t.read(addr + (k * MAX_SEQ) as u64, buf.as_mut_slice()) && buf.as_slice() == chunk
+    })
+}
+
+/// Applies `plan`: all of it, or (on any failure) none of it. The backend's code goes in
+/// first, then each detour's stub and trampoline, then the sites in place, then each detour's
+/// `jmp` (so that nothing can reach a stub before it is whole); then everything is read back.
+pub fn apply(plan: &Plan, t: &mut dyn TextPoke) -> Result<Applied, ApplyError> {
+    for c in &plan.code {
+        if !holds(t, c.addr, &c.old) {
             return Err(ApplyError::Changed {
-                index: p.index,
-                addr: p.addr,
+                index: u32::MAX,
+                addr: c.addr,
+            });
+        }
+    }
+    for w in plan.writes() {
+        if !holds(t, w.addr, w.old.as_slice()) {
+            return Err(ApplyError::Changed {
+                index: w.index,
+                addr: w.addr,
             });
         }
     }
     let mut applied = Applied::default();
     t.open();
-    for p in plan.changes() {
-        t.write(p.addr, p.new.as_slice());
-        applied.sites += 1;
-        applied.bytes += p.new.len() as u64;
+    for c in &plan.code {
+        t.write(c.addr, &c.new);
+        applied.bytes += c.new.len() as u64;
     }
+    for w in plan.writes() {
+        t.write(w.addr, w.new.as_slice());
+        applied.bytes += w.new.len() as u64;
+    }
+    applied.sites = plan.sites.iter().filter(|p| p.new != p.old).count() as u32;
+    applied.detours = plan.detours.len() as u32;
     t.close();
     t.sync();
-    let failed = plan.changes().find(|p| {
-        buf = p.new;
-        !t.read(p.addr, buf.as_mut_slice()) || buf != p.new
-    });
-    if let Some(p) = failed {
-        revert(plan, t);
-        let stuck = plan.changes().find(|q| {
-            buf = q.old;
-            !t.read(q.addr, buf.as_mut_slice()) || buf != q.old
+    let failed = plan
+        .code
+        .iter()
+        .find(|c| !holds(t, c.addr, &c.new))
+        .map(|c| (u32::MAX, c.addr))
+        .or_else(|| {
+            plan.writes()
+                .find(|w| !holds(t, w.addr, w.new.as_slice()))
+                .map(|w| (w.index, w.addr))
         });
+    if let Some((index, addr)) = failed {
+        revert(plan, t);
+        let stuck = plan
+            .code
+            .iter()
+            .find(|c| !holds(t, c.addr, &c.old))
+            .map(|c| (u32::MAX, c.addr))
+            .or_else(|| {
+                plan.writes()
+                    .find(|w| !holds(t, w.addr, w.old.as_slice()))
+                    .map(|w| (w.index, w.addr))
+            });
         return Err(match stuck {
-            Some(q) => ApplyError::NotRestored {
-                index: q.index,
-                addr: q.addr,
-            },
-            None => ApplyError::ReadBack {
-                index: p.index,
-                addr: p.addr,
-            },
+            Some((index, addr)) => ApplyError::NotRestored { index, addr },
+            None => ApplyError::ReadBack { index, addr },
         });
     }
     Ok(applied)
 }
 
-/// Writes back the old bytes of every site `plan` changed.
+/// Writes back the old bytes of everything `plan` changed (the `jmp`s over moved ranges first,
+/// so that nothing reaches a stub while it is being taken away).
 pub fn revert(plan: &Plan, t: &mut dyn TextPoke) {
     t.open();
-    for q in plan.changes() {
-        t.write(q.addr, q.old.as_slice());
+    for d in &plan.detours {
+        t.write(d.moved.addr, d.moved.old.as_slice());
+    }
+    for w in plan.writes() {
+        t.write(w.addr, w.old.as_slice());
+    }
+    for c in &plan.code {
+        t.write(c.addr, &c.old);
     }
     t.close();
     t.sync();

@@ -15,9 +15,10 @@ use alloc::vec::Vec;
 use core::fmt;
 
 use patch_sites::op::Kind;
-use patch_sites::table::{Form, Site, SiteTable};
+use patch_sites::table::{Form, Member, Site, SiteTable};
 use patch_sites::{Op, Outcome, RegSet};
-use pvpatch_isa::check::{self, Mismatch};
+use pvpatch_isa::asm::Asm;
+use pvpatch_isa::check::{self, Mismatch, StubCopy};
 use pvpatch_isa::encode::{self, Seq};
 use pvpatch_isa::sequence::may_change;
 
@@ -60,6 +61,57 @@ pub struct Planned {
     pub outcome: Outcome,
     /// Why it is unchanged, when it is.
     pub keep: Option<Keep>,
+    /// The load-time detour whose stub holds the rewrite (`addr` is then the site's copy in
+    /// the stub, written as part of [`PlannedDetour::stub`]).
+    pub detour: Option<u16>,
+}
+
+/// One write: what is at `addr` now, and what goes there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Write {
+    /// The record it is for (a detour's: its first rewritten site's).
+    pub index: u32,
+    /// Where.
+    pub addr: u64,
+    /// The bytes there now.
+    pub old: Seq,
+    /// The bytes to write.
+    pub new: Seq,
+}
+
+/// A load-time detour to install: its stub (with its sites' rewrites in their copies) into its
+/// cave, its trampoline, and the `jmp` over its moved range (written last).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlannedDetour {
+    /// Its index in the table's detour area.
+    pub index: u16,
+    /// The stub.
+    pub stub: Write,
+    /// The trampoline, if any.
+    pub tramp: Option<Write>,
+    /// The moved range.
+    pub moved: Write,
+}
+
+impl PlannedDetour {
+    /// Its writes, in the order they are made (the moved range last: it activates the detour).
+    pub fn writes(&self) -> impl Iterator<Item = &Write> {
+        core::iter::once(&self.stub)
+            .chain(self.tramp.as_ref())
+            .chain(core::iter::once(&self.moved))
+    }
+}
+
+/// Out-of-line code the backend needs in the kernel's text (a ROM's entry points, generated
+/// thunks, copied into the table's arena).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CodeWrite {
+    /// Where.
+    pub addr: u64,
+    /// The bytes there now.
+    pub old: Vec<u8>,
+    /// The code.
+    pub new: Vec<u8>,
 }
 
 /// A plan for the whole table.
@@ -67,12 +119,38 @@ pub struct Planned {
 pub struct Plan {
     /// Every site, in table order.
     pub sites: Vec<Planned>,
+    /// The load-time detours to install.
+    pub detours: Vec<PlannedDetour>,
+    /// The backend's out-of-line code.
+    pub code: Vec<CodeWrite>,
 }
 
 impl Plan {
-    /// The sites that will be written.
+    /// The sites that will be written in place (a site rewritten in a detour's stub is written
+    /// with the stub).
     pub fn changes(&self) -> impl Iterator<Item = &Planned> {
-        self.sites.iter().filter(|p| p.new != p.old)
+        self.sites
+            .iter()
+            .filter(|p| p.new != p.old && p.detour.is_none())
+    }
+
+    /// Every write of the plan, in the order they are made: code, then each detour's stub and
+    /// trampoline, then the sites in place, then each detour's `jmp`. (Code writes are
+    /// separate: they are not [`Seq`]s.)
+    pub fn writes(&self) -> impl Iterator<Item = Write> + '_ {
+        let stubs = self
+            .detours
+            .iter()
+            .flat_map(|d| core::iter::once(d.stub).chain(d.tramp));
+        let sites = self.changes().map(|p| Write {
+            index: p.index,
+            addr: p.addr,
+            old: p.old,
+            new: p.new,
+        });
+        stubs
+            .chain(sites)
+            .chain(self.detours.iter().map(|d| d.moved))
     }
 }
 
@@ -105,6 +183,15 @@ pub enum PlanError {
         /// The op.
         op: Op,
     },
+    /// A load-time detour cannot be installed: its moved range is not what the table saw
+    /// (checksum), its cave or trampoline is not free `int3` padding, or its stub does not do
+    /// what the moved instructions did.
+    Detour {
+        /// The detour's index.
+        index: u16,
+        /// What is wrong.
+        problem: DetourProblem,
+    },
     /// What the planner built for a site does not decode as intended (a bug, caught).
     BadSequence {
         /// Record index.
@@ -114,6 +201,35 @@ pub enum PlanError {
         /// How.
         mismatch: Mismatch,
     },
+}
+
+/// Why a detour cannot be installed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DetourProblem {
+    /// Its moved range or cave cannot be read.
+    Unreadable,
+    /// The moved range's bytes are not the ones its checksum describes.
+    MovedChanged,
+    /// Its cave or trampoline holds something other than `int3` padding.
+    NotFree(u64),
+    /// Its stub does not do what the moved instructions did.
+    Stub(Mismatch),
+    /// A jump to it cannot be encoded.
+    Unreachable,
+}
+
+impl fmt::Display for DetourProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DetourProblem::Unreadable => f.write_str("its moved range or cave cannot be read"),
+            DetourProblem::MovedChanged => {
+                f.write_str("the moved range is not what the table was written for")
+            }
+            DetourProblem::NotFree(a) => write!(f, "{a:#x} is not free int3 padding"),
+            DetourProblem::Stub(m) => write!(f, "its stub is not the moved code: {m}"),
+            DetourProblem::Unreachable => f.write_str("a jump to its stub cannot be encoded"),
+        }
+    }
 }
 
 impl fmt::Display for PlanError {
@@ -139,6 +255,7 @@ impl fmt::Display for PlanError {
                     "record {index}: the sequence built for {addr:#x} {mismatch}"
                 )
             }
+            PlanError::Detour { index, problem } => write!(f, "detour {index}: {problem}"),
             PlanError::MustRewrite { index, addr, op } => write!(
                 f,
                 "record {index}: the {op} at {addr:#x} cannot take the backend's sequence, and \
@@ -169,9 +286,227 @@ pub fn plan(
 ) -> Result<Plan, PlanError> {
     let mut sites = Vec::with_capacity(table.len());
     for (i, site) in table.sites().enumerate() {
-        sites.push(plan_site(i as u32, site, backend, text, force)?);
+        sites.push(plan_site(i as u32, site, backend, text, force, table)?);
     }
-    Ok(Plan { sites })
+    let detours = plan_detours(table, backend, text, force, &mut sites)?;
+    Ok(Plan {
+        sites,
+        detours,
+        code: Vec::new(),
+    })
+}
+
+/// The copy of a movable site in its detour's stub: its member, its address and bytes.
+fn stub_copy(table: &SiteTable<'_>, index: u32) -> Option<(Member, u64, Seq)> {
+    let area = table.detour_area();
+    let m = area.member_of(index)?;
+    let d = area.detour(m.detour).ok()?;
+    let off = m.copy_off as usize;
+    let copy = Seq::from_slice(d.stub_bytes.get(off..off + m.copy_len as usize)?)?;
+    Some((m, d.stub + off as u64, copy))
+}
+
+/// Installs the detours the plan uses: every member of a used detour is planned in the stub
+/// (a member rewritten in place would be under the detour's `jmp`), then each detour is checked
+/// (its moved range as the table saw it, its cave and trampoline free, its stub the moved code,
+/// decoded independently) and its writes built.
+fn plan_detours(
+    table: &SiteTable<'_>,
+    backend: &Backend<'_>,
+    text: &dyn TextRead,
+    force: Option<Override<'_, '_>>,
+    sites: &mut [Planned],
+) -> Result<Vec<PlannedDetour>, PlanError> {
+    let area = table.detour_area();
+    let mut used: Vec<u16> = sites
+        .iter()
+        .filter(|p| p.new != p.old)
+        .filter_map(|p| p.detour)
+        .collect();
+    if used.is_empty() {
+        return Ok(Vec::new());
+    }
+    used.sort_unstable();
+    used.dedup();
+    // Members of used detours that were planned in place move into their copies.
+    for p in sites.iter_mut() {
+        if p.site.form != Form::Movable || p.detour.is_some() || p.new == p.old {
+            continue;
+        }
+        let Some((m, addr, copy)) = stub_copy(table, p.index) else {
+            continue;
+        };
+        if used.binary_search(&m.detour).is_err() {
+            continue;
+        }
+        let op = p.site.op().ok_or(PlanError::Unreadable {
+            index: p.index,
+            addr: p.addr,
+        })?;
+        let choice = force
+            .and_then(|f| f(p.index, &p.site))
+            .unwrap_or_else(|| backend.choose(&p.site, op));
+        let native = encode::native(&p.site);
+        let bad = |mismatch| PlanError::BadSequence {
+            index: p.index,
+            addr,
+            mismatch,
+        };
+        match build(&p.site, op, choice, addr, copy.len(), native.as_ref()) {
+            Ok((new, outcome)) => {
+                p.addr = addr;
+                p.old = copy;
+                p.new = new;
+                p.outcome = outcome;
+                p.detour = Some(m.detour);
+            }
+            Err(Built::Bad(m)) => return Err(bad(m)),
+            // It fitted in place but not in its copy: the copy is at least as long as the
+            // site's room, so this cannot happen; keep it native in the stub.
+            Err(Built::Keep(k)) => {
+                p.addr = addr;
+                p.old = copy;
+                p.new = copy;
+                p.outcome = Outcome::Unchanged;
+                p.keep = Some(k);
+                p.detour = Some(m.detour);
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(used.len());
+    for &g in &used {
+        let problem = |problem| PlanError::Detour { index: g, problem };
+        let d = area
+            .detour(g)
+            .map_err(|_| problem(DetourProblem::Unreadable))?;
+        let mut moved_old = Seq::new();
+        moved_old
+            .pad_to(d.moved_len as usize)
+            .ok_or(problem(DetourProblem::Unreadable))?;
+        if !text.read(d.moved, moved_old.as_mut_slice()) {
+            return Err(problem(DetourProblem::Unreadable));
+        }
+        if patch_sites::crc32::crc32(moved_old.as_slice()) != d.moved_crc {
+            return Err(problem(DetourProblem::MovedChanged));
+        }
+        let free = |addr: u64, len: usize| -> Result<Seq, PlanError> {
+            let mut s = Seq::new();
+            s.pad_to(len).ok_or(problem(DetourProblem::Unreadable))?;
+            if !text.read(addr, s.as_mut_slice()) {
+                return Err(problem(DetourProblem::Unreadable));
+            }
+            if let Some(k) = s.as_slice().iter().position(|&b| b != 0xcc) {
+                return Err(problem(DetourProblem::NotFree(addr + k as u64)));
+            }
+            Ok(s)
+        };
+        let stub_old = free(d.stub, d.stub_bytes.len())?;
+        // The members: their copies (checked against the moved code), and their rewrites.
+        let mut copies: [Option<StubCopy>; 16] = [None; 16];
+        let mut stub_new =
+            Seq::from_slice(d.stub_bytes).ok_or(problem(DetourProblem::Unreadable))?;
+        let mut n = 0;
+        for p in sites.iter().filter(|p| p.detour == Some(g)) {
+            let m = area
+                .member_of(p.index)
+                .ok_or(problem(DetourProblem::Unreadable))?;
+            let slot = copies
+                .get_mut(n)
+                .ok_or(problem(DetourProblem::Unreadable))?;
+            *slot = Some(StubCopy {
+                site_off: (p.site.addr - d.moved) as usize,
+                insn_len: p.site.insn_len as usize,
+                copy_off: m.copy_off as usize,
+                copy_len: m.copy_len as usize,
+            });
+            n += 1;
+            let off = m.copy_off as usize;
+            stub_new.as_mut_slice()[off..off + p.new.len()].copy_from_slice(p.new.as_slice());
+        }
+        // Members that are not rewritten keep their copies: add them for the stub check.
+        for p in sites
+            .iter()
+            .filter(|p| p.detour.is_none() && p.site.form == Form::Movable)
+        {
+            if let Some((m, _, _)) = stub_copy(table, p.index).filter(|c| c.0.detour == g) {
+                let slot = copies
+                    .get_mut(n)
+                    .ok_or(problem(DetourProblem::Unreadable))?;
+                *slot = Some(StubCopy {
+                    site_off: (p.site.addr - d.moved) as usize,
+                    insn_len: p.site.insn_len as usize,
+                    copy_off: m.copy_off as usize,
+                    copy_len: m.copy_len as usize,
+                });
+                n += 1;
+            }
+        }
+        let first = sites
+            .iter()
+            .find(|p| p.detour == Some(g))
+            .map_or(0, |p| p.index);
+        let mut list = [StubCopy {
+            site_off: 0,
+            insn_len: 0,
+            copy_off: 0,
+            copy_len: 0,
+        }; 16];
+        for (k, c) in copies.iter().flatten().enumerate() {
+            list[k] = *c;
+        }
+        check::stub(
+            moved_old.as_slice(),
+            d.moved,
+            d.stub_bytes,
+            d.stub,
+            &list[..n],
+        )
+        .map_err(|m| problem(DetourProblem::Stub(m)))?;
+        let mut a = Asm::new(d.moved, Seq::new());
+        let tramp = match d.tramp {
+            Some(t) => {
+                let rel = i8::try_from(t as i128 - (d.moved as i128 + 2))
+                    .map_err(|_| problem(DetourProblem::Unreachable))?;
+                a.raw(&[0xeb, rel as u8])
+                    .map_err(|_| problem(DetourProblem::Unreachable))?;
+                let mut ta = Asm::new(t, Seq::new());
+                ta.jmp(d.stub)
+                    .map_err(|_| problem(DetourProblem::Unreachable))?;
+                Some(Write {
+                    index: first,
+                    addr: t,
+                    old: free(t, 5)?,
+                    new: ta.out,
+                })
+            }
+            None => {
+                a.jmp(d.stub)
+                    .map_err(|_| problem(DetourProblem::Unreachable))?;
+                None
+            }
+        };
+        while a.out.len() < d.moved_len as usize {
+            a.raw(&[0xcc])
+                .map_err(|_| problem(DetourProblem::Unreachable))?;
+        }
+        out.push(PlannedDetour {
+            index: g,
+            stub: Write {
+                index: first,
+                addr: d.stub,
+                old: stub_old,
+                new: stub_new,
+            },
+            tramp,
+            moved: Write {
+                index: first,
+                addr: d.moved,
+                old: moved_old,
+                new: a.out,
+            },
+        });
+    }
+    Ok(out)
 }
 
 /// Plans one site.
@@ -181,6 +516,7 @@ fn plan_site(
     backend: &Backend<'_>,
     text: &dyn TextRead,
     force: Option<Override<'_, '_>>,
+    table: &SiteTable<'_>,
 ) -> Result<Planned, PlanError> {
     let addr = site.patch_addr();
     let len = site.site_len as usize;
@@ -198,6 +534,7 @@ fn plan_site(
         new,
         outcome,
         keep,
+        detour: None,
     };
     let keep = |k| planned(old, Outcome::Unchanged, Some(k));
     let Some(op) = site.op() else {
@@ -222,7 +559,7 @@ fn plan_site(
         .and_then(|f| f(index, &site))
         .unwrap_or_else(|| backend.choose(&site, op));
     let must_rewrite = PlanError::MustRewrite { index, addr, op };
-    let native_in_place = matches!(site.form, Form::Native | Form::Detour);
+    let native_in_place = matches!(site.form, Form::Native | Form::Detour | Form::Movable);
     if choice == Choice::Native {
         if backend.must_rewrite(op) {
             return Err(must_rewrite);
@@ -237,7 +574,43 @@ fn plan_site(
         addr,
         mismatch,
     };
-    match build(&site, op, choice, addr, len, native.as_ref()) {
+    let in_place = build(&site, op, choice, addr, len, native.as_ref());
+    // A movable site too small for the choice takes its detour: the rewrite goes into its
+    // copy in the stub.
+    if site.form == Form::Movable
+        && matches!(in_place, Err(Built::Keep(Keep::NoRoom)))
+        && let Some((m, copy_addr, copy)) = stub_copy(table, index)
+    {
+        let bad = |mismatch| PlanError::BadSequence {
+            index,
+            addr: copy_addr,
+            mismatch,
+        };
+        check::original_encoded(
+            copy.as_slice(),
+            copy_addr,
+            &site,
+            native.as_ref().map(Seq::as_slice),
+        )
+        .map_err(bad)?;
+        match build(&site, op, choice, copy_addr, copy.len(), native.as_ref()) {
+            Ok((new, outcome)) if new != copy => {
+                return Ok(Planned {
+                    index,
+                    site,
+                    addr: copy_addr,
+                    old: copy,
+                    new,
+                    outcome,
+                    keep: None,
+                    detour: Some(m.detour),
+                });
+            }
+            Err(Built::Bad(m)) => return Err(bad(m)),
+            _ => {}
+        }
+    }
+    match in_place {
         Ok((new, _)) if new == old => Ok(keep(Keep::AlreadyThere)),
         Ok((new, outcome)) => Ok(planned(new, outcome, None)),
         Err(Built::Bad(m)) => Err(bad(m)),

@@ -92,7 +92,7 @@ pub fn encode(symbols: &[(u64, u8, &str)], relative_base: u64, order: Order) -> 
     let seqs = vec![0u8; 3 * n];
     let mut out = Vec::new();
     let mut at = Offsets::default();
-    let mut put = |out: &mut Vec<u8>, bytes: &[u8]| -> usize {
+    let put = |out: &mut Vec<u8>, bytes: &[u8]| -> usize {
         pad8(out);
         let here = out.len();
         out.extend_from_slice(bytes);

@@ -3,7 +3,8 @@
 
 use core::mem::{offset_of, size_of};
 
-use super::{HEADER_SIZE, RECORD_SIZE};
+use super::detours::{RawDetour, RawMember};
+use super::{DETOUR_SIZE, HEADER_SIZE, HEADER_SIZE_V2, MEMBER_SIZE, RECORD_SIZE};
 use crate::le::{i32_at, u8_at, u16_at, u32_at};
 
 /// The header as it lies in memory (`#[repr(C)]`, little-endian fields).
@@ -39,6 +40,83 @@ const _: () = assert!(offset_of!(RawHeader, records_begin) == 16);
 const _: () = assert!(offset_of!(RawHeader, records_end) == 20);
 const _: () = assert!(offset_of!(RawHeader, count) == 24);
 const _: () = assert!(offset_of!(RawHeader, checksum) == 28);
+
+/// What a version-2 header adds after the version-1 fields (bytes 32 to 63): the detour area
+/// and the arena (see [`super::detours`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RawHeaderExt {
+    /// Self-relative (at byte 32 of the header) offset of the detour area, 0 for none.
+    pub detours: i32,
+    /// Detour descriptors.
+    pub detour_count: u16,
+    /// Members.
+    pub member_count: u16,
+    /// Bytes of the detour area: descriptors, members, stubs.
+    pub area_len: u32,
+    /// Self-relative (at byte 44) offset of the arena in the kernel's text, 0 for none.
+    pub arena: i32,
+    /// Bytes of the arena.
+    pub arena_len: u32,
+    /// Reserved, zero.
+    pub reserved: [u32; 3],
+}
+
+const _: () = assert!(HEADER_SIZE + size_of::<RawHeaderExt>() == HEADER_SIZE_V2);
+const _: () = assert!(offset_of!(RawHeaderExt, detour_count) == 36 - HEADER_SIZE);
+const _: () = assert!(offset_of!(RawHeaderExt, member_count) == 38 - HEADER_SIZE);
+const _: () = assert!(offset_of!(RawHeaderExt, area_len) == 40 - HEADER_SIZE);
+const _: () = assert!(offset_of!(RawHeaderExt, arena) == 44 - HEADER_SIZE);
+const _: () = assert!(offset_of!(RawHeaderExt, arena_len) == 48 - HEADER_SIZE);
+const _: () = assert!(size_of::<RawDetour>() == DETOUR_SIZE);
+const _: () = assert!(offset_of!(RawDetour, stub) == 4);
+const _: () = assert!(offset_of!(RawDetour, src) == 8);
+const _: () = assert!(offset_of!(RawDetour, tramp) == 12);
+const _: () = assert!(offset_of!(RawDetour, moved_len) == 16);
+const _: () = assert!(offset_of!(RawDetour, stub_len) == 17);
+const _: () = assert!(offset_of!(RawDetour, moved_crc) == 20);
+const _: () = assert!(size_of::<RawMember>() == MEMBER_SIZE);
+const _: () = assert!(offset_of!(RawMember, detour) == 4);
+const _: () = assert!(offset_of!(RawMember, copy_off) == 6);
+const _: () = assert!(offset_of!(RawMember, copy_len) == 7);
+
+impl RawHeaderExt {
+    /// Reads the extension from bytes 32 to 63 of a header.
+    pub fn read(b: &[u8]) -> Option<RawHeaderExt> {
+        let at = HEADER_SIZE;
+        if b.get(at..HEADER_SIZE_V2)?.len() != HEADER_SIZE_V2 - HEADER_SIZE {
+            return None;
+        }
+        Some(RawHeaderExt {
+            detours: i32_at(b, at)?,
+            detour_count: u16_at(b, at + 4)?,
+            member_count: u16_at(b, at + 6)?,
+            area_len: u32_at(b, at + 8)?,
+            arena: i32_at(b, at + 12)?,
+            arena_len: u32_at(b, at + 16)?,
+            reserved: [
+                u32_at(b, at + 20)?,
+                u32_at(b, at + 24)?,
+                u32_at(b, at + 28)?,
+            ],
+        })
+    }
+
+    /// Its bytes (bytes 32 to 63 of a header).
+    pub fn to_bytes(&self) -> [u8; HEADER_SIZE_V2 - HEADER_SIZE] {
+        let mut b = [0u8; HEADER_SIZE_V2 - HEADER_SIZE];
+        b[0..4].copy_from_slice(&self.detours.to_le_bytes());
+        b[4..6].copy_from_slice(&self.detour_count.to_le_bytes());
+        b[6..8].copy_from_slice(&self.member_count.to_le_bytes());
+        b[8..12].copy_from_slice(&self.area_len.to_le_bytes());
+        b[12..16].copy_from_slice(&self.arena.to_le_bytes());
+        b[16..20].copy_from_slice(&self.arena_len.to_le_bytes());
+        for (k, r) in self.reserved.iter().enumerate() {
+            b[20 + 4 * k..24 + 4 * k].copy_from_slice(&r.to_le_bytes());
+        }
+        b
+    }
+}
 
 /// A record as it lies in memory (`#[repr(C)]`, little-endian fields).
 #[repr(C)]

@@ -14,24 +14,38 @@
 //! * [`layout`]: the header and record as they lie in memory, pinned by `const` assertions;
 //! * [`site`]: a record decoded into a [`Site`], and a site encoded into a record;
 //! * [`parse`]: a whole table validated ([`Header`], [`SiteTable`]);
-//! * [`write`]: sealed tables and unsealed headers written.
+//! * [`write`]: sealed tables and unsealed headers written;
+//! * [`detours`]: version 2's load-time detours and arena, for stock kernels.
 
+pub mod detours;
 pub mod layout;
 pub mod parse;
 pub mod site;
 pub mod write;
 
-pub use layout::{RawHeader, RawRecord};
+pub use detours::{Detour, DetourArea, DetourError, Member};
+pub use layout::{RawHeader, RawHeaderExt, RawRecord};
 pub use parse::{Header, SiteTable, Span, TableError};
 pub use site::{AddrRange, Form, RecordError, Site, decode_record};
-pub use write::{WriteError, sealed_table_size, unsealed_header, write_sealed_table};
+pub use write::{
+    DetourSpec, MemberSpec, WriteError, sealed_table_size, sealed_table_size_with, unsealed_header,
+    write_sealed_table, write_sealed_table_with,
+};
 
 /// The first eight bytes of every table header.
 pub const TABLE_MAGIC: [u8; 8] = *b"PVPSITES";
-/// The only table version this reader accepts.
+/// Table version 1: a header and records.
 pub const TABLE_VERSION: u16 = 1;
-/// Header size, in bytes.
+/// Table version 2: version 1 with a detour area and an arena ([`detours`]), for stock kernels.
+pub const TABLE_VERSION_DETOURS: u16 = 2;
+/// Header size of version 1, in bytes.
 pub const HEADER_SIZE: usize = 32;
+/// Header size of version 2, in bytes.
+pub const HEADER_SIZE_V2: usize = 64;
+/// Detour descriptor size, in bytes.
+pub const DETOUR_SIZE: usize = 24;
+/// Member size, in bytes.
+pub const MEMBER_SIZE: usize = 8;
 /// Record size, in bytes.
 pub const RECORD_SIZE: usize = 24;
 /// The longest instruction x86-64 allows.

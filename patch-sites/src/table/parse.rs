@@ -3,9 +3,13 @@
 
 use core::fmt;
 
-use super::layout::{RawHeader, RawRecord};
+use super::detours::{self, DetourArea, DetourError, RecordView};
+use super::layout::{RawHeader, RawHeaderExt, RawRecord};
 use super::site::{AddrRange, RecordError, Site, decode_record};
-use super::{FLAG_SEALED, HEADER_SIZE, RECORD_SIZE, TABLE_MAGIC, TABLE_VERSION};
+use super::{
+    DETOUR_SIZE, FLAG_SEALED, HEADER_SIZE, HEADER_SIZE_V2, MEMBER_SIZE, RECORD_SIZE, TABLE_MAGIC,
+    TABLE_VERSION, TABLE_VERSION_DETOURS,
+};
 use crate::crc32::Crc32;
 use crate::le::{i32_at, self_relative, u8_at, u16_at, u32_at};
 
@@ -62,6 +66,8 @@ pub enum TableError {
         /// What is wrong.
         error: RecordError,
     },
+    /// The detour area (version 2) is wrong.
+    Detours(DetourError),
 }
 
 impl fmt::Display for TableError {
@@ -75,10 +81,15 @@ impl fmt::Display for TableError {
             TableError::UnsupportedVersion(v) => {
                 write!(
                     f,
-                    "unsupported table version {v} (this reader knows {TABLE_VERSION})"
+                    "unsupported table version {v} (this reader knows {TABLE_VERSION} and \
+                     {TABLE_VERSION_DETOURS})"
                 )
             }
-            TableError::BadHeaderSize(s) => write!(f, "header size {s}, expected {HEADER_SIZE}"),
+            TableError::BadHeaderSize(s) => write!(
+                f,
+                "header size {s}, expected {HEADER_SIZE} (version 1) or {HEADER_SIZE_V2} \
+                 (version 2)"
+            ),
             TableError::RecordSizeMismatch { found } => {
                 write!(f, "record size {found}, expected {RECORD_SIZE}")
             }
@@ -104,6 +115,7 @@ impl fmt::Display for TableError {
                 "bad checksum: stored {stored:#010x}, computed {computed:#010x}"
             ),
             TableError::Record { index, error } => write!(f, "record {index}: {error}"),
+            TableError::Detours(e) => write!(f, "{e}"),
         }
     }
 }
@@ -119,6 +131,8 @@ pub struct Header {
     pub records_begin: u64,
     /// Absolute address one past the last record.
     pub records_end: u64,
+    /// Version 2's fields, with the detour area's address (0 when it has none) and the arena.
+    pub ext: Option<(RawHeaderExt, u64, Option<AddrRange>)>,
 }
 
 impl Header {
@@ -148,11 +162,18 @@ impl Header {
             count: u32_at(bytes, 24).unwrap_or(0),
             checksum: u32_at(bytes, 28).unwrap_or(0),
         };
-        if raw.version != TABLE_VERSION {
-            return Err(TableError::UnsupportedVersion(raw.version));
-        }
-        if raw.header_size as usize != HEADER_SIZE {
+        let size = match raw.version {
+            TABLE_VERSION => HEADER_SIZE,
+            TABLE_VERSION_DETOURS => HEADER_SIZE_V2,
+            v => return Err(TableError::UnsupportedVersion(v)),
+        };
+        if raw.header_size as usize != size {
             return Err(TableError::BadHeaderSize(raw.header_size));
+        }
+        if bytes.len() < size {
+            return Err(TableError::TruncatedHeader {
+                available: bytes.len(),
+            });
         }
         if raw.record_size as usize != RECORD_SIZE {
             return Err(TableError::RecordSizeMismatch {
@@ -185,12 +206,55 @@ impl Header {
                 extent_records,
             });
         }
+        let ext = if raw.version == TABLE_VERSION_DETOURS {
+            let e = RawHeaderExt::read(bytes).ok_or(TableError::TruncatedHeader {
+                available: bytes.len(),
+            })?;
+            // Detours exist only in sealed tables: the checksum covers them.
+            if raw.flags & FLAG_SEALED == 0 || e.reserved != [0; 3] {
+                return Err(TableError::BadFlags(raw.flags));
+            }
+            let area = match e.detours {
+                0 => 0,
+                d => self_relative(addr, 32, d).ok_or(TableError::BadExtent)?,
+            };
+            let listed =
+                e.detour_count as usize * DETOUR_SIZE + e.member_count as usize * MEMBER_SIZE;
+            if (area == 0) != (e.area_len == 0) || (e.area_len as usize) < listed {
+                return Err(TableError::Detours(DetourError::Truncated));
+            }
+            let arena = match e.arena {
+                0 => None,
+                a => {
+                    let start = self_relative(addr, 44, a).ok_or(TableError::BadExtent)?;
+                    let end = start
+                        .checked_add(e.arena_len as u64)
+                        .ok_or(TableError::Detours(DetourError::BadArena))?;
+                    Some(AddrRange::new(start, end))
+                }
+            };
+            Some((e, area, arena))
+        } else {
+            None
+        };
         Ok(Header {
             addr,
             raw,
             records_begin: begin,
             records_end: end,
+            ext,
         })
+    }
+
+    /// The header's size: [`HEADER_SIZE`] (version 1) or [`HEADER_SIZE_V2`].
+    pub fn size(&self) -> usize {
+        self.raw.header_size as usize
+    }
+
+    /// The detour area's address and length (version 2 with detours).
+    pub fn detour_area(&self) -> Option<(u64, u32)> {
+        self.ext
+            .and_then(|(e, a, _)| (a != 0).then_some((a, e.area_len)))
     }
 
     /// Whether the table is sealed (count, checksum and order are guaranteed).
@@ -208,9 +272,9 @@ impl Header {
         self.records_end - self.records_begin
     }
 
-    /// The header's bytes.
-    pub fn to_bytes(&self) -> [u8; HEADER_SIZE] {
-        header_bytes(&self.raw)
+    /// The header's bytes: the first [`Header::size`] bytes of the array.
+    pub fn to_bytes(&self) -> [u8; HEADER_SIZE_V2] {
+        header_bytes(&self.raw, self.ext.map(|e| e.0).as_ref())
     }
 }
 
@@ -246,8 +310,12 @@ fn check_overlaps_sorted(spans: &mut [Span]) -> Result<(), TableError> {
     Ok(())
 }
 
-pub(super) fn header_bytes(raw: &RawHeader) -> [u8; HEADER_SIZE] {
-    let mut b = [0u8; HEADER_SIZE];
+/// A header's bytes; the extension's when there is one (the first `raw.header_size` count).
+pub(super) fn header_bytes(raw: &RawHeader, ext: Option<&RawHeaderExt>) -> [u8; HEADER_SIZE_V2] {
+    let mut b = [0u8; HEADER_SIZE_V2];
+    if let Some(e) = ext {
+        b[HEADER_SIZE..].copy_from_slice(&e.to_bytes());
+    }
     b[0..8].copy_from_slice(&raw.magic);
     b[8..10].copy_from_slice(&raw.version.to_le_bytes());
     b[10..12].copy_from_slice(&raw.header_size.to_le_bytes());
@@ -260,11 +328,15 @@ pub(super) fn header_bytes(raw: &RawHeader) -> [u8; HEADER_SIZE] {
     b
 }
 
-pub(super) fn checksum(header: &[u8; HEADER_SIZE], records: &[u8]) -> u32 {
+/// The checksum of a sealed table: the header (`size` bytes) with its checksum field zero, the
+/// records, the detour area.
+pub(super) fn checksum(header: &[u8], size: usize, records: &[u8], area: &[u8]) -> u32 {
     let mut c = Crc32::new();
     c.update(&header[..28]);
     c.update_zeros(4);
+    c.update(&header[32..size]);
     c.update(records);
+    c.update(area);
     c.finish()
 }
 
@@ -274,6 +346,7 @@ pub struct SiteTable<'a> {
     header: Header,
     records: &'a [u8],
     unknown_ops: u32,
+    area: DetourArea<'a>,
 }
 
 impl<'a> SiteTable<'a> {
@@ -298,6 +371,24 @@ impl<'a> SiteTable<'a> {
         image: &[AddrRange],
         scratch: &mut [Span],
     ) -> Result<SiteTable<'a>, TableError> {
+        SiteTable::parse_with_area(header, records, &[], image, scratch)
+    }
+
+    /// As [`SiteTable::parse_with_scratch`], for a version-2 table whose detour area is `area`
+    /// (the bytes at the address its header names): the area is checked too.
+    pub fn parse_with_area(
+        header: Header,
+        records: &'a [u8],
+        area: &'a [u8],
+        image: &[AddrRange],
+        scratch: &mut [Span],
+    ) -> Result<SiteTable<'a>, TableError> {
+        let area = match header.detour_area() {
+            Some((_, len)) => area
+                .get(..len as usize)
+                .ok_or(TableError::Detours(DetourError::Truncated))?,
+            None => &[],
+        };
         let needed = header.records_len();
         if (records.len() as u64) < needed {
             return Err(TableError::TruncatedRecords {
@@ -308,7 +399,7 @@ impl<'a> SiteTable<'a> {
         // `needed <= records.len()`, so it fits a usize.
         let records = &records[..needed as usize];
         if header.is_sealed() {
-            let computed = checksum(&header.to_bytes(), records);
+            let computed = checksum(&header.to_bytes(), header.size(), records, area);
             if computed != header.raw.checksum {
                 return Err(TableError::BadChecksum {
                     stored: header.raw.checksum,
@@ -358,16 +449,40 @@ impl<'a> SiteTable<'a> {
             }
             prev = Some((index, site.addr, site.end()));
         }
+        let (detours, members) = header
+            .ext
+            .map_or((0, 0), |(e, _, _)| (e.detour_count, e.member_count));
         let table = SiteTable {
             header,
             records,
             unknown_ops,
+            area: DetourArea {
+                bytes: area,
+                addr: header.detour_area().map_or(0, |a| a.0),
+                detours,
+                members,
+            },
         };
         if !sorted {
             match spans {
                 Some(s) => check_overlaps_sorted(s)?,
                 None => table.check_overlaps_unsorted()?,
             }
+        }
+        if let Some((_, _, arena)) = header.ext {
+            let view = |i: u32| {
+                table.site(i as usize).map(|s| RecordView {
+                    addr: s.addr,
+                    site_len: s.site_len,
+                    insn_len: s.insn_len,
+                    form: s.form,
+                    stub: s.stub,
+                })
+            };
+            detours::check(&table.area, table.len() as u32, &view, image, arena)
+                .map_err(TableError::Detours)?;
+        } else if table.sites().any(|s| s.form == super::Form::Movable) {
+            return Err(TableError::Detours(DetourError::MissingMember(0)));
         }
         Ok(table)
     }
@@ -386,13 +501,31 @@ impl<'a> SiteTable<'a> {
             .checked_sub(addr)
             .ok_or(TableError::BadExtent)?;
         let end = start.checked_add(needed).ok_or(TableError::BadExtent)?;
-        if start < HEADER_SIZE as u64 || end > bytes.len() as u64 {
+        if start < header.size() as u64 || end > bytes.len() as u64 {
             return Err(TableError::TruncatedRecords {
                 needed,
                 available: bytes.len(),
             });
         }
-        SiteTable::parse(header, &bytes[start as usize..end as usize], image)
+        let area = match header.detour_area() {
+            Some((a, len)) => {
+                let off = a
+                    .checked_sub(addr)
+                    .and_then(|o| usize::try_from(o).ok())
+                    .ok_or(TableError::Detours(DetourError::Truncated))?;
+                bytes
+                    .get(off..off.checked_add(len as usize).ok_or(TableError::BadExtent)?)
+                    .ok_or(TableError::Detours(DetourError::Truncated))?
+            }
+            None => &[],
+        };
+        SiteTable::parse_with_area(
+            header,
+            &bytes[start as usize..end as usize],
+            area,
+            image,
+            &mut [],
+        )
     }
 
     /// An unsorted (linker-gathered) table without scratch space: every pair of spans is
@@ -454,6 +587,16 @@ impl<'a> SiteTable<'a> {
     /// Every site, in table order.
     pub fn sites(&self) -> impl Iterator<Item = Site> + '_ {
         (0..self.len()).filter_map(move |i| self.site(i))
+    }
+
+    /// The detour area (empty for a version-1 table).
+    pub fn detour_area(&self) -> &DetourArea<'a> {
+        &self.area
+    }
+
+    /// The arena for the backend's out-of-line code, if the table names one.
+    pub fn arena(&self) -> Option<AddrRange> {
+        self.header.ext.and_then(|e| e.2)
     }
 }
 

@@ -22,6 +22,10 @@ pub enum Form {
     Detour = 2,
     /// A trapping instruction (`int3`, `ud2`) that the runtime emulates.
     Trap = 3,
+    /// The native instruction, in a stock kernel: rewritten in place where the rewrite fits
+    /// `site_len`, else through a load-time detour (the table's detour area has its member; the
+    /// record's `stub` is where that detour's stub runs).
+    Movable = 4,
 }
 
 impl Form {
@@ -32,6 +36,7 @@ impl Form {
             1 => Some(Form::IndirectCall),
             2 => Some(Form::Detour),
             3 => Some(Form::Trap),
+            4 => Some(Form::Movable),
             _ => None,
         }
     }
@@ -43,6 +48,7 @@ impl Form {
             Form::IndirectCall => "indirect_call",
             Form::Detour => "detour",
             Form::Trap => "trap",
+            Form::Movable => "movable",
         }
     }
 }
@@ -117,7 +123,8 @@ impl Site {
         self.addr.saturating_add(self.site_len as u64)
     }
 
-    /// Where a patch is written: the stub for a detour, the site otherwise.
+    /// Where a patch is written: the stub for a build-time detour, the site otherwise (a
+    /// movable site's patch goes to its stub only when its detour is installed).
     pub fn patch_addr(&self) -> u64 {
         match (self.form, self.stub) {
             (Form::Detour, Some(s)) => s,
@@ -264,9 +271,14 @@ pub fn decode_record(
     };
     #[allow(clippy::collapsible_match)] // a guard would send a valid detour to the `_` arm
     match (form, stub) {
-        (Form::Detour, None) => return Err(RecordError::FormMismatch),
+        (Form::Detour | Form::Movable, None) => return Err(RecordError::FormMismatch),
         (Form::Detour, Some(s)) => {
             if !in_image(image, s, raw.site_len as u64) {
+                return Err(RecordError::StubOutsideImage { addr: s });
+            }
+        }
+        (Form::Movable, Some(s)) => {
+            if !in_image(image, s, 1) {
                 return Err(RecordError::StubOutsideImage { addr: s });
             }
         }

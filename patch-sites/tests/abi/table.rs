@@ -114,9 +114,9 @@ fn bad_magic() {
 #[test]
 fn unknown_version_is_refused_as_a_whole() {
     let mut b = sealed(&sample_sites());
-    b[8..10].copy_from_slice(&2u16.to_le_bytes());
+    b[8..10].copy_from_slice(&3u16.to_le_bytes());
     reseal(&mut b);
-    assert_eq!(parse(&b).unwrap_err(), TableError::UnsupportedVersion(2));
+    assert_eq!(parse(&b).unwrap_err(), TableError::UnsupportedVersion(3));
 }
 
 #[test]
@@ -507,7 +507,7 @@ fn header_alone() {
     let h = Header::parse(&b, TABLE_ADDR).unwrap();
     assert_eq!(h.records_begin, TABLE_ADDR + HEADER_SIZE as u64);
     assert_eq!(h.record_count(), 4);
-    assert_eq!(h.to_bytes(), b[..HEADER_SIZE]);
+    assert_eq!(h.to_bytes()[..HEADER_SIZE], b[..HEADER_SIZE]);
 }
 
 /// An unsealed table as a linker gathers it: header, then records, no count, no checksum.

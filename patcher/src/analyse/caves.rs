@@ -119,7 +119,10 @@ pub fn runs(image: &Image, guards: &Guards, sweep: &Sweep, min: u64, undefined: 
         let mut at = lo;
         while at < hi {
             let off = (at - base) as usize;
-            let Some(p) = data[off..(hi - base) as usize].iter().position(|&b| b == 0xcc) else {
+            let Some(p) = data[off..(hi - base) as usize]
+                .iter()
+                .position(|&b| b == 0xcc)
+            else {
                 break;
             };
             let start = at + p as u64;

@@ -87,7 +87,17 @@ pub fn build(code: &[u8], site: u64, insn_len: usize, stub: u64) -> Result<Detou
         len += i.len();
     }
     let code = code.get(..len).ok_or(DetourError::TooShort)?;
-    let g = build_group(code, site, &[Copy { off: 0, insn_len, len }], stub, Jump::Direct)?;
+    let g = build_group(
+        code,
+        site,
+        &[Copy {
+            off: 0,
+            insn_len,
+            len,
+        }],
+        stub,
+        Jump::Direct,
+    )?;
     Ok(Detour {
         site: g.site,
         stub: g.stub,
@@ -305,11 +315,18 @@ mod tests {
         let d = build(&code, addr, 4, stub).unwrap();
         let lea = Decoder::with_ip(64, &d.stub[11..], stub + 11, DecoderOptions::NONE).decode();
         assert_eq!(lea.ip_rel_memory_address(), addr + 4);
-        // A call cannot move.
-        let call = [0xfa, 0xe8, 0, 0, 0, 0];
+        // An indirect call cannot move (a direct one can: the callee returns into the stub).
+        let call = [0xfa, 0xff, 0xd0, 0x90, 0x90];
         assert_eq!(
             build(&call, addr, 1, stub),
             Err(DetourError::Unmovable(addr + 1))
+        );
+        let d = build(&[0xfa, 0xe8, 0, 0, 0, 0], addr, 1, stub).unwrap();
+        let moved = Decoder::with_ip(64, &d.stub[6..], stub + 6, DecoderOptions::NONE).decode();
+        assert_eq!(
+            moved.near_branch_target(),
+            addr + 6,
+            "the call keeps its target"
         );
         assert_eq!(
             build(&[0xfa, 0x90], addr, 1, stub),

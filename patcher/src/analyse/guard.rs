@@ -132,7 +132,8 @@ impl Guards {
     /// The guards that overlap `[start, end)`.
     pub fn overlapping(&self, start: u64, end: u64) -> impl Iterator<Item = &Guard> {
         let hi = self.ranges.partition_point(|g| g.start < end);
-        let lo = self.ranges[..hi].partition_point(|g| g.start < start.saturating_sub(self.longest));
+        let lo =
+            self.ranges[..hi].partition_point(|g| g.start < start.saturating_sub(self.longest));
         self.ranges[lo..hi].iter().filter(move |g| g.end > start)
     }
 

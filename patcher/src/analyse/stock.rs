@@ -50,13 +50,9 @@ fn before(image: &Image, sweep: &Sweep, at: u64, n: usize) -> Vec<u64> {
     let mut out = Vec::new();
     let mut cur = at;
     while out.len() < n {
-        let Some(p) = (1..=15u64)
-            .filter_map(|k| cur.checked_sub(k))
-            .find(|&p| {
-                sweep.is_insn_start(p)
-                    && decode_at(image, p).is_some_and(|i| p + i.len() as u64 == cur)
-            })
-        else {
+        let Some(p) = (1..=15u64).filter_map(|k| cur.checked_sub(k)).find(|&p| {
+            sweep.is_insn_start(p) && decode_at(image, p).is_some_and(|i| p + i.len() as u64 == cur)
+        }) else {
             break;
         };
         out.push(p);
@@ -70,7 +66,9 @@ fn after(image: &Image, at: u64, n: usize) -> Vec<u64> {
     let mut out = Vec::new();
     let mut cur = at;
     while out.len() < n {
-        let Some(i) = decode_at(image, cur) else { break };
+        let Some(i) = decode_at(image, cur) else {
+            break;
+        };
         cur += i.len() as u64;
         out.push(cur);
     }
