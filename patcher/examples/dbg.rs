@@ -2,19 +2,19 @@ fn main() {
     let p = std::env::args().nth(1).unwrap();
     let img = pvpatch::load::Image::open(std::path::Path::new(&p)).unwrap();
     let r = pvpatch::scan_image(&img, Default::default(), None);
-    let pads = pvpatch::analyse::caves::runs(&img, &r.analysis.guards, &r.sweep, 5, false);
-    println!("{} runs >=5", pads.len());
-    for c in pads
-        .iter()
-        .filter(|c| c.start > 0xffffffff8103e700 && c.start < 0xffffffff8103e800)
-    {
-        println!("{:x}-{:x}", c.start, c.end);
+    for (i, d) in r.analysis.detours.iter().enumerate().skip(129).take(4) {
+        println!(
+            "{i}: moved {:x}+{} stub {:x}+{} tramp {:x?} members {:?}",
+            d.start,
+            d.len,
+            d.stub_addr,
+            d.stub.len(),
+            d.trampoline.as_ref().map(|t| t.0),
+            d.members
+                .iter()
+                .map(|&m| r.analysis.sites[m].found.addr)
+                .map(|a| format!("{a:x}"))
+                .collect::<Vec<_>>()
+        );
     }
-    let s = r
-        .analysis
-        .sites
-        .iter()
-        .find(|s| s.found.addr == 0xffffffff8103e740)
-        .unwrap();
-    println!("{:?}", s.room);
 }

@@ -18,8 +18,8 @@ use object::write::StreamingBuffer;
 use patch_sites::RegSet;
 use patch_sites::table::SITE_FLAG_REP;
 use patch_sites::table::{
-    Form, Header, SEALED_ALIGN, SEALED_SECTION, Site, SiteTable, TableError, WriteError,
-    sealed_table_size, write_sealed_table,
+    AddrRange, DetourSpec, Form, Header, MemberSpec, SEALED_ALIGN, SEALED_SECTION, Site, SiteTable,
+    TableError, WriteError, sealed_table_size_with, write_sealed_table_with,
 };
 use thiserror::Error;
 
@@ -130,13 +130,31 @@ pub fn record_for(s: &SiteInfo) -> Site {
     }
 }
 
+/// What the table will hold.
+#[derive(Clone, Debug, Default)]
+pub struct TablePlan<'r> {
+    /// The records, sorted by address.
+    pub sites: Vec<Site>,
+    /// How many came from the annotation macros.
+    pub from_macros: usize,
+    /// How many from the sweep.
+    pub from_scan: usize,
+    /// The load-time detours (stock kernels), sorted by moved range.
+    pub detours: Vec<DetourSpec<'r>>,
+    /// Their members, sorted by record.
+    pub members: Vec<MemberSpec>,
+    /// The arena for the backend's out-of-line code.
+    pub arena: Option<AddrRange>,
+}
+
 /// The sites the table will hold: the macros' records, then every patchable swept site that
-/// does not overlap one, sorted by address.
-pub fn plan_sites(
-    report: &ScanReport<'_>,
+/// does not overlap one, sorted by address; in a stock kernel, with their load-time detours and
+/// the arena.
+pub fn plan_sites<'r>(
+    report: &'r ScanReport<'_>,
     linked: &[Site],
     opts: &AnnotateOptions,
-) -> (Vec<Site>, usize, usize) {
+) -> TablePlan<'r> {
     let image = report.image;
     let mut sites: Vec<Site> = linked.to_vec();
     sites.sort_by_key(|s| s.addr);
@@ -144,8 +162,10 @@ pub fn plan_sites(
         let i = sites.partition_point(|s| s.addr < a + len);
         sites[..i].iter().rev().take(4).any(|s| s.end() > a)
     };
-    let mut scanned = Vec::new();
-    for s in &report.analysis.sites {
+    let analysis = &report.analysis;
+    // (record, its detour and copy)
+    let mut scanned: Vec<(Site, Option<(usize, (u8, u8))>)> = Vec::new();
+    for s in &analysis.sites {
         if !s.patchable() || s.room.in_place == 0 {
             continue;
         }
@@ -156,13 +176,79 @@ pub fn plan_sites(
         if overlaps_macro(s.found.addr, s.found.len as u64) {
             continue;
         }
-        scanned.push(record_for(s));
+        let mut r = record_for(s);
+        let detour = s
+            .room
+            .detour
+            .as_ref()
+            .and_then(|m| Some((m.group?, m.copy?)));
+        if let Some((g, _)) = detour {
+            r.form = Form::Movable;
+            r.stub = Some(analysis.detours[g].stub_addr);
+        }
+        scanned.push((r, detour));
     }
     let from_macros = sites.len();
     let from_scan = scanned.len();
-    sites.extend(scanned);
-    sites.sort_by_key(|s| s.addr);
-    (sites, from_macros, from_scan)
+    let mut all: Vec<(Site, Option<(usize, (u8, u8))>)> =
+        sites.into_iter().map(|s| (s, None)).collect();
+    all.extend(scanned);
+    all.sort_by_key(|s| s.0.addr);
+    // A detour is written only if every site it carries is in the table.
+    let mut in_table = vec![0usize; analysis.detours.len()];
+    for (_, d) in &all {
+        if let Some((g, _)) = d {
+            in_table[*g] += 1;
+        }
+    }
+    let carried = |g: usize| analysis.detours[g].members.len() == in_table[g];
+    let mut index_of = std::collections::BTreeMap::new();
+    let mut detours = Vec::new();
+    let mut members = Vec::new();
+    for (k, (site, d)) in all.iter_mut().enumerate() {
+        let Some((g, (copy_off, copy_len))) = *d else {
+            continue;
+        };
+        if !carried(g) {
+            site.form = Form::Native;
+            site.stub = None;
+            *d = None;
+            continue;
+        }
+        let plan = &analysis.detours[g];
+        let next = index_of.len();
+        let i = *index_of.entry(g).or_insert_with(|| {
+            detours.push(DetourSpec {
+                moved: plan.start,
+                moved_len: plan.len,
+                stub: plan.stub_addr,
+                stub_bytes: &plan.stub,
+                tramp: plan.trampoline.as_ref().map(|t| t.0),
+                moved_crc: image
+                    .read(plan.start, plan.len as usize)
+                    .map_or(0, patch_sites::crc32::crc32),
+            });
+            next
+        });
+        members.push(MemberSpec {
+            record: k as u32,
+            detour: i as u16,
+            copy_off,
+            copy_len,
+        });
+    }
+    let arena = analysis
+        .arena
+        .filter(|_| analysis.stock)
+        .map(|(a, n)| AddrRange::new(a, a + n));
+    TablePlan {
+        sites: all.into_iter().map(|s| s.0).collect(),
+        from_macros,
+        from_scan,
+        detours,
+        members,
+        arena,
+    }
 }
 
 /// Where the table goes: the first [`SEALED_ALIGN`] boundary at or after the end of the highest
@@ -417,10 +503,28 @@ fn prepare(report: &ScanReport<'_>, opts: &AnnotateOptions) -> Result<Prepared, 
         ));
     }
     let linked = linked_sites(image).map_err(AnnotateError::LinkedTable)?;
-    let (sites, from_macros, from_scan) = plan_sites(report, &linked, opts);
+    let plan = plan_sites(report, &linked, opts);
+    let (from_macros, from_scan) = (plan.from_macros, plan.from_scan);
     let table_addr = table_address(image).ok_or(AnnotateError::NoLoadSegment)?;
-    let mut table = vec![0u8; sealed_table_size(sites.len())];
-    write_sealed_table(&sites, table_addr, &mut table).map_err(AnnotateError::Table)?;
+    let mut table = vec![
+        0u8;
+        sealed_table_size_with(
+            plan.sites.len(),
+            &plan.detours,
+            plan.members.len(),
+            plan.arena.is_some()
+        )
+    ];
+    write_sealed_table_with(
+        &plan.sites,
+        &plan.detours,
+        &plan.members,
+        plan.arena,
+        table_addr,
+        &mut table,
+    )
+    .map_err(AnnotateError::Table)?;
+    let sites = plan.sites;
     // Check what was written exactly as the runtime will.
     SiteTable::parse_contiguous(&table, table_addr, &image.code_ranges())
         .map_err(|e| AnnotateError::Elf(format!("the written table does not parse back: {e}")))?;

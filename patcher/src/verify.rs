@@ -31,6 +31,15 @@ pub struct Mismatch {
     pub what: String,
 }
 
+/// One load-time detour that does not match the code.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DetourMismatch {
+    /// Its index.
+    pub index: u16,
+    /// What is wrong.
+    pub what: String,
+}
+
 /// The result of verification.
 #[derive(Clone, Debug)]
 pub struct Verified {
@@ -44,12 +53,31 @@ pub struct Verified {
     pub unknown_ops: usize,
     /// Records that do not match.
     pub mismatches: Vec<Mismatch>,
+    /// Load-time detours checked (their stubs against the instructions they move).
+    pub detours: usize,
+    /// Detours that do not match.
+    pub detour_mismatches: Vec<DetourMismatch>,
 }
 
 impl Verified {
     /// Whether everything matched.
     pub fn ok(&self) -> bool {
-        self.placement_ok && self.mismatches.is_empty()
+        self.placement_ok && self.mismatches.is_empty() && self.detour_mismatches.is_empty()
+    }
+}
+
+/// The image's bytes, as the runtime reads kernel text.
+struct ImageText<'a>(&'a Image);
+
+impl pvpatch_runtime::plan::TextRead for ImageText<'_> {
+    fn read(&self, addr: u64, out: &mut [u8]) -> bool {
+        match self.0.read(addr, out.len()) {
+            Some(b) => {
+                out.copy_from_slice(b);
+                true
+            }
+            None => false,
+        }
     }
 }
 
@@ -85,7 +113,23 @@ pub fn verify(image: &Image) -> Result<Verified, VerifyError> {
         sites: t.len(),
         unknown_ops: 0,
         mismatches: Vec::new(),
+        detours: t.detour_area().detours as usize,
+        detour_mismatches: Vec::new(),
     };
+    // Every load-time detour, as the runtime checks it before installing it: the moved bytes
+    // by checksum, the cave and trampoline free, the stub against the moved instructions.
+    let area = t.detour_area();
+    let by_detour = pvpatch_runtime::plan::members_by_detour(area);
+    for (g, members) in by_detour.iter().enumerate() {
+        if let Err(e) =
+            pvpatch_runtime::plan::check_detour(&t, &ImageText(image), g as u16, members)
+        {
+            out.detour_mismatches.push(DetourMismatch {
+                index: g as u16,
+                what: e.to_string(),
+            });
+        }
+    }
     for (index, site) in t.sites().enumerate() {
         match check_site(image, &site) {
             Ok(true) => {}

@@ -15,7 +15,7 @@ use alloc::vec::Vec;
 use core::fmt;
 
 use patch_sites::op::Kind;
-use patch_sites::table::{Form, Member, Site, SiteTable};
+use patch_sites::table::{Detour, DetourArea, Form, Member, Site, SiteTable};
 use patch_sites::{Op, Outcome, RegSet};
 use pvpatch_isa::asm::Asm;
 use pvpatch_isa::check::{self, Mismatch, StubCopy};
@@ -306,6 +306,95 @@ fn stub_copy(table: &SiteTable<'_>, index: u32) -> Option<(Member, u64, Seq)> {
     Some((m, d.stub + off as u64, copy))
 }
 
+/// The members of each detour of `area`, by detour index.
+pub fn members_by_detour(area: &DetourArea<'_>) -> Vec<Vec<Member>> {
+    let mut out = alloc::vec![Vec::new(); area.detours as usize];
+    for k in 0..area.members {
+        if let Some(m) = area.member(k)
+            && let Some(v) = out.get_mut(m.detour as usize)
+        {
+            v.push(m);
+        }
+    }
+    out
+}
+
+/// `len` bytes of `int3` padding at `addr`, or why not.
+fn free_padding(text: &dyn TextRead, addr: u64, len: usize) -> Result<Seq, DetourProblem> {
+    let mut s = Seq::new();
+    s.pad_to(len).ok_or(DetourProblem::Unreadable)?;
+    if !text.read(addr, s.as_mut_slice()) {
+        return Err(DetourProblem::Unreadable);
+    }
+    match s.as_slice().iter().position(|&b| b != 0xcc) {
+        Some(k) => Err(DetourProblem::NotFree(addr + k as u64)),
+        None => Ok(s),
+    }
+}
+
+/// A detour that passed its checks, with what its writes replace.
+#[derive(Clone, Copy, Debug)]
+pub struct CheckedDetour<'a> {
+    /// The detour.
+    pub detour: Detour<'a>,
+    /// The moved range's bytes now.
+    pub moved_old: Seq,
+    /// The cave's bytes now (`int3`s).
+    pub stub_old: Seq,
+}
+
+/// Checks detour `g` of `table` against the text before anything is written: the moved range
+/// holds the bytes its checksum describes, its cave and trampoline are free `int3` padding, and
+/// its stub does what the moved instructions did, every member's copy where it says
+/// ([`check::stub`], which decodes both independently of whatever built the stub). `members` are
+/// the detour's members.
+pub fn check_detour<'a>(
+    table: &SiteTable<'a>,
+    text: &dyn TextRead,
+    g: u16,
+    members: &[Member],
+) -> Result<CheckedDetour<'a>, PlanError> {
+    let problem = |problem| PlanError::Detour { index: g, problem };
+    let d = table
+        .detour_area()
+        .detour(g)
+        .map_err(|_| problem(DetourProblem::Unreadable))?;
+    let mut moved_old = Seq::new();
+    moved_old
+        .pad_to(d.moved_len as usize)
+        .ok_or(problem(DetourProblem::Unreadable))?;
+    if !text.read(d.moved, moved_old.as_mut_slice()) {
+        return Err(problem(DetourProblem::Unreadable));
+    }
+    if patch_sites::crc32::crc32(moved_old.as_slice()) != d.moved_crc {
+        return Err(problem(DetourProblem::MovedChanged));
+    }
+    let stub_old = free_padding(text, d.stub, d.stub_bytes.len()).map_err(problem)?;
+    if let Some(t) = d.tramp {
+        free_padding(text, t, 5).map_err(problem)?;
+    }
+    let mut copies = Vec::with_capacity(members.len());
+    for m in members {
+        let site = table
+            .site(m.record as usize)
+            .ok_or(problem(DetourProblem::Unreadable))?;
+        copies.push(StubCopy {
+            site_off: (site.addr - d.moved) as usize,
+            insn_len: site.insn_len as usize,
+            copy_off: m.copy_off as usize,
+            copy_len: m.copy_len as usize,
+        });
+    }
+    copies.sort_unstable_by_key(|c| c.site_off);
+    check::stub(moved_old.as_slice(), d.moved, d.stub_bytes, d.stub, &copies)
+        .map_err(|m| problem(DetourProblem::Stub(m)))?;
+    Ok(CheckedDetour {
+        detour: d,
+        moved_old,
+        stub_old,
+    })
+}
+
 /// Installs the detours the plan uses: every member of a used detour is planned in the stub
 /// (a member rewritten in place would be under the detour's `jmp`), then each detour is checked
 /// (its moved range as the table saw it, its cave and trampoline free, its stub the moved code,
@@ -373,95 +462,27 @@ fn plan_detours(
             }
         }
     }
+    let by_detour = members_by_detour(area);
     let mut out = Vec::with_capacity(used.len());
     for &g in &used {
         let problem = |problem| PlanError::Detour { index: g, problem };
-        let d = area
-            .detour(g)
-            .map_err(|_| problem(DetourProblem::Unreadable))?;
-        let mut moved_old = Seq::new();
-        moved_old
-            .pad_to(d.moved_len as usize)
-            .ok_or(problem(DetourProblem::Unreadable))?;
-        if !text.read(d.moved, moved_old.as_mut_slice()) {
-            return Err(problem(DetourProblem::Unreadable));
-        }
-        if patch_sites::crc32::crc32(moved_old.as_slice()) != d.moved_crc {
-            return Err(problem(DetourProblem::MovedChanged));
-        }
-        let free = |addr: u64, len: usize| -> Result<Seq, PlanError> {
-            let mut s = Seq::new();
-            s.pad_to(len).ok_or(problem(DetourProblem::Unreadable))?;
-            if !text.read(addr, s.as_mut_slice()) {
-                return Err(problem(DetourProblem::Unreadable));
-            }
-            if let Some(k) = s.as_slice().iter().position(|&b| b != 0xcc) {
-                return Err(problem(DetourProblem::NotFree(addr + k as u64)));
-            }
-            Ok(s)
-        };
-        let stub_old = free(d.stub, d.stub_bytes.len())?;
-        // The members: their copies (checked against the moved code), and their rewrites.
-        let mut copies: [Option<StubCopy>; 16] = [None; 16];
-        let mut stub_new =
-            Seq::from_slice(d.stub_bytes).ok_or(problem(DetourProblem::Unreadable))?;
-        let mut n = 0;
-        for p in sites.iter().filter(|p| p.detour == Some(g)) {
-            let m = area
-                .member_of(p.index)
-                .ok_or(problem(DetourProblem::Unreadable))?;
-            let slot = copies
-                .get_mut(n)
-                .ok_or(problem(DetourProblem::Unreadable))?;
-            *slot = Some(StubCopy {
-                site_off: (p.site.addr - d.moved) as usize,
-                insn_len: p.site.insn_len as usize,
-                copy_off: m.copy_off as usize,
-                copy_len: m.copy_len as usize,
-            });
-            n += 1;
-            let off = m.copy_off as usize;
-            stub_new.as_mut_slice()[off..off + p.new.len()].copy_from_slice(p.new.as_slice());
-        }
-        // Members that are not rewritten keep their copies: add them for the stub check.
-        for p in sites
-            .iter()
-            .filter(|p| p.detour.is_none() && p.site.form == Form::Movable)
-        {
-            if let Some((m, _, _)) = stub_copy(table, p.index).filter(|c| c.0.detour == g) {
-                let slot = copies
-                    .get_mut(n)
-                    .ok_or(problem(DetourProblem::Unreadable))?;
-                *slot = Some(StubCopy {
-                    site_off: (p.site.addr - d.moved) as usize,
-                    insn_len: p.site.insn_len as usize,
-                    copy_off: m.copy_off as usize,
-                    copy_len: m.copy_len as usize,
-                });
-                n += 1;
-            }
-        }
+        let checked = check_detour(table, text, g, &by_detour[g as usize])?;
+        let d = checked.detour;
         let first = sites
             .iter()
             .find(|p| p.detour == Some(g))
             .map_or(0, |p| p.index);
-        let mut list = [StubCopy {
-            site_off: 0,
-            insn_len: 0,
-            copy_off: 0,
-            copy_len: 0,
-        }; 16];
-        for (k, c) in copies.iter().flatten().enumerate() {
-            list[k] = *c;
+        // The members' rewrites, in their copies.
+        let mut stub_new =
+            Seq::from_slice(d.stub_bytes).ok_or(problem(DetourProblem::Unreadable))?;
+        for p in sites.iter().filter(|p| p.detour == Some(g)) {
+            let off = (p.addr - d.stub) as usize;
+            stub_new.as_mut_slice()[off..off + p.new.len()].copy_from_slice(p.new.as_slice());
         }
-        check::stub(
-            moved_old.as_slice(),
-            d.moved,
-            d.stub_bytes,
-            d.stub,
-            &list[..n],
-        )
-        .map_err(|m| problem(DetourProblem::Stub(m)))?;
+        let (moved_old, stub_old) = (checked.moved_old, checked.stub_old);
+        let free = |addr: u64, len: usize| -> Result<Seq, PlanError> {
+            free_padding(text, addr, len).map_err(problem)
+        };
         let mut a = Asm::new(d.moved, Seq::new());
         let tramp = match d.tramp {
             Some(t) => {

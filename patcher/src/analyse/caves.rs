@@ -169,25 +169,41 @@ pub fn runs(image: &Image, guards: &Guards, sweep: &Sweep, min: u64, undefined: 
     caves
 }
 
-/// Hands out cave space: the lowest cave with room first, 16-byte aligned.
+/// Hands out cave space, 16-byte aligned, in increasing address order (the ABI wants stubs
+/// sorted): the current cave while it has room, then the next.
 #[derive(Clone, Debug, Default)]
 pub struct Allocator {
     free: Vec<Cave>,
+    cur: usize,
 }
 
 impl Allocator {
     /// An allocator over `caves`.
     pub fn new(mut caves: Vec<Cave>) -> Self {
         caves.sort_by_key(|c| c.start);
-        Allocator { free: caves }
+        Allocator {
+            free: caves,
+            cur: 0,
+        }
     }
 
-    /// `len` bytes, 16-byte aligned, if some cave has room.
+    /// `len` bytes, 16-byte aligned, at a higher address than anything allocated before, if a
+    /// cave has room.
     pub fn alloc(&mut self, len: u64) -> Option<u64> {
-        let c = self.free.iter_mut().find(|c| c.len() >= len)?;
+        let k = self.free[self.cur..].iter().position(|c| c.len() >= len)? + self.cur;
+        self.cur = k;
+        let c = &mut self.free[k];
         let at = c.start;
-        c.start = (c.start + len + 15) & !15;
-        c.start = c.start.min(c.end);
+        c.start = ((c.start + len + 15) & !15).min(c.end);
+        Some(at)
+    }
+
+    /// `len` bytes, 16-byte aligned, at the end of the last cave with room (for an arena, so
+    /// that the lowest caves stay for stubs).
+    pub fn alloc_last(&mut self, len: u64) -> Option<u64> {
+        let c = self.free.iter_mut().rev().find(|c| c.len() >= len + 16)?;
+        let at = (c.end - len) & !15;
+        c.end = at;
         Some(at)
     }
 

@@ -218,7 +218,7 @@ pub fn analyse(image: &Image, tables: &LinuxTables, sweep: &Sweep) -> Analysis {
     if stock {
         analysis.caves = caves::find(image, &guards, sweep);
         let mut alloc = Allocator::new(analysis.caves.clone());
-        analysis.arena = alloc.alloc(ARENA).map(|a| (a, ARENA));
+        analysis.arena = alloc.alloc_last(ARENA).map(|a| (a, ARENA));
         analysis.detours = stock::plan(
             image,
             sweep,

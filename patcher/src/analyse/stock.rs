@@ -101,6 +101,8 @@ pub fn plan(
     let mut plans = Vec::new();
     let addr_of: Vec<u64> = sites.iter().map(|s| s.found.addr).collect();
     let mut taken = vec![false; sites.len()];
+    // Moved ranges planned so far: no two may share a byte.
+    let mut moved: std::collections::BTreeMap<u64, u64> = std::collections::BTreeMap::new();
     for i in 0..sites.len() {
         let s = &sites[i];
         if taken[i]
@@ -112,9 +114,10 @@ pub fn plan(
             continue;
         }
         match plan_one(
-            image, sweep, guards, sites, &addr_of, &taken, i, &mut pads, &orc, alloc,
+            image, sweep, guards, sites, &addr_of, &taken, &moved, i, &mut pads, &orc, alloc,
         ) {
             Ok(p) => {
+                moved.insert(p.start, p.start + p.len as u64);
                 let k = plans.len();
                 for (n, &m) in p.members.iter().enumerate() {
                     taken[m] = true;
@@ -170,9 +173,16 @@ fn check_window(
     sites: &[SiteInfo],
     addr_of: &[u64],
     taken: &[bool],
+    moved: &std::collections::BTreeMap<u64, u64>,
     start: u64,
     end: u64,
 ) -> Result<Window, Blocked> {
+    if let Some((a, _)) = moved.range(..end).next_back().filter(|(_, e)| **e > start) {
+        return Err(blocked(
+            "another detour",
+            format!("{a:#x} is moved by another detour"),
+        ));
+    }
     let mut members = Vec::new();
     let mut at = start;
     while at < end {
@@ -245,6 +255,7 @@ fn plan_one(
     sites: &[SiteInfo],
     addr_of: &[u64],
     taken: &[bool],
+    moved: &std::collections::BTreeMap<u64, u64>,
     i: usize,
     pads: &mut [(u64, u64)],
     orc: &Option<Orc>,
@@ -270,7 +281,9 @@ fn plan_one(
     let mut first_back: Option<Blocked> = None;
     for (needs_tramp, len, _, start) in candidates {
         let end = start + len;
-        let w = match check_window(image, sweep, guards, sites, addr_of, taken, start, end) {
+        let w = match check_window(
+            image, sweep, guards, sites, addr_of, taken, moved, start, end,
+        ) {
             Ok(w) => w,
             Err(b) => {
                 if start == f.addr && first_fwd.is_none() {
