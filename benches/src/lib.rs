@@ -195,5 +195,6 @@ pub fn backend(
         ),
         rom: None,
         pv: None,
+        thunks: None,
     }
 }

@@ -138,6 +138,7 @@ pub fn rom_validator(data: &[u8]) -> Result<bool, String> {
             base: oracle::ROM,
         }),
         pv: None,
+        thunks: None,
     };
     plan::plan(&table, &backend, &oracle::SiteText(SITE, &text), None)
         .map_err(|e| format!("a validated ROM does not plan: {e}"))?;

@@ -73,6 +73,7 @@ fn backend(kind: BackendKind, features: u32) -> Backend<'static> {
         detected: Detected::assumed(kind, features),
         rom: None,
         pv: None,
+        thunks: None,
     }
 }
 

@@ -484,6 +484,16 @@ pub fn annotate_into(
     write_annotated(report, &prepared, w)
 }
 
+/// The table `annotate` would write for `report`, and its address, checked as a runtime will
+/// check it; nothing is written.
+pub fn table_bytes(
+    report: &ScanReport<'_>,
+    opts: &AnnotateOptions,
+) -> Result<(Vec<u8>, u64), AnnotateError> {
+    let p = prepare(report, opts)?;
+    Ok((p.table, p.table_addr))
+}
+
 /// A checked table, ready to be written.
 struct Prepared {
     table: Vec<u8>,

@@ -11,8 +11,10 @@
 //! 6. [`annotate`]: a sealed site table written into a copy of the image;
 //! 7. [`verify`]: every record of an annotated image checked against its code.
 //!
-//! [`scan_image`] runs steps 2 to 4. Beside the pipeline: [`rom`] builds and shows backend
-//! ROMs, [`output`] writes files atomically, [`catalogue`] prints the op catalogue.
+//! [`scan_image`] runs steps 2 to 4. Beside the pipeline: [`rewrite`] plans one backend's
+//! rewrites and applies them to the file (through the boot-time runtime's own planner), [`rom`]
+//! builds and shows backend ROMs, [`output`] writes files atomically, [`catalogue`] prints the
+//! op catalogue.
 //!
 //! The x86 rules (what an instruction is, its native encoding, whether bytes hold what a record
 //! says) are `pvpatch-isa`'s, shared with the boot-time runtime.
@@ -24,6 +26,7 @@ pub mod ledger;
 pub mod linux;
 pub mod load;
 pub mod output;
+pub mod rewrite;
 pub mod rom;
 pub mod summary;
 pub mod sweep;

@@ -15,6 +15,7 @@ use pvpatch::ledger::{Ledger, hex};
 use pvpatch::load::bzimage;
 use pvpatch::load::image::{Image, ImageError};
 use pvpatch::output::{OutputError, same_file, write_bytes};
+use pvpatch::rewrite::{BackendSpec, PlanLedger, RewriteError, apply_to_file, plan_image};
 use pvpatch::summary::human_summary;
 use pvpatch::{ScanReport, scan_image};
 use pvpatch::{catalogue, sweep, verify};
@@ -35,6 +36,7 @@ macro_rules! outln {
 
 /// Exit statuses.
 mod status {
+    pub const USAGE: u8 = 2;
     pub const INPUT: u8 = 3;
     pub const MISMATCH: u8 = 4;
     pub const REFUSED: u8 = 5;
@@ -88,6 +90,40 @@ enum Command {
         /// Also write the ledger of the input to this file.
         #[arg(long)]
         ledger: Option<PathBuf>,
+    },
+    /// What one backend makes of every site: planned by the boot-time runtime's own planner.
+    Plan {
+        /// The image (annotated, or not: then the table annotate would write is used).
+        image: PathBuf,
+        /// The backend: native, tcg, kvm, vmware, xen, hyperv, rom (with --rom), outofline.
+        #[arg(long)]
+        backend: String,
+        /// The ROM, for the rom backend.
+        #[arg(long)]
+        rom: Option<PathBuf>,
+        /// Print the plan as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Write the output to this file (atomically) instead of standard output.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Apply one backend's plan to the image file itself (offline specialisation).
+    Rewrite {
+        /// The image.
+        image: PathBuf,
+        /// The backend (as for `plan`).
+        #[arg(long)]
+        backend: String,
+        /// The ROM, for the rom backend.
+        #[arg(long)]
+        rom: Option<PathBuf>,
+        /// The rewritten image to write.
+        #[arg(short, long, required_unless_present = "in_place")]
+        output: Option<PathBuf>,
+        /// Replace the input file (atomically).
+        #[arg(long)]
+        in_place: bool,
     },
     /// Check that every record of an annotated image's table lands on the instruction it names.
     Verify {
@@ -153,6 +189,12 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
             match o {
                 OutputError::WouldOverwriteInput(_) => status::REFUSED,
                 _ => status::OUTPUT,
+            }
+        } else if let Some(r) = e.downcast_ref::<RewriteError>() {
+            match r {
+                RewriteError::UnknownBackend(_) | RewriteError::Usage(_) => status::USAGE,
+                RewriteError::Apply(_) => status::INTERNAL,
+                _ => status::INPUT,
             }
         } else if e.is::<verify::VerifyError>() {
             status::MISMATCH
@@ -347,11 +389,84 @@ fn run(command: Command) -> Result<(), Failure> {
                 );
             }
         }
+        Command::Plan {
+            image,
+            backend,
+            rom,
+            json,
+            output,
+        } => {
+            let spec = BackendSpec::new(&backend, rom.as_deref().map(read_input).transpose()?)?;
+            let img = open(&image)?;
+            let report = scan_with_progress(&img, None);
+            let plan = plan_image(&report, &spec)?;
+            let ledger = PlanLedger::new(&report, &plan);
+            let text = if json {
+                let mut s = serde_json::to_string_pretty(&ledger).context("plan")?;
+                s.push('\n');
+                s
+            } else {
+                ledger.human()
+            };
+            emit(output.as_deref(), &image, &text)?;
+        }
+        Command::Rewrite {
+            image,
+            backend,
+            rom,
+            output,
+            in_place,
+        } => {
+            let out = match (&output, in_place) {
+                (Some(o), _) => o.clone(),
+                (None, true) => image.clone(),
+                (None, false) => unreachable!("clap requires -o unless --in-place"),
+            };
+            if !in_place && same_file(&out, &image) {
+                return Err(OutputError::WouldOverwriteInput(out).into());
+            }
+            let spec = BackendSpec::new(&backend, rom.as_deref().map(read_input).transpose()?)?;
+            let img = open(&image)?;
+            let report = scan_with_progress(&img, None);
+            let plan = plan_image(&report, &spec)?;
+            let bytes = apply_to_file(&img, &plan)?;
+            drop(report);
+            drop(img);
+            write_bytes(&out, &bytes)?;
+            let ledger_counts: Vec<String> = pvpatch::rewrite::ImagePlan::by_outcome(&plan)
+                .iter()
+                .zip(patch_sites::Outcome::ALL)
+                .filter(|(n, _)| **n > 0)
+                .map(|(n, o)| format!("{} {n}", o.name()))
+                .collect();
+            outln!(
+                "{}: rewritten for {}: {}; {} detours installed, {} bytes of out-of-line code; \
+                 written to {}",
+                image.display(),
+                plan.backend,
+                ledger_counts.join(", "),
+                plan.plan.detours.len(),
+                plan.code_bytes,
+                out.display()
+            );
+        }
         Command::Verify { image } => {
             let img = open(&image)?;
             let v = verify::verify(&img)?;
             for m in &v.mismatches {
                 outln!("record {} at {}: {}", m.index, hex(m.addr), m.what);
+            }
+            for d in &v.detour_mismatches {
+                outln!("detour {}: {}", d.index, d.what);
+            }
+            if v.detours > 0 {
+                outln!(
+                    "{} load-time detours: {} check (moved bytes, free cave, stub against the \
+                     moved instructions), {} do not",
+                    v.detours,
+                    v.detours - v.detour_mismatches.len(),
+                    v.detour_mismatches.len()
+                );
             }
             if !v.placement_ok {
                 outln!(

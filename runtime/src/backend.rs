@@ -71,6 +71,8 @@ pub struct Backend<'a> {
     pub rom: Option<LoadedRom<'a>>,
     /// The generated entry points, when the backend is `xen` or `hyperv`.
     pub pv: Option<&'a PvCode>,
+    /// The generated thunks, when the backend is `outofline`.
+    pub thunks: Option<&'a crate::thunks::Thunks>,
 }
 
 impl<'a> Backend<'a> {
@@ -99,6 +101,13 @@ impl<'a> Backend<'a> {
                     None => Choice::Native,
                 }
             }
+            BackendKind::OutOfLine => match self.thunks.and_then(|t| t.entry(site)) {
+                Some(target) => Choice::Call {
+                    target,
+                    clobbers: RegSet::EMPTY,
+                },
+                None => Choice::Native,
+            },
             BackendKind::Rom => match self.rom.and_then(|r| r.rom.entry(op).map(|e| (r, e))) {
                 Some((_, e)) => match e.action {
                     RomAction::Nothing => Choice::Nothing,
@@ -136,6 +145,9 @@ impl<'a> Backend<'a> {
                 "no entry points generated (the kernel provided no layout): every site stays native",
             ),
             BackendKind::Unknown => Some("unknown hypervisor: every site stays native"),
+            BackendKind::OutOfLine if self.thunks.is_none() => {
+                Some("no thunks generated (no arena): every site stays native")
+            }
             _ => None,
         }
     }

@@ -27,6 +27,8 @@ pub enum BackendKind {
     HyperV,
     /// Another hypervisor: treated as native.
     Unknown,
+    /// The out-of-line test backend ([`crate::thunks`]): chosen only by `pvpatch.backend=`.
+    OutOfLine,
 }
 
 impl BackendKind {
@@ -41,6 +43,7 @@ impl BackendKind {
             BackendKind::Xen => "xen",
             BackendKind::HyperV => "hyperv",
             BackendKind::Unknown => "unknown",
+            BackendKind::OutOfLine => "outofline",
         }
     }
 
@@ -54,6 +57,7 @@ impl BackendKind {
             BackendKind::Rom,
             BackendKind::Xen,
             BackendKind::HyperV,
+            BackendKind::OutOfLine,
         ]
         .into_iter()
         .find(|k| k.name() == s)

@@ -14,6 +14,7 @@
 //! * [`apply`]: a plan written through a [`apply::TextPoke`] and read back, all or nothing;
 //! * [`stats`]: what patching did, counted in the vocabulary of [`patch_sites::Outcome`];
 //! * [`trap`]: emulating the ops of sites rewritten to a trap (`ud2` or `int3`);
+//! * [`thunks`]: the out-of-line test backend (every site a call to its native instruction);
 //! * [`pv`]: the entry points generated for Xen PV and Hyper-V.
 #![cfg_attr(not(test), no_std)]
 #![deny(missing_docs)]
@@ -28,4 +29,5 @@ pub mod plan;
 pub mod pv;
 pub mod romcheck;
 pub mod stats;
+pub mod thunks;
 pub mod trap;

@@ -358,6 +358,7 @@ fn backend(kind: BackendKind) -> Backend<'static> {
         detected: Detected::assumed(kind, 0),
         rom: None,
         pv: None,
+        thunks: None,
     }
 }
 
@@ -476,6 +477,7 @@ fn rom_backend_inlines_templates_and_calls_entry_points() {
     let b = Backend {
         rom: Some(LoadedRom { rom, base }),
         pv: None,
+        thunks: None,
         ..backend(BackendKind::Rom)
     };
     let p = plan::plan(&table, &b, &m.text, None).unwrap();

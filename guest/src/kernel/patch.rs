@@ -225,6 +225,7 @@ fn choose_backend(
         detected,
         rom: None,
         pv: None,
+        thunks: None,
     };
     // A ROM is looked for only under QEMU (fw_cfg is QEMU's), or when asked for.
     let qemu = detected.hypervisor_bit

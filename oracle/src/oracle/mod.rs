@@ -574,6 +574,7 @@ pub fn backend<'a>(
         detected: pvpatch_runtime::detect::Detected::assumed(kind, features),
         rom: rom.map(|rom| LoadedRom { rom, base: ROM }),
         pv: None,
+        thunks: None,
     }
 }
 

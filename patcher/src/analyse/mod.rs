@@ -182,6 +182,42 @@ pub fn is_stock(image: &Image) -> bool {
         && image.section(patch_sites::table::HEADER_SECTION).is_none()
 }
 
+/// Functions of a stock kernel whose code does not run where it is linked, or not in 64-bit
+/// mode: a call or a jump from them to a cave would go wrong. Their sites are rewritten in place
+/// at most (code copied elsewhere carries an in-place rewrite with it), or not at all (32-bit).
+const RUNS_ELSEWHERE: [(&str, &str); 7] = [
+    ("relocate_kernel", "kexec copies it to a control page"),
+    ("relocate_range", "kexec copies it to a control page"),
+    ("identity_mapped", "kexec copies it to a control page"),
+    ("virtual_mapped", "kexec copies it to a control page"),
+    ("swap_pages", "kexec copies it to a control page"),
+    ("__enc_copy", "SME copies it to a work area"),
+    ("__efi64_thunk", "it switches to 32-bit compatibility mode"),
+];
+
+/// Why `addr`'s code cannot reach out of line: it runs elsewhere or in 32-bit mode (`true`:
+/// not even in place), if so.
+pub fn runs_elsewhere(image: &Image, addr: u64) -> Option<(String, bool)> {
+    let (name, _) = image.symbolize(addr)?;
+    if let Some(entry) = image.pvh_entry().and_then(|p| image.virt_of_phys(p))
+        && image.symbolize(entry).is_some_and(|(n, _)| n == name)
+    {
+        return Some((
+            format!("{name} is the 32-bit PVH entry: its bytes are not 64-bit instructions"),
+            true,
+        ));
+    }
+    RUNS_ELSEWHERE
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(n, why)| {
+            (
+                format!("{n}: {why}; only rewrites in place"),
+                *why == "it switches to 32-bit compatibility mode",
+            )
+        })
+}
+
 /// Whether `addr` is in Linux's entry text (`[__entry_text_start, __entry_text_end)`), which
 /// runs on the user page tables when page-table isolation is on.
 pub fn in_entry_text(image: &Image, addr: u64) -> bool {
@@ -339,6 +375,23 @@ fn room(
             }
             _ => break,
         }
+    }
+    if stock && let Some((why, not_even_in_place)) = runs_elsewhere(image, f.addr) {
+        return Room {
+            in_place: if not_even_in_place { 0 } else { in_place as u8 },
+            detour: None,
+            forms: if not_even_in_place {
+                Vec::new()
+            } else {
+                vec![Outcome::Inline]
+            },
+            reason: Some(why),
+            why: Some(if not_even_in_place {
+                "32-bit code".into()
+            } else {
+                "copied elsewhere to run".into()
+            }),
+        };
     }
     let mut forms = vec![Outcome::Inline];
     if entry_text {

@@ -110,6 +110,7 @@ pub fn plan(
             || s.room.in_place >= 5
             || !s.room.forms.contains(&Outcome::Inline)
             || super::in_entry_text(image, s.found.addr)
+            || super::runs_elsewhere(image, s.found.addr).is_some()
         {
             continue;
         }

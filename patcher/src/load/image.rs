@@ -194,7 +194,12 @@ pub struct Image {
     names: std::collections::HashMap<String, u64>,
     /// The GNU build id, if the image has one.
     pub build_id: Option<Vec<u8>>,
+    /// Every ELF note of the note sections: `(name, type, descriptor)`.
+    pub notes: Vec<(Vec<u8>, u32, Vec<u8>)>,
 }
+
+/// `XEN_ELFNOTE_PHYS32_ENTRY`: the physical address of a kernel's 32-bit PVH entry point.
+pub const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
 
 impl fmt::Debug for Image {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -405,6 +410,7 @@ impl Image {
         symbols.dedup_by_key(|s| s.addr);
 
         let mut build_id = None;
+        let mut all_notes = Vec::new();
         for sh in table.iter() {
             if sh.sh_type(endian) != elf::SHT_NOTE {
                 continue;
@@ -415,6 +421,14 @@ impl Image {
                         && note.n_type(endian) == elf::NT_GNU_BUILD_ID
                     {
                         build_id = Some(note.desc().to_vec());
+                    }
+                    // Notes are small; a file full of them is bounded by its size.
+                    if all_notes.len() < 4096 {
+                        all_notes.push((
+                            note.name().to_vec(),
+                            note.n_type(endian),
+                            note.desc().to_vec(),
+                        ));
                     }
                 }
             }
@@ -433,6 +447,7 @@ impl Image {
             kallsyms,
             names,
             build_id,
+            notes: all_notes,
         };
         if !image.sections.iter().any(Section::is_exec) {
             return Err(ImageError::Unsupported(format!(
@@ -447,6 +462,34 @@ impl Image {
     /// the symbol table or the kernel's kallsyms.
     pub fn symbol_address(&self, name: &str) -> Option<u64> {
         self.names.get(name).copied()
+    }
+
+    /// The descriptor of the `Xen` note of type `kind`, if the image has one.
+    pub fn xen_note(&self, kind: u32) -> Option<&[u8]> {
+        self.notes
+            .iter()
+            .find(|(n, t, _)| n.as_slice() == b"Xen" && *t == kind)
+            .map(|n| n.2.as_slice())
+    }
+
+    /// The physical address of the 32-bit PVH entry point (`XEN_ELFNOTE_PHYS32_ENTRY`), if any.
+    pub fn pvh_entry(&self) -> Option<u64> {
+        let d = self.xen_note(XEN_ELFNOTE_PHYS32_ENTRY)?;
+        match d.len() {
+            4 => Some(u32::from_le_bytes(d.try_into().ok()?) as u64),
+            8 => Some(u64::from_le_bytes(d.try_into().ok()?)),
+            _ => None,
+        }
+    }
+
+    /// The virtual address of physical address `phys`, through the loadable segment that holds
+    /// it.
+    pub fn virt_of_phys(&self, phys: u64) -> Option<u64> {
+        self.segments
+            .iter()
+            .filter(|s| s.kind == elf::PT_LOAD)
+            .find(|s| phys >= s.paddr && phys - s.paddr < s.memsz)
+            .map(|s| s.vaddr + (phys - s.paddr))
     }
 
     /// The whole file.

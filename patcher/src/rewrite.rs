@@ -1,0 +1,498 @@
+//! One backend's rewrites of an image, planned and applied offline (`pvpatch plan`, `pvpatch
+//! rewrite`): through the boot-time runtime's own planner, checks and poker, on the file's bytes
+//! instead of a running kernel's text. A vendor who ships a kernel for one hypervisor can
+//! specialise it once; anyone can see what a backend would make of every site.
+//!
+//! The site table is the image's own (an annotated image) or the one `pvpatch annotate` would
+//! write (built in memory). A ROM is validated against it as the runtime validates it, and its
+//! code goes into the table's arena, as do the out-of-line backend's thunks.
+
+use std::fmt;
+
+use patch_sites::table::{AddrRange, SiteTable, TableError};
+use patch_sites::{Outcome, Rom};
+use pvpatch_runtime::apply::{self, TextPoke};
+use pvpatch_runtime::backend::{Backend, LoadedRom};
+use pvpatch_runtime::detect::{BackendKind, Detected, KVM_FEATURE_NOP_IO_DELAY};
+use pvpatch_runtime::plan::{self, CodeWrite, Plan, TextRead};
+use pvpatch_runtime::{romcheck, thunks};
+use thiserror::Error;
+
+use crate::ScanReport;
+use crate::annotate::{self, AnnotateOptions};
+use crate::load::Image;
+
+/// The backends `plan` and `rewrite` know.
+pub const BACKENDS: [&str; 8] = [
+    "native",
+    "tcg",
+    "kvm",
+    "vmware",
+    "xen",
+    "hyperv",
+    "rom",
+    "outofline",
+];
+
+/// Why a plan cannot be made or applied.
+#[derive(Debug, Error)]
+pub enum RewriteError {
+    /// A backend name this tool does not know.
+    #[error("unknown backend {0:?} (native, tcg, kvm, vmware, xen, hyperv, rom, outofline)")]
+    UnknownBackend(String),
+    /// `rom` without a ROM, or a ROM with another backend.
+    #[error("{0}")]
+    Usage(String),
+    /// The ROM does not parse.
+    #[error("the ROM is invalid")]
+    BadRom(#[source] patch_sites::RomError),
+    /// The site table cannot be built or is invalid.
+    #[error("the site table")]
+    Table(#[source] TableError),
+    /// Annotating in memory failed.
+    #[error("building the site table")]
+    Annotate(#[source] annotate::AnnotateError),
+    /// The backend needs an arena the table does not name.
+    #[error(
+        "the {0} backend needs out-of-line code, and the table names no arena (only stock kernels have one)"
+    )]
+    NoArena(&'static str),
+    /// The backend's code does not fit the arena, or the arena is not free.
+    #[error("the arena at {0:#x}: {1}")]
+    Arena(u64, String),
+    /// The runtime's planner refused the table.
+    #[error("the planner refused the table: {0}")]
+    Plan(plan::PlanError),
+    /// Applying the plan to the file's bytes failed.
+    #[error("applying the plan: {0}")]
+    Apply(apply::ApplyError),
+}
+
+/// A backend to plan for: a name of [`BACKENDS`], and the ROM for `rom`.
+#[derive(Clone, Debug)]
+pub struct BackendSpec {
+    /// Which.
+    pub kind: BackendKind,
+    /// The ROM's bytes.
+    pub rom: Option<Vec<u8>>,
+}
+
+impl BackendSpec {
+    /// The backend named `name` (with `rom` for `rom`).
+    pub fn new(name: &str, rom: Option<Vec<u8>>) -> Result<BackendSpec, RewriteError> {
+        let kind = BackendKind::from_name(name)
+            .filter(|_| BACKENDS.contains(&name))
+            .ok_or_else(|| RewriteError::UnknownBackend(name.chars().take(40).collect()))?;
+        match (kind, &rom) {
+            (BackendKind::Rom, None) => Err(RewriteError::Usage(
+                "the rom backend needs --rom FILE".into(),
+            )),
+            (k, Some(_)) if k != BackendKind::Rom => Err(RewriteError::Usage(format!(
+                "--rom is for the rom backend, not {name}"
+            ))),
+            _ => Ok(BackendSpec { kind, rom }),
+        }
+    }
+}
+
+/// An image's bytes as kernel text: addresses map to file offsets through the sections.
+pub struct FileText<'a> {
+    image: &'a Image,
+    /// The file's bytes (a copy, for writing).
+    pub bytes: Vec<u8>,
+}
+
+impl fmt::Debug for FileText<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FileText")
+            .field("len", &self.bytes.len())
+            .finish()
+    }
+}
+
+impl<'a> FileText<'a> {
+    /// The image's bytes, copied.
+    pub fn new(image: &'a Image) -> Self {
+        FileText {
+            image,
+            bytes: image.bytes().to_vec(),
+        }
+    }
+
+    fn offset(&self, addr: u64, len: usize) -> Option<usize> {
+        let s = self.image.section_at(addr)?;
+        let end = addr.checked_add(len as u64)?;
+        if end > s.addr + s.size {
+            return None;
+        }
+        usize::try_from(s.offset + (addr - s.addr)).ok()
+    }
+}
+
+impl TextRead for FileText<'_> {
+    fn read(&self, addr: u64, out: &mut [u8]) -> bool {
+        match self.offset(addr, out.len()) {
+            Some(o) => match self.bytes.get(o..o + out.len()) {
+                Some(b) => {
+                    out.copy_from_slice(b);
+                    true
+                }
+                None => false,
+            },
+            None => false,
+        }
+    }
+}
+
+impl TextPoke for FileText<'_> {
+    fn write(&mut self, addr: u64, bytes: &[u8]) {
+        if let Some(o) = self.offset(addr, bytes.len())
+            && let Some(dst) = self.bytes.get_mut(o..o + bytes.len())
+        {
+            dst.copy_from_slice(bytes);
+        }
+    }
+
+    fn sync(&mut self) {}
+}
+
+/// A plan for one backend.
+#[derive(Debug)]
+pub struct ImagePlan {
+    /// The backend's name.
+    pub backend: &'static str,
+    /// Where the table is (in the image, or where annotate would put it).
+    pub table_addr: u64,
+    /// Whether the table was built in memory (the image is not annotated).
+    pub table_in_memory: bool,
+    /// The runtime's plan.
+    pub plan: Plan,
+    /// Bytes of out-of-line code placed in the arena.
+    pub code_bytes: usize,
+}
+
+impl ImagePlan {
+    /// Sites by outcome.
+    pub fn by_outcome(&self) -> [u32; Outcome::ALL.len()] {
+        let mut n = [0u32; Outcome::ALL.len()];
+        for p in &self.plan.sites {
+            let o = if p.new == p.old {
+                Outcome::Unchanged
+            } else if p.detour.is_some() {
+                Outcome::Detour
+            } else {
+                p.outcome
+            };
+            n[o.index()] += 1;
+        }
+        n
+    }
+}
+
+/// The image's site table: its own sealed one, or the one annotate would write, built from
+/// `report`. Returns the bytes, their address, and whether they were built here.
+pub fn site_table(report: &ScanReport<'_>) -> Result<(Vec<u8>, u64, bool), RewriteError> {
+    if let Some((addr, bytes)) = annotate::sealed_table(report.image) {
+        return Ok((bytes.to_vec(), addr, false));
+    }
+    let (table, addr) = annotate::table_bytes(report, &AnnotateOptions::default())
+        .map_err(RewriteError::Annotate)?;
+    Ok((table, addr, true))
+}
+
+/// Plans `spec` for the image of `report` with the runtime's planner. Nothing is written.
+pub fn plan_image(report: &ScanReport<'_>, spec: &BackendSpec) -> Result<ImagePlan, RewriteError> {
+    let image = report.image;
+    let (bytes, table_addr, in_memory) = site_table(report)?;
+    let table = SiteTable::parse_contiguous(&bytes, table_addr, &image.code_ranges())
+        .map_err(RewriteError::Table)?;
+    let text = FileText {
+        image,
+        bytes: Vec::new(),
+    };
+    // Reads go to the image itself (the copy is only for writing).
+    let view = ImageView(image);
+    let arena = table.arena();
+    let need_arena = |name| arena.ok_or(RewriteError::NoArena(name));
+    let free_arena = |a: AddrRange, len: usize| -> Result<Vec<u8>, RewriteError> {
+        if len as u64 > a.end - a.start {
+            return Err(RewriteError::Arena(
+                a.start,
+                format!(
+                    "{len} bytes of code do not fit its {} bytes",
+                    a.end - a.start
+                ),
+            ));
+        }
+        let old = image
+            .read(a.start, len)
+            .ok_or_else(|| RewriteError::Arena(a.start, "cannot be read".into()))?;
+        if old.iter().any(|&b| b != 0xcc) {
+            return Err(RewriteError::Arena(a.start, "is not int3 padding".into()));
+        }
+        Ok(old.to_vec())
+    };
+    let _ = &text;
+    let features = if spec.kind == BackendKind::Kvm {
+        KVM_FEATURE_NOP_IO_DELAY
+    } else {
+        0
+    };
+    let mut backend = Backend {
+        detected: Detected::assumed(spec.kind, features),
+        rom: None,
+        pv: None,
+        thunks: None,
+    };
+    let mut code = Vec::new();
+    let generated;
+    let rom;
+    match spec.kind {
+        BackendKind::OutOfLine => {
+            let a = need_arena("outofline")?;
+            generated = thunks::generate(&table, a.start)
+                .map_err(|e| RewriteError::Arena(a.start, e.to_string()))?;
+            let old = free_arena(a, generated.code.len())?;
+            code.push(CodeWrite {
+                addr: a.start,
+                old,
+                new: generated.code.clone(),
+            });
+            backend.thunks = Some(&generated);
+        }
+        BackendKind::Rom => {
+            let a = need_arena("rom")?;
+            let bytes = spec.rom.as_deref().unwrap_or(&[]);
+            rom = Rom::parse(bytes).map_err(RewriteError::BadRom)?;
+            // Offline, the hypervisor is the one the ROM says it serves.
+            romcheck::validate(&rom, &rom.signature(), &table).map_err(|e| {
+                RewriteError::Usage(format!("the runtime would refuse the ROM: {e}"))
+            })?;
+            let old = free_arena(a, bytes.len())?;
+            code.push(CodeWrite {
+                addr: a.start,
+                old,
+                new: bytes.to_vec(),
+            });
+            backend.rom = Some(LoadedRom { rom, base: a.start });
+        }
+        _ => {}
+    }
+    let mut plan = plan::plan(&table, &backend, &view, None).map_err(RewriteError::Plan)?;
+    let code_bytes = code.iter().map(|c| c.new.len()).sum();
+    // Out-of-line code only goes in if something calls it.
+    if plan.sites.iter().any(|p| p.new != p.old) {
+        plan.code = code;
+    }
+    Ok(ImagePlan {
+        backend: spec.kind.name(),
+        table_addr,
+        table_in_memory: in_memory,
+        plan,
+        code_bytes,
+    })
+}
+
+/// The image's bytes, read-only, as kernel text.
+struct ImageView<'a>(&'a Image);
+
+impl TextRead for ImageView<'_> {
+    fn read(&self, addr: u64, out: &mut [u8]) -> bool {
+        match self.0.read(addr, out.len()) {
+            Some(b) => {
+                out.copy_from_slice(b);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// The image's bytes with `plan` applied (through the runtime's own `apply`: every write read
+/// back, all or nothing).
+pub fn apply_to_file(image: &Image, plan: &ImagePlan) -> Result<Vec<u8>, RewriteError> {
+    let mut text = FileText::new(image);
+    apply::apply(&plan.plan, &mut text).map_err(RewriteError::Apply)?;
+    Ok(text.bytes)
+}
+
+/// One site of a plan, for people and programs.
+#[derive(Debug, serde::Serialize)]
+pub struct PlannedSite {
+    /// Address.
+    pub address: String,
+    /// `name+0xoff`, if known.
+    pub symbol: Option<String>,
+    /// The op.
+    pub op: &'static str,
+    /// What it becomes (`unchanged`, `native`, `nothing`, `inline`, `call`, `trap`; a rewrite
+    /// written into a detour's stub is `detour`).
+    pub outcome: &'static str,
+    /// What it becomes in its own bytes or its stub (`call` for a call in a stub).
+    pub rewrite: &'static str,
+    /// Where the rewrite is written: the site, or its copy in a stub.
+    pub written_at: String,
+    /// Why it stays as it is, when it does.
+    pub why: Option<String>,
+}
+
+/// A plan, for people and programs (`pvpatch plan --json`).
+#[derive(Debug, serde::Serialize)]
+pub struct PlanLedger {
+    /// `pvpatch-plan/1`.
+    pub schema: &'static str,
+    /// The image.
+    pub image: String,
+    /// The backend.
+    pub backend: &'static str,
+    /// Where the table is, and whether it was built in memory (the image is not annotated).
+    pub table: String,
+    /// Whether the table was built in memory.
+    pub table_in_memory: bool,
+    /// Sites by outcome.
+    pub by_outcome: std::collections::BTreeMap<&'static str, u32>,
+    /// Detours installed.
+    pub detours: usize,
+    /// Bytes of the backend's out-of-line code placed in the arena.
+    pub code_bytes: usize,
+    /// Rewritable sites (instructions and idioms no Linux table covers) the image's table holds.
+    pub rewritable: usize,
+    /// Of the table's sites, those rewritten to a call or through a detour.
+    pub out_of_line: usize,
+    /// Every site of the table.
+    pub sites: Vec<PlannedSite>,
+}
+
+/// Why a site stays as it is, in words.
+fn keep_name(k: plan::Keep) -> &'static str {
+    use plan::Keep::*;
+    match k {
+        AlreadyThere => "already what the backend wants",
+        UnknownOp => "an op this runtime does not know",
+        NotRewritable => "never rewritten (control transfer or hypervisor interface)",
+        NoRoom => "no room: too small for the backend's sequence, and no detour",
+        Operand => "the operand cannot go into the backend's template",
+        NotEncodable => "the native instruction cannot be encoded from the record",
+        Clobbers => "the backend's sequence clobbers more than the site allows",
+    }
+}
+
+impl PlanLedger {
+    /// The ledger of `plan` for the image of `report`.
+    pub fn new(report: &ScanReport<'_>, plan: &ImagePlan) -> PlanLedger {
+        let image = report.image;
+        let mut by_outcome = std::collections::BTreeMap::new();
+        for (o, n) in Outcome::ALL.iter().zip(plan.by_outcome()) {
+            by_outcome.insert(o.name(), n);
+        }
+        let sites: Vec<PlannedSite> = plan
+            .plan
+            .sites
+            .iter()
+            .map(|p| {
+                let changed = p.new != p.old;
+                let outcome = match (changed, p.detour) {
+                    (false, _) => Outcome::Unchanged,
+                    (true, Some(_)) => Outcome::Detour,
+                    (true, None) => p.outcome,
+                };
+                PlannedSite {
+                    address: crate::ledger::hex(p.site.addr),
+                    symbol: image
+                        .symbolize(p.site.addr)
+                        .map(|(n, off)| format!("{n}+{off:#x}")),
+                    op: p.site.op().map_or("unknown", patch_sites::Op::name),
+                    outcome: outcome.name(),
+                    rewrite: if changed {
+                        p.outcome.name()
+                    } else {
+                        Outcome::Unchanged.name()
+                    },
+                    written_at: crate::ledger::hex(p.addr),
+                    why: p.keep.map(|k| keep_name(k).to_owned()),
+                }
+            })
+            .collect();
+        let rewritable = report
+            .analysis
+            .sites
+            .iter()
+            .filter(|s| s.rewritable())
+            .count();
+        let out_of_line = plan
+            .plan
+            .sites
+            .iter()
+            .filter(|p| p.new != p.old && (p.detour.is_some() || p.outcome == Outcome::Call))
+            .count();
+        PlanLedger {
+            schema: "pvpatch-plan/1",
+            image: image.path.display().to_string(),
+            backend: plan.backend,
+            table: crate::ledger::hex(plan.table_addr),
+            table_in_memory: plan.table_in_memory,
+            by_outcome,
+            detours: plan.plan.detours.len(),
+            code_bytes: plan.code_bytes,
+            rewritable,
+            out_of_line,
+            sites,
+        }
+    }
+
+    /// For people: the counts, then every site that is rewritten or stays for a reason other
+    /// than being what the backend wants.
+    pub fn human(&self) -> String {
+        use std::fmt::Write as _;
+        let mut o = String::new();
+        let _ = writeln!(
+            o,
+            "{}: backend {}, site table at {}{}",
+            self.image,
+            self.backend,
+            self.table,
+            if self.table_in_memory {
+                " (built in memory: the image is not annotated)"
+            } else {
+                ""
+            }
+        );
+        let counts: Vec<String> = self
+            .by_outcome
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        let _ = writeln!(
+            o,
+            "{} sites: {}; {} detours installed, {} bytes of out-of-line code",
+            self.sites.len(),
+            counts.join(", "),
+            self.detours,
+            self.code_bytes
+        );
+        let _ = writeln!(
+            o,
+            "out of line (a call in place or through a detour): {} of the table's sites; the \
+             image has {} rewritable sites",
+            self.out_of_line, self.rewritable
+        );
+        for s in &self.sites {
+            if s.outcome == "unchanged"
+                && s.why.as_deref() == Some(keep_name(plan::Keep::AlreadyThere))
+            {
+                continue;
+            }
+            let _ = writeln!(
+                o,
+                "  {} {:<40} {:<14} {:<9} {}",
+                s.address,
+                s.symbol.as_deref().unwrap_or(""),
+                s.op,
+                s.outcome,
+                s.why.as_deref().unwrap_or("")
+            );
+        }
+        o
+    }
+}

@@ -1,0 +1,155 @@
+//! The out-of-line test backend: for every shape of site a table has (op, operand, width,
+//! flags), a thunk that runs the native instruction and returns, so that every rewritable site
+//! becomes a call out of line (in place where it has 5 bytes, else through its detour). It
+//! changes nothing a site can observe but where the instruction runs: it is how the tests prove
+//! that calls, detours and stubs are right on real kernels, with the native instruction's own
+//! semantics as the reference.
+//!
+//! A thunk is the instruction followed by `ret`, except for the ops that work on the stack:
+//! `pushf` leaves the flags image where the caller's `pushf` would have (in the slot of the
+//! return address, returning through a copy of it), and `popf` takes the image from above the
+//! return address. Ops with a 2-byte stack operand (`pushfw`, `popfw`) get no thunk, nor do
+//! instructions whose operand is the stack pointer (a call moves it).
+
+use alloc::vec::Vec;
+
+use patch_sites::table::{SITE_FLAG_REP, Site, SiteTable};
+use patch_sites::{Op, Operand};
+use pvpatch_isa::asm::{Asm, AsmError, POPFQ, PUSHFQ, RET};
+use pvpatch_isa::encode;
+
+/// A site's shape: what a thunk for it must execute.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shape {
+    /// The op.
+    pub op: Op,
+    /// Its operand.
+    pub operand: Operand,
+    /// Its width.
+    pub width: u8,
+    /// `rep` (ins/outs).
+    pub rep: bool,
+}
+
+impl Shape {
+    /// The shape of `site`, if its op is known.
+    pub fn of(site: &Site) -> Option<Shape> {
+        Some(Shape {
+            op: site.op()?,
+            operand: site.operand,
+            width: site.width,
+            rep: site.flags & SITE_FLAG_REP != 0,
+        })
+    }
+}
+
+/// Generated thunks.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Thunks {
+    /// Where `code` runs.
+    pub base: u64,
+    /// The code.
+    pub code: Vec<u8>,
+    entries: Vec<(Shape, u32)>,
+}
+
+impl Thunks {
+    /// The thunk for `site`, if there is one.
+    pub fn entry(&self, site: &Site) -> Option<u64> {
+        let s = Shape::of(site)?;
+        self.entries
+            .iter()
+            .find(|(e, _)| *e == s)
+            .map(|(_, off)| self.base + *off as u64)
+    }
+}
+
+/// Whether an operand names the stack pointer (as a register or a memory base).
+fn uses_rsp(o: Operand) -> bool {
+    let rsp = patch_sites::Gpr::Rsp;
+    match o {
+        Operand::Reg(r) | Operand::MemBase(r) => r == rsp,
+        Operand::DebugReg { reg, .. } => reg == rsp,
+        Operand::RegMemBase { reg, base } => reg == rsp || base == rsp,
+        _ => false,
+    }
+}
+
+/// One thunk for `shape`, if its op can run out of line.
+fn thunk(a: &mut Asm<Vec<u8>>, shape: Shape) -> Result<bool, AsmError> {
+    match (shape.op, shape.width) {
+        // The image goes where the return address was; return through a copy of it.
+        (Op::Pushf, 8) => {
+            a.raw(&[0xff, 0x34, 0x24, PUSHFQ])?; // push qword [rsp]; pushfq
+            a.push(0)?;
+            a.raw(&[0x48, 0x8b, 0x44, 0x24, 0x08])?; // mov rax, [rsp + 8]: the image
+            a.raw(&[0x48, 0x89, 0x44, 0x24, 0x18])?; // mov [rsp + 24], rax
+            a.pop(0)?;
+            a.raw(&[POPFQ, RET])?;
+            Ok(true)
+        }
+        // The image is above the return address: swap them, then popfq and return.
+        (Op::Popf, 8) => {
+            a.push(0)?;
+            a.raw(&[0x48, 0x8b, 0x44, 0x24, 0x08])?; // mov rax, [rsp + 8]: the return address
+            a.raw(&[0x48, 0x87, 0x44, 0x24, 0x10])?; // xchg rax, [rsp + 16]
+            a.raw(&[0x48, 0x89, 0x44, 0x24, 0x08])?; // mov [rsp + 8], rax: the image
+            a.pop(0)?;
+            a.raw(&[POPFQ, RET])?;
+            Ok(true)
+        }
+        (Op::Pushf | Op::Popf | Op::SaveFl | Op::RestoreFl, _) => Ok(false),
+        // Called, the instruction would see the stack pointer 8 bytes lower (found booting
+        // Debian 6.12: `lgdt [rsp]` loaded the return address as the GDT base).
+        _ if uses_rsp(shape.operand) => Ok(false),
+        _ => {
+            let site = Site {
+                addr: 0,
+                site_len: 15,
+                insn_len: 15,
+                op_id: shape.op.id(),
+                form: patch_sites::table::Form::Native,
+                operand: shape.operand,
+                width: shape.width,
+                flags: if shape.rep { SITE_FLAG_REP } else { 0 },
+                clobbers: patch_sites::RegSet::EMPTY,
+                stub: None,
+            };
+            match encode::native(&site) {
+                Some(n) => {
+                    a.raw(n.as_slice())?;
+                    a.raw(&[RET])?;
+                    Ok(true)
+                }
+                None => Ok(false),
+            }
+        }
+    }
+}
+
+/// The thunks for every shape of site in `table`, to run at `base`.
+pub fn generate(table: &SiteTable<'_>, base: u64) -> Result<Thunks, AsmError> {
+    let mut a = Asm::new(base, Vec::new());
+    let mut entries: Vec<(Shape, u32)> = Vec::new();
+    for site in table.sites() {
+        let Some(shape) = Shape::of(&site) else {
+            continue;
+        };
+        if entries.iter().any(|(e, _)| *e == shape) {
+            continue;
+        }
+        // 16-byte aligned entry points.
+        while a.out.len() % 16 != 0 {
+            a.raw(&[0xcc])?;
+        }
+        let at = a.out.len() as u32;
+        if thunk(&mut a, shape)? {
+            entries.push((shape, at));
+        }
+    }
+    Ok(Thunks {
+        base,
+        code: a.out,
+        entries,
+    })
+}
