@@ -155,6 +155,29 @@ fn kernel(c: &mut Criterion, vmlinux: &Path) {
             pvpatch::annotate::annotate(&r, &out, &Default::default()).unwrap()
         })
     });
+    // The stock-kernel stages on their own: kallsyms from `.rodata`, the analysis (protected
+    // bytes, caves, detours) over the tables and sweep, and one backend's plan.
+    let img = pvpatch::load::image::Image::open(vmlinux).unwrap();
+    if let Some(r) = img.section(".rodata") {
+        let rodata = img.section_data(r);
+        g.bench_function("kallsyms_recover_vmlinux", |b| {
+            b.iter(|| pvpatch::load::kallsyms::read(rodata, r.addr).unwrap())
+        });
+    }
+    let tables = pvpatch::linux::read(&img);
+    let mut known: Vec<u64> = tables.starts.iter().map(|s| s.0).collect();
+    known.extend(img.symbols.iter().map(|s| s.addr));
+    known.sort_unstable();
+    known.dedup();
+    let sweep = pvpatch::sweep::sweep(&img, &known, Default::default(), None);
+    g.bench_function("analyse_vmlinux", |b| {
+        b.iter(|| pvpatch::analyse::analyse(&img, &tables, &sweep))
+    });
+    let report = pvpatch::scan_image(&img, Default::default(), None);
+    let spec = pvpatch::rewrite::BackendSpec::new("outofline", None).unwrap();
+    g.bench_function("plan_outofline_vmlinux", |b| {
+        b.iter(|| pvpatch::rewrite::plan_image(&report, &spec).unwrap())
+    });
     g.sample_size(10);
     g.measurement_time(Duration::from_secs(45));
     g.bench_function("objdump_d_vmlinux", |b| {

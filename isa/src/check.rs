@@ -260,7 +260,8 @@ pub struct StubCopy {
 /// branch to a moved instruction follows it into the stub; a short branch may have been
 /// widened); each site's copy where `copies` says (its original bytes, or the same instruction
 /// where it is RIP-relative), NOP-padded to its room; then `jmp` back to the end of the moved
-/// range, and nothing else.
+/// range, and nothing else. A direct `call` may only be the last moved instruction, and must
+/// be `push` of its original return address (the end of the range) then `jmp` to its target.
 pub fn stub(
     moved: &[u8],
     moved_addr: u64,
@@ -274,16 +275,17 @@ pub fn stub(
     let mut at = 0;
     while at < moved.len() {
         let i = decode_at(moved, moved_addr, at)?;
+        // A site is copied whole: an idiom (`pushfq; pop`) is one site of several instructions.
         let copy = copies.iter().find(|c| c.site_off == at).copied();
         if let Some(c) = copy
-            && c.insn_len != i.len()
+            && (c.insn_len < i.len() || at + c.insn_len > moved.len())
         {
             return Err(Mismatch::WrongLength {
                 found: i.len() as u8,
             });
         }
         orig.push((i, copy));
-        at += i.len();
+        at += copy.map_or(i.len(), |c| c.insn_len);
     }
     if at != moved.len() || orig.iter().filter(|o| o.1.is_some()).count() != copies.len() {
         return Err(Mismatch::Undecodable(moved_addr + at as u64));
@@ -300,9 +302,12 @@ pub fn stub(
                 }
                 s += c.copy_len;
             }
+            None if i.is_call_near() => {
+                let push = decode_at(stub, stub_addr, s)?;
+                s += push.len() + decode_at(stub, stub_addr, s + push.len())?.len();
+            }
             None => s += decode_at(stub, stub_addr, s)?.len(),
         }
-        let _ = i;
     }
     let new_place = |t: u64| {
         orig.iter()
@@ -319,6 +324,7 @@ pub fn stub(
                 let same = body == &moved[c.site_off..c.site_off + c.insn_len] || {
                     let n = decode_at(stub, stub_addr, off)?;
                     n.len() == c.insn_len
+                        && i.len() == c.insn_len
                         && i.is_ip_rel_memory_operand()
                         && n.code() == i.code()
                         && n.ip_rel_memory_address() == i.ip_rel_memory_address()
@@ -330,6 +336,21 @@ pub fn stub(
                     });
                 }
                 nops(&stub[..off + c.copy_len], stub_addr, off + c.insn_len)?;
+            }
+            None if i.is_call_near() => {
+                let push = decode_at(stub, stub_addr, off)?;
+                let jmp = decode_at(stub, stub_addr, off + push.len())?;
+                let t = i.near_branch_target();
+                let pushes_return = push.code() == iced_x86::Code::Pushq_imm32
+                    && push.immediate32to64() as u64 == i.next_ip();
+                if i.next_ip() != end
+                    || !pushes_return
+                    || jmp.code() != iced_x86::Code::Jmp_rel32_64
+                    || jmp.near_branch_target() != t
+                    || (t >= moved_addr && t < end)
+                {
+                    return Err(Mismatch::NotCall(t));
+                }
             }
             None => {
                 let n = decode_at(stub, stub_addr, off)?;

@@ -230,6 +230,77 @@ pub fn native(site: &Site) -> Option<Seq> {
     Some(a.out)
 }
 
+/// The instruction at the start of `bytes` (which lie at `addr`) re-encoded to run at `at`
+/// inside a called thunk, where the stack pointer is 8 bytes lower than at the site: a
+/// RIP-relative operand keeps its target, and a memory operand based on `rsp` reaches 8 bytes
+/// further (`[rsp]` gains a displacement). `None` for an instruction that moves the stack
+/// pointer or names it as a register, or whose new displacement does not fit its encoding.
+/// The result is checked by decoding it back.
+pub fn called(bytes: &[u8], addr: u64, at: u64) -> Option<Seq> {
+    use iced_x86::{Decoder, DecoderOptions, OpKind, Register};
+    let mut d = Decoder::with_ip(64, bytes, addr, DecoderOptions::NONE);
+    let i = d.decode();
+    if i.is_invalid() || i.stack_pointer_increment() != 0 {
+        return None;
+    }
+    let names_rsp = (0..i.op_count()).any(|n| {
+        i.op_kind(n) == OpKind::Register && i.op_register(n).full_register() == Register::RSP
+    });
+    if names_rsp || i.memory_index() == Register::RSP {
+        return None;
+    }
+    let offsets = d.get_constant_offsets(&i);
+    let mut out = Seq::from_slice(bytes.get(..i.len())?)?;
+    let disp_at = offsets.displacement_offset();
+    let want = if i.is_ip_rel_memory_operand() {
+        let target = i.ip_rel_memory_address();
+        let next = at.checked_add(i.len() as u64)?;
+        let disp = i32::try_from(target.wrapping_sub(next) as i64).ok()?;
+        if offsets.displacement_size() != 4 {
+            return None;
+        }
+        out.as_mut_slice()[disp_at..disp_at + 4].copy_from_slice(&disp.to_le_bytes());
+        Some(target)
+    } else if i.memory_base() == Register::RSP {
+        let disp = i.memory_displacement64().wrapping_add(8);
+        match offsets.displacement_size() {
+            1 => {
+                let d8 = i8::try_from(disp as i64).ok()?;
+                out.as_mut_slice()[disp_at] = d8 as u8;
+            }
+            4 => {
+                let d32 = i32::try_from(disp as i64).ok()?;
+                out.as_mut_slice()[disp_at..disp_at + 4].copy_from_slice(&d32.to_le_bytes());
+            }
+            // `[rsp]`: ModRM (mod 00, rm 100) then SIB (base 100) end the instruction when it
+            // has no immediate; mod 01 adds a disp8.
+            0 if !offsets.has_immediate() => {
+                let n = out.len();
+                let b = out.as_mut_slice();
+                if n < 2 || b[n - 2] & 0xc7 != 0x04 || b[n - 1] & 0x07 != 0x04 {
+                    return None;
+                }
+                b[n - 2] |= 0x40;
+                out.push(&[8])?;
+            }
+            _ => return None,
+        }
+        Some(disp)
+    } else {
+        None
+    };
+    // Decode it back: the same instruction, reaching the same place.
+    let back = Decoder::with_ip(64, out.as_slice(), at, DecoderOptions::NONE).decode();
+    let same = back.code() == i.code()
+        && back.len() == out.len()
+        && match want {
+            Some(t) if i.is_ip_rel_memory_operand() => back.ip_rel_memory_address() == t,
+            Some(t) => back.memory_base() == Register::RSP && back.memory_displacement64() == t,
+            None => back.memory_displacement64() == i.memory_displacement64(),
+        };
+    same.then_some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,5 +316,43 @@ mod tests {
         fill_nops(&mut buf);
         assert_eq!(buf[..9], *NOPS[9]);
         assert_eq!(buf[18..], *NOPS[5]);
+    }
+
+    fn decode(b: &[u8], ip: u64) -> iced_x86::Instruction {
+        iced_x86::Decoder::with_ip(64, b, ip, iced_x86::DecoderOptions::NONE).decode()
+    }
+
+    #[test]
+    fn called_reaches_what_the_site_reached() {
+        // lgdt [rip+0x100] at 0x1000, moved to 0x9000: same target.
+        let b = [0x0f, 0x01, 0x15, 0x00, 0x01, 0x00, 0x00];
+        let s = called(&b, 0x1000, 0x9000).unwrap();
+        assert_eq!(decode(s.as_slice(), 0x9000).ip_rel_memory_address(), 0x1107);
+        // sgdt [rsp+6]: [rsp+14] in the thunk.
+        let s = called(&[0x0f, 0x01, 0x44, 0x24, 0x06], 0, 0).unwrap();
+        assert_eq!(s.as_slice(), [0x0f, 0x01, 0x44, 0x24, 0x0e]);
+        // invpcid rax, [rsp]: [rsp+8].
+        let s = called(&[0x66, 0x0f, 0x38, 0x82, 0x04, 0x24], 0, 0).unwrap();
+        assert_eq!(s.as_slice(), [0x66, 0x0f, 0x38, 0x82, 0x44, 0x24, 0x08]);
+        // sidt [rsp+0x200]: disp32.
+        let s = called(&[0x0f, 0x01, 0x8c, 0x24, 0x00, 0x02, 0, 0], 0, 0).unwrap();
+        assert_eq!(decode(s.as_slice(), 0).memory_displacement64(), 0x208);
+        // lgdt [rax+0x10a]: unchanged.
+        let b = [0x0f, 0x01, 0x90, 0x0a, 0x01, 0, 0];
+        assert_eq!(called(&b, 0, 0x5000).unwrap().as_slice(), b);
+    }
+
+    #[test]
+    fn called_refuses_what_it_cannot_keep() {
+        // sgdt [rsp+0x7c]: disp8 overflows.
+        assert!(called(&[0x0f, 0x01, 0x44, 0x24, 0x7c], 0, 0).is_none());
+        // pushfq, and mov cr3, rsp.
+        assert!(called(&[0x9c], 0, 0).is_none());
+        assert!(called(&[0x0f, 0x22, 0xdc], 0, 0).is_none());
+        // A RIP-relative target out of reach of the new place.
+        assert!(called(&[0x0f, 0x01, 0x15, 0, 0, 0, 0], 0, 0x1_0000_0000).is_none());
+        // Garbage.
+        assert!(called(&[0x0f, 0xff], 0, 0).is_none());
+        assert!(called(&[], 0, 0).is_none());
     }
 }

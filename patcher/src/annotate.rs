@@ -147,6 +147,9 @@ pub struct TablePlan<'r> {
     pub arena: Option<AddrRange>,
 }
 
+/// A record's detour (its index in the analysis) and its copy (offset in the stub, room).
+type DetourCopy = (usize, (u8, u8));
+
 /// The sites the table will hold: the macros' records, then every patchable swept site that
 /// does not overlap one, sorted by address; in a stock kernel, with their load-time detours and
 /// the arena.
@@ -163,8 +166,7 @@ pub fn plan_sites<'r>(
         sites[..i].iter().rev().take(4).any(|s| s.end() > a)
     };
     let analysis = &report.analysis;
-    // (record, its detour and copy)
-    let mut scanned: Vec<(Site, Option<(usize, (u8, u8))>)> = Vec::new();
+    let mut scanned: Vec<(Site, Option<DetourCopy>)> = Vec::new();
     for s in &analysis.sites {
         if !s.patchable() || s.room.in_place == 0 {
             continue;
@@ -190,8 +192,7 @@ pub fn plan_sites<'r>(
     }
     let from_macros = sites.len();
     let from_scan = scanned.len();
-    let mut all: Vec<(Site, Option<(usize, (u8, u8))>)> =
-        sites.into_iter().map(|s| (s, None)).collect();
+    let mut all: Vec<(Site, Option<DetourCopy>)> = sites.into_iter().map(|s| (s, None)).collect();
     all.extend(scanned);
     all.sort_by_key(|s| s.0.addr);
     // A detour is written only if every site it carries is in the table.
@@ -436,7 +437,7 @@ pub fn annotate(
     let mut failure = None;
     // Before the output replaces anything, it must load and verify as a runtime would see it.
     let check = |tmp: &Path| -> Result<(), OutputError> {
-        let img = Image::open(tmp)
+        let img = Image::open_with(tmp, false)
             .map_err(|e| OutputError::Content(format!("the output does not load: {e}")))?;
         let v = crate::verify::verify(&img)
             .map_err(|e| OutputError::Content(format!("the output does not verify: {e}")))?;

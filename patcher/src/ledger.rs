@@ -46,6 +46,8 @@ pub struct Ledger {
     pub tables: Vec<TableInfo>,
     /// Where the sweep resynchronised.
     pub resyncs: Vec<ResyncInfo>,
+    /// The code caves of a stock kernel, in address order (empty otherwise).
+    pub caves: Vec<CaveInfo>,
     /// Counts.
     pub summary: Summary,
     /// Every sensitive instruction.
@@ -136,6 +138,15 @@ pub struct TableInfo {
     pub padding: usize,
     /// Why it could not be used.
     pub problem: Option<String>,
+}
+
+/// A code cave: `int3` padding inside the kernel's text where stubs and the arena go.
+#[derive(Debug, Serialize)]
+pub struct CaveInfo {
+    /// First byte.
+    pub address: String,
+    /// Bytes.
+    pub length: u64,
 }
 
 /// A resynchronisation of the sweep.
@@ -465,6 +476,15 @@ impl Ledger {
                         ResyncReason::Undecodable => "undecodable",
                         ResyncReason::CrossedKnownStart => "crossed_known_start",
                     },
+                })
+                .collect(),
+            caves: report
+                .analysis
+                .caves
+                .iter()
+                .map(|c| CaveInfo {
+                    address: hex(c.start),
+                    length: c.len(),
                 })
                 .collect(),
             summary: summary(report),

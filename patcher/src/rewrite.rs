@@ -176,16 +176,19 @@ impl ImagePlan {
     pub fn by_outcome(&self) -> [u32; Outcome::ALL.len()] {
         let mut n = [0u32; Outcome::ALL.len()];
         for p in &self.plan.sites {
-            let o = if p.new == p.old {
-                Outcome::Unchanged
-            } else if p.detour.is_some() {
-                Outcome::Detour
-            } else {
-                p.outcome
-            };
-            n[o.index()] += 1;
+            n[outcome_of(p).index()] += 1;
         }
         n
+    }
+}
+
+/// What a planned site becomes: a site moved into its stub runs out of line even when it
+/// stays native there.
+fn outcome_of(p: &plan::Planned) -> Outcome {
+    match (p.new != p.old, p.detour) {
+        (_, Some(_)) => Outcome::Detour,
+        (false, None) => Outcome::Unchanged,
+        (true, None) => p.outcome,
     }
 }
 
@@ -206,11 +209,7 @@ pub fn plan_image(report: &ScanReport<'_>, spec: &BackendSpec) -> Result<ImagePl
     let (bytes, table_addr, in_memory) = site_table(report)?;
     let table = SiteTable::parse_contiguous(&bytes, table_addr, &image.code_ranges())
         .map_err(RewriteError::Table)?;
-    let text = FileText {
-        image,
-        bytes: Vec::new(),
-    };
-    // Reads go to the image itself (the copy is only for writing).
+    // Reads go to the image itself (a copy is only made for writing).
     let view = ImageView(image);
     let arena = table.arena();
     let need_arena = |name| arena.ok_or(RewriteError::NoArena(name));
@@ -232,7 +231,6 @@ pub fn plan_image(report: &ScanReport<'_>, spec: &BackendSpec) -> Result<ImagePl
         }
         Ok(old.to_vec())
     };
-    let _ = &text;
     let features = if spec.kind == BackendKind::Kvm {
         KVM_FEATURE_NOP_IO_DELAY
     } else {
@@ -250,7 +248,7 @@ pub fn plan_image(report: &ScanReport<'_>, spec: &BackendSpec) -> Result<ImagePl
     match spec.kind {
         BackendKind::OutOfLine => {
             let a = need_arena("outofline")?;
-            generated = thunks::generate(&table, a.start)
+            generated = thunks::generate(&table, a.start, &view)
                 .map_err(|e| RewriteError::Arena(a.start, e.to_string()))?;
             let old = free_arena(a, generated.code.len())?;
             code.push(CodeWrite {
@@ -359,6 +357,9 @@ pub struct PlanLedger {
     pub rewritable: usize,
     /// Of the table's sites, those rewritten to a call or through a detour.
     pub out_of_line: usize,
+    /// Why the rewritable sites that stay where they are do, with how many: the patcher's
+    /// reason when it found no way out of line, else the planner's.
+    pub native_reasons: std::collections::BTreeMap<String, usize>,
     /// Every site of the table.
     pub sites: Vec<PlannedSite>,
 }
@@ -391,11 +392,7 @@ impl PlanLedger {
             .iter()
             .map(|p| {
                 let changed = p.new != p.old;
-                let outcome = match (changed, p.detour) {
-                    (false, _) => Outcome::Unchanged,
-                    (true, Some(_)) => Outcome::Detour,
-                    (true, None) => p.outcome,
-                };
+                let outcome = outcome_of(p);
                 PlannedSite {
                     address: crate::ledger::hex(p.site.addr),
                     symbol: image
@@ -413,17 +410,28 @@ impl PlanLedger {
                 }
             })
             .collect();
-        let rewritable = report
-            .analysis
-            .sites
-            .iter()
-            .filter(|s| s.rewritable())
-            .count();
+        let by_addr: std::collections::HashMap<u64, &plan::Planned> =
+            plan.plan.sites.iter().map(|p| (p.site.addr, p)).collect();
+        let mut native_reasons = std::collections::BTreeMap::new();
+        let mut rewritable = 0;
+        for s in report.analysis.sites.iter().filter(|s| s.rewritable()) {
+            rewritable += 1;
+            let planned = by_addr.get(&s.found.addr);
+            if planned.is_some_and(|p| matches!(outcome_of(p), Outcome::Detour | Outcome::Call)) {
+                continue;
+            }
+            let why = match (&s.room.why, planned.and_then(|p| p.keep)) {
+                (Some(w), _) => w.clone(),
+                (None, Some(k)) => format!("on this backend: {}", keep_name(k)),
+                (None, None) => "not in the site table".into(),
+            };
+            *native_reasons.entry(why).or_default() += 1;
+        }
         let out_of_line = plan
             .plan
             .sites
             .iter()
-            .filter(|p| p.new != p.old && (p.detour.is_some() || p.outcome == Outcome::Call))
+            .filter(|p| matches!(outcome_of(p), Outcome::Detour | Outcome::Call))
             .count();
         PlanLedger {
             schema: "pvpatch-plan/1",
@@ -436,6 +444,7 @@ impl PlanLedger {
             code_bytes: plan.code_bytes,
             rewritable,
             out_of_line,
+            native_reasons,
             sites,
         }
     }
@@ -473,10 +482,20 @@ impl PlanLedger {
         );
         let _ = writeln!(
             o,
-            "out of line (a call in place or through a detour): {} of the table's sites; the \
-             image has {} rewritable sites",
-            self.out_of_line, self.rewritable
+            "out of line (a call in place or through a detour): {} of {} rewritable sites \
+             ({:.1}%)",
+            self.out_of_line,
+            self.rewritable,
+            100.0 * self.out_of_line as f64 / self.rewritable.max(1) as f64
         );
+        if !self.native_reasons.is_empty() {
+            let _ = writeln!(o, "rewritable sites that stay where they are, by reason:");
+            let mut reasons: Vec<_> = self.native_reasons.iter().collect();
+            reasons.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+            for (why, n) in reasons {
+                let _ = writeln!(o, "  {n:>5}  {why}");
+            }
+        }
         for s in &self.sites {
             if s.outcome == "unchanged"
                 && s.why.as_deref() == Some(keep_name(plan::Keep::AlreadyThere))

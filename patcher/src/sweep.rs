@@ -94,6 +94,22 @@ impl ByteMap {
         off < self.len && self.words[(off / 64) as usize] & (1 << (off % 64)) != 0
     }
 
+    /// The first address in `[from, to)` whose bit is set (a word at a time).
+    pub fn first_in(&self, from: u64, to: u64) -> Option<u64> {
+        let lo = from.saturating_sub(self.base).min(self.len);
+        let hi = to.saturating_sub(self.base).min(self.len);
+        let mut off = lo;
+        while off < hi {
+            let w = self.words[(off / 64) as usize] >> (off % 64);
+            if w != 0 {
+                let hit = off + w.trailing_zeros() as u64;
+                return (hit < hi).then_some(self.base + hit);
+            }
+            off = (off / 64 + 1) * 64;
+        }
+        None
+    }
+
     fn or(&mut self, other: &ByteMap) {
         for (a, b) in self.words.iter_mut().zip(&other.words) {
             *a |= *b;
@@ -148,6 +164,14 @@ impl Sweep {
     /// Whether a direct branch or call targets `addr`.
     pub fn is_branch_target(&self, addr: u64) -> bool {
         self.code.iter().any(|c| c.targets.get(addr))
+    }
+
+    /// The first branch target in `[from, to)`.
+    pub fn branch_target_in(&self, from: u64, to: u64) -> Option<u64> {
+        self.code
+            .iter()
+            .filter_map(|c| c.targets.first_in(from, to))
+            .min()
     }
 }
 

@@ -131,6 +131,13 @@ impl<'a> Backend<'a> {
         }
     }
 
+    /// Whether every detour of the table is installed, even one whose sites all stay native
+    /// (then they run moved, in the stub): the out-of-line test backend's promise that every
+    /// rewritable site runs somewhere else.
+    pub fn takes_every_detour(&self) -> bool {
+        self.detected.kind == BackendKind::OutOfLine
+    }
+
     /// Whether a site of `op` must not stay native on this backend (see
     /// [`PvCode::must_rewrite`]).
     pub fn must_rewrite(&self, op: Op) -> bool {

@@ -407,11 +407,16 @@ fn plan_detours(
     sites: &mut [Planned],
 ) -> Result<Vec<PlannedDetour>, PlanError> {
     let area = table.detour_area();
-    let mut used: Vec<u16> = sites
-        .iter()
-        .filter(|p| p.new != p.old)
-        .filter_map(|p| p.detour)
-        .collect();
+    let every = backend.takes_every_detour();
+    let mut used: Vec<u16> = if every {
+        (0..area.detours).collect()
+    } else {
+        sites
+            .iter()
+            .filter(|p| p.new != p.old)
+            .filter_map(|p| p.detour)
+            .collect()
+    };
     if used.is_empty() {
         return Ok(Vec::new());
     }
@@ -419,7 +424,7 @@ fn plan_detours(
     used.dedup();
     // Members of used detours that were planned in place move into their copies.
     for p in sites.iter_mut() {
-        if p.site.form != Form::Movable || p.detour.is_some() || p.new == p.old {
+        if p.site.form != Form::Movable || p.detour.is_some() || (p.new == p.old && !every) {
             continue;
         }
         let Some((m, addr, copy)) = stub_copy(table, p.index) else {

@@ -9,7 +9,12 @@
 //! `pushf` leaves the flags image where the caller's `pushf` would have (in the slot of the
 //! return address, returning through a copy of it), and `popf` takes the image from above the
 //! return address. Ops with a 2-byte stack operand (`pushfw`, `popfw`) get no thunk, nor do
-//! instructions whose operand is the stack pointer (a call moves it).
+//! instructions that name the stack pointer as a register (a call moves it).
+//!
+//! A site whose memory operand the record cannot describe (`lgdt [rip+d]`, `sgdt [rsp+6]`)
+//! gets a thunk of its own: its instruction, read from the text, re-encoded to reach the same
+//! memory from the thunk ([`encode::called`]: a RIP-relative target kept, an `rsp`-based
+//! operand 8 bytes further, past the return address).
 
 use alloc::vec::Vec;
 
@@ -17,6 +22,8 @@ use patch_sites::table::{SITE_FLAG_REP, Site, SiteTable};
 use patch_sites::{Op, Operand};
 use pvpatch_isa::asm::{Asm, AsmError, POPFQ, PUSHFQ, RET};
 use pvpatch_isa::encode;
+
+use crate::plan::TextRead;
 
 /// A site's shape: what a thunk for it must execute.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,17 +57,40 @@ pub struct Thunks {
     pub base: u64,
     /// The code.
     pub code: Vec<u8>,
-    entries: Vec<(Shape, u32)>,
+    entries: Vec<(Key, u32)>,
+}
+
+/// What a thunk is for: every site of one shape, or one site (by address) whose instruction
+/// it carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Key {
+    Shape(Shape),
+    Site(u64),
 }
 
 impl Thunks {
     /// The thunk for `site`, if there is one.
     pub fn entry(&self, site: &Site) -> Option<u64> {
-        let s = Shape::of(site)?;
+        let key = if own_thunk(site.operand) {
+            Key::Site(site.addr)
+        } else {
+            Key::Shape(Shape::of(site)?)
+        };
         self.entries
             .iter()
-            .find(|(e, _)| *e == s)
+            .find(|(e, _)| *e == key)
             .map(|(_, off)| self.base + *off as u64)
+    }
+}
+
+/// Whether a site needs a thunk of its own, made from its instruction's bytes: its memory
+/// operand is not one the record describes, or it is based on the stack pointer.
+fn own_thunk(o: Operand) -> bool {
+    let rsp = patch_sites::Gpr::Rsp;
+    match o {
+        Operand::MemOther => true,
+        Operand::MemBase(b) | Operand::RegMemBase { base: b, .. } => b == rsp,
+        _ => false,
     }
 }
 
@@ -100,7 +130,8 @@ fn thunk(a: &mut Asm<Vec<u8>>, shape: Shape) -> Result<bool, AsmError> {
         }
         (Op::Pushf | Op::Popf | Op::SaveFl | Op::RestoreFl, _) => Ok(false),
         // Called, the instruction would see the stack pointer 8 bytes lower (found booting
-        // Debian 6.12: `lgdt [rsp]` loaded the return address as the GDT base).
+        // Debian 6.12: `lgdt [rsp]` loaded the return address as the GDT base); memory
+        // operands on it get thunks of their own.
         _ if uses_rsp(shape.operand) => Ok(false),
         _ => {
             let site = Site {
@@ -127,15 +158,21 @@ fn thunk(a: &mut Asm<Vec<u8>>, shape: Shape) -> Result<bool, AsmError> {
     }
 }
 
-/// The thunks for every shape of site in `table`, to run at `base`.
-pub fn generate(table: &SiteTable<'_>, base: u64) -> Result<Thunks, AsmError> {
+/// The thunks for every shape of site in `table` (and every site that needs its own, its
+/// instruction read through `text`), to run at `base`.
+pub fn generate(table: &SiteTable<'_>, base: u64, text: &dyn TextRead) -> Result<Thunks, AsmError> {
     let mut a = Asm::new(base, Vec::new());
-    let mut entries: Vec<(Shape, u32)> = Vec::new();
+    let mut entries: Vec<(Key, u32)> = Vec::new();
     for site in table.sites() {
         let Some(shape) = Shape::of(&site) else {
             continue;
         };
-        if entries.iter().any(|(e, _)| *e == shape) {
+        let key = if own_thunk(site.operand) && !matches!(shape.op, Op::Pushf | Op::Popf) {
+            Key::Site(site.addr)
+        } else {
+            Key::Shape(shape)
+        };
+        if entries.iter().any(|(e, _)| *e == key) {
             continue;
         }
         // 16-byte aligned entry points.
@@ -143,8 +180,27 @@ pub fn generate(table: &SiteTable<'_>, base: u64) -> Result<Thunks, AsmError> {
             a.raw(&[0xcc])?;
         }
         let at = a.out.len() as u32;
-        if thunk(&mut a, shape)? {
-            entries.push((shape, at));
+        let made = match key {
+            Key::Shape(shape) => thunk(&mut a, shape)?,
+            Key::Site(addr) => {
+                let mut insn = [0u8; 15];
+                let len = (site.insn_len as usize).min(15);
+                match text
+                    .read(addr, &mut insn[..len])
+                    .then(|| encode::called(&insn[..len], addr, a.at()))
+                    .flatten()
+                {
+                    Some(moved) if !moved.is_empty() => {
+                        a.raw(moved.as_slice())?;
+                        a.raw(&[RET])?;
+                        true
+                    }
+                    _ => false,
+                }
+            }
+        };
+        if made {
+            entries.push((key, at));
         }
     }
     Ok(Thunks {

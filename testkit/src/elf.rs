@@ -250,3 +250,64 @@ pub fn sample() -> Vec<u8> {
         &[Extra::data("__ex_table", ex_addr, ex)],
     )
 }
+
+/// A stripped stock-kernel sample: no symbol table, its symbols in kallsyms arrays in
+/// `.rodata` (6.4 order), an `__mcount_loc` folded into `.rodata` that only its kallsyms
+/// `__start_`/`__stop_` symbols find, an ORC table, and a cave of `int3` padding inside
+/// `[_text, _etext)`: sites too small for a call (`cli` before a movable `mov`, `rdtsc` after
+/// a protected `call __fentry__`) get detours. A seed of the `image` fuzz target (hostile
+/// kallsyms start from it) and a test image of the stock-kernel path.
+pub fn stock_sample() -> Vec<u8> {
+    let fentry = TEXT;
+    let mut code = vec![0xc3];
+    code.resize(16, 0xcc);
+    let f = TEXT + code.len() as u64;
+    code.push(0xe8); // call __fentry__ (named by __mcount_loc)
+    code.extend_from_slice(&((fentry as i64 - (f + 5) as i64) as i32).to_le_bytes());
+    code.extend_from_slice(&[0x0f, 0x31]); // rdtsc
+    code.extend_from_slice(&[0x48, 0x89, 0xd8, 0x48, 0x83, 0xc0, 0x01]); // mov rax, rbx; add
+    code.push(0xfa); // cli
+    code.extend_from_slice(&[0x48, 0x8d, 0x40, 0x10, 0x31, 0xc0]); // lea rax, [rax+16]; xor
+    code.push(0xc3);
+    code.resize(48, 0xcc);
+    let cave = TEXT + code.len() as u64;
+    code.resize(code.len() + 72 * 1024, 0xcc);
+    let etext = TEXT + code.len() as u64;
+    // .rodata: the mcount table, then kallsyms.
+    let rodata = TEXT + 0x100_0000;
+    let mcount = f.to_le_bytes().to_vec();
+    let mut symbols = vec![
+        (TEXT, b'T', "_text"),
+        (TEXT, b'T', "__fentry__"),
+        (f, b'T', "f"),
+        (cave, b't', "cave_start"),
+        (etext, b'T', "_etext"),
+        (rodata, b'D', "__start_mcount_loc"),
+        (rodata + 8, b'D', "__stop_mcount_loc"),
+    ];
+    symbols.sort_by_key(|s| s.0);
+    let (ks, _) = super::kallsyms::encode(&symbols, TEXT, super::kallsyms::Order::New);
+    let mut ro = mcount;
+    ro.resize(64, 0);
+    ro.extend_from_slice(&ks);
+    // ORC: defined at _text and f, undefined at the cave and at _etext.
+    let orc_ip_addr = rodata + 0x10_0000;
+    let orc: [(u64, u8); 4] = [(TEXT, 0x52), (f, 0x52), (cave, 0), (etext, 0)];
+    let ips: Vec<u8> = orc
+        .iter()
+        .enumerate()
+        .flat_map(|(i, (a, _))| {
+            ((*a as i64 - (orc_ip_addr + 4 * i as u64) as i64) as i32).to_le_bytes()
+        })
+        .collect();
+    let units: Vec<u8> = orc.iter().flat_map(|(_, r)| [0, 0, 0, 0, *r, 0]).collect();
+    build(
+        &code,
+        &[],
+        &[
+            Extra::data(".rodata", rodata, ro),
+            Extra::data(".orc_unwind_ip", orc_ip_addr, ips),
+            Extra::data(".orc_unwind", orc_ip_addr + 0x1000, units),
+        ],
+    )
+}

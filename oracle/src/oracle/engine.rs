@@ -105,6 +105,18 @@ impl State {
             let i = b.number() as usize;
             gpr[i] = DATA + gpr[i] % 0xf00;
         }
+        // String port I/O: the buffer inside the data page (either direction), a short `rep`.
+        match site.op() {
+            Some(patch_sites::Op::Ins) => gpr[7] = DATA + 0x100 + gpr[7] % 0xd00,
+            Some(patch_sites::Op::Outs) => gpr[6] = DATA + 0x100 + gpr[6] % 0xd00,
+            _ => {}
+        }
+        if matches!(
+            site.op(),
+            Some(patch_sites::Op::Ins | patch_sites::Op::Outs)
+        ) {
+            gpr[1] %= 16;
+        }
         match (site.op(), site.operand) {
             // Half the CR3 writes reload the current value (a flush, to some backends).
             (Some(patch_sites::Op::MovToCr3), patch_sites::Operand::Reg(r))
@@ -144,6 +156,9 @@ pub enum End {
     Runaway(u64),
     /// The emulator failed.
     Emulator(String),
+    /// An image run left the code placed for it, for this address (a branch out of a moved
+    /// range, a return).
+    Left(u64),
 }
 
 /// What a run left.
@@ -165,6 +180,50 @@ pub struct Run {
     pub vcpu: Vcpu,
     /// Instructions executed.
     pub steps: usize,
+    /// The highest stack pointer any instruction of the run started with (what lies below it
+    /// was free stack at that point).
+    pub max_rsp: u64,
+    /// An image run's pages mapped on demand (memory the code reached outside the placed code
+    /// and the state's pages), with what they hold at the end.
+    pub demand: Vec<(u64, Vec<u8>)>,
+}
+
+impl Run {
+    /// A run the emulator could not carry out.
+    fn failed(e: EngineError, state: &State) -> Run {
+        Run {
+            end: End::Emulator(e.0),
+            gpr: [0; 16],
+            rflags: 0,
+            stack: Vec::new(),
+            data: Vec::new(),
+            private: Vec::new(),
+            vcpu: Vcpu::new(state.seed, false),
+            steps: 0,
+            max_rsp: 0,
+            demand: Vec::new(),
+        }
+    }
+}
+
+/// An image run's bounds and its pages mapped on demand.
+#[derive(Debug, Default)]
+struct ImageRun {
+    spans: Vec<(u64, u64)>,
+    demand: Vec<u64>,
+    left: Option<u64>,
+    seed: u64,
+}
+
+/// The most pages one image run may map on demand.
+const MAX_DEMAND: usize = 64;
+
+/// What a page mapped on demand holds at first: derived from the run's seed and the page's
+/// address, the same in both runs of a comparison.
+pub fn demand_page(seed: u64, page: u64) -> Vec<u8> {
+    (0..PAGE / 8)
+        .flat_map(|i| super::vcpu::mix(seed ^ page ^ (i << 3) ^ 0x4445_4d41_4e44).to_le_bytes())
+        .collect()
 }
 
 /// Per-run data the hooks see.
@@ -175,7 +234,9 @@ struct Hooked {
     trap_site: Option<Site>,
     fault: Option<u8>,
     steps: usize,
+    max_rsp: u64,
     error: Option<String>,
+    image: Option<ImageRun>,
 }
 
 /// The reusable engine.
@@ -210,7 +271,9 @@ impl Engine {
             trap_site: None,
             fault: None,
             steps: 0,
+            max_rsp: 0,
             error: None,
+            image: None,
         };
         let mut uc = Unicorn::new_with_data(Arch::X86, Mode::MODE_64, data).map_err(uc_err)?;
         uc.mem_map(CODE, CODE_SIZE, Prot::ALL).map_err(uc_err)?;
@@ -231,6 +294,8 @@ impl Engine {
         )
         .map_err(uc_err)?;
         uc.add_intr_hook(on_interrupt).map_err(uc_err)?;
+        uc.add_mem_hook(unicorn_engine::HookType::MEM_UNMAPPED, 1, 0, on_unmapped)
+            .map_err(uc_err)?;
         uc.add_insn_invalid_hook(on_invalid).map_err(uc_err)?;
         let fresh = uc.context_init().map_err(uc_err)?;
         Ok(Engine { uc, fresh })
@@ -248,17 +313,84 @@ impl Engine {
         trap_site: Option<Site>,
         hypervisor: Hypervisor,
     ) -> Run {
-        match self.try_run(code, start, until, state, trap_site, hypervisor) {
-            Ok(r) => r,
+        self.try_run(code, start, until, state, trap_site, hypervisor)
+            .unwrap_or_else(|e| Run::failed(e, state))
+    }
+
+    /// Runs code placed at arbitrary addresses of the low physical space (a kernel's code,
+    /// translated there): the pages of `code` are mapped for this run only, filled with `int3`
+    /// around it, and the run ends when it leaves `code` ([`End::Left`]) or reaches `until`.
+    /// Memory it reaches outside the state's pages is mapped on demand ([`demand_page`]) and
+    /// returned in [`Run::demand`].
+    pub fn run_image(
+        &mut self,
+        code: &[(u64, &[u8])],
+        start: u64,
+        until: u64,
+        state: &State,
+        hypervisor: Hypervisor,
+    ) -> Run {
+        let mut pages: Vec<u64> = code
+            .iter()
+            .filter(|(_, b)| !b.is_empty())
+            .flat_map(|(a, b)| {
+                let first = a & !(PAGE - 1);
+                let last = (a + b.len() as u64 - 1) & !(PAGE - 1);
+                (first..=last).step_by(PAGE as usize)
+            })
+            .collect();
+        pages.sort_unstable();
+        pages.dedup();
+        let placed = (|| -> Result<(), EngineError> {
+            for &p in &pages {
+                self.uc.mem_map(p, PAGE, Prot::ALL).map_err(uc_err)?;
+                self.uc
+                    .mem_write(p, &[0xcc; PAGE as usize])
+                    .map_err(uc_err)?;
+            }
+            for (a, b) in code {
+                self.uc.mem_write(*a, b).map_err(uc_err)?;
+            }
+            // Code translated for an earlier run at these addresses must not be reused.
+            for &p in &pages {
+                self.uc.ctl_remove_cache(p, p + PAGE).map_err(uc_err)?;
+            }
+            Ok(())
+        })();
+        self.uc.get_data_mut().image = Some(ImageRun {
+            spans: code
+                .iter()
+                .map(|(a, b)| (*a, *a + b.len() as u64))
+                .collect(),
+            demand: Vec::new(),
+            left: None,
+            seed: state.seed,
+        });
+        let run = placed.and_then(|()| self.execute(start, until, state, None, hypervisor));
+        let image = self.uc.get_data_mut().image.take().unwrap_or_default();
+        let mut demand = Vec::new();
+        for &p in &image.demand {
+            let mut b = vec![0; PAGE as usize];
+            if self.uc.mem_read(p, &mut b).is_ok() {
+                demand.push((p, b));
+            }
+            let _ = self.uc.mem_unmap(p, PAGE);
+        }
+        for &p in &pages {
+            let _ = self.uc.mem_unmap(p, PAGE);
+        }
+        demand.sort();
+        match run {
+            Ok(mut r) => {
+                if let (Some(a), false) = (image.left, matches!(r.end, End::Emulator(_))) {
+                    r.end = End::Left(a);
+                }
+                r.demand = demand;
+                r
+            }
             Err(e) => Run {
-                end: End::Emulator(e.0),
-                gpr: [0; 16],
-                rflags: 0,
-                stack: Vec::new(),
-                data: Vec::new(),
-                private: Vec::new(),
-                vcpu: Vcpu::new(state.seed, false),
-                steps: 0,
+                demand,
+                ..Run::failed(e, state)
             },
         }
     }
@@ -273,7 +405,6 @@ impl Engine {
         hypervisor: Hypervisor,
     ) -> Result<Run, EngineError> {
         let uc = &mut self.uc;
-        uc.context_restore(&self.fresh).map_err(uc_err)?;
         // Fill the text around what is placed with int3, so that a stray jump faults.
         let mut spans: Vec<(u64, u64)> = code
             .iter()
@@ -291,6 +422,20 @@ impl Engine {
         }
         uc.ctl_remove_cache(CODE, CODE + CODE_SIZE)
             .map_err(uc_err)?;
+        self.execute(start, until, state, trap_site, hypervisor)
+    }
+
+    /// Runs the code in place from `state`.
+    fn execute(
+        &mut self,
+        start: u64,
+        until: u64,
+        state: &State,
+        trap_site: Option<Site>,
+        hypervisor: Hypervisor,
+    ) -> Result<Run, EngineError> {
+        let uc = &mut self.uc;
+        uc.context_restore(&self.fresh).map_err(uc_err)?;
         uc.mem_write(STACK, &state.stack).map_err(uc_err)?;
         uc.mem_write(DATA, &state.data).map_err(uc_err)?;
         uc.mem_write(PRIVATE, &state.private).map_err(uc_err)?;
@@ -300,13 +445,16 @@ impl Engine {
         uc.reg_write(RegisterX86::RFLAGS, state.rflags)
             .map_err(uc_err)?;
         let interrupts = state.rflags & trap::IF != 0;
+        let image = uc.get_data_mut().image.take();
         *uc.get_data_mut() = Hooked {
             hypervisor,
             vcpu: Vcpu::new(state.seed, interrupts),
             trap_site,
             fault: None,
             steps: 0,
+            max_rsp: state.gpr[4],
             error: None,
+            image,
         };
         let result = uc.emu_start(start, until, 0, MAX_STEPS);
         let mut gpr = [0u64; 16];
@@ -346,6 +494,8 @@ impl Engine {
             private,
             vcpu,
             steps: h.steps,
+            max_rsp: h.max_rsp,
+            demand: Vec::new(),
         })
     }
 }
@@ -399,6 +549,43 @@ fn write_gpr(uc: &mut Uc<'_>, i: usize, v: u64) {
 fn fail(uc: &mut Uc<'_>, why: String) {
     uc.get_data_mut().error = Some(why);
     let _ = uc.emu_stop();
+}
+
+/// An access to unmapped memory: in an image run, a fetch leaves the placed code, and data is
+/// mapped on demand (up to [`MAX_DEMAND`] pages); otherwise it faults.
+fn on_unmapped(
+    uc: &mut Uc<'_>,
+    ty: unicorn_engine::MemType,
+    addr: u64,
+    size: usize,
+    _: i64,
+) -> bool {
+    let Some(img) = uc.get_data_mut().image.as_mut() else {
+        return false;
+    };
+    if ty == unicorn_engine::MemType::FETCH_UNMAPPED {
+        img.left = Some(addr);
+        return false;
+    }
+    let seed = img.seed;
+    let first = addr & !(PAGE - 1);
+    let last = addr.saturating_add(size.max(1) as u64 - 1) & !(PAGE - 1);
+    for p in [first, last] {
+        match uc.get_data().image.as_ref() {
+            Some(i) if i.demand.contains(&p) => continue,
+            Some(i) if i.demand.len() < MAX_DEMAND => {}
+            _ => return false,
+        }
+        if uc.mem_map(p, PAGE, Prot::READ | Prot::WRITE).is_err()
+            || uc.mem_write(p, &demand_page(seed, p)).is_err()
+        {
+            return false;
+        }
+        if let Some(i) = uc.get_data_mut().image.as_mut() {
+            i.demand.push(p);
+        }
+    }
+    true
 }
 
 /// A write to the private page, seen when a hypervisor owns it.
@@ -473,34 +660,143 @@ fn on_instruction(uc: &mut Uc<'_>, addr: u64, size: u32) {
         hypercall(uc, addr);
         return;
     }
+    if let Some(img) = uc.get_data_mut().image.as_mut()
+        && !img.spans.iter().any(|&(a, e)| (a..e).contains(&addr))
+    {
+        img.left = Some(addr);
+        let _ = uc.emu_stop();
+        return;
+    }
     let rflags = uc.reg_read(RegisterX86::RFLAGS).unwrap_or(0);
+    let rsp = read_gpr(uc, 4);
     {
         let h = uc.get_data_mut();
         h.steps += 1;
+        h.max_rsp = h.max_rsp.max(rsp);
         h.vcpu.see_flags(rflags);
     }
-    let mut bytes = [0u8; 16];
-    let n = (size as usize).min(15);
-    if uc.mem_read(addr, &mut bytes[..n]).is_err() {
+    let _ = size;
+    let Some(insn) = fetch(uc, addr) else {
+        return;
+    };
+    if insn.mnemonic() == Mnemonic::Popfq && uc.get_data().image.is_some() {
+        // A kernel never single-steps itself: a flags image with TF that moved code loads
+        // (from memory the state filled at random) would trap at a point that depends on
+        // where the code runs, not on what it does. Image runs load flags without TF.
+        let Some(b) = load::<8>(uc, rsp) else {
+            return;
+        };
+        const KEEP: u64 = (1 << 17) | (1 << 19) | (1 << 20); // VM, VIF, VIP
+        const RF: u64 = 1 << 16;
+        let new = (rflags & KEEP) | (u64::from_le_bytes(b) & !(KEEP | RF | TF) & 0x3f_7fd5) | 2;
+        let _ = uc.reg_write(RegisterX86::RFLAGS, new);
+        write_gpr(uc, 4, rsp.wrapping_add(8));
+        uc.get_data_mut().vcpu.see_flags(new);
+        let _ = uc.reg_write(RegisterX86::RIP, addr + insn.len() as u64);
         return;
     }
+    run_model(uc, addr, &insn, rflags);
+}
+
+/// The instruction at `addr` (unicorn's idea of its size is wrong for those it cannot run).
+fn fetch(uc: &Uc<'_>, addr: u64) -> Option<Instruction> {
+    let mut bytes = [0u8; 15];
+    let n = (1..=15)
+        .rev()
+        .find(|&n| uc.mem_read(addr, &mut bytes[..n]).is_ok())?;
     let insn = Decoder::with_ip(64, &bytes[..n], addr, DecoderOptions::NONE).decode();
-    if insn.is_invalid() {
-        return;
-    }
-    match model(uc, &insn, rflags) {
-        Ok(true) => {
+    (!insn.is_invalid()).then_some(insn)
+}
+
+/// Carries out `insn` at `addr` on the virtual CPU if the model owns it; whether it did.
+fn run_model(uc: &mut Uc<'_>, addr: u64, insn: &Instruction, rflags: u64) -> bool {
+    match model(uc, insn, rflags) {
+        Ok(Step::Next) => {
             // Skip the instruction: the virtual CPU did it.
             let _ = uc.reg_write(RegisterX86::RIP, addr + insn.len() as u64);
+            true
         }
-        Ok(false) => {}
-        Err(why) => fail(uc, format!("{addr:#x} {insn}: {why}")),
+        Ok(Step::Again) => {
+            // One iteration of a `rep` string instruction: back for the next one.
+            if uc.get_data().steps >= MAX_STEPS {
+                let _ = uc.emu_stop();
+            }
+            let _ = uc.reg_write(RegisterX86::RIP, addr);
+            true
+        }
+        Ok(Step::Emulate) => false,
+        Err(why) => {
+            fail(uc, format!("{addr:#x} {insn}: {why}"));
+            true
+        }
     }
+}
+
+/// What the model did with an instruction.
+enum Step {
+    /// Nothing: the emulator runs it.
+    Emulate,
+    /// All of it: continue after it.
+    Next,
+    /// One iteration of a `rep` instruction that has more to do.
+    Again,
+}
+
+/// Makes `len` bytes at `addr` accessible: in an image run, pages are mapped on demand as the
+/// code's own accesses would map them.
+fn reachable(uc: &mut Uc<'_>, addr: u64, len: usize) -> bool {
+    let mut probe = vec![0u8; len];
+    if uc.mem_read(addr, &mut probe).is_ok() {
+        return true;
+    }
+    uc.get_data().image.is_some()
+        && on_unmapped(uc, unicorn_engine::MemType::READ_UNMAPPED, addr, len, 0)
+        && uc.mem_read(addr, &mut probe).is_ok()
+}
+
+/// Reads `N` bytes the model needs, or raises #PF.
+fn load<const N: usize>(uc: &mut Uc<'_>, addr: u64) -> Option<[u8; N]> {
+    let mut b = [0u8; N];
+    if reachable(uc, addr, N) && uc.mem_read(addr, &mut b).is_ok() {
+        Some(b)
+    } else {
+        page_fault(uc);
+        None
+    }
+}
+
+/// Writes bytes for the model, or raises #PF.
+fn store(uc: &mut Uc<'_>, addr: u64, b: &[u8]) -> bool {
+    if reachable(uc, addr, b.len()) && uc.mem_write(addr, b).is_ok() {
+        true
+    } else {
+        page_fault(uc);
+        false
+    }
+}
+
+fn page_fault(uc: &mut Uc<'_>) {
+    let h = uc.get_data_mut();
+    h.fault = Some(14);
+    h.vcpu.record(Effect::Fault(14));
+    let _ = uc.emu_stop();
+}
+
+/// The address of `insn`'s memory operand (operand `n`).
+fn address(uc: &Uc<'_>, insn: &Instruction, n: u32) -> Result<u64, String> {
+    let regs: Vec<u64> = (0..16).map(|i| read_gpr(uc, i)).collect();
+    insn.virtual_address(n, 0, |r, _, _| match r {
+        Register::FS | Register::GS | Register::ES | Register::DS | Register::SS | Register::CS => {
+            Some(0)
+        }
+        _ => gpr_index(r).map(|i| regs[i]),
+    })
+    .ok_or_else(|| "no address".into())
 }
 
 /// Carries out `insn` on the virtual CPU if it is one the model owns; `Ok(false)` if the
 /// emulator should run it.
-fn model(uc: &mut Uc<'_>, insn: &Instruction, rflags: u64) -> Result<bool, String> {
+fn model(uc: &mut Uc<'_>, insn: &Instruction, rflags: u64) -> Result<Step, String> {
     let reg = |i: u32| insn.op_register(i);
     match insn.mnemonic() {
         Mnemonic::Mov
@@ -612,10 +908,143 @@ fn model(uc: &mut Uc<'_>, insn: &Instruction, rflags: u64) -> Result<bool, Strin
             write_gpr(uc, 1, aux);
         }
         Mnemonic::Swapgs => uc.get_data_mut().vcpu.swapgs(),
+        Mnemonic::Lgdt | Mnemonic::Lidt => {
+            let which = u8::from(insn.mnemonic() == Mnemonic::Lidt);
+            let a = address(uc, insn, 0)?;
+            let Some(b) = load::<10>(uc, a) else {
+                return Ok(Step::Next);
+            };
+            let limit = u16::from_le_bytes([b[0], b[1]]);
+            let base = u64::from_le_bytes(b[2..].try_into().unwrap_or([0; 8]));
+            let v = &mut uc.get_data_mut().vcpu;
+            v.tables[which as usize] = (limit, base);
+            v.record(Effect::LoadTable { which, limit, base });
+        }
+        Mnemonic::Sgdt | Mnemonic::Sidt => {
+            let which = usize::from(insn.mnemonic() == Mnemonic::Sidt);
+            let (limit, base) = uc.get_data().vcpu.tables[which];
+            let mut b = [0u8; 10];
+            b[..2].copy_from_slice(&limit.to_le_bytes());
+            b[2..].copy_from_slice(&base.to_le_bytes());
+            let a = address(uc, insn, 0)?;
+            store(uc, a, &b);
+        }
+        Mnemonic::Lldt | Mnemonic::Ltr => {
+            let which = u8::from(insn.mnemonic() == Mnemonic::Ltr);
+            let selector = if insn.op0_kind() == OpKind::Register {
+                read_gpr(uc, gpr_index(reg(0)).ok_or("not a GPR")?) as u16
+            } else {
+                let a = address(uc, insn, 0)?;
+                match load::<2>(uc, a) {
+                    Some(b) => u16::from_le_bytes(b),
+                    None => return Ok(Step::Next),
+                }
+            };
+            let v = &mut uc.get_data_mut().vcpu;
+            v.selectors[which as usize] = selector;
+            v.record(Effect::LoadSelector { which, selector });
+        }
+        Mnemonic::Sldt | Mnemonic::Str | Mnemonic::Smsw => {
+            let value = match insn.mnemonic() {
+                Mnemonic::Sldt => uc.get_data().vcpu.selectors[0] as u64,
+                Mnemonic::Str => uc.get_data().vcpu.selectors[1] as u64,
+                _ => uc.get_data().vcpu.cr[0],
+            };
+            if insn.op0_kind() == OpKind::Register {
+                let r = reg(0);
+                let i = gpr_index(r).ok_or("not a GPR")?;
+                let old = read_gpr(uc, i);
+                // A 16-bit destination keeps the rest of the register; wider ones get the
+                // selector zero-extended, or CR0 (smsw stores all of it a register holds).
+                let new = match (r.size(), insn.mnemonic() == Mnemonic::Smsw) {
+                    (2, _) => (old & !0xffff) | (value & 0xffff),
+                    (4, true) => value & 0xffff_ffff,
+                    (_, true) => value,
+                    (_, false) => value & 0xffff,
+                };
+                write_gpr(uc, i, new);
+            } else {
+                let a = address(uc, insn, 0)?;
+                store(uc, a, &(value as u16).to_le_bytes());
+            }
+        }
+        Mnemonic::Insb
+        | Mnemonic::Insw
+        | Mnemonic::Insd
+        | Mnemonic::Outsb
+        | Mnemonic::Outsw
+        | Mnemonic::Outsd => {
+            let width: u8 = match insn.mnemonic() {
+                Mnemonic::Insb | Mnemonic::Outsb => 1,
+                Mnemonic::Insw | Mnemonic::Outsw => 2,
+                _ => 4,
+            };
+            let rep = insn.has_rep_prefix();
+            if rep && read_gpr(uc, 1) == 0 {
+                return Ok(Step::Next);
+            }
+            let port = read_gpr(uc, 2) as u16;
+            let step = if rflags & 0x400 != 0 {
+                (width as u64).wrapping_neg()
+            } else {
+                width as u64
+            };
+            let ins = matches!(
+                insn.mnemonic(),
+                Mnemonic::Insb | Mnemonic::Insw | Mnemonic::Insd
+            );
+            if ins {
+                let at = read_gpr(uc, 7);
+                let v = uc.get_data_mut().vcpu.port_in(port, width);
+                if !store(uc, at, &v.to_le_bytes()[..width as usize]) {
+                    return Ok(Step::Next);
+                }
+                write_gpr(uc, 7, at.wrapping_add(step));
+            } else {
+                let at = read_gpr(uc, 6);
+                let Some(b) = load::<4>(uc, at) else {
+                    return Ok(Step::Next);
+                };
+                let v = u32::from_le_bytes(b) & (u32::MAX >> (32 - 8 * width as u32));
+                uc.get_data_mut().vcpu.port_out(port, width, v);
+                write_gpr(uc, 6, at.wrapping_add(step));
+            }
+            if rep {
+                let n = read_gpr(uc, 1) - 1;
+                write_gpr(uc, 1, n);
+                if n != 0 {
+                    return Ok(Step::Again);
+                }
+            }
+        }
+        Mnemonic::Xsetbv => {
+            let value = (read_gpr(uc, 2) << 32) | (read_gpr(uc, 0) & 0xffff_ffff);
+            let xcr = read_gpr(uc, 1) as u32;
+            uc.get_data_mut().vcpu.record(Effect::Xsetbv { xcr, value });
+        }
+        Mnemonic::Rdpmc => {
+            let v = uc.get_data().vcpu.rdpmc(read_gpr(uc, 1) as u32);
+            write_gpr(uc, 0, v & 0xffff_ffff);
+            write_gpr(uc, 2, v >> 32);
+        }
+        Mnemonic::Invpcid => {
+            let kind = read_gpr(uc, gpr_index(reg(0)).ok_or("the type is not a GPR")?);
+            let a = address(uc, insn, 1)?;
+            let Some(raw) = load::<16>(uc, a) else {
+                return Ok(Step::Next);
+            };
+            let desc = [
+                u64::from_le_bytes(raw[..8].try_into().unwrap_or([0; 8])),
+                u64::from_le_bytes(raw[8..].try_into().unwrap_or([0; 8])),
+            ];
+            uc.get_data_mut()
+                .vcpu
+                .record(Effect::Invpcid { kind, desc });
+        }
         Mnemonic::Clts => uc.get_data_mut().vcpu.clts(),
-        _ => return Ok(false),
+        _ => return Ok(Step::Emulate),
     }
-    Ok(true)
+    Ok(Step::Next)
 }
 
 /// `#UD` (unicorn reports invalid instructions apart from other exceptions): a trap site's
@@ -623,6 +1052,13 @@ fn model(uc: &mut Uc<'_>, insn: &Instruction, rflags: u64) -> Result<bool, Strin
 fn on_invalid(uc: &mut Uc<'_>) -> bool {
     let rip = uc.reg_read(RegisterX86::RIP).unwrap_or(0);
     if emulate_trap(uc, rip) {
+        return true;
+    }
+    // An instruction unicorn does not implement (invpcid) that the model owns.
+    let rflags = uc.reg_read(RegisterX86::RFLAGS).unwrap_or(0);
+    if let Some(insn) = fetch(uc, rip)
+        && run_model(uc, rip, &insn, rflags)
+    {
         return true;
     }
     let h = uc.get_data_mut();

@@ -19,6 +19,7 @@
 
 pub mod abstraction;
 pub mod engine;
+pub mod image;
 pub mod vcpu;
 
 use std::fmt;
@@ -47,20 +48,10 @@ pub const STATUS_FLAGS: u64 = 0x8d5;
 /// Why the oracle does not run `op` (its native instruction cannot run in the engine as a
 /// kernel would run it), or `None` if it does.
 pub fn not_covered(op: Op) -> Option<&'static str> {
-    use Op::*;
-    match op {
-        Ins | Outs => Some("string port I/O: not modelled by the virtual CPU yet"),
-        Rdpmc => Some("unicorn does not implement rdpmc (#UD)"),
-        Xsetbv => Some("unicorn raises #GP for xsetbv without CR4.OSXSAVE"),
-        Invpcid => Some("unicorn does not implement invpcid"),
-        Lgdt | Lidt | Lldt | Ltr | Sgdt | Sidt | Sldt | Str | Smsw => {
-            Some("descriptor-table ops: no backend rewrites them; not modelled yet")
-        }
-        _ => match op.info().kind {
-            Kind::Instruction | Kind::Idiom => None,
-            Kind::ControlTransfer => Some("control transfers are never rewritten"),
-            _ => Some("hypervisor interfaces are never rewritten"),
-        },
+    match op.info().kind {
+        Kind::Instruction | Kind::Idiom => None,
+        Kind::ControlTransfer => Some("control transfers are never rewritten"),
+        _ => Some("hypervisor interfaces are never rewritten"),
     }
 }
 
@@ -423,7 +414,7 @@ impl Oracle {
             candidate.trap.then_some(site),
             abs.hypervisor(),
         );
-        let what = differences(&site, abs, state, &reference, &rewritten);
+        let what = differences(&site, abs, state, &reference, &rewritten, false);
         if what.is_empty() {
             Ok(Checked {
                 effects: reference.vcpu.trace.len(),
@@ -442,12 +433,16 @@ impl Oracle {
 }
 
 /// Everything that differs between the reference run and the rewrite's.
+///
+/// The native run must reach the end of the site, unless `any_end` (an image run, which may
+/// leave its range or fault: the rewrite must then do the same).
 fn differences(
     site: &Site,
     abs: &dyn Abstraction,
     initial: &State,
     r: &Run,
     w: &Run,
+    any_end: bool,
 ) -> Vec<String> {
     let initial_rsp = initial.gpr[4];
     let mut what = Vec::new();
@@ -458,7 +453,7 @@ fn differences(
         what.push(format!("the native run failed in the emulator: {e}"));
         return what;
     }
-    if r.end != End::Reached {
+    if r.end != End::Reached && !any_end {
         what.push(format!(
             "the native run did not reach the end of the site ({:?}): the case is invalid",
             r.end
@@ -506,11 +501,38 @@ fn differences(
     let from = rsp
         .checked_sub(STACK)
         .map_or(0, |o| (o as usize).min(engine::PAGE as usize));
-    if r.stack.get(from..) != w.stack.get(from..) {
+    let free_below = r.max_rsp.clamp(initial_rsp, STACK + engine::PAGE);
+    let live = |i: usize| {
+        // In an image run the code may pop, allocate stack (`sub rsp`) or switch stacks: what
+        // lay below rsp at some point of the native run was free stack then (an interrupt
+        // could have overwritten it), and matters only if the native run wrote it.
+        !any_end || STACK + i as u64 >= free_below || r.stack.get(i) != initial.stack.get(i)
+    };
+    let stack_differs = (from..r.stack.len().max(w.stack.len()))
+        .any(|i| live(i) && r.stack.get(i) != w.stack.get(i));
+    if stack_differs {
         what.push(format!("the stack at and above rsp {rsp:#x} differs"));
     }
     if r.data != w.data {
         what.push(first_difference("the data page", DATA, &r.data, &w.data));
+    }
+    // Pages an image run mapped on demand: a page only one run reached must still hold what
+    // it was given in that run.
+    if r.demand != w.demand {
+        let pages: std::collections::BTreeSet<u64> =
+            r.demand.iter().chain(&w.demand).map(|(p, _)| *p).collect();
+        let held = |run: &Run, p: u64| {
+            run.demand
+                .iter()
+                .find(|(q, _)| *q == p)
+                .map_or_else(|| engine::demand_page(initial.seed, p), |(_, b)| b.clone())
+        };
+        for p in pages {
+            let (a, b) = (held(r, p), held(w, p));
+            if a != b {
+                what.push(first_difference("memory", p, &a, &b));
+            }
+        }
     }
     if !abs.owns_private_page() && r.private != w.private {
         what.push(first_difference(

@@ -65,6 +65,36 @@ pub enum Effect {
     },
     /// GS.base and KERNEL_GS_BASE were exchanged.
     Swapgs,
+    /// An extended control register was written (`xsetbv`).
+    Xsetbv {
+        /// Which (ecx).
+        xcr: u32,
+        /// The value (edx:eax).
+        value: u64,
+    },
+    /// A descriptor-table register was loaded (`lgdt`, `lidt`).
+    LoadTable {
+        /// 0: GDTR, 1: IDTR.
+        which: u8,
+        /// The limit.
+        limit: u16,
+        /// The base.
+        base: u64,
+    },
+    /// A segment selector register was loaded (`lldt`, `ltr`).
+    LoadSelector {
+        /// 0: LDTR, 1: TR.
+        which: u8,
+        /// The selector.
+        selector: u16,
+    },
+    /// TLB entries were invalidated by process-context identifier (`invpcid`).
+    Invpcid {
+        /// The invalidation type (the register operand).
+        kind: u64,
+        /// The descriptor the memory operand names: the PCID, then the linear address.
+        desc: [u64; 2],
+    },
     /// A fault was raised with this vector; execution stopped.
     Fault(u8),
     /// A write to the backend's private page (Xen's `vcpu_info`, Hyper-V's input page): what
@@ -116,6 +146,10 @@ pub struct Vcpu {
     pub trace: Vec<Effect>,
     /// IF as last seen.
     pub interrupts: bool,
+    /// GDTR and IDTR: (limit, base).
+    pub tables: [(u16, u64); 2],
+    /// LDTR and TR selectors.
+    pub selectors: [u16; 2],
 }
 
 /// A mixing function (splitmix64's finaliser).
@@ -149,6 +183,8 @@ impl Vcpu {
             seed,
             trace: Vec::new(),
             interrupts,
+            tables: [(r(30) as u16, r(31)), (r(32) as u16, r(33))],
+            selectors: [r(34) as u16 & 0xfff8, r(35) as u16 & 0xfff8],
         }
     }
 
@@ -256,6 +292,11 @@ impl Vcpu {
             self.record(Effect::If(true));
         }
         self.record(Effect::Halt { interrupts });
+    }
+
+    /// `rdpmc`: performance counter `counter`, 48 bits derived from the seed.
+    pub fn rdpmc(&self, counter: u32) -> u64 {
+        mix(self.seed ^ 0x504d_4300_0000_0000 ^ counter as u64) & 0xffff_ffff_ffff
     }
 
     /// `swapgs`.

@@ -90,23 +90,30 @@ impl Orc {
 
 /// Every cave of a stock kernel, by address. Empty if the image has no `_text`/`_etext` or no
 /// ORC table (nothing could vouch for an unwind from inside).
-pub fn find(image: &Image, guards: &Guards, sweep: &Sweep) -> Vec<Cave> {
-    runs(image, guards, sweep, MIN_CAVE, true)
+pub fn find(image: &Image, guards: &Guards, sweep: &Sweep, orc: &Orc) -> Vec<Cave> {
+    runs(image, guards, sweep, orc, MIN_CAVE, true)
 }
 
 /// Every piece of `int3` padding of at least `min` bytes inside `[_text, _etext)` that one ORC
 /// entry covers (an undefined one if `undefined`) and that nothing protects or names, by address
 /// (pieces that can hold stubs start 16-byte aligned when `min` is [`MIN_CAVE`]).
-pub fn runs(image: &Image, guards: &Guards, sweep: &Sweep, min: u64, undefined: bool) -> Vec<Cave> {
+pub fn runs(
+    image: &Image,
+    guards: &Guards,
+    sweep: &Sweep,
+    orc: &Orc,
+    min: u64,
+    undefined: bool,
+) -> Vec<Cave> {
     let (Some(text), Some(etext)) = (
         image.symbol_address("_text"),
         image.symbol_address("_etext"),
     ) else {
         return Vec::new();
     };
-    let Some(orc) = Orc::read(image) else {
+    if orc.entries.is_empty() {
         return Vec::new();
-    };
+    }
     let mut caves = Vec::new();
     for s in image.exec_sections() {
         let lo = s.addr.max(text);

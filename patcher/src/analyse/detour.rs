@@ -56,8 +56,10 @@ pub enum DetourError {
 const JMP_REL32: u8 = 0xe9;
 
 /// Whether `i` can run anywhere once re-encoded: it falls through, is a direct `jmp`/`jcc`
-/// (its target kept), a direct `call` (the callee returns into the stub, which goes on as the
-/// original would), or a near `ret` (which leaves the stub as it would have left the function).
+/// (its target kept), a direct `call` (the last instruction of a moved range only: it becomes
+/// `push` of its original return address and `jmp` to its target, so that the callee sees and
+/// returns to the address it always did), or a near `ret` (which leaves the stub as it would
+/// have left the function).
 pub fn movable(i: &Instruction) -> bool {
     match i.flow_control() {
         FlowControl::Next => true,
@@ -169,18 +171,28 @@ pub fn build_group(
         }
     }
     let copy_at = |ip: u64| copies.iter().find(|c| start + c.off as u64 == ip);
-    // Everything in the range, in order: a site (copied) or a moved instruction (re-encoded).
-    let mut d = Decoder::with_ip(64, code, start, DecoderOptions::NONE);
+    // Everything in the range, in order: a site (copied whole: an idiom such as `pushfq; pop`
+    // is one site of several instructions) or a moved instruction (re-encoded).
     let mut all: Vec<(Instruction, Option<Copy>)> = Vec::new();
-    while d.can_decode() {
-        let i = d.decode();
+    let mut off = 0;
+    while off < len {
+        let ip = start + off as u64;
+        let i = Decoder::with_ip(64, &code[off..], ip, DecoderOptions::NONE).decode();
         if i.is_invalid() {
-            return Err(DetourError::Undecodable(i.ip()));
+            return Err(DetourError::Undecodable(ip));
         }
-        match copy_at(i.ip()) {
-            Some(c) if i.len() != c.insn_len => return Err(DetourError::Undecodable(i.ip())),
+        let copy = copy_at(ip);
+        off += copy.map_or(i.len(), |c| c.insn_len);
+        match copy {
+            Some(c) if i.len() > c.insn_len || off > len => {
+                return Err(DetourError::Undecodable(ip));
+            }
             Some(c) => all.push((i, Some(*c))),
             None if !movable(&i) => return Err(DetourError::Unmovable(i.ip())),
+            // A call inside the range would return into it.
+            None if i.is_call_near() && i.next_ip() != start + len as u64 => {
+                return Err(DetourError::Unmovable(i.ip()));
+            }
             None => {
                 let mut n = i;
                 if n.is_jcc_short_or_near() || n.is_jmp_short_or_near() {
@@ -190,8 +202,8 @@ pub fn build_group(
             }
         }
     }
-    if d.position() != len || all.iter().filter(|(_, c)| c.is_some()).count() != copies.len() {
-        return Err(DetourError::Undecodable(start + d.position() as u64));
+    if off != len || all.iter().filter(|(_, c)| c.is_some()).count() != copies.len() {
+        return Err(DetourError::Undecodable(start + off as u64));
     }
     let enc_err =
         |ip: u64| move |e: iced_x86::IcedError| DetourError::Encode(format!("{ip:#x}: {e}"));
@@ -208,10 +220,15 @@ pub fn build_group(
             Some(c) => c.len as u64,
             None => {
                 let mut probe = *i;
-                if probe.is_jcc_near() || probe.is_jmp_near() || probe.is_call_near() {
-                    probe.set_near_branch64(at);
+                if probe.is_call_near() {
+                    // push imm32; jmp rel32.
+                    10
+                } else {
+                    if probe.is_jcc_near() || probe.is_jmp_near() {
+                        probe.set_near_branch64(at);
+                    }
+                    enc.encode(&probe, at).map_err(enc_err(i.ip()))? as u64
                 }
-                enc.encode(&probe, at).map_err(enc_err(i.ip()))? as u64
             }
         };
     }
@@ -222,7 +239,23 @@ pub fn build_group(
     let emit = |i: &Instruction, out: &mut Vec<u8>| -> Result<(), DetourError> {
         let here = stub + out.len() as u64;
         let mut i = *i;
-        if i.is_jcc_near() || i.is_jmp_near() || i.is_call_near() {
+        if i.is_call_near() {
+            // The return address the call would push (the end of the range: a kernel address
+            // that `push imm32` sign-extends), then a jump to the callee.
+            let ret = i32::try_from(i.next_ip() as i64).map_err(|_| {
+                DetourError::Encode(format!("{:#x}: return address not sign-extended", i.ip()))
+            })?;
+            let t = i.near_branch_target();
+            if t >= start && t < start + len as u64 {
+                return Err(DetourError::Unmovable(i.ip()));
+            }
+            out.push(0x68);
+            out.extend_from_slice(&ret.to_le_bytes());
+            out.push(JMP_REL32);
+            out.extend_from_slice(&rel32(here + 10, t)?);
+            return Ok(());
+        }
+        if i.is_jcc_near() || i.is_jmp_near() {
             let t = i.near_branch_target();
             if let Some(n) = moved_to(t) {
                 i.set_near_branch64(n);
@@ -243,7 +276,7 @@ pub fn build_group(
         let copy_off = out.len();
         offs.push(u8::try_from(copy_off).map_err(|_| DetourError::TooShort)?);
         // The copy: the site's bytes, unless they are RIP-relative (then re-encoded in place).
-        if i.is_ip_rel_memory_operand() {
+        if i.is_ip_rel_memory_operand() && i.len() == c.insn_len {
             emit(i, &mut out)?;
             if out.len() - copy_off != c.insn_len {
                 return Err(DetourError::Encode(format!(
@@ -315,19 +348,41 @@ mod tests {
         let d = build(&code, addr, 4, stub).unwrap();
         let lea = Decoder::with_ip(64, &d.stub[11..], stub + 11, DecoderOptions::NONE).decode();
         assert_eq!(lea.ip_rel_memory_address(), addr + 4);
-        // An indirect call cannot move (a direct one can: the callee returns into the stub).
+        // An indirect call cannot move; a direct one can, last: it pushes the return address
+        // it always did and jumps to its target.
         let call = [0xfa, 0xff, 0xd0, 0x90, 0x90];
         assert_eq!(
             build(&call, addr, 1, stub),
             Err(DetourError::Unmovable(addr + 1))
         );
         let d = build(&[0xfa, 0xe8, 0, 0, 0, 0], addr, 1, stub).unwrap();
-        let moved = Decoder::with_ip(64, &d.stub[6..], stub + 6, DecoderOptions::NONE).decode();
+        let mut dec = Decoder::with_ip(64, &d.stub[6..], stub + 6, DecoderOptions::NONE);
+        let push = dec.decode();
+        assert_eq!(push.code(), Code::Pushq_imm32);
         assert_eq!(
-            moved.near_branch_target(),
+            push.immediate32to64() as u64,
+            addr + 6,
+            "the original return address"
+        );
+        assert_eq!(
+            dec.decode().near_branch_target(),
             addr + 6,
             "the call keeps its target"
         );
+        // Not before other moved code: the callee would return into the moved range.
+        let copy = Copy {
+            off: 0,
+            insn_len: 1,
+            len: 1,
+        };
+        let code = [0xfa, 0xe8, 0, 0, 0, 0, 0x90];
+        assert_eq!(
+            build_group(&code, addr, &[copy], stub, Jump::Direct),
+            Err(DetourError::Unmovable(addr + 1))
+        );
+        // An idiom is one site of two instructions, copied whole.
+        let g = build(&[0x9c, 0x58, 0x48, 0xff, 0xc0], addr, 2, stub).unwrap();
+        assert_eq!(&g.stub[..2], [0x9c, 0x58]);
         assert_eq!(
             build(&[0xfa, 0x90], addr, 1, stub),
             Err(DetourError::TooShort)

@@ -151,7 +151,7 @@ impl Guards {
         {
             return Some(a);
         }
-        (start + 1..end).find(|&a| sweep.is_branch_target(a))
+        sweep.branch_target_in(start.saturating_add(1), end)
     }
 
     /// Whether `a` is an instruction start something names (symbol or table).

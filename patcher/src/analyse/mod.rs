@@ -252,17 +252,12 @@ pub fn analyse(image: &Image, tables: &LinuxTables, sweep: &Sweep) -> Analysis {
         ..Analysis::default()
     };
     if stock {
-        analysis.caves = caves::find(image, &guards, sweep);
+        // No ORC table, no caves: nothing could vouch for an unwind from a stub.
+        let orc = caves::Orc::read(image).unwrap_or_default();
+        analysis.caves = caves::find(image, &guards, sweep, &orc);
         let mut alloc = Allocator::new(analysis.caves.clone());
         analysis.arena = alloc.alloc_last(ARENA).map(|a| (a, ARENA));
-        analysis.detours = stock::plan(
-            image,
-            sweep,
-            &guards,
-            &mut sites,
-            &analysis.caves,
-            &mut alloc,
-        );
+        analysis.detours = stock::plan(image, sweep, &guards, &mut sites, &orc, &mut alloc);
     }
     analysis.sites = sites;
     analysis.guards = guards;
@@ -343,6 +338,24 @@ fn room(
         return nothing(
             format!("protected ({}): never written", g.why),
             &format!("protected ({})", kind_of(&g.why)),
+        );
+    }
+    // `sti` enables interrupts only after the next instruction: `sti; mwait` (and `sti; hlt`
+    // where it is not one idiom) sleep without a window for an interrupt to slip in first. Run
+    // anywhere else, or through a call, the window opens (found by the oracle on 6.1's
+    // `mwait_idle`).
+    if op == Op::Sti
+        && let Some(next) = decode_at(image, f.addr + f.len as u64)
+        && let Some(then) = match next.mnemonic() {
+            Mnemonic::Hlt => Some("hlt"),
+            Mnemonic::Mwait => Some("mwait"),
+            Mnemonic::Mwaitx => Some("mwaitx"),
+            _ => None,
+        }
+    {
+        return nothing(
+            format!("sti's interrupt shadow: the {then} after it must follow it directly"),
+            "interrupt shadow (sti; mwait)",
         );
     }
     let control = op.info().kind == Kind::ControlTransfer;
@@ -509,6 +522,15 @@ fn moved_range(image: &Image, sweep: &Sweep, guards: &Guards, f: &Found) -> Resu
     while end - f.addr < 5 {
         let i = unmovable(image, end)?;
         end += i.len() as u64;
+        if i.is_call_near() && end - f.addr < 5 {
+            return Err(blocked(
+                "call inside",
+                format!(
+                    "{:#x} is a call that would return into the moved range",
+                    i.ip()
+                ),
+            ));
+        }
     }
     if end - f.addr > MAX_MOVED as u64 {
         return Err(blocked(

@@ -17,7 +17,7 @@
 
 use patch_sites::Outcome;
 
-use super::caves::{Allocator, Cave, Orc};
+use super::caves::{Allocator, Orc};
 use super::detour::{self, Copy, Jump};
 use super::guard::Guards;
 use super::{Blocked, Direction, MAX_MOVED, Moved, SiteInfo, blocked, check_range, decode_at};
@@ -78,8 +78,8 @@ fn after(image: &Image, at: u64, n: usize) -> Vec<u64> {
 /// Runs of `int3` padding that can hold trampolines: 5 to [`super::caves::MIN_CAVE`] bytes,
 /// inside `[_text, _etext)`, one ORC entry covering each, nothing protected or named in them.
 /// `(start, end)`, sorted; the free part of each shrinks as trampolines are placed.
-fn padding(image: &Image, guards: &Guards, sweep: &Sweep) -> Vec<(u64, u64)> {
-    super::caves::runs(image, guards, sweep, 5, false)
+fn padding(image: &Image, guards: &Guards, sweep: &Sweep, orc: &Orc) -> Vec<(u64, u64)> {
+    super::caves::runs(image, guards, sweep, orc, 5, false)
         .into_iter()
         .filter(|c| c.len() < super::caves::MIN_CAVE)
         .map(|c| (c.start, c.end))
@@ -92,12 +92,10 @@ pub fn plan(
     sweep: &Sweep,
     guards: &Guards,
     sites: &mut [SiteInfo],
-    caves: &[Cave],
+    orc: &Orc,
     alloc: &mut Allocator,
 ) -> Vec<DetourPlan> {
-    let mut pads = padding(image, guards, sweep);
-    let orc = Orc::read(image);
-    let _ = caves;
+    let mut pads = padding(image, guards, sweep, orc);
     let mut plans = Vec::new();
     let addr_of: Vec<u64> = sites.iter().map(|s| s.found.addr).collect();
     let mut taken = vec![false; sites.len()];
@@ -115,7 +113,7 @@ pub fn plan(
             continue;
         }
         match plan_one(
-            image, sweep, guards, sites, &addr_of, &taken, &moved, i, &mut pads, &orc, alloc,
+            image, sweep, guards, sites, &addr_of, &taken, &moved, i, &mut pads, orc, alloc,
         ) {
             Ok(p) => {
                 moved.insert(p.start, p.start + p.len as u64);
@@ -201,6 +199,15 @@ fn check_window(
         }
         let i = super::unmovable(image, at)?;
         at += i.len() as u64;
+        if i.is_call_near() && at != end {
+            return Err(blocked(
+                "call inside",
+                format!(
+                    "{:#x} is a call that would return into the moved range",
+                    i.ip()
+                ),
+            ));
+        }
     }
     if at != end {
         return Err(blocked(
@@ -259,10 +266,9 @@ fn plan_one(
     moved: &std::collections::BTreeMap<u64, u64>,
     i: usize,
     pads: &mut [(u64, u64)],
-    orc: &Option<Orc>,
+    orc: &Orc,
     alloc: &mut Allocator,
 ) -> Result<DetourPlan, Blocked> {
-    let orc = orc.as_ref();
     let f = &sites[i].found;
     let site_end = f.addr + f.len as u64;
     let befores = before(image, sweep, f.addr, 4);
@@ -296,7 +302,7 @@ fn plan_one(
             }
         };
         let jump = if needs_tramp {
-            match orc.and_then(|o| trampoline(pads, o, start)) {
+            match trampoline(pads, orc, start) {
                 Some(t) => Jump::Trampoline(t),
                 None => {
                     if first_fwd.is_none() && start == f.addr {

@@ -215,6 +215,13 @@ impl fmt::Debug for Image {
 impl Image {
     /// Maps and checks the file at `path`.
     pub fn open(path: &Path) -> Result<Image> {
+        Image::open_with(path, true)
+    }
+
+    /// Maps and checks the file at `path`; a stripped kernel's kallsyms is recovered only if
+    /// `kallsyms` (checking a written image's table needs no symbols, and recovering them
+    /// reads megabytes of `.rodata`).
+    pub fn open_with(path: &Path, kallsyms: bool) -> Result<Image> {
         let io = |source| ImageError::Io {
             path: path.to_owned(),
             source,
@@ -232,15 +239,15 @@ impl Image {
         // the tool reads each byte through bounds-checked slices of the mapping, and the
         // documented contract is that the input is not modified while pvpatch runs.
         let map = unsafe { Mmap::map(&file) }.map_err(io)?;
-        Image::parse(path.to_owned(), Backing::Mapped(map))
+        Image::parse(path.to_owned(), Backing::Mapped(map), kallsyms)
     }
 
     /// Checks an image held in memory (tests, fuzzing).
     pub fn from_bytes(name: &str, bytes: Vec<u8>) -> Result<Image> {
-        Image::parse(PathBuf::from(name), Backing::Owned(bytes))
+        Image::parse(PathBuf::from(name), Backing::Owned(bytes), true)
     }
 
-    fn parse(path: PathBuf, data: Backing) -> Result<Image> {
+    fn parse(path: PathBuf, data: Backing, recover_kallsyms: bool) -> Result<Image> {
         let bytes = data.bytes();
         if bytes.len() < 4 || bytes[..4] != elf::ELFMAG {
             return Err(ImageError::Unsupported(format!(
@@ -384,6 +391,8 @@ impl Image {
         let mut kallsyms = None;
         if symbols.is_empty() {
             symbol_source = SymbolSource::None;
+        }
+        if symbols.is_empty() && recover_kallsyms {
             let rodata = sections
                 .iter()
                 .find(|s| s.name == ".rodata" && s.is_alloc() && s.has_file_data());
@@ -395,12 +404,7 @@ impl Image {
                     super::kallsyms::read(data, r.addr).map_err(ImageError::Malformed)?
                 {
                     symbols = kallsyms_functions(&k, &sections);
-                    names = k
-                        .symbols
-                        .iter()
-                        .rev()
-                        .map(|s| (s.name.clone(), s.addr))
-                        .collect();
+                    // Names are looked up in kallsyms itself (`symbol_address`).
                     symbol_source = SymbolSource::Kallsyms;
                     kallsyms = Some(k);
                 }
@@ -461,7 +465,10 @@ impl Image {
     /// The address of the symbol named `name` (any kind: function, data, linker-defined), from
     /// the symbol table or the kernel's kallsyms.
     pub fn symbol_address(&self, name: &str) -> Option<u64> {
-        self.names.get(name).copied()
+        match &self.kallsyms {
+            Some(k) => k.address(name),
+            None => self.names.get(name).copied(),
+        }
     }
 
     /// The descriptor of the `Xen` note of type `kind`, if the image has one.

@@ -28,8 +28,6 @@
 //! with them, the offsets by decoding to addresses sorted as kallsyms sorts them), every read is
 //! bounds-checked, and an image whose kallsyms is malformed is refused with what is wrong.
 
-use std::collections::HashMap;
-
 /// One symbol.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KSym {
@@ -78,14 +76,30 @@ pub struct Kallsyms {
     pub symbols: Vec<KSym>,
     /// Where the arrays are.
     pub layout: Layout,
-    by_name: HashMap<String, u64>,
+    /// `(hash of the name, index)`, sorted: a name's symbols without a copy of every name (a
+    /// kernel has 150,000 of them).
+    by_name: Vec<(u64, u32)>,
 }
 
 impl Kallsyms {
     /// The address of the (first) symbol named `name`.
     pub fn address(&self, name: &str) -> Option<u64> {
-        self.by_name.get(name).copied()
+        let h = name_hash(name.as_bytes());
+        let from = self.by_name.partition_point(|e| e.0 < h);
+        self.by_name[from..]
+            .iter()
+            .take_while(|e| e.0 == h)
+            .map(|e| &self.symbols[e.1 as usize])
+            .find(|s| s.name == name)
+            .map(|s| s.addr)
     }
+}
+
+/// FNV-1a, 64 bits.
+fn name_hash(b: &[u8]) -> u64 {
+    b.iter().fold(0xcbf2_9ce4_8422_2325, |h, &x| {
+        (h ^ x as u64).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// Upper bound on the symbol count (Debian's 6.12 has 162,756).
@@ -229,7 +243,7 @@ fn find_names(data: &[u8], base: u64, tokens: usize) -> Option<(usize, usize, Ve
             // Where the markers would start if they end at the token table (6.4 and later, or
             // older without seqs) or at a seqs array of 3 bytes a symbol before it (6.2 to 6.3,
             // and Debian's 6.1).
-            let ends = [tokens, tokens.checked_sub(align8(0, 3 * n)).unwrap_or(0)];
+            let ends = [tokens, tokens.saturating_sub(align8(0, 3 * n))];
             for end in ends {
                 let Some(m) = end.checked_sub(align8(0, markers_len)) else {
                     continue;
@@ -324,7 +338,7 @@ pub fn read(data: &[u8], base: u64) -> Result<Option<Kallsyms>, String> {
             )
         })?;
     let mut symbols = Vec::with_capacity(n);
-    let mut by_name = HashMap::with_capacity(n);
+    let mut by_name = Vec::with_capacity(n);
     let mut name = Vec::with_capacity(64);
     for (i, start) in starts.iter().enumerate() {
         let (len, body) = entry(data, p + 8 + *start as usize)
@@ -350,7 +364,7 @@ pub fn read(data: &[u8], base: u64) -> Result<Option<Kallsyms>, String> {
             kind,
             name: String::from_utf8_lossy(rest).into_owned(),
         };
-        by_name.entry(s.name.clone()).or_insert(s.addr);
+        by_name.push((name_hash(s.name.as_bytes()), i as u32));
         symbols.push(s);
     }
     Ok(Some(Kallsyms {
@@ -366,7 +380,10 @@ pub fn read(data: &[u8], base: u64) -> Result<Option<Kallsyms>, String> {
             offsets_after_tokens,
             absolute_percpu,
         },
-        by_name,
+        by_name: {
+            by_name.sort_unstable();
+            by_name
+        },
     }))
 }
 
@@ -395,7 +412,7 @@ mod tests {
         let (arrays, _) = encode(&s, TEXT, order);
         let mut data = vec![0x5au8; 0x128];
         data.extend_from_slice(b"$\0%\0&\x000\x001\x002\x003\x004\x005\x006\x007\x008\x009\x00:\0");
-        while data.len() % 8 != 0 {
+        while !data.len().is_multiple_of(8) {
             data.push(0);
         }
         let at = data.len();

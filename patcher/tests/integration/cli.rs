@@ -60,7 +60,7 @@ fn scan_prints_a_summary_and_a_ledger() {
         .unwrap();
     assert_eq!(out.status.code(), Some(0));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["schema"], "pvpatch-ledger/1");
+    assert_eq!(v["schema"], pvpatch::ledger::LEDGER_SCHEMA);
     assert_eq!(v["image"]["sha256"].as_str().unwrap().len(), 64);
     let sites = v["sites"].as_array().unwrap();
     assert_eq!(sites.len(), 6);
@@ -305,16 +305,24 @@ fn hostile_images_fail_annotate_with_status_3_and_leave_nothing() {
     );
 }
 
-/// The `image` fuzz target's seed is the sample image; `PVPATCH_UPDATE=1` rewrites it.
+/// The `image` fuzz target's seeds are the sample images (a kernel of our own, and a stripped
+/// stock kernel with kallsyms); `PVPATCH_UPDATE=1` rewrites them.
 #[test]
-fn the_image_fuzz_seed_is_the_sample_image() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/image/seed-sample");
-    if std::env::var_os("PVPATCH_UPDATE").is_some() {
-        std::fs::write(&path, sample_image()).unwrap();
+fn the_image_fuzz_seeds_are_the_sample_images() {
+    for (name, bytes) in [
+        ("seed-sample", sample_image()),
+        ("seed-stock-kallsyms", pvpatch_testkit::elf::stock_sample()),
+    ] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../fuzz/corpus/image")
+            .join(name);
+        if std::env::var_os("PVPATCH_UPDATE").is_some() {
+            std::fs::write(&path, &bytes).unwrap();
+        }
+        assert!(
+            std::fs::read(&path).unwrap_or_default() == bytes,
+            "{} is not the sample image (PVPATCH_UPDATE=1 rewrites it)",
+            path.display()
+        );
     }
-    assert!(
-        std::fs::read(&path).unwrap_or_default() == sample_image(),
-        "{} is not the sample image (PVPATCH_UPDATE=1 rewrites it)",
-        path.display()
-    );
 }

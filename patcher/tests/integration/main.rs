@@ -9,4 +9,6 @@ mod hostile;
 mod kallsyms;
 mod kernel;
 mod kernels;
+mod stock;
+mod stock_props;
 mod tables;

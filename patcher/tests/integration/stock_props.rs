@@ -1,0 +1,300 @@
+//! The planner and protected bytes, on generated stock kernels: functions of random code with
+//! sensitive instructions next to bytes Linux's tables name (`call __fentry__` in
+//! `__mcount_loc`, return thunks in `.return_sites`, lock prefixes in `.smp_locks`, jump labels
+//! in `__jump_table`, `endbr64` at function entries) and branch targets, an ORC table, and a
+//! cave. What is protected is known here from how each image was built, not from the tool's
+//! table reader; every in-place room, moved range and planned write is checked against it.
+
+use pvpatch::rewrite::{BackendSpec, plan_image};
+use pvpatch::scan_image;
+use pvpatch_testkit::elf::{Extra, TEXT, build};
+
+use proptest::prelude::*;
+
+/// One piece of a function body.
+#[derive(Clone, Copy, Debug)]
+enum Piece {
+    /// An ordinary instruction (one of a few), movable.
+    Filler(u8),
+    /// A sensitive instruction (one of a few).
+    Sensitive(u8),
+    /// `je +0`: the next piece is a branch target.
+    Branch,
+    /// `lock inc qword [rax]`, named by `.smp_locks`.
+    Lock,
+    /// A 2-byte jump label NOP, named by `__jump_table` (the next piece is its target).
+    JumpLabel,
+}
+
+fn piece() -> impl Strategy<Value = Piece> {
+    prop_oneof![
+        4 => (0u8..5).prop_map(Piece::Filler),
+        3 => (0u8..6).prop_map(Piece::Sensitive),
+        1 => Just(Piece::Branch),
+        1 => Just(Piece::Lock),
+        1 => Just(Piece::JumpLabel),
+    ]
+}
+
+/// A function: `endbr64` or not, a `call __fentry__` or not, a body, and a return through the
+/// return thunk (a `.return_sites` entry) or a plain `ret`.
+#[derive(Clone, Debug)]
+struct Function {
+    endbr: bool,
+    mcount: bool,
+    body: Vec<Piece>,
+    thunk_return: bool,
+}
+
+fn function() -> impl Strategy<Value = Function> {
+    (
+        any::<bool>(),
+        any::<bool>(),
+        proptest::collection::vec(piece(), 1..12),
+        any::<bool>(),
+    )
+        .prop_map(|(endbr, mcount, body, thunk_return)| Function {
+            endbr,
+            mcount,
+            body,
+            thunk_return,
+        })
+}
+
+/// A built image and what the generator knows about it.
+struct Built {
+    bytes: Vec<u8>,
+    /// Byte ranges Linux's tables (or IBT) name, sorted.
+    protected: Vec<(u64, u64)>,
+    /// Addresses something jumps to or names (branch targets, jump-label targets, functions).
+    targets: Vec<u64>,
+    /// The cave.
+    cave: (u64, u64),
+}
+
+const TABLES: u64 = 0xffff_ffff_8200_0000;
+const CAVE: u64 = 80 * 1024;
+
+fn rel32(from_end: u64, to: u64) -> [u8; 4] {
+    ((to as i64 - from_end as i64) as i32).to_le_bytes()
+}
+
+fn build_image(funcs: &[Function]) -> Built {
+    let mut code = vec![0xc3];
+    code.resize(16, 0xcc); // __fentry__ at TEXT
+    code.push(0xc3);
+    code.resize(32, 0xcc); // __x86_return_thunk at TEXT + 16
+    let (fentry, thunk) = (TEXT, TEXT + 16);
+    let mut symbols: Vec<(String, u64, u64)> = vec![
+        ("__fentry__".into(), 0, 1),
+        ("__x86_return_thunk".into(), 16, 1),
+    ];
+    let (mut protected, mut targets) = (Vec::new(), Vec::new());
+    let (mut mcount, mut returns, mut locks, mut jumps) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut orc = vec![(TEXT, true)];
+    for (n, f) in funcs.iter().enumerate() {
+        let start = code.len() as u64;
+        let at = |code: &Vec<u8>| TEXT + code.len() as u64;
+        targets.push(TEXT + start);
+        orc.push((TEXT + start, true));
+        if f.endbr {
+            protected.push((at(&code), at(&code) + 4));
+            code.extend_from_slice(&[0xf3, 0x0f, 0x1e, 0xfa]);
+        }
+        if f.mcount {
+            let a = at(&code);
+            protected.push((a, a + 5));
+            mcount.push(a);
+            code.push(0xe8);
+            code.extend_from_slice(&rel32(a + 5, fentry));
+        }
+        let mut target_next = false;
+        for p in &f.body {
+            let a = at(&code);
+            if std::mem::take(&mut target_next) {
+                targets.push(a);
+            }
+            match *p {
+                Piece::Filler(k) => code.extend_from_slice(match k {
+                    0 => &[0x48, 0x89, 0xc0][..],
+                    1 => &[0x48, 0x83, 0xc0, 0x07],
+                    2 => &[0x90],
+                    3 => &[0x48, 0x8d, 0x40, 0x10],
+                    _ => &[0x31, 0xc0],
+                }),
+                Piece::Sensitive(k) => code.extend_from_slice(match k {
+                    0 => &[0xfa][..],
+                    1 => &[0x0f, 0x31],
+                    2 => &[0x0f, 0x32],
+                    3 => &[0x0f, 0x30],
+                    4 => &[0x0f, 0x09],
+                    _ => &[0xec],
+                }),
+                Piece::Branch => {
+                    code.extend_from_slice(&[0x74, 0x00]);
+                    target_next = true;
+                }
+                Piece::Lock => {
+                    protected.push((a, a + 4));
+                    locks.push(a);
+                    code.extend_from_slice(&[0xf0, 0x48, 0xff, 0x00]);
+                }
+                Piece::JumpLabel => {
+                    protected.push((a, a + 2));
+                    jumps.push((a, a + 2));
+                    code.extend_from_slice(&[0x66, 0x90]);
+                    target_next = true;
+                }
+            }
+        }
+        let a = at(&code);
+        if target_next {
+            targets.push(a);
+        }
+        if f.thunk_return {
+            protected.push((a, a + 5));
+            returns.push(a);
+            code.push(0xe9);
+            code.extend_from_slice(&rel32(a + 5, thunk));
+        } else {
+            code.push(0xc3);
+        }
+        while !code.len().is_multiple_of(16) {
+            code.push(0xcc);
+        }
+        symbols.push((format!("f{n}"), start, code.len() as u64 - start));
+    }
+    let cave = TEXT + code.len() as u64;
+    orc.push((cave, false));
+    code.resize(code.len() + CAVE as usize, 0xcc);
+    let etext = TEXT + code.len() as u64;
+    orc.push((etext, false));
+    symbols.push(("_text".into(), 0, 0));
+    symbols.push(("_etext".into(), code.len() as u64, 0));
+    // Tables, each its own section.
+    let at = |k: u64| TABLES + k * 0x10_0000;
+    let rel_table = |base: u64, addrs: &[u64]| -> Vec<u8> {
+        addrs
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &a)| ((a as i64 - (base + 4 * i as u64) as i64) as i32).to_le_bytes())
+            .collect()
+    };
+    let jt: Vec<u8> = jumps
+        .iter()
+        .enumerate()
+        .flat_map(|(i, &(c, t))| {
+            let e = at(3) + 16 * i as u64;
+            let mut v = ((c as i64 - e as i64) as i32).to_le_bytes().to_vec();
+            v.extend_from_slice(&((t as i64 - (e + 4) as i64) as i32).to_le_bytes());
+            v.extend_from_slice(&0u64.to_le_bytes());
+            v
+        })
+        .collect();
+    let ips: Vec<u64> = orc.iter().map(|o| o.0).collect();
+    let extra = [
+        Extra::data(
+            "__mcount_loc",
+            at(0),
+            mcount.iter().flat_map(|a: &u64| a.to_le_bytes()).collect(),
+        ),
+        Extra::data(".return_sites", at(1), rel_table(at(1), &returns)),
+        Extra::data(".smp_locks", at(2), rel_table(at(2), &locks)),
+        Extra::data("__jump_table", at(3), jt),
+        Extra::data(".orc_unwind_ip", at(4), rel_table(at(4), &ips)),
+        Extra::data(
+            ".orc_unwind",
+            at(5),
+            orc.iter()
+                .flat_map(|&(_, defined)| [0, 0, 0, 0, if defined { 0x52 } else { 0 }, 0])
+                .collect(),
+        ),
+    ];
+    let syms: Vec<(&str, u64, u64)> = symbols
+        .iter()
+        .map(|(n, a, s)| (n.as_str(), *a, *s))
+        .collect();
+    protected.sort_unstable();
+    targets.sort_unstable();
+    Built {
+        bytes: build(&code, &syms, &extra),
+        protected,
+        targets,
+        cave: (cave, etext),
+    }
+}
+
+fn overlaps(ranges: &[(u64, u64)], a: u64, b: u64) -> Option<(u64, u64)> {
+    ranges.iter().find(|r| r.0 < b && a < r.1).copied()
+}
+
+/// Checks one generated image; returns (detours planned, sites kept native by a neighbour).
+fn check(built: &Built) -> Result<(usize, usize), TestCaseError> {
+    let img = pvpatch::load::Image::from_bytes("stock.elf", built.bytes.clone())
+        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let report = scan_image(&img, Default::default(), None);
+    prop_assert!(
+        report.analysis.stock,
+        "the image is not taken for a stock kernel"
+    );
+    let inside = |a: u64, b: u64| built.targets.iter().find(|&&t| a < t && t < b).copied();
+    let mut refused = 0;
+    for s in &report.analysis.sites {
+        let (a, room) = (s.found.addr, s.room.in_place as u64);
+        if room > 0 {
+            prop_assert_eq!(
+                overlaps(&built.protected, a, a + room),
+                None,
+                "room of {:#x}",
+                a
+            );
+            prop_assert_eq!(inside(a, a + room), None, "room of {:#x}", a);
+        }
+        if let Some(d) = &s.room.detour {
+            let (m, e) = (d.start, d.start + d.len as u64);
+            prop_assert_eq!(overlaps(&built.protected, m, e), None, "detour of {:#x}", a);
+            prop_assert_eq!(inside(m, e), None, "detour of {:#x}", a);
+        } else if s.rewritable() && s.room.in_place < 5 {
+            refused += 1;
+        }
+    }
+    for d in &report.analysis.detours {
+        let (a, b) = (d.stub_addr, d.stub_addr + d.stub.len() as u64);
+        prop_assert!(a >= built.cave.0 && b <= built.cave.1, "stub at {:#x}", a);
+    }
+    let plan = plan_image(&report, &BackendSpec::new("outofline", None).unwrap())
+        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    for w in plan.plan.writes() {
+        let (a, b) = (w.addr, w.addr + w.new.len() as u64);
+        prop_assert_eq!(overlaps(&built.protected, a, b), None, "write at {:#x}", a);
+    }
+    for c in &plan.plan.code {
+        prop_assert!(c.addr >= built.cave.0 && c.addr + c.new.len() as u64 <= built.cave.1);
+    }
+    Ok((report.analysis.detours.len(), refused))
+}
+
+#[test]
+fn the_planner_never_touches_a_protected_byte() {
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases: 256,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    });
+    let totals = std::cell::Cell::new((0usize, 0usize));
+    runner
+        .run(&proptest::collection::vec(function(), 1..8), |funcs| {
+            let (d, r) = check(&build_image(&funcs))?;
+            let (td, tr) = totals.get();
+            totals.set((td + d, tr + r));
+            Ok(())
+        })
+        .unwrap();
+    let (detours, refused) = totals.get();
+    eprintln!(
+        "256 generated stock kernels: {detours} detours planned, {refused} sites refused one"
+    );
+    assert!(detours > 100, "too few detours to test anything: {detours}");
+    assert!(refused > 20, "too few refusals to test anything: {refused}");
+}
