@@ -408,15 +408,18 @@ fn room(
     }
     let mut forms = vec![Outcome::Inline];
     if entry_text {
-        // Entry code runs on the user page tables (PTI), where only the entry text is mapped:
-        // a call or a jump out of it to a cave would fault.
+        // Entry code may run on the user page tables (PTI clones only the 2 MiB regions of the
+        // entry text), on the user's stack, with the user's GS: a call pushes onto whatever
+        // stack is there, and a cave outside those regions is not mapped.
         return Room {
             in_place: in_place as u8,
             detour: None,
             forms,
             reason: Some(
-                "entry text: it runs on the user page tables (PTI), where no cave is mapped; \
-                 only rewrites in place"
+                "entry text: it may run on the user page tables (PTI maps only the 2 MiB \
+                 around the entry text), before the switch to the kernel stack or `swapgs` \
+                 (a call would push onto the user's stack); the table cannot yet say which \
+                 sequences are safe there, so only rewrites in place"
                     .into(),
             ),
             why: Some("entry text (PTI)".into()),
