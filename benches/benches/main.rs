@@ -237,6 +237,74 @@ fn side_by_side(vmlinux: &Path) {
     );
 }
 
+/// The boot shim on the Debian kernel under QEMU TCG, side by side with the kernel without it:
+/// five boots of each, alternating, to the init's marker; the best wall time of each, and the
+/// shim's own time as it reports it (`pvpatch.verbose`), per backend.
+fn shim_side_by_side(vmlinux: &Path) {
+    use pvpatch_testkit::{Qemu, initramfs};
+    if let Err(why) = pvpatch_testkit::qemu_available() {
+        println!("skipped: the shim's boots: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let shim = pvpatch_testkit::shim::build_shim().unwrap();
+    let shimmed = dir.path().join("vmlinux.shim");
+    pvpatch_testkit::shim::shimmed(vmlinux, &shim, &shimmed).unwrap();
+    let initrd = dir.path().join("initrd.cpio");
+    std::fs::write(&initrd, initramfs::initramfs()).unwrap();
+    let shim_bytes = pvpatch::shim::Shim::load(&shim).unwrap();
+    println!(
+        "\nThe boot shim ({} bytes of code and data, {} in memory with its .bss), QEMU TCG \
+         microvm, best of 5 boots to init, alternating:",
+        shim_bytes.bytes.len(),
+        shim_bytes.memsz
+    );
+    for backend in ["tcg", "outofline"] {
+        let mut q = Qemu::linux(&initrd);
+        q.append = q
+            .append
+            .map(|a| format!("{a} pvpatch.verbose pvpatch.backend={backend}"));
+        let plain = Qemu::linux(&initrd);
+        let (mut best_plain, mut best_shim) = (f64::MAX, f64::MAX);
+        let mut shim_us = Vec::new();
+        for _ in 0..5 {
+            let a = plain.boot(vmlinux).unwrap();
+            assert!(a.passed(), "the kernel without the shim did not boot");
+            best_plain = best_plain.min(a.elapsed.as_secs_f64());
+            let b = q.boot(&shimmed).unwrap();
+            assert!(b.passed(), "the shimmed kernel did not boot:\n{}", b.serial);
+            best_shim = best_shim.min(b.elapsed.as_secs_f64());
+            let line = b
+                .serial
+                .lines()
+                .find(|l| l.starts_with("pvpatch: backend"))
+                .unwrap_or_default()
+                .to_owned();
+            if let Some(us) = line
+                .rsplit(", ")
+                .next()
+                .and_then(|t| t.strip_suffix(" us"))
+                .and_then(|t| t.parse::<f64>().ok())
+            {
+                shim_us.push(us);
+            }
+            if shim_us.len() == 1 {
+                println!("  {backend}: {line}");
+            }
+        }
+        shim_us.sort_by(f64::total_cmp);
+        let median = shim_us.get(shim_us.len() / 2).copied().unwrap_or(0.0);
+        println!(
+            "  {backend}: boot to init {best_shim:.3} s with the shim, {best_plain:.3} s without \
+             ({:+.3} s); the shim's own work {:.1} ms (median of {}) = {:.2}% of the boot",
+            best_shim - best_plain,
+            median / 1000.0,
+            shim_us.len(),
+            median / 1e6 / best_shim * 100.0
+        );
+    }
+}
+
 /// The child of `side_by_side`: one annotation, nothing else, so its peak RSS is annotate's.
 fn child(job: &str) {
     let parts: Vec<&str> = job.split('\t').collect();
@@ -355,6 +423,7 @@ fn main() {
     c.final_summary();
     if let Some(v) = &vmlinux {
         side_by_side(v);
+        shim_side_by_side(v);
     }
     oracle_side_by_side();
     runtime_side_by_side("the guest", &guest);

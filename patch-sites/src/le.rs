@@ -19,6 +19,12 @@ pub(crate) fn u32_at(b: &[u8], off: usize) -> Option<u32> {
 }
 
 #[inline]
+pub(crate) fn u64_at(b: &[u8], off: usize) -> Option<u64> {
+    let s = b.get(off..off.checked_add(8)?)?;
+    Some(u64::from_le_bytes(s.try_into().ok()?))
+}
+
+#[inline]
 pub(crate) fn i32_at(b: &[u8], off: usize) -> Option<i32> {
     u32_at(b, off).map(|v| v as i32)
 }

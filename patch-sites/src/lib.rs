@@ -9,6 +9,7 @@
 //!   parsed without trusting any count, length or offset, and written;
 //! * [`rom`]: the backend-ROM format, version 1, parsed and written;
 //! * [`outcome`]: what a site becomes, the vocabulary every report uses;
+//! * [`shim`]: the boot shim's parameters and report, and its edit of the PVH memory map;
 //! * [`macros`]: source-level annotation macros that emit a patchable site and its record;
 //! * [`regs`]: registers and register/flag sets; [`crc32`]: the checksum both formats use.
 //!
@@ -23,6 +24,7 @@ pub mod op;
 pub mod outcome;
 pub mod regs;
 pub mod rom;
+pub mod shim;
 pub mod table;
 
 pub use op::{ALL_OPS, Op, Operand};

@@ -58,6 +58,9 @@ pub enum AnnotateError {
     /// The output could not be written.
     #[error(transparent)]
     Output(#[from] OutputError),
+    /// The boot shim cannot be added.
+    #[error(transparent)]
+    Shim(#[from] crate::shim::ShimError),
 }
 
 /// What to annotate.
@@ -67,6 +70,8 @@ pub struct AnnotateOptions {
     pub force: bool,
     /// Record raw sites only in these executable sections (all when empty).
     pub sections: Vec<String>,
+    /// Put this boot shim in front of the kernel's PVH entry (`docs/shim.md`).
+    pub boot_shim: Option<crate::shim::Shim>,
 }
 
 /// What was written.
@@ -74,6 +79,8 @@ pub struct AnnotateOptions {
 pub struct Annotation {
     /// Address of the table.
     pub table_addr: u64,
+    /// The boot shim's physical address, and its report page's, if one was added.
+    pub shim: Option<(u64, u64)>,
     /// Its size in bytes.
     pub table_size: usize,
     /// Sites recorded, in all.
@@ -256,9 +263,14 @@ pub fn plan_sites<'r>(
 /// loadable segment (and of every allocated section, should one lie beyond the segments in a
 /// malformed image), not counting an existing table.
 pub fn table_address(image: &Image) -> Option<u64> {
-    let existing = image.section(SEALED_SECTION);
+    let ours = [
+        image.section(SEALED_SECTION),
+        image.section(crate::shim::SHIM_SECTION),
+    ];
     let is_existing = |p: &crate::load::image::Segment| {
-        existing.is_some_and(|t| p.offset == t.offset && p.vaddr == t.addr && p.filesz == t.size)
+        ours.iter()
+            .flatten()
+            .any(|t| p.offset == t.offset && p.vaddr == t.addr && p.filesz == t.size)
     };
     let segments = image
         .segments
@@ -268,7 +280,12 @@ pub fn table_address(image: &Image) -> Option<u64> {
     let sections = image
         .sections
         .iter()
-        .filter(|s| s.is_alloc() && s.size > 0 && s.name != SEALED_SECTION)
+        .filter(|s| {
+            s.is_alloc()
+                && s.size > 0
+                && s.name != SEALED_SECTION
+                && s.name != crate::shim::SHIM_SECTION
+        })
         .filter_map(|s| s.addr.checked_add(s.size));
     segments
         .chain(sections)
@@ -497,6 +514,7 @@ pub fn table_bytes(
 
 /// A checked table, ready to be written.
 struct Prepared {
+    shim: Option<crate::shim::Shim>,
     table: Vec<u8>,
     table_addr: u64,
     sites: usize,
@@ -539,7 +557,11 @@ fn prepare(report: &ScanReport<'_>, opts: &AnnotateOptions) -> Result<Prepared, 
     // Check what was written exactly as the runtime will.
     SiteTable::parse_contiguous(&table, table_addr, &image.code_ranges())
         .map_err(|e| AnnotateError::Elf(format!("the written table does not parse back: {e}")))?;
+    if opts.boot_shim.is_some() && crate::shim::linux_entry(image).is_none() {
+        return Err(crate::shim::ShimError::NoPvhEntry.into());
+    }
     Ok(Prepared {
+        shim: opts.boot_shim.clone(),
         table,
         table_addr,
         sites: sites.len(),
@@ -560,19 +582,18 @@ fn write_annotated(
     let elf_err = |e: object::build::Error| AnnotateError::Elf(e.to_string());
     let mut b = contain("reading", || Builder::read(image.bytes()).map_err(elf_err))?;
     keep_sections_raw(&mut b, image.bytes())?;
-    // An existing table (with --force): drop its section and segment first.
-    let mut old_segment = None;
+    // An existing table and shim (with --force): drop their sections and segments first.
+    let mut old = Vec::new();
     for s in b.sections.iter_mut() {
-        if s.name.as_slice() == SEALED_SECTION.as_bytes() {
+        let n = s.name.as_slice();
+        if n == SEALED_SECTION.as_bytes() || n == crate::shim::SHIM_SECTION.as_bytes() {
             s.delete = true;
-            old_segment = Some(s.id());
+            old.push(s.id());
         }
     }
-    if let Some(id) = old_segment {
-        for seg in b.segments.iter_mut() {
-            if seg.sections.contains(&id) {
-                seg.delete = true;
-            }
+    for seg in b.segments.iter_mut() {
+        if seg.sections.iter().any(|id| old.contains(id)) {
+            seg.delete = true;
         }
     }
     let (delta, file_end) = {
@@ -624,6 +645,16 @@ fn write_annotated(
         seg.p_align = SEALED_ALIGN;
         seg.sections.push(section_id);
     }
+    let shim = match &p.shim {
+        Some(sh) => Some(add_shim(
+            &mut b,
+            image,
+            sh,
+            (table_addr, size),
+            offset + size,
+        )?),
+        None => None,
+    };
     let io = |source| {
         AnnotateError::Output(OutputError::Io {
             path: image.path.clone(),
@@ -636,6 +667,7 @@ fn write_annotated(
     w.write_all(trailing).map_err(io)?;
     Ok(Annotation {
         table_addr,
+        shim,
         table_size: table.len(),
         sites: p.sites,
         from_macros: p.from_macros,
@@ -643,6 +675,71 @@ fn write_annotated(
         trailing: trailing.len(),
         table: table.clone(),
     })
+}
+
+/// Adds the boot shim's section and segment after the table's (file offset `after`), with its
+/// parameters, and points the PVH entry note at it. Returns the shim's physical address and its
+/// report page's.
+fn add_shim(
+    b: &mut Builder<'_>,
+    image: &Image,
+    sh: &crate::shim::Shim,
+    table: (u64, u64),
+    after: u64,
+) -> Result<(u64, u64), AnnotateError> {
+    let loads: Vec<(u64, u64, u64)> = b
+        .segments
+        .iter()
+        .filter(|s| s.is_load() && !s.delete)
+        .map(|s| (s.p_vaddr, s.p_paddr, s.p_memsz))
+        .collect();
+    let (params, phys) = crate::shim::params(image, sh, &loads, table)?;
+    let bytes = crate::shim::with_params(sh, &params);
+    let offset = after
+        .checked_next_multiple_of(SEALED_ALIGN)
+        .ok_or_else(|| AnnotateError::Elf("file offsets overflow".into()))?;
+    let id = {
+        let s = b.sections.add();
+        s.name = crate::shim::SHIM_SECTION.as_bytes().to_vec().into();
+        s.sh_type = elf::SHT_PROGBITS;
+        s.sh_flags = (elf::SHF_ALLOC | elf::SHF_EXECINSTR | elf::SHF_WRITE) as u64;
+        s.sh_addr = sh.vaddr;
+        s.sh_offset = offset;
+        s.sh_size = bytes.len() as u64;
+        s.sh_addralign = 16;
+        s.data = SectionData::Data(bytes.into());
+        s.id()
+    };
+    {
+        let seg = b.segments.add();
+        seg.p_type = elf::PT_LOAD;
+        seg.p_flags = elf::PF_R | elf::PF_W | elf::PF_X;
+        seg.p_offset = offset;
+        seg.p_vaddr = sh.vaddr;
+        seg.p_paddr = phys;
+        seg.p_filesz = sh.bytes.len() as u64;
+        seg.p_memsz = sh.memsz;
+        seg.p_align = SEALED_ALIGN;
+        seg.sections.push(id);
+    }
+    // The PVH entry note, wherever a note section holds it.
+    let mut pointed = false;
+    for s in b
+        .sections
+        .iter_mut()
+        .filter(|s| s.sh_type == elf::SHT_NOTE && !s.delete)
+    {
+        if let SectionData::Data(d) = &s.data
+            && let Some(new) = crate::shim::point_pvh_note(d, phys)
+        {
+            s.data = SectionData::Data(new.into());
+            pointed = true;
+        }
+    }
+    if !pointed {
+        return Err(crate::shim::ShimError::NoPvhEntry.into());
+    }
+    Ok((phys, phys + sh.report_at))
 }
 
 /// The sealed table of an annotated image: its address and bytes, found by section name.

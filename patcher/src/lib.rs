@@ -28,6 +28,7 @@ pub mod load;
 pub mod output;
 pub mod rewrite;
 pub mod rom;
+pub mod shim;
 pub mod summary;
 pub mod sweep;
 pub mod verify;

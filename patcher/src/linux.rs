@@ -56,11 +56,16 @@ pub enum TableKind {
     /// turns into NOPs and back (inside `.init.data` in a vmlinux; zero entries, for functions
     /// the build dropped, are skipped).
     McountLoc,
+    /// `runtime_ptr_*` and `runtime_shift_*` (6.11 and later): the immediates of `movabs` and
+    /// shift instructions that Linux patches at boot with values it learns then (the dentry
+    /// hash table's address and shift). One table per variable, each between its `__start_`
+    /// and `__stop_` symbols: all of them are read, as one.
+    RuntimeConst,
 }
 
 impl TableKind {
     /// Every kind, in report order.
-    pub const ALL: [TableKind; 14] = [
+    pub const ALL: [TableKind; 15] = [
         TableKind::Parainstructions,
         TableKind::Altinstructions,
         TableKind::AltinstrReplacement,
@@ -75,6 +80,7 @@ impl TableKind {
         TableKind::JumpTable,
         TableKind::StaticCallSites,
         TableKind::McountLoc,
+        TableKind::RuntimeConst,
     ];
 
     /// The section name.
@@ -94,6 +100,7 @@ impl TableKind {
             TableKind::JumpTable => "__jump_table",
             TableKind::StaticCallSites => ".static_call_sites",
             TableKind::McountLoc => "__mcount_loc",
+            TableKind::RuntimeConst => "runtime_const",
         }
     }
 
@@ -475,7 +482,7 @@ fn layouts(kind: TableKind) -> &'static [Layout] {
     match kind {
         TableKind::Parainstructions => PARAINSTRUCTIONS,
         TableKind::Altinstructions => ALTINSTRUCTIONS,
-        TableKind::AltinstrReplacement => &[],
+        TableKind::AltinstrReplacement | TableKind::RuntimeConst => &[],
         TableKind::ExTable => EX_TABLE,
         TableKind::OrcUnwindIp => ORC_IP,
         TableKind::SmpLocks => SMP_LOCKS,
@@ -605,6 +612,64 @@ fn locate(image: &Image, kind: TableKind) -> Option<Result<(Place, &[u8]), Strin
     })
 }
 
+/// The runtime constants: for each variable `v`, the 4-byte relative pointers between
+/// `__start_runtime_ptr_v` and `__stop_runtime_ptr_v` (to a `movabs`'s 8-byte immediate) and
+/// between `__start_runtime_shift_v` and `__stop_runtime_shift_v` (to a shift's 1-byte
+/// immediate). Each protects its instruction: from up to 3 bytes before the immediate (prefix,
+/// opcode, ModRM) to its end. A table whose entries do not all land in code is reported, not
+/// used.
+fn read_runtime_consts(ctx: &Ctx<'_>, report: &mut TableReport, out: &mut LinuxTables) {
+    let mut entries = 0;
+    let mut tables = 0;
+    for (kind, size) in [("ptr", 8u64), ("shift", 1)] {
+        let prefix = format!("__start_runtime_{kind}_");
+        for (start_name, a) in ctx.image.symbols_with_prefix(&prefix) {
+            let stop = format!("__stop_runtime_{kind}_{}", &start_name[prefix.len()..]);
+            let Some(b) = ctx.image.symbol_address(&stop) else {
+                continue;
+            };
+            let data = (b >= a && (b - a) % 4 == 0)
+                .then(|| ctx.image.read(a, (b - a) as usize))
+                .flatten();
+            let Some(data) = data else {
+                report.problem = Some(format!("{start_name} and {stop} do not bound a table"));
+                continue;
+            };
+            let mut found = Vec::new();
+            for (i, e) in data.chunks_exact(4).enumerate() {
+                match rel(a + 4 * i as u64, 0, e, 0) {
+                    Some(imm) if ctx.in_code(imm.saturating_sub(3), size + 3) => {
+                        found.push((imm - 3, imm + size));
+                    }
+                    _ => {
+                        report.problem =
+                            Some(format!("{start_name}: entry {i} does not point into code"));
+                        found.clear();
+                        break;
+                    }
+                }
+            }
+            tables += 1;
+            for (i, (s, e)) in found.into_iter().enumerate() {
+                entries += 1;
+                out.protected.push(Protected {
+                    start: s,
+                    end: e,
+                    table: TableKind::RuntimeConst,
+                    entry: i as u32,
+                });
+            }
+        }
+    }
+    if tables > 0 {
+        report.present = true;
+        report.found_by = Some("symbols");
+        report.layout = Some("s32 to the immediate (4 bytes), one table per variable");
+        report.entry_size = 4;
+        report.entries = entries;
+    }
+}
+
 /// Two sorted lists of starts merged; at one address, `first`'s come first.
 fn merge_starts(first: &[(u64, TableKind)], then: &[(u64, TableKind)]) -> Vec<(u64, TableKind)> {
     let mut out = Vec::with_capacity(first.len() + then.len());
@@ -643,6 +708,11 @@ pub fn read(image: &Image) -> LinuxTables {
             padding: 0,
             problem: None,
         };
+        if kind == TableKind::RuntimeConst {
+            read_runtime_consts(&ctx, &mut report, &mut out);
+            out.reports.push(report);
+            continue;
+        }
         let (s, data) = match locate(image, kind) {
             None => {
                 out.reports.push(report);

@@ -90,6 +90,10 @@ enum Command {
         /// Also write the ledger of the input to this file.
         #[arg(long)]
         ledger: Option<PathBuf>,
+        /// Put the boot shim (the ELF `cargo xtask shim` builds) in front of the kernel's PVH
+        /// entry: it rewrites the kernel for the backend it finds at every boot (docs/shim.md).
+        #[arg(long, value_name = "SHIM")]
+        boot_shim: Option<PathBuf>,
     },
     /// What one backend makes of every site: planned by the boot-time runtime's own planner.
     Plan {
@@ -183,8 +187,11 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
                 AnnotateError::LinkedTable(_) | AnnotateError::NotRewritable(_) => status::INPUT,
                 AnnotateError::Output(OutputError::WouldOverwriteInput(_)) => status::REFUSED,
                 AnnotateError::Output(_) => status::OUTPUT,
+                AnnotateError::Shim(_) => status::INPUT,
                 _ => status::INTERNAL,
             }
+        } else if e.downcast_ref::<pvpatch::shim::ShimError>().is_some() {
+            status::INPUT
         } else if let Some(o) = e.downcast_ref::<OutputError>() {
             match o {
                 OutputError::WouldOverwriteInput(_) => status::REFUSED,
@@ -351,7 +358,12 @@ fn run(command: Command) -> Result<(), Failure> {
             force,
             sections,
             ledger,
+            boot_shim,
         } => {
+            let boot_shim = boot_shim
+                .as_deref()
+                .map(pvpatch::shim::Shim::load)
+                .transpose()?;
             let out = match (&output, in_place) {
                 (Some(o), _) => o.clone(),
                 (None, true) => image.clone(),
@@ -369,7 +381,12 @@ fn run(command: Command) -> Result<(), Failure> {
                 emit(Some(l), &image, &s)?;
             }
             let t = std::time::Instant::now();
-            let a = annotate(&report, &out, &AnnotateOptions { force, sections })?;
+            let opts = AnnotateOptions {
+                force,
+                sections,
+                boot_shim,
+            };
+            let a = annotate(&report, &out, &opts)?;
             outln!(
                 "{}: {} sites recorded ({} from the image's macros, {} found by the sweep) in a \
                  {}-byte table at {}; written to {} in {:.0} ms",
@@ -382,6 +399,13 @@ fn run(command: Command) -> Result<(), Failure> {
                 out.display(),
                 (report.elapsed + t.elapsed()).as_secs_f64() * 1e3,
             );
+            if let Some((shim, report)) = a.shim {
+                outln!(
+                    "  boot shim at physical {} (the PVH entry now), its report page at {}",
+                    hex(shim),
+                    hex(report)
+                );
+            }
             if a.trailing > 0 {
                 outln!(
                     "  {} trailing bytes that no section covers were carried over",
@@ -472,6 +496,23 @@ fn run(command: Command) -> Result<(), Failure> {
                 outln!(
                     "the table at {} is not where a runtime looks for it",
                     hex(v.table_addr)
+                );
+            }
+            if let Some(s) = &v.shim {
+                for p in &s.problems {
+                    outln!("boot shim: {p}");
+                }
+                outln!(
+                    "boot shim at physical {} (the PVH entry), handing over to {}, its report \
+                     page at {}: {}",
+                    hex(s.phys),
+                    hex(s.linux_entry),
+                    hex(s.report),
+                    if s.problems.is_empty() {
+                        "checks"
+                    } else {
+                        "does not check"
+                    }
                 );
             }
             outln!(

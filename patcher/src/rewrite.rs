@@ -9,13 +9,13 @@
 
 use std::fmt;
 
-use patch_sites::table::{AddrRange, SiteTable, TableError};
+use patch_sites::table::{SiteTable, TableError};
 use patch_sites::{Outcome, Rom};
 use pvpatch_runtime::apply::{self, TextPoke};
+use pvpatch_runtime::arena;
 use pvpatch_runtime::backend::{Backend, LoadedRom};
 use pvpatch_runtime::detect::{BackendKind, Detected, KVM_FEATURE_NOP_IO_DELAY};
-use pvpatch_runtime::plan::{self, CodeWrite, Plan, TextRead};
-use pvpatch_runtime::{romcheck, thunks};
+use pvpatch_runtime::plan::{self, Plan, TextRead};
 use thiserror::Error;
 
 use crate::ScanReport;
@@ -211,76 +211,46 @@ pub fn plan_image(report: &ScanReport<'_>, spec: &BackendSpec) -> Result<ImagePl
         .map_err(RewriteError::Table)?;
     // Reads go to the image itself (a copy is only made for writing).
     let view = ImageView(image);
-    let arena = table.arena();
-    let need_arena = |name| arena.ok_or(RewriteError::NoArena(name));
-    let free_arena = |a: AddrRange, len: usize| -> Result<Vec<u8>, RewriteError> {
-        if len as u64 > a.end - a.start {
-            return Err(RewriteError::Arena(
-                a.start,
-                format!(
-                    "{len} bytes of code do not fit its {} bytes",
-                    a.end - a.start
-                ),
-            ));
-        }
-        let old = image
-            .read(a.start, len)
-            .ok_or_else(|| RewriteError::Arena(a.start, "cannot be read".into()))?;
-        if old.iter().any(|&b| b != 0xcc) {
-            return Err(RewriteError::Arena(a.start, "is not int3 padding".into()));
-        }
-        Ok(old.to_vec())
-    };
     let features = if spec.kind == BackendKind::Kvm {
         KVM_FEATURE_NOP_IO_DELAY
     } else {
         0
     };
-    let mut backend = Backend {
+    // Offline, the hypervisor a ROM serves is the one it says it serves.
+    let rom_signature = spec
+        .rom
+        .as_deref()
+        .and_then(|b| Rom::parse(b).ok())
+        .map(|r| r.signature());
+    let code = arena::prepare(
+        &table,
+        spec.kind,
+        spec.rom.as_deref(),
+        &rom_signature.unwrap_or([0; 12]),
+        &view,
+    )
+    .map_err(|e| match e {
+        arena::ArenaError::NoArena => RewriteError::NoArena(spec.kind.name()),
+        arena::ArenaError::BadRom(e) => RewriteError::BadRom(e),
+        arena::ArenaError::RomRefused(e) => {
+            RewriteError::Usage(format!("the runtime would refuse the ROM: {e}"))
+        }
+        other => RewriteError::Arena(table.arena().map_or(0, |a| a.start), other.to_string()),
+    })?;
+    let backend = Backend {
         detected: Detected::assumed(spec.kind, features),
-        rom: None,
+        rom: code.rom.map(|rom| LoadedRom {
+            rom,
+            base: code.base,
+        }),
         pv: None,
-        thunks: None,
+        thunks: code.thunks.as_ref(),
     };
-    let mut code = Vec::new();
-    let generated;
-    let rom;
-    match spec.kind {
-        BackendKind::OutOfLine => {
-            let a = need_arena("outofline")?;
-            generated = thunks::generate(&table, a.start, &view)
-                .map_err(|e| RewriteError::Arena(a.start, e.to_string()))?;
-            let old = free_arena(a, generated.code.len())?;
-            code.push(CodeWrite {
-                addr: a.start,
-                old,
-                new: generated.code.clone(),
-            });
-            backend.thunks = Some(&generated);
-        }
-        BackendKind::Rom => {
-            let a = need_arena("rom")?;
-            let bytes = spec.rom.as_deref().unwrap_or(&[]);
-            rom = Rom::parse(bytes).map_err(RewriteError::BadRom)?;
-            // Offline, the hypervisor is the one the ROM says it serves.
-            romcheck::validate(&rom, &rom.signature(), &table).map_err(|e| {
-                RewriteError::Usage(format!("the runtime would refuse the ROM: {e}"))
-            })?;
-            let old = free_arena(a, bytes.len())?;
-            code.push(CodeWrite {
-                addr: a.start,
-                old,
-                new: bytes.to_vec(),
-            });
-            backend.rom = Some(LoadedRom { rom, base: a.start });
-        }
-        _ => {}
-    }
+    let code_bytes = code.write.as_ref().map_or(0, |w| w.new.len());
     let mut plan = plan::plan(&table, &backend, &view, None).map_err(RewriteError::Plan)?;
-    let code_bytes = code.iter().map(|c| c.new.len()).sum();
     // Out-of-line code only goes in if something calls it.
     if plan.sites.iter().any(|p| p.new != p.old) {
-        plan.code = code;
+        plan.code = code.write.into_iter().collect();
     }
     Ok(ImagePlan {
         backend: spec.kind.name(),

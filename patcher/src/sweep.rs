@@ -216,12 +216,7 @@ pub fn sweep(
     opts: Options,
     progress: Option<&(dyn Fn(u64) + Sync)>,
 ) -> Sweep {
-    let exec: Vec<usize> = image
-        .sections
-        .iter()
-        .filter(|s| s.is_exec())
-        .map(|s| s.index)
-        .collect();
+    let exec: Vec<usize> = image.exec_sections().map(|s| s.index).collect();
     let total: u64 = exec.iter().map(|&i| image.sections[i].size).sum();
     let threads = opts.threads.max(1);
     // Chunks of about total/(4*threads) bytes, cut at known starts, so that workers balance.

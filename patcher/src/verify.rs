@@ -57,13 +57,92 @@ pub struct Verified {
     pub detours: usize,
     /// Detours that do not match.
     pub detour_mismatches: Vec<DetourMismatch>,
+    /// The boot shim, if the image has one: where it loads, where its report page is, and what
+    /// is wrong with it.
+    pub shim: Option<ShimCheck>,
+}
+
+/// The boot shim of an image, checked.
+#[derive(Clone, Debug, Default)]
+pub struct ShimCheck {
+    /// Its physical address.
+    pub phys: u64,
+    /// Its report page's.
+    pub report: u64,
+    /// The kernel's own PVH entry it hands over to.
+    pub linux_entry: u64,
+    /// What is wrong (empty when nothing is).
+    pub problems: Vec<String>,
 }
 
 impl Verified {
     /// Whether everything matched.
     pub fn ok(&self) -> bool {
-        self.placement_ok && self.mismatches.is_empty() && self.detour_mismatches.is_empty()
+        self.placement_ok
+            && self.mismatches.is_empty()
+            && self.detour_mismatches.is_empty()
+            && self.shim.as_ref().is_none_or(|s| s.problems.is_empty())
     }
+}
+
+/// Checks an image's boot shim: its parameters there, naming the sealed table and the kernel's
+/// segments; the PVH entry note pointing at it; the kernel's entry inside a segment.
+fn check_shim(image: &Image, table: (u64, usize)) -> Option<ShimCheck> {
+    let section = image.section(crate::shim::SHIM_SECTION)?;
+    let seg = image
+        .segments
+        .iter()
+        .find(|g| g.kind == object::elf::PT_LOAD && g.vaddr == section.addr);
+    let mut c = ShimCheck::default();
+    let Some(seg) = seg else {
+        c.problems
+            .push("its section has no loadable segment".into());
+        return Some(c);
+    };
+    c.phys = seg.paddr;
+    let Some(p) = crate::shim::existing(image) else {
+        c.problems
+            .push("its parameters are missing or invalid".into());
+        return Some(c);
+    };
+    c.report = seg.paddr + p.report_offset;
+    c.linux_entry = p.linux_entry;
+    if p.shim_phys != seg.paddr {
+        c.problems.push(format!(
+            "its parameters say it loads at {:#x}, its segment at {:#x}",
+            p.shim_phys, seg.paddr
+        ));
+    }
+    if image.pvh_entry() != Some(seg.paddr) {
+        c.problems
+            .push("the PVH entry note does not point at it: the loader would not enter it".into());
+    }
+    if (p.table_vaddr, p.table_len as usize) != table {
+        c.problems
+            .push("its parameters name another site table".into());
+    }
+    if !p
+        .segments()
+        .iter()
+        .any(|s| p.linux_entry >= s.paddr && p.linux_entry < s.paddr + s.memsz)
+    {
+        c.problems.push(format!(
+            "the kernel's entry {:#x} is in none of its segments",
+            p.linux_entry
+        ));
+    }
+    let kernel_loads = image
+        .segments
+        .iter()
+        .filter(|g| g.kind == object::elf::PT_LOAD && g.vaddr != section.addr)
+        .count();
+    if p.segments().len() != kernel_loads {
+        c.problems.push(format!(
+            "its parameters list {} segments, the kernel has {kernel_loads}",
+            p.segments().len()
+        ));
+    }
+    Some(c)
 }
 
 /// The image's bytes, as the runtime reads kernel text.
@@ -115,6 +194,7 @@ pub fn verify(image: &Image) -> Result<Verified, VerifyError> {
         mismatches: Vec::new(),
         detours: t.detour_area().detours as usize,
         detour_mismatches: Vec::new(),
+        shim: check_shim(image, (addr, bytes.len())),
     };
     // Every load-time detour, as the runtime checks it before installing it: the moved bytes
     // by checksum, the cave and trampoline free, the stub against the moved instructions.

@@ -22,6 +22,7 @@
 extern crate alloc;
 
 pub mod apply;
+pub mod arena;
 pub mod backend;
 pub mod detect;
 pub mod locate;

@@ -2,10 +2,13 @@
 //!
 //! `patch_sites::Rom::parse` has checked the structure and the checksum. This module applies
 //! the ISA crate's sequence checks ([`pvpatch_isa::sequence`]) to every template and entry
-//! point, decoded with iced-x86, and refuses the ROM if any instruction does not decode, a template or entry point leaves itself (a branch outside its own bytes, an indirect
-//! branch, a return from an inline template), an instruction is one its op does not allow (any
-//! hypervisor call, any other sensitive or system instruction), a template does not fit the room
-//! of a site of its op, or a call does not fit one. A ROM is used whole or not at all.
+//! point, decoded with iced-x86, and refuses the ROM if any instruction does not decode, a
+//! template or entry point leaves itself (a branch outside its own bytes, an indirect branch,
+//! a return from an inline template), an instruction is one its op does not allow (any
+//! hypervisor call, any other sensitive or system instruction), or a sequence, with a site's
+//! operand put in, acts on another operand or changes more than the site allows. A ROM is used
+//! whole or not at all. Room is not the ROM's business: a site too small for its op's sequence
+//! (a one-byte `cli` of a stock kernel without a detour) stays native, as the planner decides.
 
 use core::fmt;
 
@@ -32,26 +35,6 @@ pub enum RomRefusal {
         offset: u32,
         /// What is wrong.
         problem: CodeProblem,
-    },
-    /// A template does not fit a site of its op.
-    TooLong {
-        /// The op.
-        op: Op,
-        /// The site.
-        addr: u64,
-        /// Bytes needed.
-        need: u8,
-        /// Room.
-        room: u8,
-    },
-    /// A call does not fit a site of its op (5 bytes).
-    NoRoomForCall {
-        /// The op.
-        op: Op,
-        /// The site.
-        addr: u64,
-        /// Room.
-        room: u8,
     },
     /// After substitution, the template's own instruction has another operand or width than
     /// the site's.
@@ -87,19 +70,6 @@ impl fmt::Display for RomRefusal {
             } => {
                 write!(f, "the {op} code: the instruction at +{offset} {problem}")
             }
-            RomRefusal::TooLong {
-                op,
-                addr,
-                need,
-                room,
-            } => write!(
-                f,
-                "the {op} template is {need} bytes but the site at {addr:#x} has room for {room}"
-            ),
-            RomRefusal::NoRoomForCall { op, addr, room } => write!(
-                f,
-                "{op} is a call (5 bytes) but the site at {addr:#x} has room for {room}"
-            ),
             RomRefusal::WrongOperand { op, addr } => write!(
                 f,
                 "the {op} template, for the site at {addr:#x}, acts on another operand or width"
@@ -177,14 +147,6 @@ pub fn validate(
                         addr: site.addr,
                         error,
                     })?;
-                    if seq.len() > site.site_len as usize {
-                        return Err(RomRefusal::TooLong {
-                            op,
-                            addr: site.addr,
-                            need: seq.len() as u8,
-                            room: site.site_len,
-                        });
-                    }
                     check_code(op, seq.as_slice(), false).map_err(code(op))?;
                     same_operands(op, &site, seq.as_slice())?;
                     effects(
@@ -195,13 +157,6 @@ pub fn validate(
                         false,
                     )
                     .map_err(code(op))?;
-                }
-                RomAction::Call { .. } if site.site_len < 5 => {
-                    return Err(RomRefusal::NoRoomForCall {
-                        op,
-                        addr: site.addr,
-                        room: site.site_len,
-                    });
                 }
                 RomAction::Call { code: c, .. } => {
                     // The entry point runs with the site's registers: its own instruction must

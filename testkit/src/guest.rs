@@ -26,8 +26,8 @@ pub fn build_guest() -> Result<PathBuf, HarnessError> {
             .map_err(|e| HarnessError::Annotate(e.to_string()))?;
         let report = pvpatch::scan_image(&img, Default::default(), None);
         let opts = pvpatch::annotate::AnnotateOptions {
-            force: false,
             sections: vec![RAW_SECTION.to_owned()],
+            ..Default::default()
         };
         pvpatch::annotate::annotate(&report, &out, &opts)
             .map_err(|e| HarnessError::Annotate(format!("{e}")))?;
@@ -64,16 +64,11 @@ pub fn build_guest_plain() -> Result<PathBuf, HarnessError> {
     if let Some(p) = std::env::var_os("PVGUEST_ELF") {
         return Ok(PathBuf::from(p));
     }
-    let status = build_command(true)
-        .status()
-        .map_err(|source| HarnessError::Spawn {
-            what: "cargo build (guest)".into(),
-            source,
-        })?;
-    if !status.success() {
-        return Err(HarnessError::Build(status));
-    }
-    Ok(guest_target_dir().join("x86_64-unknown-none/release/pvguest"))
+    crate::run_build(
+        build_command(true),
+        "guest",
+        guest_target_dir().join("x86_64-unknown-none/release/pvguest"),
+    )
 }
 
 /// The guest's own target directory, so that it can be built while an outer `cargo test` holds
@@ -85,24 +80,7 @@ fn guest_target_dir() -> PathBuf {
 /// The command that builds the guest kernel (release, `x86_64-unknown-none`); `quiet` leaves out
 /// cargo's progress.
 pub fn build_command(quiet: bool) -> Command {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut c = Command::new(cargo);
-    c.current_dir(crate::workspace_root());
-    c.arg("build");
-    if quiet {
-        c.arg("--quiet");
-    }
-    c.args([
-        "--release",
-        "--locked",
-        "-p",
-        "pvguest",
-        "--target",
-        "x86_64-unknown-none",
-    ])
-    .arg("--target-dir")
-    .arg(guest_target_dir());
-    c
+    crate::bare_metal_build("pvguest", &guest_target_dir(), quiet)
 }
 
 /// One configuration the guest is booted in, and the backend it must detect there.

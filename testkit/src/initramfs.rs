@@ -1,13 +1,20 @@
 //! A minimal initramfs for booting a real Linux kernel in tests: `/dev/console` and a static
 //! `/init` of a few instructions that writes [`MARKER`] to its standard output (the console)
 //! and ends QEMU through `isa-debug-exit` with the pass status (33); should `ioperm` fail, it
-//! powers the machine off instead, which QEMU reports as exit status 0.
+//! powers the machine off instead, which QEMU reports as exit status 0. The staying variant
+//! ([`initramfs_staying`]) waits forever after the marker instead, so that a test can read the
+//! machine's memory through QEMU's monitor before it ends QEMU.
 
 /// What `/init` prints.
 pub const MARKER: &str = "PVPATCH-INIT-OK";
 
 /// The static x86-64 ELF executable run as `/init`.
 pub fn init_elf() -> Vec<u8> {
+    init_elf_with(false)
+}
+
+/// `/init`, ending QEMU after the marker, or (`stay`) pausing forever.
+fn init_elf_with(stay: bool) -> Vec<u8> {
     const BASE: u64 = 0x40_0000;
     const CODE_OFF: usize = 64 + 56;
     let msg = format!("{MARKER}\n");
@@ -20,6 +27,10 @@ pub fn init_elf() -> Vec<u8> {
     code.push(0xba); // mov edx, len
     code.extend_from_slice(&(msg.len() as u32).to_le_bytes());
     code.extend_from_slice(&[0x0f, 0x05]); // syscall
+    if stay {
+        // pause(), forever.
+        code.extend_from_slice(&[0xb8, 34, 0, 0, 0, 0x0f, 0x05, 0xeb, 0xf7]);
+    }
     // ioperm(0xf4, 4, 1)
     code.extend_from_slice(&[0xb8, 173, 0, 0, 0]);
     code.extend_from_slice(&[0xbf, 0xf4, 0, 0, 0]);
@@ -108,10 +119,19 @@ fn cpio_entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, rdev: (u32, u3
 
 /// A newc cpio archive with `/dev`, `/dev/console` and `/init`.
 pub fn initramfs() -> Vec<u8> {
+    archive(&init_elf())
+}
+
+/// The same, with an `/init` that stays after the marker.
+pub fn initramfs_staying() -> Vec<u8> {
+    archive(&init_elf_with(true))
+}
+
+fn archive(init: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     cpio_entry(&mut out, 1, "dev", 0o040_755, (0, 0), &[]);
     cpio_entry(&mut out, 2, "dev/console", 0o020_600, (5, 1), &[]);
-    cpio_entry(&mut out, 3, "init", 0o100_755, (0, 0), &init_elf());
+    cpio_entry(&mut out, 3, "init", 0o100_755, (0, 0), init);
     cpio_entry(&mut out, 0, "TRAILER!!!", 0, (0, 0), &[]);
     out
 }

@@ -19,6 +19,7 @@ pub mod initramfs;
 pub mod kallsyms;
 pub mod kernels;
 pub mod qemu;
+pub mod shim;
 pub mod tools;
 
 pub use guest::{
@@ -54,8 +55,8 @@ pub enum HarnessError {
         #[source]
         source: std::io::Error,
     },
-    /// Building the guest failed.
-    #[error("building the guest failed ({0})")]
+    /// Building the guest or the shim failed.
+    #[error("building the guest or the shim failed ({0})")]
     Build(std::process::ExitStatus),
     /// QEMU ran past its time limit and was killed.
     #[error("QEMU did not exit within {0:?}; serial output so far:\n{1}")]
@@ -63,6 +64,9 @@ pub enum HarnessError {
     /// Annotating the guest failed.
     #[error("annotating the guest failed: {0}")]
     Annotate(String),
+    /// QEMU's monitor (QMP) refused or failed a command.
+    #[error("QEMU's monitor: {0}")]
+    Monitor(String),
     /// An I/O error on a scratch file.
     #[error("I/O error on {path}")]
     Io {
@@ -72,6 +76,47 @@ pub enum HarnessError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// `cargo build --release --locked -p PACKAGE --target x86_64-unknown-none --target-dir DIR`,
+/// for the bare-metal crates (the guest, the shim), each in its own target directory so that
+/// it builds while an outer `cargo test` holds the workspace's; `quiet` leaves out cargo's
+/// progress.
+pub fn bare_metal_build(package: &str, target_dir: &Path, quiet: bool) -> std::process::Command {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut c = std::process::Command::new(cargo);
+    c.current_dir(workspace_root());
+    c.arg("build");
+    if quiet {
+        c.arg("--quiet");
+    }
+    c.args([
+        "--release",
+        "--locked",
+        "-p",
+        package,
+        "--target",
+        "x86_64-unknown-none",
+    ])
+    .arg("--target-dir")
+    .arg(target_dir);
+    c
+}
+
+/// Runs a bare-metal build; the ELF `built` names, once it succeeded.
+pub fn run_build(
+    mut c: std::process::Command,
+    what: &str,
+    built: PathBuf,
+) -> Result<PathBuf, HarnessError> {
+    let status = c.status().map_err(|source| HarnessError::Spawn {
+        what: format!("cargo build ({what})"),
+        source,
+    })?;
+    if !status.success() {
+        return Err(HarnessError::Build(status));
+    }
+    Ok(built)
 }
 
 /// Records that `test` was skipped for `reason`: printed, and appended to the file named by

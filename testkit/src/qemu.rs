@@ -200,6 +200,130 @@ impl Qemu {
     }
 }
 
+/// A boot that stayed up until its serial console printed a line, with the physical memory a
+/// test asked for, read through QEMU's monitor (QMP `pmemsave`) before QEMU was told to quit.
+#[derive(Debug)]
+pub struct Inspected {
+    /// The boot (QEMU's exit status is that of `quit`).
+    pub boot: Boot,
+    /// The bytes of each range asked for, in order.
+    pub memory: Vec<Vec<u8>>,
+}
+
+impl Qemu {
+    /// Boots `kernel`, waits until the serial console shows `until` (the init's marker), reads
+    /// each `(physical address, length)` of `reads` through QMP, and quits QEMU. The kernel's
+    /// init must stay up after the marker ([`crate::initramfs::initramfs_staying`]).
+    pub fn boot_and_read(
+        &self,
+        kernel: &Path,
+        until: &str,
+        reads: &[(u64, usize)],
+    ) -> Result<Inspected, HarnessError> {
+        use std::io::{BufRead, BufReader, Write};
+        use std::os::unix::net::UnixStream;
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| HarnessError::Io { path, source }
+        };
+        let dir = tempfile::tempdir().map_err(io(&std::env::temp_dir()))?;
+        let serial_path = dir.path().join("serial.txt");
+        let qmp_path = dir.path().join("qmp.sock");
+        let started = Instant::now();
+        let mut cmd = self.command(kernel, &serial_path);
+        cmd.arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp_path.display()));
+        let mut child = cmd.spawn().map_err(|source| HarnessError::Spawn {
+            what: "qemu-system-x86_64".into(),
+            source,
+        })?;
+        let read_serial = || std::fs::read_to_string(&serial_path).unwrap_or_default();
+        let kill = |child: &mut std::process::Child| {
+            let _ = child.kill();
+            let _ = child.wait();
+        };
+        // Up to the marker (or QEMU's exit, or the time limit).
+        loop {
+            if read_serial().contains(until) {
+                break;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(HarnessError::Monitor(format!(
+                    "QEMU exited ({status}) before the console showed {until:?}:\n{}",
+                    read_serial()
+                )));
+            }
+            if started.elapsed() > self.timeout {
+                kill(&mut child);
+                return Err(HarnessError::Timeout(self.timeout, read_serial()));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let result = (|| -> Result<Vec<Vec<u8>>, HarnessError> {
+            let stream = UnixStream::connect(&qmp_path).map_err(io(&qmp_path))?;
+            stream
+                .set_read_timeout(Some(Duration::from_secs(30)))
+                .map_err(io(&qmp_path))?;
+            let mut reader = BufReader::new(stream.try_clone().map_err(io(&qmp_path))?);
+            let mut writer = stream;
+            // One reply per command; events interleave and are skipped.
+            let mut call = |cmd: serde_json::Value| -> Result<serde_json::Value, HarnessError> {
+                writeln!(writer, "{cmd}").map_err(io(&qmp_path))?;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).map_err(io(&qmp_path))? == 0 {
+                        return Err(HarnessError::Monitor("the monitor closed".into()));
+                    }
+                    let v: serde_json::Value = serde_json::from_str(&line)
+                        .map_err(|e| HarnessError::Monitor(format!("{e}: {line}")))?;
+                    if let Some(e) = v.get("error") {
+                        return Err(HarnessError::Monitor(format!("{cmd}: {e}")));
+                    }
+                    if v.get("return").is_some() {
+                        return Ok(v);
+                    }
+                }
+            };
+            call(serde_json::json!({"execute": "qmp_capabilities"}))?;
+            let mut memory = Vec::new();
+            for (i, &(addr, len)) in reads.iter().enumerate() {
+                let file = dir.path().join(format!("mem{i}"));
+                call(serde_json::json!({"execute": "pmemsave", "arguments": {
+                    "val": addr, "size": len, "filename": file.display().to_string()}}))?;
+                memory.push(std::fs::read(&file).map_err(io(&file))?);
+            }
+            let _ = call(serde_json::json!({"execute": "quit"}));
+            Ok(memory)
+        })();
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(s)) => break Some(s),
+                Ok(None) if started.elapsed() > self.timeout + Duration::from_secs(30) => {
+                    kill(&mut child);
+                    break None;
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(5)),
+                Err(_) => break None,
+            }
+        };
+        let memory = result?;
+        let mut stderr = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            use std::io::Read;
+            let _ = e.read_to_string(&mut stderr);
+        }
+        Ok(Inspected {
+            boot: Boot {
+                exit_code: status.and_then(|s| s.code()),
+                serial: read_serial(),
+                stderr,
+                elapsed: started.elapsed(),
+            },
+            memory,
+        })
+    }
+}
+
 /// The host's TSC frequency in kHz, measured once against the monotonic clock (100 ms; the
 /// error is well under 0.1%).
 pub fn host_tsc_khz() -> u64 {

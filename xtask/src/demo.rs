@@ -1,8 +1,9 @@
 //! `cargo xtask demo`: the whole mission, twice.
 //!
 //! 1. The post-link tool on Debian bookworm's current kernel (fetched and cached if needed): the
-//!    scan summary, the ledger, the annotation, its verification, and a boot of the annotated
-//!    kernel under QEMU to its init.
+//!    scan summary, the ledger, the annotation with the boot shim in front, its verification,
+//!    and boots of the shimmed kernel under QEMU to its init on every backend (native, tcg,
+//!    vmware, a ROM through fw_cfg, the out-of-line test backend), each with the shim's line.
 //! 2. Our own guest kernel, annotated at build time, rewritten at load: built, annotated by
 //!    `pvpatch annotate`, given a backend ROM built by `pvpatch rom build`, and booted in every
 //!    configuration this machine has; one table across backends (detected backend, sites by
@@ -46,6 +47,8 @@ fn build_tools() -> Result<()> {
     run(cargo().args(["build", "--release", "--locked", "-p", "pvpatch"]))?;
     println!("\n==> building the guest kernel (x86_64-unknown-none, release)");
     run(&mut harness::guest::build_command(false))?;
+    println!("\n==> building the boot shim (x86_64-unknown-none, release, size-optimised)");
+    run(&mut harness::shim::build_command(false))?;
     Ok(())
 }
 
@@ -55,43 +58,84 @@ fn debian_kernel(k: &pvpatch_testkit::CachedKernel) -> Result<()> {
     let ledger = dir.join("ledger.json");
     println!("\n==> the kernel: {} ({})", k.package, k.vmlinux.display());
     run(pvpatch().arg("scan").arg(&k.vmlinux))?;
-    println!("\n==> the annotation");
+    println!("\n==> the annotation, with the boot shim in front of the kernel's PVH entry");
     run(pvpatch()
         .arg("annotate")
         .arg(&k.vmlinux)
         .arg("-o")
         .arg(&annotated)
         .arg("--ledger")
-        .arg(&ledger))?;
+        .arg(&ledger)
+        .arg("--boot-shim")
+        .arg(harness::shim::path()))?;
     println!("  ledger (docs/ledger.md): {}", ledger.display());
     println!("\n==> verification");
     run(pvpatch().arg("verify").arg(&annotated))?;
-    println!("\n==> the annotated kernel boots");
+    println!("\n==> the shimmed kernel boots on every backend (QEMU TCG)");
     if let Err(why) = harness::qemu_available() {
         println!("skipped: {why}");
         return Ok(());
     }
     let initrd = dir.join("initrd.cpio");
     std::fs::write(&initrd, pvpatch_testkit::initramfs::initramfs())?;
-    let q = Qemu::linux(&initrd);
-    println!(
-        "$ {:?}",
-        q.command(&annotated, std::path::Path::new("serial.txt"))
-    );
-    let boot = q.boot(&annotated)?;
-    if !boot.passed() || !boot.serial.contains(pvpatch_testkit::initramfs::MARKER) {
-        bail!(
-            "the annotated kernel did not reach its init (exit {:?}):\n{}",
-            boot.exit_code,
-            boot.serial
+    let rom = dir.join("stock.rom");
+    run(pvpatch()
+        .args(["rom", "build"])
+        .arg(crate::util::root().join("shim/roms/stock.toml"))
+        .arg("-o")
+        .arg(&rom)
+        .arg("--for")
+        .arg(&annotated))?;
+    let fw_cfg = vec![
+        "-fw_cfg".to_owned(),
+        format!("name=opt/pvpatch/rom,file={}", rom.display()),
+    ];
+    let pc = harness::qemu::Machine::Pc { vmport: true };
+    let micro = harness::qemu::Machine::Microvm;
+    for (what, machine, append, extra) in [
+        (
+            "native (pvpatch.backend=native)",
+            micro,
+            "pvpatch.backend=native",
+            vec![],
+        ),
+        ("tcg (detected)", micro, "", vec![]),
+        ("vmware (pc, vmport=on)", pc, "", vec![]),
+        (
+            "rom (shim/roms/stock.toml through fw_cfg)",
+            micro,
+            "",
+            fw_cfg,
+        ),
+        (
+            "outofline (every rewritable site out of line)",
+            micro,
+            "pvpatch.backend=outofline",
+            vec![],
+        ),
+    ] {
+        let mut q = Qemu::linux(&initrd);
+        q.machine = machine;
+        q.append = q.append.map(|a| format!("{a} pvpatch.verbose {append}"));
+        q.extra.extend(extra);
+        let boot = q.boot(&annotated)?;
+        if !boot.passed() || !boot.serial.contains(pvpatch_testkit::initramfs::MARKER) {
+            bail!(
+                "the shimmed kernel did not reach its init on {what} (exit {:?}):\n{}",
+                boot.exit_code,
+                boot.serial
+            );
+        }
+        let line = boot
+            .serial
+            .lines()
+            .find(|l| l.starts_with("pvpatch: "))
+            .unwrap_or("(no line from the shim)");
+        println!(
+            "{what}: init reached in {:.2} s\n  {line}",
+            boot.elapsed.as_secs_f64()
         );
     }
-    println!(
-        "QEMU (TCG, microvm) booted the annotated kernel to its init in {:.2} s; init printed {:?} \
-         and exited QEMU with status 33",
-        boot.elapsed.as_secs_f64(),
-        pvpatch_testkit::initramfs::MARKER
-    );
     Ok(())
 }
 

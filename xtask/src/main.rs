@@ -36,6 +36,8 @@ commands:
   test-update                rewrite the expected outputs the tests compare with (golden
                              ledgers and summaries, fuzz seeds) from what the code writes now;
                              review the diff like code
+  shim                       build the boot shim for x86_64-unknown-none (installing the target
+                             if missing) and print its path, for pvpatch annotate --boot-shim
   kernel                     download the current Debian kernels (bookworm's 6.1 and
                              bookworm-backports' 6.12) and their System.map, extract each
                              vmlinux and cache them (outside the repository)
@@ -50,6 +52,7 @@ fn main() {
         Some("kernel") => kernel::fetch().map(|_| ()),
         Some("test-update") => test_update(),
         Some("demo") => demo::demo(),
+        Some("shim") => shim().map(|p| println!("{}", p.display())),
         Some("help") | Some("--help") | Some("-h") | None => {
             print!("{USAGE}");
             Ok(())
@@ -60,6 +63,16 @@ fn main() {
         eprintln!("xtask: error: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// Builds the boot shim (cargo's progress shown); returns its ELF.
+fn shim() -> Result<std::path::PathBuf> {
+    setup::rust_target()?;
+    run(&mut pvpatch_testkit::shim::build_command(false))?;
+    let p = pvpatch_testkit::shim::path();
+    let size = std::fs::metadata(&p)?.len();
+    eprintln!("the boot shim: {} ({size} bytes of ELF)", p.display());
+    Ok(p)
 }
 
 /// Rewrites every expected-output file the tests compare with (`PVPATCH_UPDATE=1`).
@@ -100,7 +113,7 @@ fn test() -> Result<()> {
         ]))
     })?;
     report.step(
-        "clippy (x86_64-unknown-none: ABI, ISA, runtime, guest)",
+        "clippy (x86_64-unknown-none: ABI, ISA, runtime, guest, shim)",
         |_| {
             run(cargo().args([
                 "clippy",
@@ -115,6 +128,8 @@ fn test() -> Result<()> {
                 "pvpatch-runtime",
                 "-p",
                 "pvguest",
+                "-p",
+                "pvpatch-shim",
                 "--",
                 "-D",
                 "warnings",
@@ -149,6 +164,9 @@ fn test() -> Result<()> {
             ]))
         },
     )?;
+    report.step("build the boot shim (cargo xtask shim)", |_| {
+        shim().map(|_| ())
+    })?;
     let skip_log = root.join("target/xtask-skips.log");
     let _ = std::fs::remove_file(&skip_log);
     report.step("cargo test --workspace", |_| {

@@ -389,6 +389,10 @@ pub fn check(
     }
     let mut prev_moved: Option<AddrRange> = None;
     let mut prev_stub: Option<AddrRange> = None;
+    // Stubs come in address order (checked below), as do sites and moved ranges: one cursor
+    // into each finds what a stub could overlap, for O(d + n) in all (at boot, where every
+    // instruction may be emulated). Trampolines, few and only near their ranges, are searched.
+    let (mut site_cur, mut moved_cur) = (0u32, 0u16);
     for i in 0..area.detours {
         let d = area.detour(i)?;
         let tramp = d.tramp.map(|t| AddrRange::new(t, t.saturating_add(5)));
@@ -400,14 +404,30 @@ pub fn check(
         }
         let sorted = prev_moved.is_none_or(|p| p.end <= d.moved)
             && prev_stub.is_none_or(|p| p.end <= d.stub);
-        let out_of_line = [Some(d.stub_range()), tramp];
-        let clash = out_of_line.iter().flatten().any(|r| {
-            covers_moved(area, *r)
-                || covers_site(count, record, *r)
-                || arena.is_some_and(|a| overlaps(a, *r))
-        }) || tramp.is_some_and(|t| {
-            overlaps(t, d.stub_range()) || t.start.abs_diff(d.moved) > TRAMP_REACH
-        });
+        let st = d.stub_range();
+        while site_cur < count
+            && record(site_cur).is_some_and(|r| r.addr + r.site_len as u64 <= st.start)
+        {
+            site_cur += 1;
+        }
+        while moved_cur < area.detours
+            && area
+                .detour(moved_cur)
+                .is_ok_and(|e| e.moved + e.moved_len as u64 <= st.start)
+        {
+            moved_cur += 1;
+        }
+        let stub_clash = (site_cur < count && record(site_cur).is_some_and(|r| r.addr < st.end))
+            || (moved_cur < area.detours && area.detour(moved_cur).is_ok_and(|e| e.moved < st.end))
+            || arena.is_some_and(|a| overlaps(a, st));
+        let clash = stub_clash
+            || tramp.is_some_and(|t| {
+                covers_moved(area, t)
+                    || covers_site(count, record, t)
+                    || arena.is_some_and(|a| overlaps(a, t))
+                    || overlaps(t, st)
+                    || t.start.abs_diff(d.moved) > TRAMP_REACH
+            });
         if !sorted || clash {
             return Err(DetourError::Overlap(i));
         }

@@ -470,15 +470,7 @@ impl<'a> SiteTable<'a> {
             }
         }
         if let Some((_, _, arena)) = header.ext {
-            let view = |i: u32| {
-                table.site(i as usize).map(|s| RecordView {
-                    addr: s.addr,
-                    site_len: s.site_len,
-                    insn_len: s.insn_len,
-                    form: s.form,
-                    stub: s.stub,
-                })
-            };
+            let view = |i: u32| table.view(i as usize);
             detours::check(&table.area, table.len() as u32, &view, image, arena)
                 .map_err(TableError::Detours)?;
         } else if table.sites().any(|s| s.form == super::Form::Movable) {
@@ -582,6 +574,25 @@ impl<'a> SiteTable<'a> {
         let raw = RawRecord::read(self.records.get(off..)?)?;
         let addr = self.header.records_begin.checked_add(off as u64)?;
         decode_record(&raw, addr, &[AddrRange::EVERYTHING]).ok()
+    }
+
+    /// What the detour checks need of record `i`: its place, lengths, form and stub, read from
+    /// the raw record without decoding the rest (every record was decoded and checked once when
+    /// the table was parsed; a binary search over them must not decode each again).
+    pub fn view(&self, i: usize) -> Option<RecordView> {
+        let off = i.checked_mul(RECORD_SIZE)?;
+        let raw = RawRecord::read(self.records.get(off..)?)?;
+        let at = self.header.records_begin.checked_add(off as u64)?;
+        Some(RecordView {
+            addr: self_relative(at, 0, raw.site)?,
+            site_len: raw.site_len,
+            insn_len: raw.insn_len,
+            form: super::Form::from_code(raw.form)?,
+            stub: match raw.stub {
+                0 => None,
+                s => Some(self_relative(at, 4, s)?),
+            },
+        })
     }
 
     /// Every site, in table order.

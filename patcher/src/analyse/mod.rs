@@ -199,7 +199,7 @@ const RUNS_ELSEWHERE: [(&str, &str); 7] = [
 /// not even in place), if so.
 pub fn runs_elsewhere(image: &Image, addr: u64) -> Option<(String, bool)> {
     let (name, _) = image.symbolize(addr)?;
-    if let Some(entry) = image.pvh_entry().and_then(|p| image.virt_of_phys(p))
+    if let Some(entry) = crate::shim::linux_entry(image).and_then(|p| image.virt_of_phys(p))
         && image.symbolize(entry).is_some_and(|(n, _)| n == name)
     {
         return Some((

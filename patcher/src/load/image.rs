@@ -471,6 +471,28 @@ impl Image {
         }
     }
 
+    /// Every symbol whose name begins with `prefix` (any kind), with its address: from the
+    /// kernel's kallsyms when it has one, else from the symbol table.
+    pub fn symbols_with_prefix(&self, prefix: &str) -> Vec<(String, u64)> {
+        let mut v: Vec<(String, u64)> = match &self.kallsyms {
+            Some(k) => k
+                .symbols
+                .iter()
+                .filter(|s| s.name.starts_with(prefix))
+                .map(|s| (s.name.clone(), s.addr))
+                .collect(),
+            None => self
+                .names
+                .iter()
+                .filter(|(n, _)| n.starts_with(prefix))
+                .map(|(n, a)| (n.clone(), *a))
+                .collect(),
+        };
+        v.sort();
+        v.dedup();
+        v
+    }
+
     /// The descriptor of the `Xen` note of type `kind`, if the image has one.
     pub fn xen_note(&self, kind: u32) -> Option<&[u8]> {
         self.notes
@@ -521,7 +543,10 @@ impl Image {
 
     /// The executable sections.
     pub fn exec_sections(&self) -> impl Iterator<Item = &Section> {
-        self.sections.iter().filter(|s| s.is_exec())
+        // The boot shim a previous annotation added is pvpatch's code, not the kernel's.
+        self.sections
+            .iter()
+            .filter(|s| s.is_exec() && s.name != ".pvpatch_shim")
     }
 
     /// The executable sections' address ranges.

@@ -130,6 +130,20 @@ fn protected(img: &pvpatch::load::Image, map: &BTreeMap<String, u64>) -> Protect
             orc.push(rel(a, t, i));
         }
     }
+    // Runtime constants (6.11+): each variable's table of pointers to immediates Linux
+    // patches at boot; the whole instruction (up to 3 bytes before the immediate).
+    for (kind, size) in [("ptr", 8u64), ("shift", 1)] {
+        let prefix = format!("__start_runtime_{kind}_");
+        for (name, &a) in map.iter().filter(|(n, _)| n.starts_with(&prefix)) {
+            let stop = format!("__stop_runtime_{kind}_{}", &name[prefix.len()..]);
+            let Some(&b) = map.get(&stop) else { continue };
+            let t = bytes(a, b);
+            for i in (0..t.len() / 4).map(|i| i * 4) {
+                let imm = rel(a, t, i);
+                out.push((imm - 3, imm + size));
+            }
+        }
+    }
     // Function entries that begin with endbr64 (an indirect call must find it there).
     for &a in map.values() {
         if img

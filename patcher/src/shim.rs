@@ -1,0 +1,282 @@
+//! The boot shim in front of a stock kernel (`docs/shim.md`): the shim's ELF (built for
+//! `x86_64-unknown-none` by `cargo xtask shim`) read and checked, its segment placed above
+//! everything the kernel loads, its parameters filled in, and the kernel's PVH entry note
+//! pointed at it. `annotate --boot-shim` writes the result; `verify` checks it.
+
+use std::path::{Path, PathBuf};
+
+use object::elf;
+use object::read::elf::{ElfFile64, ProgramHeader as _};
+use object::{Endianness, Object, ObjectSymbol};
+use patch_sites::shim::{MAX_CODE, MAX_SEGMENTS, PARAMS_MAGIC, PARAMS_SIZE, Params, Segment};
+use thiserror::Error;
+
+use crate::load::Image;
+use crate::load::image::XEN_ELFNOTE_PHYS32_ENTRY;
+
+/// The section that holds the shim in an annotated image.
+pub const SHIM_SECTION: &str = ".pvpatch_shim";
+/// The shim's segment is placed on this boundary (a loader that relocates the kernel moves it
+/// by a multiple of 2 MiB, and the shim maps itself with 2 MiB pages).
+pub const SHIM_ALIGN: u64 = 0x20_0000;
+
+/// Why the shim cannot be added.
+#[derive(Debug, Error)]
+pub enum ShimError {
+    /// The shim's file cannot be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not the shim pvpatch knows.
+    #[error("{0}: not a pvpatch boot shim: {1}")]
+    NotShim(String, String),
+    /// The kernel has no PVH entry.
+    #[error(
+        "the kernel has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY): the shim is entered in its \
+         place, so a kernel without one cannot have a shim"
+    )]
+    NoPvhEntry,
+    /// The kernel's layout does not fit the shim's parameters.
+    #[error("{0}")]
+    Layout(String),
+}
+
+/// A boot shim, read from its ELF.
+#[derive(Clone, Debug)]
+pub struct Shim {
+    /// Its segment's file bytes.
+    pub bytes: Vec<u8>,
+    /// Where it is linked (its entry is the first byte).
+    pub vaddr: u64,
+    /// Bytes in memory (with its `.bss`).
+    pub memsz: u64,
+    /// Offset of its parameters in the segment.
+    pub params_at: usize,
+    /// Offset of its report page in the segment.
+    pub report_at: u64,
+}
+
+fn not_shim(path: &Path, why: impl Into<String>) -> ShimError {
+    ShimError::NotShim(path.display().to_string(), why.into())
+}
+
+impl Shim {
+    /// Reads and checks the shim's ELF at `path`: one loadable segment, entered at its first
+    /// byte, holding the parameters (with their magic) and the report page.
+    pub fn load(path: &Path) -> Result<Shim, ShimError> {
+        let data = std::fs::read(path).map_err(|source| ShimError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let f =
+            ElfFile64::<Endianness>::parse(&*data).map_err(|e| not_shim(path, e.to_string()))?;
+        let e = f.endian();
+        let loads: Vec<_> = f
+            .elf_program_headers()
+            .iter()
+            .filter(|p| p.p_type(e) == elf::PT_LOAD)
+            .collect();
+        let [seg] = loads[..] else {
+            return Err(not_shim(
+                path,
+                format!("{} loadable segments, not 1", loads.len()),
+            ));
+        };
+        let (vaddr, memsz) = (seg.p_vaddr(e), seg.p_memsz(e));
+        let bytes = seg
+            .data(e, &*data)
+            .map_err(|_| not_shim(path, "its segment lies outside the file"))?
+            .to_vec();
+        let sym = |name: &str| {
+            f.symbols()
+                .find(|s| s.name() == Ok(name))
+                .map(|s| s.address())
+                .ok_or_else(|| not_shim(path, format!("no symbol {name}")))
+        };
+        if f.entry() != vaddr || sym("shim_entry32")? != vaddr {
+            return Err(not_shim(path, "its entry is not its segment's first byte"));
+        }
+        let params_at = sym("PVPATCH_SHIM_PARAMS")?.wrapping_sub(vaddr) as usize;
+        if bytes.get(params_at..params_at + 8) != Some(&PARAMS_MAGIC[..])
+            || params_at + PARAMS_SIZE > bytes.len()
+        {
+            return Err(not_shim(
+                path,
+                "its parameters are not where its symbol says",
+            ));
+        }
+        let report_at = sym("PVPATCH_SHIM_REPORT")?.wrapping_sub(vaddr);
+        if report_at + 4096 > memsz || memsz < bytes.len() as u64 {
+            return Err(not_shim(path, "its report page is outside its segment"));
+        }
+        Ok(Shim {
+            bytes,
+            vaddr,
+            memsz,
+            params_at,
+            report_at,
+        })
+    }
+}
+
+/// The kernel's PVH entry as linked: from the note, or, in an image that already has a shim,
+/// from the shim's parameters (the note points at the shim then).
+pub fn linux_entry(image: &Image) -> Option<u64> {
+    match existing(image) {
+        Some(p) => Some(p.linux_entry),
+        None => image.pvh_entry(),
+    }
+}
+
+/// The parameters of the shim an image already has.
+pub fn existing(image: &Image) -> Option<Params> {
+    let s = image.section(SHIM_SECTION)?;
+    let data = image.section_data(s);
+    let at = data.windows(8).step_by(8).position(|w| w == PARAMS_MAGIC)? * 8;
+    Params::read(&data[at..])
+}
+
+/// Where the shim goes and what it is told: placed on the first [`SHIM_ALIGN`] boundary above
+/// every byte the kernel loads (`loads`: `(vaddr, paddr, memsz)`, the table's segment among
+/// them); its parameters for the table at `table` (`(vaddr, len)`) and the kernel's code.
+pub fn params(
+    image: &Image,
+    shim: &Shim,
+    loads: &[(u64, u64, u64)],
+    table: (u64, u64),
+) -> Result<(Params, u64), ShimError> {
+    let linux_entry = linux_entry(image).ok_or(ShimError::NoPvhEntry)?;
+    if loads.len() > MAX_SEGMENTS {
+        return Err(ShimError::Layout(format!(
+            "{} loadable segments: the shim's parameters hold {MAX_SEGMENTS}",
+            loads.len()
+        )));
+    }
+    let code = image.code_ranges();
+    if code.len() > MAX_CODE {
+        return Err(ShimError::Layout(format!(
+            "{} code ranges: the shim's parameters hold {MAX_CODE}",
+            code.len()
+        )));
+    }
+    let top = loads
+        .iter()
+        .filter_map(|&(_, p, m)| p.checked_add(m))
+        .max()
+        .unwrap_or(0);
+    let phys = top
+        .checked_next_multiple_of(SHIM_ALIGN)
+        .filter(|p| p.checked_add(shim.memsz).is_some_and(|e| e <= 1 << 32))
+        .ok_or_else(|| {
+            ShimError::Layout(format!(
+                "the kernel loads up to {top:#x}: no room for the shim below 4 GiB"
+            ))
+        })?;
+    if !loads
+        .iter()
+        .any(|&(_, p, m)| linux_entry >= p && linux_entry < p + m)
+    {
+        return Err(ShimError::Layout(format!(
+            "the PVH entry {linux_entry:#x} is in none of the kernel's segments"
+        )));
+    }
+    let mut p = Params {
+        linux_entry,
+        shim_phys: phys,
+        table_vaddr: table.0,
+        table_len: table.1,
+        report_offset: shim.report_at,
+        nsegments: loads.len() as u32,
+        ncode: code.len() as u32,
+        ..Params::default()
+    };
+    for (s, &(vaddr, paddr, memsz)) in p.segments.iter_mut().zip(loads) {
+        *s = Segment {
+            vaddr,
+            paddr,
+            memsz,
+        };
+    }
+    for (c, r) in p.code.iter_mut().zip(&code) {
+        *c = (r.start, r.end);
+    }
+    Ok((p, phys))
+}
+
+/// The shim's segment bytes with `params` written in.
+pub fn with_params(shim: &Shim, params: &Params) -> Vec<u8> {
+    let mut b = shim.bytes.clone();
+    let _ = params.write(&mut b[shim.params_at..shim.params_at + PARAMS_SIZE]);
+    b
+}
+
+/// `data` (the bytes of a note section) with the descriptor of the Xen PVH entry note set to
+/// `entry`, if the section has that note (with a 4- or 8-byte descriptor).
+pub fn point_pvh_note(data: &[u8], entry: u64) -> Option<Vec<u8>> {
+    let mut out = data.to_vec();
+    let mut at = 0usize;
+    let align4 = |n: usize| n.checked_next_multiple_of(4);
+    while at + 12 <= data.len() {
+        let w = |o: usize| u32::from_le_bytes(data[o..o + 4].try_into().unwrap_or([0; 4])) as usize;
+        let (namesz, descsz, kind) = (w(at), w(at + 4), w(at + 8) as u32);
+        let name_at = at + 12;
+        let desc_at = name_at.checked_add(align4(namesz)?)?;
+        let next = desc_at.checked_add(align4(descsz)?)?;
+        if next > data.len() {
+            return None;
+        }
+        if data.get(name_at..name_at + namesz) == Some(&b"Xen\0"[..])
+            && kind == XEN_ELFNOTE_PHYS32_ENTRY
+        {
+            match descsz {
+                4 => out[desc_at..desc_at + 4]
+                    .copy_from_slice(&u32::try_from(entry).ok()?.to_le_bytes()),
+                8 => out[desc_at..desc_at + 8].copy_from_slice(&entry.to_le_bytes()),
+                _ => return None,
+            }
+            return Some(out);
+        }
+        at = next;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pvh_note_is_pointed_at_the_shim_and_nothing_else_changes() {
+        let note = |name: &[u8], kind: u32, desc: &[u8]| {
+            let mut v = Vec::new();
+            v.extend_from_slice(&(name.len() as u32).to_le_bytes());
+            v.extend_from_slice(&(desc.len() as u32).to_le_bytes());
+            v.extend_from_slice(&kind.to_le_bytes());
+            v.extend_from_slice(name);
+            v.resize(v.len().next_multiple_of(4), 0);
+            v.extend_from_slice(desc);
+            v.resize(v.len().next_multiple_of(4), 0);
+            v
+        };
+        let mut data = note(b"GNU\0", 3, &[1; 20]);
+        data.extend(note(b"Xen\0", 18, &0x100_0850u32.to_le_bytes()));
+        data.extend(note(b"Xen\0", 19, &[0; 8]));
+        let out = point_pvh_note(&data, 0x4c0_0000).unwrap();
+        let changed: Vec<usize> = (0..data.len()).filter(|&i| data[i] != out[i]).collect();
+        assert_eq!(
+            changed.len(),
+            2,
+            "only the entry's changed bytes: {changed:?}"
+        );
+        assert!(out.windows(4).any(|w| w == 0x4c0_0000u32.to_le_bytes()));
+        // No PVH note, a truncated one, an entry beyond 4 GiB in a 4-byte note: none.
+        assert_eq!(point_pvh_note(&note(b"GNU\0", 18, &[0; 4]), 1), None);
+        assert_eq!(point_pvh_note(&data[..data.len() - 30], 1), None);
+        assert_eq!(point_pvh_note(&data, 1 << 33), None);
+    }
+}

@@ -1,0 +1,511 @@
+//! The boot shim in front of Debian's 6.1 and 6.12 under QEMU TCG: each kernel booted to its
+//! init on every backend this machine has (native, tcg, vmware, a ROM published through fw_cfg,
+//! and the out-of-line backend that sends every rewritable site through a thunk or a detour);
+//! Linux's text read back after the boot through QEMU's monitor and compared with the file:
+//! every planned byte is there, and every other byte that changed is one Linux patches itself.
+//! A corrupted table, two hostile ROMs and `pvpatch=off`: nothing written, Linux boots. Under
+//! this machine's KVM the shim's line is checked, and the boot stopped.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use patch_sites::Op;
+use patch_sites::regs::RegSet;
+use patch_sites::rom::{FW_CFG_NAME, RomEntrySpec, RomKind, rom_size, write_rom};
+use patch_sites::shim::{REPORT_SIZE, Report, Status};
+use pvpatch::load::Image;
+use pvpatch::rewrite::{BackendSpec, plan_image};
+use pvpatch::scan_image;
+use pvpatch_testkit::kernels::{self, KernelSpec};
+use pvpatch_testkit::qemu::{Accel, Machine};
+use pvpatch_testkit::{self as harness, Qemu, initramfs};
+
+/// The shimmed kernel of `spec` (built once per test run) with the original image, or `None`
+/// (the skip recorded) where the kernel, QEMU or the shim's target is missing.
+fn shimmed(test: &str, spec: KernelSpec) -> Option<&'static (PathBuf, Image, PathBuf)> {
+    static K61: OnceLock<Result<(PathBuf, Image, PathBuf), String>> = OnceLock::new();
+    static K612: OnceLock<Result<(PathBuf, Image, PathBuf), String>> = OnceLock::new();
+    if let Err(why) = harness::qemu_available() {
+        harness::skip(test, &why);
+        return None;
+    }
+    let cell = if spec == kernels::BOOKWORM {
+        &K61
+    } else {
+        &K612
+    };
+    let r = cell.get_or_init(|| {
+        let k = kernels::cached(spec)?;
+        let shim = harness::shim::build_shim().map_err(|e| e.to_string())?;
+        let dir = std::env::temp_dir().join(format!("pvpatch-shim-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let out = dir.join(format!("vmlinux-{}.shim", spec.name));
+        harness::shim::shimmed(&k.vmlinux, &shim, &out).map_err(|e| e.to_string())?;
+        let img = Image::open(&k.vmlinux).map_err(|e| e.to_string())?;
+        let initrd = dir.join("initrd.cpio");
+        std::fs::write(&initrd, initramfs::initramfs_staying()).map_err(|e| e.to_string())?;
+        Ok((out, img, initrd))
+    });
+    match r {
+        Ok(v) => Some(v),
+        Err(why) => {
+            harness::skip(test, why);
+            None
+        }
+    }
+}
+
+/// `[_text, _etext)`: its virtual start, its physical start, its length.
+fn text(img: &Image) -> (u64, u64, usize) {
+    let (s, e) = (
+        img.symbol_address("_text").unwrap(),
+        img.symbol_address("_etext").unwrap(),
+    );
+    let seg = img
+        .segments
+        .iter()
+        .find(|g| g.kind == object::elf::PT_LOAD && g.vaddr <= s && e <= g.vaddr + g.memsz)
+        .unwrap();
+    (s, seg.paddr + (s - seg.vaddr), (e - s) as usize)
+}
+
+/// The shim's report page, physical.
+fn report_page(shimmed: &Path) -> u64 {
+    let img = Image::open_with(shimmed, false).unwrap();
+    let s = img.section(pvpatch::shim::SHIM_SECTION).unwrap();
+    let p = pvpatch::shim::existing(&img).unwrap();
+    let seg = img
+        .segments
+        .iter()
+        .find(|g| g.vaddr == s.addr && g.kind == object::elf::PT_LOAD)
+        .unwrap();
+    seg.paddr + p.report_offset
+}
+
+/// What a boot of the shimmed kernel left: the report, Linux's text, the serial console.
+struct Booted {
+    report: Report,
+    text: Vec<u8>,
+    serial: String,
+}
+
+fn boot(
+    shimmed: &Path,
+    img: &Image,
+    initrd: &Path,
+    machine: Machine,
+    append: &str,
+    extra: &[String],
+) -> Booted {
+    let mut q = Qemu::linux(initrd);
+    q.machine = machine;
+    q.append = q.append.map(|a| format!("{a} pvpatch.verbose {append}"));
+    q.extra.extend_from_slice(extra);
+    let (_, phys, len) = text(img);
+    let report_at = report_page(shimmed);
+    let got = q
+        .boot_and_read(
+            shimmed,
+            initramfs::MARKER,
+            &[(report_at, REPORT_SIZE), (phys, len)],
+        )
+        .unwrap_or_else(|e| panic!("{}: {e}", shimmed.display()));
+    let report = Report::read(&got.memory[0])
+        .unwrap_or_else(|| panic!("no report at {report_at:#x}; serial:\n{}", got.boot.serial));
+    Booted {
+        report,
+        text: got.memory[1].clone(),
+        serial: got.boot.serial,
+    }
+}
+
+/// Linux's text after a boot of the kernel without the shim, on `machine` (read once per
+/// kernel and machine): what Linux itself patches at boot (alternatives, jump labels, static
+/// calls, ftrace, return thunks, ...) is in it.
+fn reference(img: &Image, initrd: &Path, machine: Machine) -> Vec<u8> {
+    let mut q = Qemu::linux(initrd);
+    q.machine = machine;
+    let (_, phys, len) = text(img);
+    let got = q
+        .boot_and_read(&img.path, initramfs::MARKER, &[(phys, len)])
+        .unwrap_or_else(|e| panic!("the reference boot of {}: {e}", img.path.display()));
+    got.memory[0].clone()
+}
+
+/// The byte ranges Linux patches itself, by its tables (jump labels and static calls change
+/// as keys are toggled at run time, so two boots need not agree there), sorted.
+fn linux_patches(img: &Image) -> &'static [(u64, u64)] {
+    type Ranges = &'static [(u64, u64)];
+    static R: OnceLock<std::sync::Mutex<Vec<(String, Ranges)>>> = OnceLock::new();
+    let cache = R.get_or_init(Default::default);
+    let key = img.path.display().to_string();
+    let mut c = cache.lock().unwrap();
+    if let Some((_, v)) = c.iter().find(|(k, _)| *k == key) {
+        return v;
+    }
+    let report = scan_image(img, Default::default(), None);
+    let mut v: Vec<(u64, u64)> = report
+        .tables
+        .protected
+        .iter()
+        .map(|p| (p.start, p.end))
+        .chain(
+            report
+                .analysis
+                .guards
+                .all()
+                .iter()
+                .map(|g| (g.start, g.end)),
+        )
+        .collect();
+    v.sort_unstable();
+    let v: &'static [(u64, u64)] = Vec::leak(v);
+    c.push((key, v));
+    v
+}
+
+/// Compares the text a shimmed boot left with the reference boot's: every planned byte is
+/// there, and no other byte differs but where Linux patches itself. Returns the planned bytes
+/// that changed, and the bytes of Linux's own that differ between the two boots.
+fn check_text(
+    img: &Image,
+    reference: &[u8],
+    booted: &Booted,
+    planned: &[(u64, Vec<u8>)],
+) -> (usize, usize) {
+    let (start, _, len) = text(img);
+    let linux = linux_patches(img);
+    let is_linux = |a: u64| {
+        let i = linux.partition_point(|r| r.0 <= a);
+        linux[..i].iter().rev().take(64).any(|r| a < r.1)
+    };
+    let mut expected = std::collections::BTreeMap::new();
+    for (a, bytes) in planned {
+        for (i, b) in bytes.iter().enumerate() {
+            expected.insert(a + i as u64, *b);
+        }
+    }
+    let (mut seen, mut theirs) = (0, 0);
+    assert_eq!(booted.text.len(), len);
+    for (i, (&was, &is)) in reference.iter().zip(&booted.text).enumerate() {
+        let a = start + i as u64;
+        match expected.get(&a) {
+            Some(&want) if is == want => seen += usize::from(was != want),
+            Some(&want) => {
+                panic!("{a:#x}: planned {want:#04x}, found {is:#04x} (unshimmed {was:#04x})")
+            }
+            None if was == is => {}
+            None if is_linux(a) => theirs += 1,
+            None => panic!(
+                "{a:#x}: {is:#04x} where the unshimmed boot has {was:#04x}, planned by nobody"
+            ),
+        }
+    }
+    (seen, theirs)
+}
+
+/// The writes a plan makes inside `[_text, _etext)` (the init text is freed by the time the
+/// text is read back).
+fn planned_in_text(img: &Image, spec: &BackendSpec) -> (Vec<(u64, Vec<u8>)>, u32) {
+    let report = scan_image(img, Default::default(), None);
+    let plan = plan_image(&report, spec).unwrap();
+    let (start, _, len) = text(img);
+    let end = start + len as u64;
+    let mut w: Vec<(u64, Vec<u8>)> = plan
+        .plan
+        .writes()
+        .map(|w| (w.addr, w.new.as_slice().to_vec()))
+        .chain(plan.plan.code.iter().map(|c| (c.addr, c.new.clone())))
+        .filter(|(a, b)| *a >= start && a + b.len() as u64 <= end)
+        .collect();
+    w.sort();
+    let changed = plan.plan.sites.iter().filter(|p| p.new != p.old).count() as u32;
+    (w, changed)
+}
+
+/// The stock ROM (shim/roms/stock.toml), built for `img`.
+fn stock_rom(shimmed: &Path) -> Vec<u8> {
+    let toml = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../shim/roms/stock.toml"),
+    )
+    .unwrap();
+    let img = Image::open(shimmed).unwrap();
+    pvpatch::rom::build::build_for(&toml, &img).unwrap()
+}
+
+fn every_backend(spec: KernelSpec) {
+    let test = format!("shimmed_{}_boots_on_every_backend", spec.name);
+    let Some((shimmed, img, initrd)) = shimmed(&test, spec) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let rom = dir.path().join("stock.rom");
+    let rom_bytes = stock_rom(shimmed);
+    std::fs::write(&rom, &rom_bytes).unwrap();
+    let fw_cfg = vec![
+        "-fw_cfg".to_owned(),
+        format!("name={FW_CFG_NAME},file={}", rom.display()),
+    ];
+    let pc = Machine::Pc { vmport: true };
+    let (ref_microvm, ref_pc) = (
+        reference(img, initrd, Machine::Microvm),
+        reference(img, initrd, pc),
+    );
+    let cases: [(&str, Machine, &str, Vec<String>, BackendSpec); 5] = [
+        (
+            "native",
+            Machine::Microvm,
+            "pvpatch.backend=native",
+            vec![],
+            BackendSpec::new("native", None).unwrap(),
+        ),
+        (
+            "tcg",
+            Machine::Microvm,
+            "",
+            vec![],
+            BackendSpec::new("tcg", None).unwrap(),
+        ),
+        (
+            "vmware",
+            pc,
+            "",
+            vec![],
+            BackendSpec::new("vmware", None).unwrap(),
+        ),
+        (
+            "rom",
+            Machine::Microvm,
+            "",
+            fw_cfg,
+            BackendSpec::new("rom", Some(rom_bytes.clone())).unwrap(),
+        ),
+        (
+            "outofline",
+            Machine::Microvm,
+            "pvpatch.backend=outofline",
+            vec![],
+            BackendSpec::new("outofline", None).unwrap(),
+        ),
+    ];
+    for (backend, machine, append, extra, spec_b) in cases {
+        let booted = boot(shimmed, img, initrd, machine, append, &extra);
+        let r = booted.report;
+        assert_eq!(
+            (r.status, r.backend()),
+            (Status::Patched, backend),
+            "{backend}: {}\n{}",
+            r.reason(),
+            booted.serial
+        );
+        let (planned, changed) = planned_in_text(img, &spec_b);
+        assert_eq!(
+            r.rewritten, changed,
+            "{backend}: sites rewritten, as planned offline"
+        );
+        let reference = if machine == pc { &ref_pc } else { &ref_microvm };
+        let (seen, theirs) = check_text(img, reference, &booted, &planned);
+        let line = booted
+            .serial
+            .lines()
+            .find(|l| l.starts_with("pvpatch: backend"))
+            .unwrap_or_else(|| panic!("{backend}: no shim line:\n{}", booted.serial));
+        assert!(line.contains(&format!("backend {backend}:")), "{line}");
+        eprintln!(
+            "{} {backend}: {line}; {} sites rewritten, {seen} planned bytes changed in the text \
+             read back and nothing else against the unshimmed boot but {theirs} bytes of Linux's \
+             own patching; shim {} cycles ({} a site)",
+            spec.name,
+            r.rewritten,
+            r.cycles_total,
+            r.cycles_total / u64::from(r.sites.max(1))
+        );
+    }
+}
+
+#[test]
+fn shimmed_6_1_boots_on_every_backend() {
+    every_backend(kernels::BOOKWORM);
+}
+
+#[test]
+fn shimmed_6_12_boots_on_every_backend() {
+    every_backend(kernels::BACKPORTS);
+}
+
+/// ROMs that parse but that the runtime must refuse.
+fn hostile_roms() -> Vec<(&'static str, Vec<u8>)> {
+    let rom = |entries: &[RomEntrySpec<'_>]| {
+        let mut b = vec![0u8; rom_size(entries)];
+        let n = write_rom("hostile", *b"\0\0\0\0\0\0\0\0\0\0\0\0", entries, &mut b).unwrap();
+        b.truncate(n);
+        b
+    };
+    let spec = |op: Op, kind: RomKind, code: &'static [u8]| RomEntrySpec {
+        op_id: op.id(),
+        kind,
+        code,
+        slots: &[],
+        clobbers: RegSet::EMPTY,
+    };
+    vec![
+        // Its wbinvd calls a hypervisor.
+        (
+            "a call entry that makes a hypercall",
+            rom(&[spec(Op::Wbinvd, RomKind::Call, &[0x0f, 0x01, 0xc1, 0xc3])]),
+        ),
+        // Its rdtsc template enables interrupts and returns nothing.
+        (
+            "an inline template that does something else",
+            rom(&[spec(Op::Rdtsc, RomKind::Inline, &[0xfb])]),
+        ),
+    ]
+}
+
+#[test]
+fn corrupted_tables_hostile_roms_and_off_write_nothing() {
+    let test = "corrupted_tables_hostile_roms_and_off_write_nothing";
+    let Some((shimmed, img, initrd)) = shimmed(test, kernels::BOOKWORM) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // A table with one record changed: its checksum no longer holds.
+    let corrupted = dir.path().join("corrupted");
+    let mut bytes = std::fs::read(shimmed).unwrap();
+    let shimmed_img = Image::open_with(shimmed, false).unwrap();
+    let t = shimmed_img.section(".pvpatch_sites").unwrap();
+    bytes[(t.offset + 64 + 24 * 7 + 10) as usize] ^= 0x01;
+    std::fs::write(&corrupted, &bytes).unwrap();
+    let mut cases: Vec<(String, PathBuf, String, Vec<String>, Status)> = vec![
+        (
+            "a corrupted table".into(),
+            corrupted,
+            String::new(),
+            vec![],
+            Status::Refused,
+        ),
+        (
+            "pvpatch=off".into(),
+            shimmed.clone(),
+            "pvpatch=off".into(),
+            vec![],
+            Status::Off,
+        ),
+    ];
+    for (what, rom) in hostile_roms() {
+        let f = dir.path().join(what.replace(' ', "_"));
+        std::fs::write(&f, rom).unwrap();
+        cases.push((
+            what.into(),
+            shimmed.clone(),
+            String::new(),
+            vec![
+                "-fw_cfg".into(),
+                format!("name={FW_CFG_NAME},file={}", f.display()),
+            ],
+            Status::Refused,
+        ));
+    }
+    let reference = reference(img, initrd, Machine::Microvm);
+    for (what, kernel, append, extra, status) in cases {
+        let booted = boot(&kernel, img, initrd, Machine::Microvm, &append, &extra);
+        assert_eq!(
+            booted.report.status,
+            status,
+            "{what}: {}\n{}",
+            booted.report.reason(),
+            booted.serial
+        );
+        assert_eq!(check_text(img, &reference, &booted, &[]).0, 0);
+        eprintln!(
+            "{what}: {} ({}); Linux booted to init",
+            status.name(),
+            booted.report.reason()
+        );
+    }
+}
+
+/// Under this machine's KVM every ring-0 instruction is emulated: Linux does not reach its init
+/// within minutes, but the shim finishes, and its line is checked.
+#[test]
+fn under_kvm_the_shim_reports_its_line() {
+    let test = "under_kvm_the_shim_reports_its_line";
+    if let Err(why) = harness::kvm_available() {
+        return harness::skip(test, &why);
+    }
+    let Some((shimmed, _, initrd)) = shimmed(test, kernels::BOOKWORM) else {
+        return;
+    };
+    let mut q = Qemu::linux(initrd);
+    q.accel = Accel::Kvm;
+    q.cpu = harness::qemu::KVM_CPU.into();
+    q.timeout = std::time::Duration::from_secs(180);
+    q.append = q.append.map(|a| format!("{a} pvpatch.verbose"));
+    // The line ends with the time in microseconds (the test passes the TSC's rate).
+    let got = q.boot_and_read(shimmed, " us\r", &[]).unwrap();
+    let line = got
+        .boot
+        .serial
+        .lines()
+        .find(|l| l.starts_with("pvpatch: "))
+        .unwrap()
+        .to_owned();
+    assert!(line.starts_with("pvpatch: backend kvm:"), "{line}");
+    eprintln!("under KVM: {line}");
+}
+
+/// Shimming keeps every original section byte for byte, but for the PVH entry note's
+/// descriptor (now the shim's entry); `verify` checks the shim; annotating the shimmed kernel
+/// again (`--force`) gives the same file; a kernel without a PVH entry is refused.
+#[test]
+fn shimming_changes_only_the_pvh_note_and_is_reproducible() {
+    let test = "shimming_changes_only_the_pvh_note_and_is_reproducible";
+    let Some((shimmed, img, _)) = shimmed(test, kernels::BOOKWORM) else {
+        return;
+    };
+    let out = Image::open_with(shimmed, false).unwrap();
+    let mut note_bytes = 0;
+    // (The section-name table grows by the new sections' names.)
+    for s in img.sections.iter().filter(|s| s.name != ".shstrtab") {
+        let o = out
+            .section(&s.name)
+            .unwrap_or_else(|| panic!("{} is gone", s.name));
+        let (a, b) = (img.section_data(s), out.section_data(o));
+        assert_eq!((s.addr, a.len()), (o.addr, b.len()), "{}", s.name);
+        let differ = a.iter().zip(b).filter(|(x, y)| x != y).count();
+        if s.kind == object::elf::SHT_NOTE {
+            note_bytes += differ;
+        } else {
+            assert_eq!(differ, 0, "{} changed", s.name);
+        }
+    }
+    assert!(
+        (1..=8).contains(&note_bytes),
+        "{note_bytes} bytes of notes changed"
+    );
+    let v = pvpatch::verify::verify(&out).unwrap();
+    let s = v.shim.as_ref().unwrap();
+    assert!(v.ok() && s.problems.is_empty(), "{:?}", s.problems);
+    assert_eq!(Some(s.linux_entry), img.pvh_entry());
+    // Again, from the shimmed kernel.
+    let again = tempfile::NamedTempFile::new().unwrap();
+    let shim = harness::shim::build_shim().unwrap();
+    let reread = Image::open(shimmed).unwrap();
+    let report = scan_image(&reread, Default::default(), None);
+    let opts = pvpatch::annotate::AnnotateOptions {
+        force: true,
+        boot_shim: Some(pvpatch::shim::Shim::load(&shim).unwrap()),
+        ..Default::default()
+    };
+    pvpatch::annotate::annotate(&report, again.path(), &opts).unwrap();
+    assert!(std::fs::read(again.path()).unwrap() == std::fs::read(shimmed).unwrap());
+    // A kernel without a PVH entry note.
+    let sample = Image::from_bytes("sample", pvpatch_testkit::elf::sample()).unwrap();
+    let report = scan_image(&sample, Default::default(), None);
+    let opts = pvpatch::annotate::AnnotateOptions {
+        boot_shim: Some(pvpatch::shim::Shim::load(&shim).unwrap()),
+        ..Default::default()
+    };
+    let e = pvpatch::annotate::annotate(&report, again.path(), &opts).unwrap_err();
+    assert!(e.to_string().contains("no PVH entry note"), "{e}");
+}

@@ -1,0 +1,12 @@
+//! Links the shim with its own script for `x86_64-unknown-none`; the host build (a short binary
+//! that says what the shim is) needs nothing.
+
+fn main() {
+    println!("cargo:rerun-if-changed=linker.ld");
+    println!("cargo:rerun-if-changed=src/entry.s");
+    if std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("none") {
+        let dir = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_default();
+        println!("cargo:rustc-link-arg-bins=-T{dir}/linker.ld");
+        println!("cargo:rustc-link-arg-bins=--no-pie");
+    }
+}

@@ -1,0 +1,85 @@
+//! QEMU's fw_cfg: the backend ROM a hypervisor publishes as a file, read through the DMA
+//! interface into the shim's heap (physical addresses through the shim's own mapping).
+
+use alloc::vec;
+use alloc::vec::Vec;
+
+use crate::hw;
+
+const SELECTOR: u16 = 0x510;
+const DATA: u16 = 0x511;
+const DMA_HIGH: u16 = 0x514;
+const DMA_LOW: u16 = 0x518;
+const SIGNATURE: u16 = 0x0000;
+const FEATURES: u16 = 0x0001;
+const FILE_DIR: u16 = 0x0019;
+const DMA_ERROR: u32 = 1;
+const DMA_READ: u32 = 2;
+const DMA_SELECT: u32 = 8;
+/// The largest file read (a ROM is far smaller).
+const MAX_FILE: u32 = 1 << 20;
+
+fn read_bytes<const N: usize>(item: u16) -> [u8; N] {
+    hw::outw(SELECTOR, item);
+    let mut b = [0u8; N];
+    for x in &mut b {
+        *x = hw::inb(DATA);
+    }
+    b
+}
+
+/// The selector and size of the file named `name`, if the device is there and publishes one.
+pub fn find(name: &str) -> Option<(u16, u32)> {
+    if read_bytes::<4>(SIGNATURE) != *b"QEMU" || u32::from_le_bytes(read_bytes(FEATURES)) & 2 == 0 {
+        return None;
+    }
+    let n = read(FILE_DIR, 4)?;
+    let count = u32::from_be_bytes([n[0], n[1], n[2], n[3]]).min(4096);
+    let dir = read(FILE_DIR, 4 + 64 * count)?;
+    dir[4..].chunks_exact(64).find_map(|e| {
+        let end = e[8..].iter().position(|&b| b == 0).unwrap_or(56);
+        (&e[8..8 + end] == name.as_bytes()).then(|| {
+            (
+                u16::from_be_bytes([e[4], e[5]]),
+                u32::from_be_bytes([e[0], e[1], e[2], e[3]]),
+            )
+        })
+    })
+}
+
+#[repr(C, align(16))]
+struct Dma {
+    control: u32,
+    length: u32,
+    address: u64,
+}
+
+/// The first `size` bytes of item `sel`, by one DMA transfer.
+pub fn read(sel: u16, size: u32) -> Option<Vec<u8>> {
+    if size > MAX_FILE {
+        return None;
+    }
+    let mut buf = vec![0u8; size as usize];
+    let d = Dma {
+        control: ((u32::from(sel) << 16) | DMA_SELECT | DMA_READ).to_be(),
+        length: size.to_be(),
+        address: hw::phys_of(buf.as_mut_ptr()).to_be(),
+    };
+    let at = hw::phys_of(&raw const d);
+    hw::outl(DMA_HIGH, ((at >> 32) as u32).to_be());
+    hw::outl(DMA_LOW, (at as u32).to_be());
+    loop {
+        // SAFETY: `d` lives on this stack frame until the device is done; the device clears
+        // `control` (or sets the error bit) when it has written the buffer.
+        let c = u32::from_be(unsafe { core::ptr::read_volatile(&raw const d.control) });
+        if c & DMA_ERROR != 0 {
+            return None;
+        }
+        if c == 0 {
+            break;
+        }
+        core::hint::spin_loop();
+    }
+    core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
+    Some(buf)
+}

@@ -1,0 +1,246 @@
+//! What the shim does, in order: read its parameters and the command line; detect the backend;
+//! validate the site table (and a published ROM); plan; write and read back; report. Nothing
+//! is written unless everything validated, and a failed read-back puts every byte back.
+
+use alloc::format;
+use alloc::string::String;
+use core::fmt::Write as _;
+
+use patch_sites::rom::FW_CFG_NAME;
+use patch_sites::shim::{Params, REPORT_SIZE, Report, Status, set_text};
+use patch_sites::table::{AddrRange, SiteTable};
+use pvpatch_runtime::apply::{self, ApplyError};
+use pvpatch_runtime::arena;
+use pvpatch_runtime::backend::{Backend, LoadedRom};
+use pvpatch_runtime::detect::{self, BackendKind, Platform, cmdline_value};
+use pvpatch_runtime::plan;
+
+use crate::console::Serial;
+use crate::text::KernelText;
+use crate::{fwcfg, heap, hw, report, start_info};
+
+struct ShimPlatform<'a> {
+    cmdline: &'a str,
+}
+
+impl Platform for ShimPlatform<'_> {
+    fn cpuid(&self, leaf: u32, sub: u32) -> [u32; 4] {
+        hw::cpuid(leaf, sub)
+    }
+    fn vmware_backdoor(&self, cmd: u32) -> [u32; 4] {
+        hw::vmware_backdoor(cmd)
+    }
+    fn cmdline(&self) -> Option<&str> {
+        Some(self.cmdline)
+    }
+}
+
+/// Whether `word` is on the command line by itself.
+fn has_word(cmdline: &str, word: &str) -> bool {
+    cmdline.split_ascii_whitespace().any(|w| w == word)
+}
+
+/// The TSC's rate in kHz, if something says: `tsc_early_khz=` (what the tests pass Linux),
+/// the hypervisor's timing leaf, or CPUID 0x15.
+fn tsc_khz(cmdline: &str) -> Option<u64> {
+    if let Some(k) = cmdline_value(cmdline, "tsc_early_khz").and_then(|v| v.parse().ok()) {
+        return Some(k);
+    }
+    let max_hv = hw::cpuid(0x4000_0000, 0)[0];
+    if max_hv >= 0x4000_0010 {
+        let k = hw::cpuid(0x4000_0010, 0)[0];
+        if k != 0 {
+            return Some(u64::from(k));
+        }
+    }
+    let [den, num, hz, _] = hw::cpuid(0x15, 0);
+    (den != 0 && num != 0 && hz != 0)
+        .then(|| u64::from(hz) * u64::from(num) / u64::from(den) / 1000)
+}
+
+/// Runs the shim; returns the kernel's entry (physical).
+pub fn main(entry: u64) -> u64 {
+    let mut r = Report {
+        tsc_entry: hw::tsc_entry(),
+        ..Report::default()
+    };
+    let si = start_info::read(hw::start_info());
+    let cmdline = si.map_or("", |s| s.cmdline);
+    let verbose = has_word(cmdline, "pvpatch.verbose");
+    if has_word(cmdline, "pvpatch=off") {
+        r.status = Status::Off;
+        set_text(&mut r.reason, "pvpatch=off");
+    } else {
+        patch(cmdline, &mut r);
+    }
+    r.cycles_total = hw::rdtsc().wrapping_sub(r.tsc_entry);
+    r.heap_used = heap::used() as u32;
+    let page = report::page();
+    let reserved = match si {
+        Some(si) => {
+            let start = hw::phys_of(page.as_ptr());
+            start_info::reserve_range(
+                &si,
+                start,
+                start + page.len() as u64,
+                &mut page[REPORT_SIZE..],
+            )
+        }
+        None => Err("no start_info"),
+    };
+    let _ = r.write(&mut page[..REPORT_SIZE]);
+    if verbose {
+        line(&r, cmdline, reserved.err());
+    }
+    entry
+}
+
+/// The one line `pvpatch.verbose` asks for.
+fn line(r: &Report, cmdline: &str, not_reserved: Option<&str>) {
+    let mut out = Serial;
+    let time = match tsc_khz(cmdline) {
+        Some(k) if k > 0 => format!("{} us", r.cycles_total * 1000 / k),
+        _ => format!("{} cycles", r.cycles_total),
+    };
+    let _ = match r.status {
+        Status::Patched => writeln!(
+            out,
+            "pvpatch: backend {}: {} sites, {} rewritten ({} detours), {}",
+            r.backend(),
+            group(r.sites),
+            group(r.rewritten),
+            r.detours,
+            time
+        ),
+        s => writeln!(
+            out,
+            "pvpatch: {}: {}; Linux boots as it is, {}",
+            s.name(),
+            r.reason(),
+            time
+        ),
+    };
+    if let Some(why) = not_reserved {
+        let _ = writeln!(out, "pvpatch: the report page is not reserved: {why}");
+    }
+}
+
+/// `1234` as `1,234`.
+fn group(n: u32) -> String {
+    let s = format!("{n}");
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn refuse(r: &mut Report, why: &str) {
+    r.status = Status::Refused;
+    set_text(&mut r.reason, why);
+}
+
+/// Detect, validate, plan, apply.
+fn patch(cmdline: &str, r: &mut Report) {
+    let t0 = hw::rdtsc();
+    let raw = report::params();
+    let Some(params) = Params::read(&raw) else {
+        return refuse(
+            r,
+            "the shim's parameters are missing (not written by pvpatch)",
+        );
+    };
+    let delta = hw::phys_base().wrapping_sub(params.shim_phys);
+    r.load_delta = delta;
+    let detected = detect::detect(&ShimPlatform { cmdline });
+    set_text(&mut r.backend, detected.kind.name());
+    if detected.disabled {
+        r.status = Status::LeftNative;
+        return set_text(&mut r.reason, "pvpatch.backend=none");
+    }
+    if matches!(detected.kind, BackendKind::Xen | BackendKind::HyperV) {
+        r.status = Status::LeftNative;
+        return set_text(
+            &mut r.reason,
+            "Linux patches itself for this hypervisor (its own pv_ops): every site left native",
+        );
+    }
+    let text = KernelText::new(&params, delta);
+    let code: alloc::vec::Vec<AddrRange> = params
+        .code()
+        .iter()
+        .map(|&(s, e)| AddrRange::new(s, e))
+        .collect();
+    let Some(bytes) = text.bytes(params.table_vaddr, params.table_len as usize) else {
+        return refuse(r, "the site table is outside the kernel's segments");
+    };
+    let table = match SiteTable::parse_contiguous(bytes, params.table_vaddr, &code) {
+        Ok(t) => t,
+        Err(e) => return refuse(r, &format!("site table invalid: {e}")),
+    };
+    r.sites = table.len() as u32;
+    // A ROM is looked for only under QEMU (fw_cfg is QEMU's), or when asked for.
+    let qemu = detected.hypervisor_bit
+        && matches!(
+            detected.kind,
+            BackendKind::Tcg | BackendKind::Kvm | BackendKind::Vmware | BackendKind::Rom
+        );
+    let rom: Option<&'static [u8]> = if qemu || detected.kind == BackendKind::Rom {
+        fwcfg::find(FW_CFG_NAME)
+            .and_then(|(sel, size)| fwcfg::read(sel, size))
+            .map(|v| &*v.leak())
+    } else {
+        None
+    };
+    let mut kind = detected.kind;
+    if rom.is_some() && !detected.overridden {
+        kind = BackendKind::Rom;
+    }
+    if kind == BackendKind::Rom && rom.is_none() {
+        return refuse(r, "the rom backend, and no ROM published");
+    }
+    set_text(&mut r.backend, kind.name());
+    let arena_code = match arena::prepare(&table, kind, rom, &detected.signature, &text) {
+        Ok(c) => c,
+        Err(e) => return refuse(r, &format!("{e}")),
+    };
+    let mut detected = detected;
+    detected.kind = kind;
+    let backend = Backend {
+        detected,
+        rom: arena_code.rom.map(|rom| LoadedRom {
+            rom,
+            base: arena_code.base,
+        }),
+        pv: None,
+        thunks: arena_code.thunks.as_ref(),
+    };
+    let t1 = hw::rdtsc();
+    r.cycles_prepare = t1 - t0;
+    let mut planned = match plan::plan(&table, &backend, &text, None) {
+        Ok(p) => p,
+        Err(e) => return refuse(r, &format!("{e}")),
+    };
+    if planned.sites.iter().any(|p| p.new != p.old) {
+        planned.code = arena_code.write.into_iter().collect();
+    }
+    let t2 = hw::rdtsc();
+    r.cycles_plan = t2 - t1;
+    let mut poke = KernelText::new(&params, delta);
+    let applied = apply::apply(&planned, &mut poke);
+    r.cycles_apply = hw::rdtsc() - t2;
+    match applied {
+        Ok(a) => {
+            r.status = Status::Patched;
+            r.rewritten = a.sites;
+            r.detours = a.detours;
+            r.code_bytes = planned.code.iter().map(|c| c.new.len() as u32).sum();
+            r.bytes_written = a.bytes as u32;
+        }
+        Err(e @ ApplyError::NotRestored { .. }) => refuse(r, &format!("{e}: the text is damaged")),
+        Err(e) => refuse(r, &format!("{e}; every byte put back")),
+    }
+}

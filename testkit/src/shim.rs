@@ -1,0 +1,65 @@
+//! Building the boot shim (`x86_64-unknown-none`, linked at its fixed virtual base with no
+//! relocations, size-optimised) and shimming the Debian kernels for the tests and the demo.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::HarnessError;
+
+/// The flags the shim is built with: a static link (code-model=kernel, the target's default,
+/// for its address in the top 2 GiB), in place of the workspace's flags for the guest.
+pub const RUSTFLAGS: &str = "-C relocation-model=static -C code-model=kernel";
+
+/// The shim's own target directory (it builds while an outer `cargo test` holds the
+/// workspace's, and with other flags than the guest).
+pub fn target_dir() -> PathBuf {
+    crate::workspace_root().join("target/shim")
+}
+
+/// The command that builds the shim; `quiet` leaves out cargo's progress.
+pub fn build_command(quiet: bool) -> Command {
+    let mut c = crate::bare_metal_build("pvpatch-shim", &target_dir(), quiet);
+    c.env("RUSTFLAGS", RUSTFLAGS);
+    c.env_remove("CARGO_ENCODED_RUSTFLAGS");
+    c.args([
+        "--config",
+        "profile.release.opt-level=\"z\"",
+        "--config",
+        "profile.release.lto=true",
+        "--config",
+        "profile.release.codegen-units=1",
+    ]);
+    c
+}
+
+/// The built shim's ELF.
+pub fn path() -> PathBuf {
+    target_dir().join("x86_64-unknown-none/release/pvpatch-shim")
+}
+
+/// Builds the shim (quietly); returns its ELF. `PVPATCH_SHIM` names a prebuilt one instead.
+pub fn build_shim() -> Result<PathBuf, HarnessError> {
+    if let Some(p) = std::env::var_os("PVPATCH_SHIM") {
+        return Ok(PathBuf::from(p));
+    }
+    crate::run_build(build_command(true), "shim", path())
+}
+
+/// `vmlinux` annotated with the shim `shim` in front of it, written to `out`.
+pub fn shimmed(
+    vmlinux: &Path,
+    shim: &Path,
+    out: &Path,
+) -> Result<pvpatch::annotate::Annotation, HarnessError> {
+    let img =
+        pvpatch::load::Image::open(vmlinux).map_err(|e| HarnessError::Annotate(e.to_string()))?;
+    let report = pvpatch::scan_image(&img, Default::default(), None);
+    let opts = pvpatch::annotate::AnnotateOptions {
+        boot_shim: Some(
+            pvpatch::shim::Shim::load(shim).map_err(|e| HarnessError::Annotate(e.to_string()))?,
+        ),
+        ..Default::default()
+    };
+    pvpatch::annotate::annotate(&report, out, &opts)
+        .map_err(|e| HarnessError::Annotate(e.to_string()))
+}
