@@ -135,10 +135,8 @@ pub fn linux_entry(image: &Image) -> Option<u64> {
 
 /// The parameters of the shim an image already has.
 pub fn existing(image: &Image) -> Option<Params> {
-    let s = image.section(SHIM_SECTION)?;
-    let data = image.section_data(s);
-    let at = data.windows(8).step_by(8).position(|w| w == PARAMS_MAGIC)? * 8;
-    Params::read(&data[at..])
+    let data = image.section_data(image.section(SHIM_SECTION)?);
+    Params::read(data.get(image.shim_params_at?..)?)
 }
 
 /// Where the shim goes and what it is told: placed on the first [`SHIM_ALIGN`] boundary above

@@ -11,6 +11,7 @@
 //! of the original bytes, the native rewrite and the fallback all use that encoding), and what
 //! is built is decoded once.
 
+use alloc::vec;
 use alloc::vec::Vec;
 use core::fmt;
 
@@ -468,19 +469,25 @@ fn plan_detours(
         }
     }
     let by_detour = members_by_detour(area);
+    // The planned sites of each detour, in table order, found in one pass (not one per detour:
+    // at boot every instruction may be emulated).
+    let mut of_detour: Vec<Vec<usize>> = vec![Vec::new(); area.detours as usize];
+    for (k, p) in sites.iter().enumerate() {
+        if let Some(v) = p.detour.and_then(|g| of_detour.get_mut(g as usize)) {
+            v.push(k);
+        }
+    }
     let mut out = Vec::with_capacity(used.len());
     for &g in &used {
         let problem = |problem| PlanError::Detour { index: g, problem };
         let checked = check_detour(table, text, g, &by_detour[g as usize])?;
         let d = checked.detour;
-        let first = sites
-            .iter()
-            .find(|p| p.detour == Some(g))
-            .map_or(0, |p| p.index);
+        let mine = &of_detour[g as usize];
+        let first = mine.first().map_or(0, |&k| sites[k].index);
         // The members' rewrites, in their copies.
         let mut stub_new =
             Seq::from_slice(d.stub_bytes).ok_or(problem(DetourProblem::Unreadable))?;
-        for p in sites.iter().filter(|p| p.detour == Some(g)) {
+        for p in mine.iter().map(|&k| &sites[k]) {
             let off = (p.addr - d.stub) as usize;
             stub_new.as_mut_slice()[off..off + p.new.len()].copy_from_slice(p.new.as_slice());
         }

@@ -196,6 +196,9 @@ pub struct Image {
     pub build_id: Option<Vec<u8>>,
     /// Every ELF note of the note sections: `(name, type, descriptor)`.
     pub notes: Vec<(Vec<u8>, u32, Vec<u8>)>,
+    /// Where a boot shim's parameters are in its section (`.pvpatch_shim`), found once by
+    /// their magic, if the image has a shim.
+    pub shim_params_at: Option<usize>,
 }
 
 /// `XEN_ELFNOTE_PHYS32_ENTRY`: the physical address of a kernel's 32-bit PVH entry point.
@@ -439,7 +442,7 @@ impl Image {
         }
 
         let entry = header.e_entry(endian);
-        let image = Image {
+        let mut image = Image {
             path,
             data,
             elf_type,
@@ -452,6 +455,7 @@ impl Image {
             names,
             build_id,
             notes: all_notes,
+            shim_params_at: None,
         };
         if !image.sections.iter().any(Section::is_exec) {
             return Err(ImageError::Unsupported(format!(
@@ -459,6 +463,12 @@ impl Image {
                 image.path.display()
             )));
         }
+        image.shim_params_at = image.section(".pvpatch_shim").and_then(|sec| {
+            let data = image.section_data(sec);
+            (0..data.len().saturating_sub(8))
+                .step_by(8)
+                .find(|&i| data[i..i + 8] == patch_sites::shim::PARAMS_MAGIC)
+        });
         Ok(image)
     }
 
