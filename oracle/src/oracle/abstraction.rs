@@ -18,12 +18,11 @@
 //!   `HvCallFlushVirtualAddressSpace` of an address space's non-global mappings *is* the CR3
 //!   write that reloads it; the synthetic EOI, ICR and TPR MSRs *are* the x2APIC ones.
 
+use super::published::{hyperv, xen};
 use patch_sites::Op;
 use patch_sites::rom::RomAction;
 use pvpatch_runtime::backend::Backend;
 use pvpatch_runtime::detect::{BackendKind, KVM_FEATURE_NOP_IO_DELAY};
-use pvpatch_runtime::pv::{hyperv_abi, xen_abi};
-use pvpatch_runtime::trap::IF;
 
 use super::engine::{Hypervisor, PRIVATE, Run, State};
 use super::vcpu::{Effect, mix};
@@ -115,8 +114,10 @@ impl Abstraction for RomDeclared {
 }
 
 /// `vcpu_info`'s `evtchn_upcall_pending` and `evtchn_upcall_mask` in the private page.
-const XEN_PENDING: u64 = PRIVATE;
-const XEN_MASK: u64 = PRIVATE + 1;
+/// RFLAGS.IF.
+const IF: u64 = 1 << 9;
+const XEN_PENDING: u64 = PRIVATE + xen::VCPU_INFO_PENDING;
+const XEN_MASK: u64 = PRIVATE + xen::VCPU_INFO_MASK;
 
 /// Xen PV.
 #[derive(Clone, Copy, Debug)]
@@ -136,7 +137,7 @@ impl Abstraction for XenPv {
         }
     }
     fn trace(&self, run: &Run, initial: &State) -> Vec<Effect> {
-        use xen_abi::*;
+        use xen::*;
         let mut interrupts = initial.private[1] == 0;
         let mut out = Vec::new();
         let mut set_if = |out: &mut Vec<Effect>, on: bool| {
@@ -155,21 +156,23 @@ impl Abstraction for XenPv {
                     ..
                 } => set_if(&mut out, value & 0xff == 0),
                 Effect::Store { .. } => {}
-                Effect::Hypercall { nr, mem, .. } if nr == MMUEXT_OP => match mem[0] as u32 {
-                    MMUEXT_NEW_BASEPTR => out.push(Effect::WriteCr {
-                        cr: 3,
-                        value: mem[1] << 12,
-                    }),
-                    MMUEXT_INVLPG_LOCAL => out.push(Effect::Invlpg(mem[1])),
-                    _ => out.push(*e),
-                },
+                Effect::Hypercall { nr, mem, .. } if nr == HYPERVISOR_MMUEXT_OP => {
+                    match mem[0] as u32 {
+                        MMUEXT_NEW_BASEPTR => out.push(Effect::WriteCr {
+                            cr: 3,
+                            value: mem[1] << 12,
+                        }),
+                        MMUEXT_INVLPG_LOCAL => out.push(Effect::Invlpg(mem[1])),
+                        _ => out.push(*e),
+                    }
+                }
                 Effect::Hypercall { nr, args, .. }
-                    if nr == SCHED_OP && args[0] == SCHEDOP_BLOCK =>
+                    if nr == HYPERVISOR_SCHED_OP && args[0] == SCHEDOP_BLOCK =>
                 {
                     set_if(&mut out, true);
                     out.push(Effect::Halt { interrupts: true });
                 }
-                Effect::Hypercall { nr, .. } if nr == XEN_VERSION => {}
+                Effect::Hypercall { nr, .. } if nr == HYPERVISOR_XEN_VERSION => {}
                 other => out.push(other),
             }
         }
@@ -205,7 +208,7 @@ impl Abstraction for HyperV {
         "hyperv"
     }
     fn trace(&self, run: &Run, _: &State) -> Vec<Effect> {
-        use hyperv_abi::*;
+        use hyperv::*;
         let mut out = Vec::new();
         for e in &run.vcpu.trace {
             match *e {
@@ -218,17 +221,21 @@ impl Abstraction for HyperV {
                     let flags = mem[1];
                     let all = FLUSH_ALL_PROCESSORS;
                     match nr {
-                        n if n == FLUSH_VIRTUAL_ADDRESS_LIST | (1 << REP_COUNT_SHIFT)
-                            && flags & (all | FLUSH_ALL_ADDRESS_SPACES)
-                                == all | FLUSH_ALL_ADDRESS_SPACES =>
+                        n if n
+                            == CALL_FLUSH_VIRTUAL_ADDRESS_LIST | (1 << CONTROL_REP_COUNT_SHIFT)
+                            && flags & (all | FLUSH_ALL_VIRTUAL_ADDRESS_SPACES)
+                                == all | FLUSH_ALL_VIRTUAL_ADDRESS_SPACES =>
                         {
                             out.push(Effect::Invlpg(mem[3]))
                         }
-                        FLUSH_VIRTUAL_ADDRESS_SPACE if flags & FLUSH_NON_GLOBAL_ONLY != 0 => out
-                            .push(Effect::WriteCr {
+                        CALL_FLUSH_VIRTUAL_ADDRESS_SPACE
+                            if flags & FLUSH_NON_GLOBAL_MAPPINGS_ONLY != 0 =>
+                        {
+                            out.push(Effect::WriteCr {
                                 cr: 3,
                                 value: mem[0],
-                            }),
+                            })
+                        }
                         _ => out.push(*e),
                     }
                 }
@@ -238,7 +245,7 @@ impl Abstraction for HyperV {
         out
     }
     fn msr(&self, msr: u32) -> u32 {
-        hyperv_abi::SYNTHETIC_APIC_MSRS
+        [hyperv::MSR_EOI, hyperv::MSR_ICR, hyperv::MSR_TPR]
             .iter()
             .find(|(s, _)| *s == msr)
             .map_or(msr, |(_, x)| *x)

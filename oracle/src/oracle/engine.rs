@@ -616,7 +616,11 @@ fn hypercall(uc: &mut Uc<'_>, addr: u64) {
     let (nr, args, ptr) = match hv {
         Hypervisor::Xen => {
             let args = [r(uc, 7), r(uc, 6), r(uc, 2), r(uc, 10), r(uc, 8)];
-            ((addr - HYPERCALL) / 32, args, args[0])
+            (
+                (addr - HYPERCALL) / super::published::xen::HYPERCALL_STRIDE,
+                args,
+                args[0],
+            )
         }
         _ => {
             let args = [r(uc, 1), r(uc, 2), r(uc, 8), 0, 0];
@@ -635,8 +639,8 @@ fn hypercall(uc: &mut Uc<'_>, addr: u64) {
         .vcpu
         .record(Effect::Hypercall { nr, args, mem });
     if hv == Hypervisor::Xen
-        && nr == pvpatch_runtime::pv::xen_abi::SCHED_OP
-        && args[0] == pvpatch_runtime::pv::xen_abi::SCHEDOP_BLOCK
+        && nr == super::published::xen::HYPERVISOR_SCHED_OP
+        && args[0] == super::published::xen::SCHEDOP_BLOCK
     {
         let _ = uc.mem_write(PRIVATE + 1, &[0]);
     }

@@ -20,6 +20,8 @@
 pub mod abstraction;
 pub mod engine;
 pub mod image;
+pub mod published;
+pub mod reference;
 pub mod vcpu;
 
 use std::fmt;
@@ -27,9 +29,10 @@ use std::fmt;
 use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
 use patch_sites::Outcome;
 use patch_sites::op::Kind;
-use patch_sites::table::{AddrRange, Form, Site, SiteTable, sealed_table_size, write_sealed_table};
+use patch_sites::table::{
+    AddrRange, Form, SITE_FLAG_REP, Site, SiteTable, sealed_table_size, write_sealed_table,
+};
 use patch_sites::{Gpr, Op, Operand, RegSet};
-use pvpatch_isa::encode;
 use pvpatch_runtime::backend::{Backend, Choice, LoadedRom};
 use pvpatch_runtime::plan::{self, Keep, TextRead};
 
@@ -93,10 +96,11 @@ impl Case {
         };
         let op = site.op()?;
         patch_sites::op::check_operand(op, operand, width).ok()?;
-        let native = encode::native(&site)?;
-        let mut text = native.as_slice().to_vec();
+        // The oracle's own encoding: the reference owes nothing to the runtime's encoder.
+        let native = reference::native(op, operand, width, flags & SITE_FLAG_REP != 0)?;
+        let mut text = native.clone();
         text.resize(native.len() + pad as usize, 0);
-        encode::fill_nops(&mut text[native.len()..]);
+        reference::nops(&mut text[native.len()..]);
         site.insn_len = native.len() as u8;
         site.site_len = text.len() as u8;
         Some(Case {
@@ -148,10 +152,10 @@ impl Case {
         let len = (6 + pad as usize).max(n.reference.len());
         let mut text = vec![0xff, 0x15, 0x00, 0x10, 0x00, 0x00];
         text.resize(len, 0);
-        encode::fill_nops(&mut text[6..]);
+        reference::nops(&mut text[6..]);
         let mut reference = n.reference.clone();
         reference.resize(len, 0);
-        encode::fill_nops(&mut reference[n.reference.len()..]);
+        reference::nops(&mut reference[n.reference.len()..]);
         Some(Case {
             site: Site {
                 form: Form::IndirectCall,
