@@ -19,7 +19,9 @@ use memmap2::MmapMut;
 use patch_sites::table::Site;
 use pvpatch_runtime::trap::{self, Exec, Frame};
 
-use crate::oracle::engine::{CODE, DATA, PAGE, PRIVATE, STACK, State};
+use crate::oracle::engine::{
+    CODE, DATA, End, Executor, Hypervisor, PAGE, PRIVATE, Run, STACK, State,
+};
 use crate::oracle::vcpu::{Effect, Vcpu};
 
 /// Guest memory: everything below 96 MiB (the oracle's regions end at 80 MiB).
@@ -39,25 +41,6 @@ const DONE_PORT: u16 = 0xf7;
 const EXC_PORT: u16 = 0xc0;
 /// At most this many exits a run.
 const MAX_EXITS: usize = 64;
-
-/// What a run did.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct KvmRun {
-    /// Reached the end, or the vector of the exception that ended it, or why it stopped.
-    pub end: Result<(), String>,
-    /// The fault's vector, when one ended the run.
-    pub fault: Option<u8>,
-    /// General registers (the ABI's order).
-    pub gpr: [u64; 16],
-    /// RFLAGS.
-    pub rflags: u64,
-    /// Port I/O, halts and faults, in order.
-    pub effects: Vec<Effect>,
-    /// The stack page and the data page after the run.
-    pub stack: Vec<u8>,
-    /// The data page.
-    pub data: Vec<u8>,
-}
 
 /// Why the machine could not be made or run.
 #[derive(Debug, thiserror::Error)]
@@ -164,14 +147,14 @@ impl KvmExecutor {
 
     /// Runs from `start` to `until` with `code` placed, from `state`; `trap_site`'s `ud2` is
     /// emulated by the host with the runtime's trap emulator.
-    pub fn run(
+    fn run(
         &mut self,
         code: &[(u64, &[u8])],
         start: u64,
         until: u64,
         state: &State,
         trap_site: Option<Site>,
-    ) -> Result<KvmRun, KvmError> {
+    ) -> Result<Run, KvmError> {
         // The text: int3 everywhere near what runs, the code, the sentinel.
         let lo = start.saturating_sub(64).max(CODE);
         self.write(lo, &vec![0xcc; (until + 64 - lo) as usize]);
@@ -205,8 +188,7 @@ impl KvmExecutor {
         };
         self.vcpu.set_regs(&regs).map_err(io)?;
         let mut model = Vcpu::new(state.seed, state.rflags & trap::IF != 0);
-        let mut end = Err("too many exits".to_string());
-        let mut fault = None;
+        let mut end = End::Emulator("too many exits".to_string());
         enum Exit {
             Out(u16, u8, u32),
             In,
@@ -234,7 +216,7 @@ impl KvmExecutor {
             let rip = regs.rip;
             match exit {
                 Exit::Out(port, ..) if port == DONE_PORT && rip == until + 2 => {
-                    end = Ok(());
+                    end = End::Reached;
                     break;
                 }
                 Exit::Out(port, ..)
@@ -246,8 +228,7 @@ impl KvmExecutor {
                         continue;
                     }
                     model.record(Effect::Fault(vector));
-                    fault = Some(vector);
-                    end = Ok(());
+                    end = End::Fault(vector);
                     break;
                 }
                 Exit::Out(port, width, value) => model.port_out(port, width, value),
@@ -257,7 +238,7 @@ impl KvmExecutor {
                     model.halt(regs.rflags & trap::IF != 0);
                 }
                 Exit::Other(what) => {
-                    end = Err(format!("exit {what} at {rip:#x}"));
+                    end = End::Emulator(format!("exit {what} at {rip:#x}"));
                     break;
                 }
             }
@@ -267,20 +248,21 @@ impl KvmExecutor {
             r.rax, r.rcx, r.rdx, r.rbx, r.rsp, r.rbp, r.rsi, r.rdi, r.r8, r.r9, r.r10, r.r11,
             r.r12, r.r13, r.r14, r.r15,
         ];
-        let effects = model
-            .trace
-            .into_iter()
-            .filter(|e| !matches!(e, Effect::If(_)))
-            .collect();
+        // The real CPU's IF changes are not seen (`cli`/`sti` do not exit): the model's guesses
+        // at them are not part of the run.
+        model.trace.retain(|e| !matches!(e, Effect::If(_)));
         let page = |a: u64| self.mem[a as usize..(a + PAGE) as usize].to_vec();
-        Ok(KvmRun {
+        Ok(Run {
             end,
-            fault,
             gpr,
             rflags: r.rflags,
-            effects,
             stack: page(STACK),
             data: page(DATA),
+            private: page(PRIVATE),
+            vcpu: model,
+            steps: 0,
+            max_rsp: state.gpr[4],
+            demand: Vec::new(),
         })
     }
 
@@ -444,5 +426,28 @@ fn build_tables(mem: &mut MmapMut) {
             | (((stub >> 16) & 0xffff) << 48);
         put(IDT + 16 * v, &gate_lo.to_le_bytes());
         put(IDT + 16 * v + 8, &(stub >> 32).to_le_bytes());
+    }
+}
+
+impl Executor for KvmExecutor {
+    fn name(&self) -> &'static str {
+        "kvm"
+    }
+    /// `hypervisor` must be [`Hypervisor::None`]: nothing here calls a hypervisor (see the
+    /// module's documentation); a run that asks for one fails.
+    fn execute(
+        &mut self,
+        code: &[(u64, &[u8])],
+        start: u64,
+        until: u64,
+        state: &State,
+        trap_site: Option<Site>,
+        hypervisor: Hypervisor,
+    ) -> Run {
+        if hypervisor != Hypervisor::None {
+            return Run::failed("the KVM executor runs no hypervisor".into(), state);
+        }
+        self.run(code, start, until, state, trap_site)
+            .unwrap_or_else(|e| Run::failed(e.to_string(), state))
     }
 }

@@ -3,6 +3,10 @@
 //! a trap, and each ROM sequence for the op), the rewrite behaves like the native instruction
 //! from random machine states. At least 1,000 cases a combination (`PROPTEST_CASES` for more);
 //! a failure shrinks to a minimal case, printed as bytes and disassembly.
+//!
+//! Only rewrites that differ from the reference count as checked cases: a combination whose
+//! rewrites are all the reference itself (a native backend's native site) is run once, and
+//! reported apart. Each test asserts how many combinations are identical and how many differ.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -99,12 +103,26 @@ fn rom_sequences(op: Op) -> Vec<(&'static str, &'static str)> {
     v
 }
 
-/// Runs `cases` random cases of one combination; the outcomes seen.
-fn run_combo(
-    oracle: &RefCell<Oracle>,
-    combo: &Combo,
-    cases: u32,
-) -> Result<BTreeMap<&'static str, u32>, String> {
+/// What one combination's cases became.
+#[derive(Debug, Default)]
+struct Seen {
+    /// Outcome names, counted over the cases whose rewrite differs from the reference (or is
+    /// identical, under `identical`).
+    outcomes: BTreeMap<&'static str, u32>,
+    /// Cases whose rewrite is the reference itself, byte for byte: the first is run once,
+    /// the rest are not equivalence cases.
+    identical: u32,
+    /// Cases whose rewrite differs from the reference: each one run and compared.
+    different: u32,
+    /// Cases the planner refused (a site the backend cannot patch and whose native
+    /// instruction is wrong there): nothing to compare.
+    unpatchable: u32,
+}
+
+/// Runs `cases` random cases of one combination. Each case is planned first; a rewrite
+/// identical to the reference is run once per combination (its run would repeat the
+/// reference's) and counted apart from the cases that are really compared.
+fn run_combo(oracle: &RefCell<Oracle>, combo: &Combo, cases: u32) -> Result<Seen, String> {
     let rom = combo
         .rom
         .map(|(kind, seq)| rom_bytes(combo.op, kind, seq).ok_or("the ROM does not build"))
@@ -116,7 +134,7 @@ fn run_combo(
     let code = rom.as_deref().or(pv.as_ref().map(|p| p.code.as_slice()));
     let op = combo.op;
     let start = combo.start;
-    let outcomes = RefCell::new(BTreeMap::new());
+    let seen = RefCell::new(Seen::default());
     let refusal = RefCell::new(None::<String>);
     let case_of = move |(operand, width, flags): (Operand, u8, u8),
                         pad: u8,
@@ -154,31 +172,43 @@ fn run_combo(
     });
     let force = combo.trap.then_some(Choice::Trap);
     let result = runner.run(&strategy, |(case, state): (Case, State)| {
-        let checked = oracle
-            .borrow_mut()
-            .check(&case, &backend, code, force, &state);
-        let (rw, verdict) = match checked {
-            Ok(c) => c,
-            // A site the backend cannot patch and whose native instruction is wrong there: the
-            // planner refuses the table, as it must (the oracle shows why in
-            // `xen_sites_left_native_are_not_equivalent`).
+        let rw = match oracle::rewrite(&case, &backend, force) {
+            Ok(rw) => rw,
+            // The planner refuses the table, as it must (the oracle shows why in
+            // `xen_sites_left_native_are_not_equivalent`): nothing was rewritten.
             Err(oracle::OracleError::Plan(pvpatch_runtime::plan::PlanError::MustRewrite {
                 ..
             })) => {
-                *outcomes.borrow_mut().entry("unpatchable").or_insert(0) += 1;
+                seen.borrow_mut().unpatchable += 1;
                 return Ok(());
             }
             Err(e) => return Err(TestCaseError::fail(e.to_string())),
         };
-        let seen = match &rw.rom_refused {
+        let name = match &rw.rom_refused {
             Some(why) => {
                 refusal.borrow_mut().get_or_insert_with(|| why.clone());
                 "rom refused"
             }
             None => rw.outcome.name(),
         };
-        *outcomes.borrow_mut().entry(seen).or_insert(0) += 1;
-        verdict.map_err(|d| TestCaseError::fail(d.to_string()))?;
+        let identical = rw.identical(&case);
+        let run = {
+            let mut s = seen.borrow_mut();
+            *s.outcomes.entry(name).or_insert(0) += 1;
+            if identical {
+                s.identical += 1;
+                s.identical == 1
+            } else {
+                s.different += 1;
+                true
+            }
+        };
+        if run {
+            oracle
+                .borrow_mut()
+                .compare_rewrite(&case, &rw, &backend, code, &state)
+                .map_err(|d| TestCaseError::fail(d.to_string()))?;
+        }
         Ok(())
     });
     if let Some(why) = refusal.into_inner() {
@@ -188,7 +218,7 @@ fn run_combo(
         );
     }
     match result {
-        Ok(()) => Ok(outcomes.into_inner()),
+        Ok(()) => Ok(seen.into_inner()),
         Err(TestError::Fail(why, (case, state))) => Err(format!(
             "{}: {why}\n  minimal case: {:?}\n  state: gpr {:x?} rflags {:#x} seed {:#x}",
             combo.name(),
@@ -201,34 +231,95 @@ fn run_combo(
     }
 }
 
-/// Runs every combination; fails with every failure, and if a combination never produced the
-/// outcome it exists to test.
-fn run_all(combos: Vec<(Combo, &'static [Outcome])>) {
+/// What a set of combinations came to.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Tally {
+    /// Combinations every case of which was rewritten to the reference itself.
+    identical: usize,
+    /// Combinations with at least one rewrite that differs from the reference.
+    different: usize,
+    /// Different cases run and compared.
+    cases: u64,
+    /// The least number of different cases of a different combination.
+    fewest: u32,
+    /// Cases the planner refused, not counted.
+    unpatchable: u64,
+}
+
+/// Runs every combination and asserts its tally: the numbers of identical and different
+/// combinations `(identical, different)` are exact, and at least `min_cases` different cases
+/// are checked for each 1,000 cases a combination (a little below what a run measures: which
+/// operands and paddings are drawn is random). Fails with every failure, and if a combination
+/// never produced the outcome it exists to test.
+fn run_all(
+    test: &str,
+    combos: Vec<(Combo, &'static [Outcome])>,
+    expect: (usize, usize),
+    min_cases: u64,
+) {
     let cases = pvpatch_oracle::proptest_config().cases;
     let oracle = RefCell::new(Oracle::new().unwrap());
     let mut failures = Vec::new();
-    let mut total = 0u64;
+    let mut tally = Tally {
+        fewest: u32::MAX,
+        ..Tally::default()
+    };
     for (combo, expected) in &combos {
         match run_combo(&oracle, combo, cases) {
             Ok(seen) => {
-                total += seen.values().map(|v| *v as u64).sum::<u64>();
-                if !expected.iter().any(|o| seen.contains_key(o.name())) {
+                if !expected
+                    .iter()
+                    .any(|o| seen.outcomes.contains_key(o.name()))
+                {
                     failures.push(format!(
-                        "{}: never became {expected:?} in {cases} cases (saw {seen:?}): the \
+                        "{}: never became {expected:?} in {cases} cases (saw {:?}): the \
                          combination tests nothing",
-                        combo.name()
+                        combo.name(),
+                        seen.outcomes
                     ));
+                }
+                tally.unpatchable += u64::from(seen.unpatchable);
+                if seen.different == 0 {
+                    tally.identical += 1;
+                } else {
+                    tally.different += 1;
+                    tally.cases += u64::from(seen.different);
+                    tally.fewest = tally.fewest.min(seen.different);
                 }
             }
             Err(e) => failures.push(e),
         }
     }
-    eprintln!(
-        "{} combinations, {total} cases checked, {} failures",
-        combos.len(),
-        failures.len()
+    pvpatch_testkit::figure(
+        test,
+        &format!(
+            "{} combinations: {} identical (run once each), {} different; {} different cases \
+             checked (at least {} a combination); {} unpatchable sites refused by the planner, \
+             not counted",
+            combos.len(),
+            tally.identical,
+            tally.different,
+            tally.cases,
+            if tally.different == 0 {
+                0
+            } else {
+                tally.fewest
+            },
+            tally.unpatchable
+        ),
     );
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    assert_eq!(
+        (tally.identical, tally.different),
+        expect,
+        "{test}: (identical, different) combinations"
+    );
+    let floor = min_cases * u64::from(cases) / 1000;
+    assert!(
+        tally.cases >= floor,
+        "{test}: only {} different cases checked, fewer than {floor}",
+        tally.cases
+    );
 }
 
 fn combo(backend: BackendKind, features: u32, op: Op, start: Start) -> Combo {
@@ -270,7 +361,12 @@ fn builtin_backends_rewrites_are_equivalent() {
             v.push((combo(kind, features, op, Start::IndirectCall), at_call));
         }
     }
-    run_all(v);
+    run_all(
+        "builtin_backends_rewrites_are_equivalent",
+        v,
+        (233, 237),
+        190_000,
+    );
 }
 
 /// Whether the runtime's trap emulator takes some form of `op`.
@@ -312,7 +408,7 @@ fn trap_rewrites_are_equivalent() {
         }
     }
     assert!(v.len() >= 40, "{} trap combinations", v.len());
-    run_all(v);
+    run_all("trap_rewrites_are_equivalent", v, (0, 64), 60_000);
 }
 
 /// Every sequence of the ROM library, as the one entry of a ROM for its op.
@@ -340,7 +436,7 @@ fn rom_sequences_are_equivalent() {
         }
     }
     assert!(v.len() >= 60, "{} ROM combinations", v.len());
-    run_all(v);
+    run_all("rom_sequences_are_equivalent", v, (0, 74), 45_000);
 }
 
 /// Xen PV and Hyper-V: calls to the entry points the runtime generates, at every site with
@@ -368,7 +464,12 @@ fn xen_and_hyperv_rewrites_are_equivalent() {
             v.push((combo(kind, 0, op, Start::IndirectCall), at_call));
         }
     }
-    run_all(v);
+    run_all(
+        "xen_and_hyperv_rewrites_are_equivalent",
+        v,
+        (81, 107),
+        80_000,
+    );
 }
 
 /// Why the planner refuses a Xen table with an IF site it cannot call from: the native
@@ -517,5 +618,5 @@ fn detour_rewrites_are_equivalent() {
             ));
         }
     }
-    run_all(v);
+    run_all("detour_rewrites_are_equivalent", v, (0, 110), 110_000);
 }

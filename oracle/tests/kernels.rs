@@ -64,8 +64,13 @@ fn every_unit_is_equivalent(spec: KernelSpec, backend: &str) {
         let key: Vec<String> = d
             .what
             .iter()
-            .skip(1)
-            .map(|w| w.chars().take(60).collect())
+            .map(|w| {
+                format!(
+                    "{:?}: {}",
+                    w.comparison,
+                    w.detail.chars().take(60).collect::<String>()
+                )
+            })
             .collect();
         *kinds
             .entry(format!("{} {key:?}", d.site.op().map_or("?", |o| o.name())))

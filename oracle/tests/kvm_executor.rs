@@ -14,9 +14,13 @@ use std::collections::BTreeMap;
 
 use patch_sites::{Gpr, Op, Operand, RegSet};
 use pvpatch_isa::encode;
-use pvpatch_oracle::kvm::{KvmExecutor, KvmRun};
-use pvpatch_oracle::oracle::vcpu::{Effect, MSR_KERNEL_GS_BASE, mix};
-use pvpatch_oracle::oracle::{Case, End, Engine, Hypervisor, STACK, State};
+use pvpatch_oracle::kvm::KvmExecutor;
+use pvpatch_oracle::oracle::abstraction::RealCpu;
+use pvpatch_oracle::oracle::vcpu::{MSR_KERNEL_GS_BASE, mix};
+use pvpatch_oracle::oracle::{
+    Case, Comparison, Difference, EffectKind, End, Engine, Executor, Hypervisor, Run, State,
+    differences,
+};
 
 fn executor(test: &str) -> Option<KvmExecutor> {
     match KvmExecutor::new() {
@@ -72,22 +76,52 @@ fn machine_valued(op: Op) -> RegSet {
     }
 }
 
-fn unicorn_end(e: &End) -> Option<u8> {
-    match e {
-        End::Fault(v) => Some(*v),
-        _ => None,
-    }
-}
-
 /// The emulator's known errors, by what the real CPU did.
-fn known_emulator_error(op: Op, kvm: &KvmRun) -> Option<&'static str> {
-    match (op, kvm.fault) {
-        (Op::Wrmsr | Op::Rdmsr, Some(13)) => Some(
+fn known_emulator_error(op: Op, kvm: &Run) -> Option<&'static str> {
+    match (op, &kvm.end) {
+        (Op::Wrmsr | Op::Rdmsr, End::Fault(13)) => Some(
             "#GP on the real CPU for an unknown MSR or a non-canonical value; unicorn and the \
              model accept any",
         ),
         _ => None,
     }
+}
+
+/// What the real CPU does not show the host: control and debug registers, MSRs, and every
+/// effect but port I/O, halts and faults (the exits).
+fn unseen_by_kvm() -> Vec<Comparison> {
+    let mut off = vec![Comparison::ControlRegisters, Comparison::Msrs];
+    off.extend(
+        EffectKind::ALL
+            .into_iter()
+            .filter(|k| {
+                !matches!(
+                    k,
+                    EffectKind::In | EffectKind::Out | EffectKind::Halt | EffectKind::Fault
+                )
+            })
+            .map(Comparison::Effect),
+    );
+    off
+}
+
+fn run_on(exec: &mut dyn Executor, case: &Case, code: &[u8], st: &State, trap: bool) -> Run {
+    let s = case.site;
+    exec.execute(
+        &[(s.addr, code)],
+        s.addr,
+        s.addr + s.site_len as u64,
+        st,
+        trap.then_some(s),
+        Hypervisor::None,
+    )
+}
+
+fn lines(what: &[Difference]) -> String {
+    what.iter()
+        .map(Difference::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 #[test]
@@ -99,82 +133,22 @@ fn native_instructions_agree_on_unicorn_and_kvm_but_for_known_emulator_errors() 
     let mut reported: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     let mut failures = Vec::new();
     let mut runs = 0;
+    let off = unseen_by_kvm();
     for (op, operand, width) in ops() {
-        let case = Case::native(op.id(), operand, width, 0, 3).unwrap();
-        let s = case.site;
-        let end = s.addr + s.site_len as u64;
+        let mut case = Case::native(op.id(), operand, width, 0, 3).unwrap();
+        // Outputs the machine decides are not compared between two machines.
+        case.site.clobbers = machine_valued(op);
         for i in 0..100 {
             let st = state(&case, i);
-            let u = engine.run(
-                &[(s.addr, &case.reference)],
-                s.addr,
-                end,
-                &st,
-                None,
-                Hypervisor::None,
-            );
-            let k = kvm
-                .run(&[(s.addr, &case.reference)], s.addr, end, &st, None)
-                .unwrap();
+            let u = run_on(&mut engine, &case, &case.reference, &st, false);
+            let k = run_on(&mut kvm, &case, &case.reference, &st, false);
             runs += 1;
-            let mut what = Vec::new();
-            if let Err(e) = &k.end {
-                what.push(format!("KVM: {e}"));
-            }
-            if unicorn_end(&u.end) != k.fault {
-                what.push(format!(
-                    "ended: unicorn {:?}, KVM fault {:?}",
-                    u.end, k.fault
-                ));
-            }
-            if k.fault.is_none() {
-                let free = machine_valued(op);
-                for g in Gpr::ALL {
-                    let n = g.number() as usize;
-                    if !free.has(g) && u.gpr[n] != k.gpr[n] {
-                        what.push(format!(
-                            "{}: unicorn {:#x}, KVM {:#x}",
-                            g.name(),
-                            u.gpr[n],
-                            k.gpr[n]
-                        ));
-                    }
-                }
-                // RF and the reserved bit 1 aside.
-                let m = !(1u64 << 16);
-                if u.rflags & m != k.rflags & m {
-                    what.push(format!(
-                        "rflags: unicorn {:#x}, KVM {:#x}",
-                        u.rflags, k.rflags
-                    ));
-                }
-                let io = |t: &[Effect]| -> Vec<Effect> {
-                    t.iter()
-                        .filter(|e| {
-                            matches!(
-                                e,
-                                Effect::In { .. } | Effect::Out { .. } | Effect::Halt { .. }
-                            )
-                        })
-                        .copied()
-                        .collect()
-                };
-                if io(&u.vcpu.trace) != io(&k.effects) {
-                    what.push(format!(
-                        "port I/O and halts: unicorn {:x?}, KVM {:x?}",
-                        io(&u.vcpu.trace),
-                        io(&k.effects)
-                    ));
-                }
-                let from = (u.gpr[4] - STACK).min(4096) as usize;
-                if u.stack[from..] != k.stack[from..] || u.data != k.data {
-                    what.push("memory differs".into());
-                }
-            }
+            // The one comparison, unicorn's run as the reference.
+            let what = differences(&case.site, &RealCpu, &st, &u, &k, false, &off);
             if what.is_empty() {
                 continue;
             }
-            let line = format!("{op} {operand:?} rcx={:#x}: {}", st.gpr[1], what.join("; "));
+            let line = format!("{op} {operand:?} rcx={:#x}: {}", st.gpr[1], lines(&what));
             match known_emulator_error(op, &k) {
                 Some(why) => reported.entry(why).or_default().push(line),
                 None => failures.push(line),
@@ -211,64 +185,25 @@ fn trap_rewrites_are_equivalent_on_the_real_cpu() {
             continue;
         }
         let case = Case::native(op.id(), operand, width, 0, 3).unwrap();
-        let s = case.site;
-        let end = s.addr + s.site_len as u64;
         let mut trap = vec![0x0f, 0x0b];
-        trap.resize(s.site_len as usize, 0);
+        trap.resize(case.site.site_len as usize, 0);
         encode::fill_nops(&mut trap[2..]);
         for i in 0..100 {
             let st = state(&case, i);
-            let n = kvm
-                .run(&[(s.addr, &case.reference)], s.addr, end, &st, None)
-                .unwrap();
-            let t = kvm
-                .run(&[(s.addr, &trap)], s.addr, end, &st, Some(s))
-                .unwrap();
+            let n = run_on(&mut kvm, &case, &case.reference, &st, false);
+            let t = run_on(&mut kvm, &case, &trap, &st, true);
             checked += 1;
-            let mut what = Vec::new();
-            if n.end.is_err() || t.end.is_err() || n.fault != t.fault {
-                what.push(format!(
-                    "ended: native {:?} {:?}, trap {:?} {:?}",
-                    n.end, n.fault, t.end, t.fault
-                ));
-            }
-            let free = op.info().undefined;
-            for g in Gpr::ALL {
-                let k = g.number() as usize;
-                if !free.has(g) && n.gpr[k] != t.gpr[k] {
-                    what.push(format!(
-                        "{}: native {:#x}, trap {:#x}",
-                        g.name(),
-                        n.gpr[k],
-                        t.gpr[k]
-                    ));
-                }
-            }
+            let what = differences(&case.site, &RealCpu, &st, &n, &t, false, &[]);
             const IOPL: u64 = 0x3000;
-            if n.rflags != t.rflags {
-                if n.rflags & !IOPL == t.rflags & !IOPL && what.is_empty() {
-                    // Reported, not failed: PVM's `iretq` (this host's KVM) keeps IOPL, which
-                    // the trap handler's return needs to restore; a kernel never sets IOPL.
-                    *iopl.entry(op).or_insert(0) += 1;
-                } else {
-                    what.push(format!(
-                        "rflags: native {:#x}, trap {:#x}",
-                        n.rflags, t.rflags
-                    ));
-                }
-            }
-            if n.effects != t.effects {
-                what.push(format!(
-                    "effects: native {:x?}, trap {:x?}",
-                    n.effects, t.effects
-                ));
-            }
-            let from = (n.gpr[4] - STACK).min(4096) as usize;
-            if n.stack[from..] != t.stack[from..] {
-                what.push("the live stack differs".into());
-            }
-            if !what.is_empty() {
-                failures.push(format!("{op} {operand:?} state {i}: {}", what.join("; ")));
+            if !what.is_empty()
+                && what.iter().all(|d| d.comparison == Comparison::Rflags)
+                && n.rflags & !IOPL == t.rflags & !IOPL
+            {
+                // Reported, not failed: PVM's `iretq` (this host's KVM) keeps IOPL, which the
+                // trap handler's return needs to restore; a kernel never sets IOPL.
+                *iopl.entry(op).or_insert(0) += 1;
+            } else if !what.is_empty() {
+                failures.push(format!("{op} {operand:?} state {i}: {}", lines(&what)));
             }
         }
     }

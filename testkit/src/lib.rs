@@ -119,6 +119,29 @@ pub fn run_build(
     Ok(built)
 }
 
+/// Records a figure a test measured and asserted (`what: value`): printed, and appended to
+/// `PVPATCH_FIGURES_LOG`, which `cargo xtask test` prints in its summary (a passing test's
+/// output is otherwise hidden).
+pub fn figure(test: &str, what: &str) {
+    eprintln!("{test}: {what}");
+    append_line("PVPATCH_FIGURES_LOG", &format!("{test}: {what}"));
+}
+
+/// Appends `line` to the file the environment variable `var` names, if it names one (a log
+/// for `cargo xtask test`; losing it loses only a line of its summary).
+fn append_line(var: &str, line: &str) {
+    if let Some(log) = std::env::var_os(var) {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+        {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+}
+
 /// Records that `test` was skipped for `reason`: printed, and appended to the file named by
 /// `PVPATCH_SKIP_LOG` (which `cargo xtask test` lists at the end). When
 /// `PVPATCH_REQUIRE_ALL` is set (CI), a skip is a failure instead.
@@ -127,14 +150,5 @@ pub fn skip(test: &str, reason: &str) {
         panic!("{test} cannot run here and PVPATCH_REQUIRE_ALL is set: {reason}");
     }
     eprintln!("skipped: {test}: {reason}");
-    if let Some(log) = std::env::var_os("PVPATCH_SKIP_LOG") {
-        use std::io::Write;
-        if let Ok(mut f) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-        {
-            let _ = writeln!(f, "{test}: {reason}");
-        }
-    }
+    append_line("PVPATCH_SKIP_LOG", &format!("{test}: {reason}"));
 }

@@ -169,10 +169,13 @@ fn test() -> Result<()> {
     })?;
     let skip_log = root.join("target/xtask-skips.log");
     let _ = std::fs::remove_file(&skip_log);
+    let figures_log = root.join("target/xtask-figures.log");
+    let _ = std::fs::remove_file(&figures_log);
     report.step("cargo test --workspace", |_| {
         let mut c = cargo();
         c.args(["test", "--workspace", "--locked"]);
         c.env("PVPATCH_SKIP_LOG", &skip_log);
+        c.env("PVPATCH_FIGURES_LOG", &figures_log);
         if util::is_ci() {
             // In CI nothing important may be skipped: a missing component fails the test.
             c.env("PVPATCH_REQUIRE_ALL", "1");
@@ -180,6 +183,7 @@ fn test() -> Result<()> {
         run(&mut c)
     })?;
     report.absorb_skip_log(&skip_log);
+    report.absorb_figures_log(&figures_log);
     report.step("fuzz every target (20 s each)", |r| fuzz::run_all(r, 20))?;
     report.finish(started);
     if report.failed() {

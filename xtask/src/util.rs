@@ -67,6 +67,7 @@ pub fn output(cmd: &mut Command) -> Option<String> {
 pub struct Report {
     steps: Vec<(String, Duration, bool)>,
     skipped: Vec<String>,
+    figures: Vec<String>,
 }
 
 impl Report {
@@ -99,6 +100,17 @@ impl Report {
         }
     }
 
+    /// Reads the figures the tests measured and asserted (one per line: `test: figure`).
+    pub fn absorb_figures_log(&mut self, path: &Path) {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            self.figures.extend(
+                text.lines()
+                    .filter(|l| !l.trim().is_empty())
+                    .map(str::to_owned),
+            );
+        }
+    }
+
     /// Whether a step failed.
     pub fn failed(&self) -> bool {
         self.steps.iter().any(|s| !s.2)
@@ -116,6 +128,12 @@ impl Report {
                 t.as_secs_f64(),
                 if *ok { "ok    " } else { "FAILED" }
             );
+        }
+        if !self.figures.is_empty() {
+            println!("  figures the tests asserted ({}):", self.figures.len());
+            for f in &self.figures {
+                println!("    - {f}");
+            }
         }
         if self.skipped.is_empty() {
             println!("  nothing was skipped");

@@ -81,6 +81,20 @@ impl Abstraction for Identity {
     }
 }
 
+/// Bare hardware, as the KVM executor sees it: RFLAGS.RF (set by the CPU on returns from
+/// some exceptions, never by the instruction) is not part of the result.
+#[derive(Clone, Copy, Debug)]
+pub struct RealCpu;
+
+impl Abstraction for RealCpu {
+    fn name(&self) -> &'static str {
+        "real cpu"
+    }
+    fn rflags(&self, run: &Run) -> u64 {
+        run.rflags & !(1 << 16)
+    }
+}
+
 fn io_delay_void(op: Op, e: &Effect) -> Option<Effect> {
     (op != Op::IoDelay || !matches!(e, Effect::Out { port: 0x80, .. })).then_some(*e)
 }

@@ -161,6 +161,43 @@ pub enum End {
     Left(u64),
 }
 
+/// A machine the oracle runs code on: unicorn with the virtual-CPU model ([`Engine`]), or real
+/// ring-0 code under KVM (`crate::kvm::KvmExecutor`). Both leave a [`Run`], which the oracle's
+/// one comparison (`differences`) reads, whichever ran it.
+pub trait Executor {
+    /// Its name, for reports.
+    fn name(&self) -> &'static str;
+    /// Runs from `start` to `until` with `code` placed, from `state`; `trap_site`'s trap is
+    /// handled by the runtime's emulator; `hypervisor` answers the hypercall page. A run the
+    /// machine could not carry out ends in [`End::Emulator`].
+    fn execute(
+        &mut self,
+        code: &[(u64, &[u8])],
+        start: u64,
+        until: u64,
+        state: &State,
+        trap_site: Option<Site>,
+        hypervisor: Hypervisor,
+    ) -> Run;
+}
+
+impl Executor for Engine {
+    fn name(&self) -> &'static str {
+        "unicorn"
+    }
+    fn execute(
+        &mut self,
+        code: &[(u64, &[u8])],
+        start: u64,
+        until: u64,
+        state: &State,
+        trap_site: Option<Site>,
+        hypervisor: Hypervisor,
+    ) -> Run {
+        self.run(code, start, until, state, trap_site, hypervisor)
+    }
+}
+
 /// What a run left.
 #[derive(Clone, Debug)]
 pub struct Run {
@@ -189,10 +226,10 @@ pub struct Run {
 }
 
 impl Run {
-    /// A run the emulator could not carry out.
-    fn failed(e: EngineError, state: &State) -> Run {
+    /// A run the executor could not carry out, and why.
+    pub fn failed(why: String, state: &State) -> Run {
         Run {
-            end: End::Emulator(e.0),
+            end: End::Emulator(why),
             gpr: [0; 16],
             rflags: 0,
             stack: Vec::new(),
@@ -314,7 +351,7 @@ impl Engine {
         hypervisor: Hypervisor,
     ) -> Run {
         self.try_run(code, start, until, state, trap_site, hypervisor)
-            .unwrap_or_else(|e| Run::failed(e, state))
+            .unwrap_or_else(|e| Run::failed(e.0, state))
     }
 
     /// Runs code placed at arbitrary addresses of the low physical space (a kernel's code,
@@ -390,7 +427,7 @@ impl Engine {
             }
             Err(e) => Run {
                 demand,
-                ..Run::failed(e, state)
+                ..Run::failed(e.0, state)
             },
         }
     }

@@ -21,7 +21,7 @@ use patch_sites::table::Site;
 use pvpatch_runtime::plan::Plan;
 
 use super::engine::{End, Engine, Hypervisor, State};
-use super::{Abstraction, Checked, Divergence, Oracle, differences};
+use super::{Abstraction, Checked, Comparison, Difference, Divergence, Oracle, differences};
 
 /// The start of the kernel's mapping (`__START_KERNEL_map`).
 pub const KERNEL_MAP: u64 = 0xffff_ffff_8000_0000;
@@ -178,7 +178,7 @@ impl Oracle {
                 b.copy_from_slice(&ra.to_le_bytes());
             }
         }
-        let mut what = if let (End::Runaway(_), End::Runaway(_)) = (&r.end, &w.end) {
+        let what = if let (End::Runaway(_), End::Runaway(_)) = (&r.end, &w.end) {
             // Both still running (a `hlt` loop): the effects so far must agree, as far as the
             // shorter run got.
             let op = unit.site.op();
@@ -191,18 +191,21 @@ impl Oracle {
             let a = effects(&r.vcpu.trace);
             let b = effects(&abs.trace(&w, state));
             let n = a.len().min(b.len());
-            if a[..n] != b[..n] {
-                vec![format!(
-                    "both still running after the step limit, with different effects: native \
-                     {:x?}, rewrite {:x?}",
-                    &a[..n.min(8)],
-                    &b[..n.min(8)]
-                )]
-            } else {
-                Vec::new()
+            match super::first_differing_kind(&a[..n], &b[..n]) {
+                Some(kind) => vec![Difference {
+                    comparison: Comparison::Effect(kind),
+                    register: None,
+                    detail: format!(
+                        "both still running after the step limit, with different effects: \
+                         native {:x?}, rewrite {:x?}",
+                        &a[..n.min(8)],
+                        &b[..n.min(8)]
+                    ),
+                }],
+                None => Vec::new(),
             }
         } else {
-            differences(&unit.site, abs, state, &r, &w, true)
+            differences(&unit.site, abs, state, &r, &w, true, &self.off)
         };
         if what.is_empty() && matches!(r.end, End::Runaway(_)) {
             return Ok(Ok((
@@ -228,7 +231,6 @@ impl Oracle {
                     .map(|(_, b)| b.clone())
                     .unwrap_or_default()
             };
-            what.insert(0, unit.what.clone());
             Ok(Err(Box::new(Divergence {
                 backend: abs.name(),
                 site: Site {
@@ -237,6 +239,7 @@ impl Oracle {
                 },
                 reference: moved(&unit.reference),
                 rewrite: moved(&unit.rewrite),
+                context: Some(unit.what.clone()),
                 what,
             })))
         }

@@ -38,9 +38,10 @@ use pvpatch_runtime::plan::{self, Keep, TextRead};
 
 pub use abstraction::Abstraction;
 pub use engine::{
-    CODE, DATA, End, Engine, EngineError, HYPERCALL, Hypervisor, PRIVATE, ROM, Run, STACK, State,
+    CODE, DATA, End, Engine, EngineError, Executor, HYPERCALL, Hypervisor, PRIVATE, ROM, Run,
+    STACK, State,
 };
-pub use vcpu::Effect;
+pub use vcpu::{Effect, EffectKind};
 
 /// Where the site under test lies.
 pub const SITE: u64 = CODE + 0x100;
@@ -188,6 +189,14 @@ pub struct Rewrite {
     pub rom_refused: Option<String>,
 }
 
+impl Rewrite {
+    /// Whether the rewrite is the reference itself, byte for byte, with nothing else to run (no
+    /// trap, no moved code): its run would repeat the reference's, so it is no equivalence case.
+    pub fn identical(&self, case: &Case) -> bool {
+        self.outcome != Outcome::Trap && case.around.is_empty() && self.bytes == case.reference
+    }
+}
+
 /// Why a case could not be checked at all.
 #[derive(Debug, thiserror::Error)]
 pub enum OracleError {
@@ -274,8 +283,79 @@ pub struct Divergence {
     pub reference: Vec<u8>,
     /// The rewrite.
     pub rewrite: Vec<u8>,
+    /// Where, when the site alone does not say (an image run's unit).
+    pub context: Option<String>,
     /// What differs.
-    pub what: Vec<String>,
+    pub what: Vec<Difference>,
+}
+
+/// One comparison the oracle makes between the reference's run and the rewrite's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Comparison {
+    /// How the runs ended: reached the end of the site, faulted (and with which vector), left.
+    End,
+    /// The general registers (the op's outputs and everything the site may not clobber).
+    Registers,
+    /// RFLAGS.
+    Rflags,
+    /// The live stack: at and above the final `rsp`.
+    Stack,
+    /// Memory: the data page, and in an image run the pages mapped on demand.
+    Memory,
+    /// The backend's private page, unless the backend owns it.
+    PrivatePage,
+    /// The virtual CPU's control and debug registers.
+    ControlRegisters,
+    /// The virtual CPU's MSRs (through the backend's MSR map).
+    Msrs,
+    /// The effects of one kind, in order, after the backend's abstraction function.
+    Effect(EffectKind),
+}
+
+impl Comparison {
+    /// Every comparison the oracle makes.
+    pub fn all() -> Vec<Comparison> {
+        let mut v = vec![
+            Comparison::End,
+            Comparison::Registers,
+            Comparison::Rflags,
+            Comparison::Stack,
+            Comparison::Memory,
+            Comparison::PrivatePage,
+            Comparison::ControlRegisters,
+            Comparison::Msrs,
+        ];
+        v.extend(EffectKind::ALL.map(Comparison::Effect));
+        v
+    }
+}
+
+/// One difference between the runs: the comparison that found it, the register when it is one,
+/// and what it was.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Difference {
+    /// The comparison.
+    pub comparison: Comparison,
+    /// The register, for [`Comparison::Registers`].
+    pub register: Option<Gpr>,
+    /// The values that differ.
+    pub detail: String,
+}
+
+impl Difference {
+    fn new(comparison: Comparison, detail: String) -> Self {
+        Difference {
+            comparison,
+            register: None,
+            detail,
+        }
+    }
+}
+
+impl fmt::Display for Difference {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.detail)
+    }
 }
 
 /// `bytes` at `addr`, disassembled, one instruction a line.
@@ -309,6 +389,9 @@ impl fmt::Display for Divergence {
             "{} rewrite of {op} ({:?}, width {}, form {:?}) is not equivalent:",
             self.backend, self.site.operand, self.site.width, self.site.form
         )?;
+        if let Some(c) = &self.context {
+            writeln!(f, "  at {c}")?;
+        }
         for w in &self.what {
             writeln!(f, "  - {w}")?;
         }
@@ -338,6 +421,8 @@ pub struct Candidate<'a> {
 #[derive(Debug)]
 pub struct Oracle {
     engine: Engine,
+    /// Comparisons switched off (only by the test that shows each one is needed).
+    off: Vec<Comparison>,
 }
 
 /// What the oracle checked.
@@ -354,7 +439,17 @@ impl Oracle {
     pub fn new() -> Result<Self, EngineError> {
         Ok(Oracle {
             engine: Engine::new()?,
+            off: Vec::new(),
         })
+    }
+
+    /// Test-only: the oracle without `comparison` (a mutant of the oracle), for the test that
+    /// shows the catalogue of wrong rewrites fails without any one of its comparisons. Nothing
+    /// else switches a comparison off.
+    #[doc(hidden)]
+    pub fn without(mut self, comparison: Comparison) -> Self {
+        self.off.push(comparison);
+        self
     }
 
     /// Runs `case`'s reference and the planner's rewrite of it for `backend` from `state`, and
@@ -369,13 +464,27 @@ impl Oracle {
         state: &State,
     ) -> Result<(Rewrite, Result<Checked, Box<Divergence>>), OracleError> {
         let rw = rewrite(case, backend, force)?;
+        let verdict = self.compare_rewrite(case, &rw, backend, backend_code, state);
+        Ok((rw, verdict))
+    }
+
+    /// Runs `case`'s reference and the rewrite `rw` (planned by [`rewrite`]) for `backend`
+    /// from `state`, and compares them.
+    pub fn compare_rewrite(
+        &mut self,
+        case: &Case,
+        rw: &Rewrite,
+        backend: &Backend<'_>,
+        backend_code: Option<&[u8]>,
+        state: &State,
+    ) -> Result<Checked, Box<Divergence>> {
         let abs = abstraction::of(backend);
         let code: Vec<(u64, &[u8])> = backend_code
             .map(|r| (ROM, r))
             .into_iter()
             .chain(case.around.iter().map(|(a, b)| (*a, b.as_slice())))
             .collect();
-        let verdict = self.compare(
+        self.compare(
             case,
             &Candidate {
                 bytes: &rw.bytes,
@@ -384,8 +493,7 @@ impl Oracle {
                 abstraction: abs.as_ref(),
             },
             state,
-        );
-        Ok((rw, verdict))
+        )
     }
 
     /// Runs the reference and `candidate` from `state` and compares them.
@@ -395,91 +503,123 @@ impl Oracle {
         candidate: &Candidate<'_>,
         state: &State,
     ) -> Result<Checked, Box<Divergence>> {
-        let site = case.site;
-        let end = site.addr + case.reference.len() as u64;
-        let abs = candidate.abstraction;
-        let prepared = abs.prepare(state);
-        let state = prepared.as_ref().unwrap_or(state);
-        let reference = self.engine.run(
-            &[(site.addr, &case.reference)],
-            site.addr,
-            end,
-            state,
-            None,
-            Hypervisor::None,
-        );
-        let mut code = candidate.code.to_vec();
-        code.push((site.patch_addr(), candidate.bytes));
-        let rewritten = self.engine.run(
-            &code,
-            site.addr,
-            end,
-            state,
-            candidate.trap.then_some(site),
-            abs.hypervisor(),
-        );
-        let what = differences(&site, abs, state, &reference, &rewritten, false);
-        if what.is_empty() {
-            Ok(Checked {
-                effects: reference.vcpu.trace.len(),
-                steps: reference.steps + rewritten.steps,
-            })
-        } else {
-            Err(Box::new(Divergence {
-                backend: abs.name(),
-                site,
-                reference: case.reference.clone(),
-                rewrite: candidate.bytes.to_vec(),
-                what,
-            }))
-        }
+        compare_on(&mut self.engine, case, candidate, state, &self.off)
     }
 }
 
-/// Everything that differs between the reference run and the rewrite's.
+/// Runs `case`'s reference and `candidate` from `state` on `exec` and compares them by every
+/// comparison not in `off`: the oracle's check on any [`Executor`].
+pub fn compare_on(
+    exec: &mut dyn Executor,
+    case: &Case,
+    candidate: &Candidate<'_>,
+    state: &State,
+    off: &[Comparison],
+) -> Result<Checked, Box<Divergence>> {
+    let site = case.site;
+    let end = site.addr + case.reference.len() as u64;
+    let abs = candidate.abstraction;
+    let prepared = abs.prepare(state);
+    let state = prepared.as_ref().unwrap_or(state);
+    let reference = exec.execute(
+        &[(site.addr, &case.reference)],
+        site.addr,
+        end,
+        state,
+        None,
+        Hypervisor::None,
+    );
+    let mut code = candidate.code.to_vec();
+    code.push((site.patch_addr(), candidate.bytes));
+    let rewritten = exec.execute(
+        &code,
+        site.addr,
+        end,
+        state,
+        candidate.trap.then_some(site),
+        abs.hypervisor(),
+    );
+    let what = differences(&site, abs, state, &reference, &rewritten, false, off);
+    if what.is_empty() {
+        Ok(Checked {
+            effects: reference.vcpu.trace.len(),
+            steps: reference.steps + rewritten.steps,
+        })
+    } else {
+        Err(Box::new(Divergence {
+            backend: abs.name(),
+            site,
+            reference: case.reference.clone(),
+            rewrite: candidate.bytes.to_vec(),
+            context: None,
+            what,
+        }))
+    }
+}
+
+/// Everything that differs between the reference run and the rewrite's, by the comparisons
+/// not in `off`.
 ///
 /// The native run must reach the end of the site, unless `any_end` (an image run, which may
-/// leave its range or fault: the rewrite must then do the same).
-fn differences(
+/// leave its range or fault: the rewrite must then do the same). The one comparison of two
+/// runs, whichever [`Executor`] made them.
+pub fn differences(
     site: &Site,
     abs: &dyn Abstraction,
     initial: &State,
     r: &Run,
     w: &Run,
     any_end: bool,
-) -> Vec<String> {
+    off: &[Comparison],
+) -> Vec<Difference> {
+    let on = |c: Comparison| !off.contains(&c);
     let initial_rsp = initial.gpr[4];
     let mut what = Vec::new();
-    let Some(op) = site.op() else {
-        return vec!["unknown op".into()];
+    let mut differ = |c: Comparison, detail: String| {
+        if on(c) {
+            what.push(Difference::new(c, detail));
+        }
     };
+    let Some(op) = site.op() else {
+        return vec![Difference::new(Comparison::End, "unknown op".into())];
+    };
+    // An invalid case is never a pass, whatever is switched off.
     if let End::Emulator(e) = &r.end {
-        what.push(format!("the native run failed in the emulator: {e}"));
-        return what;
+        return vec![Difference::new(
+            Comparison::End,
+            format!("the native run failed in the emulator: {e}"),
+        )];
     }
     if r.end != End::Reached && !any_end {
-        what.push(format!(
-            "the native run did not reach the end of the site ({:?}): the case is invalid",
-            r.end
-        ));
-        return what;
+        return vec![Difference::new(
+            Comparison::End,
+            format!(
+                "the native run did not reach the end of the site ({:?}): the case is invalid",
+                r.end
+            ),
+        )];
     }
     if r.end != w.end {
-        what.push(format!(
-            "the native run ended {:?}, the rewrite {:?}",
-            r.end, w.end
-        ));
+        differ(
+            Comparison::End,
+            format!("the native run ended {:?}, the rewrite {:?}", r.end, w.end),
+        );
     }
     let free = op.info().undefined.union(site.clobbers);
+    let mut registers = Vec::new();
     for g in Gpr::ALL {
         let i = g.number() as usize;
         if !free.has(g) && r.gpr[i] != w.gpr[i] {
-            what.push(format!(
-                "{}: native {:#x}, rewrite {:#x}",
-                g.name(),
-                r.gpr[i],
-                w.gpr[i]
-            ));
+            registers.push(Difference {
+                comparison: Comparison::Registers,
+                register: Some(g),
+                detail: format!(
+                    "{}: native {:#x}, rewrite {:#x}",
+                    g.name(),
+                    r.gpr[i],
+                    w.gpr[i]
+                ),
+            });
         }
     }
     let mask = if free.contains(RegSet::FLAGS) {
@@ -489,10 +629,13 @@ fn differences(
     };
     let w_rflags = abs.rflags(w);
     if r.rflags & mask != w_rflags & mask {
-        what.push(format!(
-            "rflags: native {:#x}, rewrite {:#x} (compared bits {mask:#x})",
-            r.rflags, w_rflags
-        ));
+        differ(
+            Comparison::Rflags,
+            format!(
+                "rflags: native {:#x}, rewrite {:#x} (compared bits {mask:#x})",
+                r.rflags, w_rflags
+            ),
+        );
     }
     // The live stack is at and above the final rsp; when the op made rsp something else (a
     // `save_fl` into rsp), at and above the rsp it started with.
@@ -512,13 +655,23 @@ fn differences(
         // could have overwritten it), and matters only if the native run wrote it.
         !any_end || STACK + i as u64 >= free_below || r.stack.get(i) != initial.stack.get(i)
     };
-    let stack_differs = (from..r.stack.len().max(w.stack.len()))
-        .any(|i| live(i) && r.stack.get(i) != w.stack.get(i));
+    let stack_differs = if any_end {
+        (from..r.stack.len().max(w.stack.len()))
+            .any(|i| live(i) && r.stack.get(i) != w.stack.get(i))
+    } else {
+        r.stack.get(from..) != w.stack.get(from..)
+    };
     if stack_differs {
-        what.push(format!("the stack at and above rsp {rsp:#x} differs"));
+        differ(
+            Comparison::Stack,
+            format!("the stack at and above rsp {rsp:#x} differs"),
+        );
     }
     if r.data != w.data {
-        what.push(first_difference("the data page", DATA, &r.data, &w.data));
+        differ(
+            Comparison::Memory,
+            first_difference("the data page", DATA, &r.data, &w.data),
+        );
     }
     // Pages an image run mapped on demand: a page only one run reached must still hold what
     // it was given in that run.
@@ -534,50 +687,70 @@ fn differences(
         for p in pages {
             let (a, b) = (held(r, p), held(w, p));
             if a != b {
-                what.push(first_difference("memory", p, &a, &b));
+                differ(Comparison::Memory, first_difference("memory", p, &a, &b));
             }
         }
     }
     if !abs.owns_private_page() && r.private != w.private {
-        what.push(first_difference(
-            "the private page",
-            PRIVATE,
-            &r.private,
-            &w.private,
-        ));
+        differ(
+            Comparison::PrivatePage,
+            first_difference("the private page", PRIVATE, &r.private, &w.private),
+        );
     }
     if abs.compares_control_registers() && (r.vcpu.cr, r.vcpu.dr) != (w.vcpu.cr, w.vcpu.dr) {
-        what.push(format!(
-            "control/debug registers: native {:x?} {:x?}, rewrite {:x?} {:x?}",
-            r.vcpu.cr, r.vcpu.dr, w.vcpu.cr, w.vcpu.dr
-        ));
+        differ(
+            Comparison::ControlRegisters,
+            format!(
+                "control/debug registers: native {:x?} {:x?}, rewrite {:x?} {:x?}",
+                r.vcpu.cr, r.vcpu.dr, w.vcpu.cr, w.vcpu.dr
+            ),
+        );
     }
+    let compared = |e: &Effect| on(Comparison::Effect(e.kind()));
     let expected: Vec<Effect> = r
         .vcpu
         .trace
         .iter()
         .filter_map(|e| abs.canonical(op, e))
+        .filter(compared)
         .collect();
     let got: Vec<Effect> = abs
         .trace(w, initial)
         .iter()
         .filter_map(|e| abs.canonical(op, e))
+        .filter(compared)
         .collect();
-    if expected != got {
-        what.push(format!(
-            "effects: native {expected:x?}, rewrite {got:x?} (as {} reads them)",
-            abs.name()
-        ));
+    if let Some(kind) = first_differing_kind(&expected, &got) {
+        differ(
+            Comparison::Effect(kind),
+            format!(
+                "effects: native {expected:x?}, rewrite {got:x?} (as {} reads them)",
+                abs.name()
+            ),
+        );
     }
     let msrs: std::collections::BTreeMap<u32, u64> =
         w.vcpu.msrs.iter().map(|(m, v)| (abs.msr(*m), *v)).collect();
-    if expected == got && r.vcpu.msrs != msrs {
-        what.push(format!(
-            "MSR state: native {:x?}, rewrite {msrs:x?}",
-            r.vcpu.msrs
-        ));
+    if r.vcpu.msrs != msrs {
+        differ(
+            Comparison::Msrs,
+            format!("MSR state: native {:x?}, rewrite {msrs:x?}", r.vcpu.msrs),
+        );
+    }
+    if on(Comparison::Registers) {
+        what.extend(registers);
     }
     what
+}
+
+/// The kind of the first effect where two traces part (the native one's, or the rewrite's
+/// when the native trace is a prefix of it); `None` if they are equal.
+fn first_differing_kind(a: &[Effect], b: &[Effect]) -> Option<EffectKind> {
+    if a == b {
+        return None;
+    }
+    let i = a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    a.get(i).or_else(|| b.get(i)).map(Effect::kind)
 }
 
 fn first_difference(what: &str, base: u64, a: &[u8], b: &[u8]) -> String {

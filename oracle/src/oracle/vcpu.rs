@@ -119,6 +119,94 @@ pub enum Effect {
     },
 }
 
+/// The kinds of [`Effect`]: what the oracle compares effect by effect (and what a test may
+/// switch off, one at a time, to show the catalogue of wrong rewrites needs each).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum EffectKind {
+    /// [`Effect::If`].
+    If,
+    /// [`Effect::WriteCr`].
+    WriteCr,
+    /// [`Effect::WriteDr`].
+    WriteDr,
+    /// [`Effect::WriteMsr`].
+    WriteMsr,
+    /// [`Effect::In`].
+    In,
+    /// [`Effect::Out`].
+    Out,
+    /// [`Effect::Invlpg`].
+    Invlpg,
+    /// [`Effect::Caches`].
+    Caches,
+    /// [`Effect::Halt`].
+    Halt,
+    /// [`Effect::Swapgs`].
+    Swapgs,
+    /// [`Effect::Xsetbv`].
+    Xsetbv,
+    /// [`Effect::LoadTable`].
+    LoadTable,
+    /// [`Effect::LoadSelector`].
+    LoadSelector,
+    /// [`Effect::Invpcid`].
+    Invpcid,
+    /// [`Effect::Fault`].
+    Fault,
+    /// [`Effect::Store`].
+    Store,
+    /// [`Effect::Hypercall`].
+    Hypercall,
+}
+
+impl EffectKind {
+    /// Every kind.
+    pub const ALL: [EffectKind; 17] = [
+        EffectKind::If,
+        EffectKind::WriteCr,
+        EffectKind::WriteDr,
+        EffectKind::WriteMsr,
+        EffectKind::In,
+        EffectKind::Out,
+        EffectKind::Invlpg,
+        EffectKind::Caches,
+        EffectKind::Halt,
+        EffectKind::Swapgs,
+        EffectKind::Xsetbv,
+        EffectKind::LoadTable,
+        EffectKind::LoadSelector,
+        EffectKind::Invpcid,
+        EffectKind::Fault,
+        EffectKind::Store,
+        EffectKind::Hypercall,
+    ];
+}
+
+impl Effect {
+    /// Its kind.
+    pub fn kind(&self) -> EffectKind {
+        match self {
+            Effect::If(_) => EffectKind::If,
+            Effect::WriteCr { .. } => EffectKind::WriteCr,
+            Effect::WriteDr { .. } => EffectKind::WriteDr,
+            Effect::WriteMsr { .. } => EffectKind::WriteMsr,
+            Effect::In { .. } => EffectKind::In,
+            Effect::Out { .. } => EffectKind::Out,
+            Effect::Invlpg(_) => EffectKind::Invlpg,
+            Effect::Caches { .. } => EffectKind::Caches,
+            Effect::Halt { .. } => EffectKind::Halt,
+            Effect::Swapgs => EffectKind::Swapgs,
+            Effect::Xsetbv { .. } => EffectKind::Xsetbv,
+            Effect::LoadTable { .. } => EffectKind::LoadTable,
+            Effect::LoadSelector { .. } => EffectKind::LoadSelector,
+            Effect::Invpcid { .. } => EffectKind::Invpcid,
+            Effect::Fault(_) => EffectKind::Fault,
+            Effect::Store { .. } => EffectKind::Store,
+            Effect::Hypercall { .. } => EffectKind::Hypercall,
+        }
+    }
+}
+
 /// IA32_KERNEL_GS_BASE.
 pub const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
 /// IA32_TSC_AUX.
