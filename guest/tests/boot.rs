@@ -64,6 +64,12 @@ fn boot(test: &str, config: &Config, kernel: &Path) -> Option<(Boot, Value)> {
         .unwrap_or_else(|| panic!("no parsable report\n{}", context()));
     assert!(b.passed(), "the guest failed\n{}", context());
     assert_eq!(report["pass"], true, "{}", context());
+    // `rep outs` by its effect: the bytes reached the port (COM1, the serial console).
+    assert!(
+        b.serial.contains("pvguest: rep-outs-ok"),
+        "the rep outs self-test's message never reached the serial port\n{}",
+        context()
+    );
     well_formed(&report);
     Some((b, report))
 }
@@ -97,7 +103,28 @@ const MUST_PASS: &[&str] = &[
     "cmos_round_trip",
     "fw_cfg_ports",
     "cpuid_matches_the_instruction",
+    "descriptor_tables",
+    "iretq_and_sysret",
 ];
+
+/// Self-tests that pass under QEMU's TCG (`-cpu max`), whose CPU has what they need; elsewhere
+/// they may be skipped for a condition they observed (this host's KVM delivers no data
+/// breakpoints and cannot emulate `xgetbv`).
+const PASS_UNDER_TCG: &[&str] = &["debug_registers", "xsetbv"];
+
+fn passed_under_tcg(r: &Value) {
+    let tests = r["selftests"].as_array().expect("selftests");
+    for t in tests {
+        eprintln!("{}: {} {}", t["name"], t["result"], t["why"]);
+    }
+    for m in PASS_UNDER_TCG {
+        let t = tests
+            .iter()
+            .find(|t| t["name"] == *m)
+            .unwrap_or_else(|| panic!("self-test {m} missing"));
+        assert_eq!(text(t, "result"), "pass", "{m}: {}", t["why"]);
+    }
+}
 
 /// Checks the report's shape: every field a reader relies on, with its type, and counts that
 /// add up.
@@ -279,6 +306,7 @@ fn native_without_the_hypervisor_bit() {
     };
     assert_eq!(text(&r, "backend.name"), "native");
     assert_eq!(r["backend"]["hypervisor_bit"], false);
+    passed_under_tcg(&r);
     patched_plainly(&r);
     all_sites_of(&r, "io_delay", NATIVE);
 }
@@ -291,6 +319,7 @@ fn tcg() {
     assert_eq!(text(&r, "backend.name"), "tcg");
     assert_eq!(text(&r, "backend.signature"), "TCGTCGTCGTCG");
     patched_plainly(&r);
+    passed_under_tcg(&r);
     all_sites_of(&r, "io_delay", NATIVE);
 }
 
@@ -302,6 +331,7 @@ fn tcg_with_vmwares_backdoor() {
     assert_eq!(text(&r, "backend.name"), "vmware");
     assert!(r["backend"]["vmware_version"].is_u64(), "{}", r["backend"]);
     patched_plainly(&r);
+    passed_under_tcg(&r);
     all_sites_of(&r, "io_delay", &["nothing"]);
 }
 

@@ -130,3 +130,75 @@ pub fn expected() -> Pointer {
         base,
     }
 }
+
+/// A second GDT for the descriptor-table self-test: the kernel's descriptors, then what only it
+/// has: a data segment at [`COPY_DATA_SEL`], an LDT at [`COPY_LDT_SEL`] whose first entry is a
+/// data segment, and an available TSS descriptor (the kernel's TSS) at [`COPY_TSS_SEL`].
+#[repr(C, align(16))]
+struct Second {
+    gdt: [u64; 13],
+    ldt: [u64; 1],
+}
+
+struct SecondCell(UnsafeCell<Second>);
+
+// SAFETY: written by `second_table` (the self-test, interrupts off, one CPU) before it is loaded.
+unsafe impl Sync for SecondCell {}
+
+static SECOND: SecondCell = SecondCell(UnsafeCell::new(Second {
+    gdt: [0; 13],
+    ldt: [0],
+}));
+
+/// A data segment only the second GDT has.
+pub const COPY_DATA_SEL: u16 = 0x40;
+/// The LDT only the second GDT describes.
+pub const COPY_LDT_SEL: u16 = 0x48;
+/// The kernel's TSS, described anew (available) in the second GDT.
+pub const COPY_TSS_SEL: u16 = 0x58;
+/// The LDT's data segment (index 0, TI = 1).
+pub const LDT_DATA_SEL: u16 = 0x04;
+
+/// A 16-byte system descriptor (`kind`: 2 LDT, 9 available TSS) for `base`, `limit`.
+fn system(base: u64, limit: u64, kind: u64) -> [u64; 2] {
+    [
+        (limit & 0xffff)
+            | ((base & 0xff_ffff) << 16)
+            | ((0x80 | kind) << 40)
+            | (((limit >> 16) & 0xf) << 48)
+            | (((base >> 24) & 0xff) << 56),
+        base >> 32,
+    ]
+}
+
+/// Builds the second GDT from the kernel's, and returns its pseudo-descriptor.
+pub fn second_table() -> Pointer {
+    let (t, c) = (TABLES.0.get(), SECOND.0.get());
+    // SAFETY: the self-test runs with interrupts off on the only CPU, and the second table is
+    // not loaded while it is written.
+    unsafe {
+        let (second, first) = (&mut (*c).gdt, &(*t).gdt);
+        second[..8].copy_from_slice(first);
+        (*c).gdt[8] = 0x00cf_9200_0000_ffff;
+        (*c).ldt[0] = 0x00cf_9200_0000_ffff;
+        let ldt = &raw const (*c).ldt as u64;
+        let [lo, hi] = system(ldt, 7, 2);
+        (*c).gdt[9] = lo;
+        (*c).gdt[10] = hi;
+        let tss = &raw const (*t).tss as u64;
+        let [lo, hi] = system(tss, (core::mem::size_of::<Tss>() - 1) as u64, 9);
+        (*c).gdt[11] = lo;
+        (*c).gdt[12] = hi;
+        Pointer {
+            limit: (13 * 8 - 1) as u16,
+            base: &raw const (*c).gdt as u64,
+        }
+    }
+}
+
+/// Marks the kernel's own TSS descriptor available again (after `ltr` of another descriptor
+/// of the same TSS), so that `ltr TSS_SEL` can load it back.
+pub fn release_tss() {
+    // SAFETY: clears the busy bit of the kernel's TSS descriptor, which TR no longer names.
+    unsafe { (*TABLES.0.get()).gdt[6] &= !(1 << 41) };
+}

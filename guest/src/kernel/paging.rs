@@ -4,6 +4,9 @@
 //! (as Linux's `text_poke` writes through a temporary mapping: the text itself is never
 //! writable, and CR0.WP stays set); and one 4 KiB test page whose mapping the `invlpg`
 //! self-test changes. Installed through annotated `mov cr3` and `mov cr0` sites.
+//!
+//! A second root ([`second_root`]) maps everything the same but the test page, which it maps
+//! to a third backing page: the CR3 self-test switches to it and sees the other page.
 
 use core::cell::UnsafeCell;
 
@@ -39,6 +42,11 @@ struct Tables {
     test: Page,
     data_a: Page,
     data_b: Page,
+    pml4_b: Page,
+    pdpt_b: Page,
+    pd1_b: Page,
+    test_b: Page,
+    data_c: Page,
 }
 
 struct Cell(UnsafeCell<Tables>);
@@ -58,6 +66,11 @@ static T: Cell = Cell(UnsafeCell::new(Tables {
     test: EMPTY,
     data_a: EMPTY,
     data_b: EMPTY,
+    pml4_b: EMPTY,
+    pdpt_b: EMPTY,
+    pd1_b: EMPTY,
+    test_b: EMPTY,
+    data_c: EMPTY,
 }));
 
 unsafe extern "C" {
@@ -104,8 +117,18 @@ pub fn init() {
         // The test page: its own page table at 1 GiB.
         (*t).test.0[0] = addr(&raw const (*t).data_a) | P | W;
         (*t).pd[1].0[0] = addr(&raw const (*t).test) | P | W | U;
-        (*t).data_a.0[0] = 0xaaaa_aaaa_aaaa_aaaa;
-        (*t).data_b.0[0] = 0xbbbb_bbbb_bbbb_bbbb;
+        (*t).data_a.0[0] = TEST_WORDS[0];
+        (*t).data_b.0[0] = TEST_WORDS[1];
+        // The second root: the same tables but for the path to the test page, which ends at
+        // the third backing page.
+        (*t).pml4_b.0 = (*t).pml4.0;
+        (*t).pdpt_b.0 = (*t).pdpt.0;
+        (*t).pd1_b.0 = (*t).pd[1].0;
+        (*t).test_b.0[0] = addr(&raw const (*t).data_c) | P | W;
+        (*t).pd1_b.0[0] = addr(&raw const (*t).test_b) | P | W | U;
+        (*t).pdpt_b.0[1] = addr(&raw const (*t).pd1_b) | P | W | U;
+        (*t).pml4_b.0[0] = addr(&raw const (*t).pdpt_b) | P | W | U;
+        (*t).data_c.0[0] = SECOND_ROOT_WORD;
         pv_write_cr!(3, addr(&raw const (*t).pml4));
         let cr0 = pv_read_cr!(0);
         pv_write_cr!(0, cr0 | (1 << 16));
@@ -135,6 +158,16 @@ pub fn read_test_page() -> u64 {
 
 /// The words the two backing pages hold.
 pub const TEST_WORDS: [u64; 2] = [0xaaaa_aaaa_aaaa_aaaa, 0xbbbb_bbbb_bbbb_bbbb];
+
+/// The word the test page shows through the second root.
+pub const SECOND_ROOT_WORD: u64 = 0xcccc_cccc_cccc_cccc;
+
+/// The physical address of the second root: the kernel's mappings, the test page mapped to
+/// a third backing page that holds [`SECOND_ROOT_WORD`].
+pub fn second_root() -> u64 {
+    // SAFETY: the address of the static.
+    unsafe { &raw const (*T.0.get()).pml4_b as u64 }
+}
 
 /// The writable alias of `addr`, for `len` bytes of the first 2 MiB; `None` outside it.
 pub fn alias(addr: u64, len: u64) -> Option<u64> {
