@@ -88,7 +88,7 @@ pub fn decode_at(bytes: &[u8], addr: u64, at: usize) -> Result<Instruction, Mism
     }
 }
 
-fn reg_is(r: Register, want: Gpr) -> bool {
+pub(crate) fn reg_is(r: Register, want: Gpr) -> bool {
     gpr(r) == Some(want) && reg_width(r) == 8
 }
 

@@ -17,7 +17,7 @@ use patch_sites::op::Kind;
 use patch_sites::table::Site;
 use patch_sites::{Gpr, Op, Operand, RegSet};
 
-use crate::check::decode_at;
+use crate::check::{decode_at, reg_is};
 use crate::classify::{classify, gpr};
 
 /// One instruction of a sequence that is not allowed.
@@ -369,6 +369,7 @@ pub fn may_change(op: Op, operand: Operand, extra: RegSet) -> RegSet {
 pub fn same_operands(op: Op, site: &Site, code: &[u8]) -> bool {
     let own = if op == Op::IoDelay { Op::Out } else { op };
     let mut at = 0;
+    let mut prev: Option<Instruction> = None;
     while at < code.len() {
         let Ok(i) = decode_at(code, 0, at) else { break };
         if let Some(c) = classify(&i)
@@ -377,6 +378,29 @@ pub fn same_operands(op: Op, site: &Site, code: &[u8]) -> bool {
         {
             return false;
         }
+        // An idiom's pair names the site's register: `pushfq; pop r` for save_fl, `push r;
+        // popfq` for restore_fl (found by cargo-mutants: a save_fl template popping into a
+        // register it declared clobbered, leaving the site's untouched, passed).
+        if let (Some(p), Operand::Reg(r)) = (prev, site.operand) {
+            let other = |reg: Register| !reg_is(reg, r);
+            let wrong = match op {
+                Op::SaveFl => {
+                    p.mnemonic() == Mnemonic::Pushfq
+                        && i.mnemonic() == Mnemonic::Pop
+                        && other(i.op0_register())
+                }
+                Op::RestoreFl => {
+                    p.mnemonic() == Mnemonic::Push
+                        && i.mnemonic() == Mnemonic::Popfq
+                        && other(p.op0_register())
+                }
+                _ => false,
+            };
+            if wrong {
+                return false;
+            }
+        }
+        prev = Some(i);
         at += i.len();
     }
     true
@@ -484,5 +508,36 @@ mod tests {
             fx(Op::Rdtsc, &[0x50, 0x0f, 0x31, 0xc3], NONE, true),
             Err(CodeProblem::UnbalancedStack)
         );
+    }
+
+    #[test]
+    fn an_idioms_pair_must_name_the_sites_register() {
+        let site = |op: Op, r: Gpr| Site {
+            addr: 0,
+            site_len: 8,
+            insn_len: 2,
+            op_id: op.id(),
+            form: patch_sites::table::Form::Native,
+            operand: Operand::Reg(r),
+            width: 8,
+            flags: 0,
+            clobbers: RegSet::EMPTY,
+            stub: None,
+        };
+        // pushfq; pop rbx / pop rax, for save_fl into rbx.
+        assert!(same_operands(
+            Op::SaveFl,
+            &site(Op::SaveFl, Gpr::Rbx),
+            &[0x9c, 0x5b]
+        ));
+        assert!(!same_operands(
+            Op::SaveFl,
+            &site(Op::SaveFl, Gpr::Rbx),
+            &[0x9c, 0x58]
+        ));
+        // push r9 / push rdi; popfq, for restore_fl from r9.
+        let r9 = site(Op::RestoreFl, Gpr::R9);
+        assert!(same_operands(Op::RestoreFl, &r9, &[0x41, 0x51, 0x9d]));
+        assert!(!same_operands(Op::RestoreFl, &r9, &[0x57, 0x9d]));
     }
 }

@@ -379,4 +379,139 @@ mod tests {
             Err(TrapError::Unsupported(Op::Iretq))
         );
     }
+
+    #[test]
+    fn the_other_ops_do_what_their_instructions_do() {
+        let mut x = Fake::default();
+        let mut f = Frame {
+            rflags: 0x3_0246, // RF and VM set: an image never shows them
+            ..Frame::default()
+        };
+        emulate(&site(Op::SaveFl, Operand::Reg(Gpr::Rbx), 8), &mut f, &mut x).unwrap();
+        assert_eq!(f.gpr[3], 0x246);
+        f.gpr[9] = 0xffff_ffff_ffff_ffff;
+        emulate(
+            &site(Op::RestoreFl, Operand::Reg(Gpr::R9), 8),
+            &mut f,
+            &mut x,
+        )
+        .unwrap();
+        assert_eq!(f.rflags, POPF_LOADS | 2);
+        assert_eq!(popf_image(0), 2);
+        assert_eq!(popf_image(1 << 16 | 1 << 9), 1 << 9 | 2);
+
+        f.rflags = 0x2;
+        emulate(&site(Op::Hlt, Operand::None, 0), &mut f, &mut x).unwrap();
+        assert_eq!(x.log.last(), Some(&("hlt", 0, 0)));
+        f.rflags = 0x202;
+        emulate(&site(Op::Hlt, Operand::None, 0), &mut f, &mut x).unwrap();
+        assert_eq!(x.log.last(), Some(&("hlt", 1, 0)));
+        f.rflags = 0x2;
+        emulate(&site(Op::SafeHalt, Operand::None, 0), &mut f, &mut x).unwrap();
+        assert_eq!((x.log.last(), f.rflags & IF), (Some(&("hlt", 1, 0)), IF));
+
+        emulate(&site(Op::Rdtsc, Operand::None, 0), &mut f, &mut x).unwrap();
+        assert_eq!((f.gpr[0], f.gpr[2]), (7, 5));
+        for (op, what) in [
+            (Op::Wbinvd, ("flush", 0, 0)),
+            (Op::Invd, ("flush", 1, 0)),
+            (Op::Swapgs, ("swapgs", 0, 0)),
+            (Op::Clts, ("clts", 0, 0)),
+        ] {
+            emulate(&site(op, Operand::None, 0), &mut f, &mut x).unwrap();
+            assert_eq!(x.log.last(), Some(&what), "{op}");
+        }
+
+        // Port widths: a 2-byte in keeps the rest of rax; io_delay is a one-byte write to 0x80
+        // (eax is handed over whole: the port takes the low `width` bytes).
+        f.gpr[0] = 0xaaaa_bbbb_cccc_dddd;
+        emulate(&site(Op::In, Operand::PortImm(0x60), 2), &mut f, &mut x).unwrap();
+        assert_eq!(f.gpr[0], 0xaaaa_bbbb_cccc_5678);
+        assert_eq!(x.log.last(), Some(&("in", 0x60, 2)));
+        emulate(
+            &site(Op::IoDelay, Operand::PortImm(0x80), 1),
+            &mut f,
+            &mut x,
+        )
+        .unwrap();
+        assert_eq!(x.log.last(), Some(&("out", 0x80, (1 << 32) | 0xcccc_5678)));
+        emulate(&site(Op::Out, Operand::PortImm(0x71), 4), &mut f, &mut x).unwrap();
+        assert_eq!(x.log.last(), Some(&("out", 0x71, (4 << 32) | 0xcccc_5678)));
+
+        // Control registers by number, both directions; debug registers; invlpg's address.
+        for (to, from, n) in [
+            (Op::MovToCr0, Op::MovFromCr0, 0),
+            (Op::MovToCr2, Op::MovFromCr2, 2),
+            (Op::MovToCr4, Op::MovFromCr4, 4),
+            (Op::MovToCr8, Op::MovFromCr8, 8),
+        ] {
+            f.gpr[14] = 0x77 + n;
+            emulate(&site(to, Operand::Reg(Gpr::R14), 8), &mut f, &mut x).unwrap();
+            assert_eq!(x.log.last(), Some(&("cr", n, 0x77 + n)), "{to}");
+            emulate(&site(from, Operand::Reg(Gpr::R13), 8), &mut f, &mut x).unwrap();
+            assert_eq!(f.gpr[13], 0xc000 + n, "{from}");
+        }
+        f.gpr[6] = 0x400;
+        let dr7 = Operand::DebugReg {
+            dr: 7,
+            reg: Gpr::Rsi,
+        };
+        emulate(&site(Op::MovToDr, dr7, 8), &mut f, &mut x).unwrap();
+        assert_eq!(x.log.last(), Some(&("dr", 7, 0x400)));
+        emulate(&site(Op::MovFromDr, dr7, 8), &mut f, &mut x).unwrap();
+        assert_eq!(f.gpr[6], 0xd007);
+        f.gpr[5] = 0xffff_8000_1234_5000;
+        emulate(
+            &site(Op::Invlpg, Operand::MemBase(Gpr::Rbp), 0),
+            &mut f,
+            &mut x,
+        )
+        .unwrap();
+        assert_eq!(x.log.last(), Some(&("invlpg", 0xffff_8000_1234_5000, 0)));
+
+        // A detour's copy resumes in the stub, after the patched bytes.
+        let mut d = site(Op::Cli, Operand::None, 0);
+        d.form = Form::Detour;
+        d.stub = Some(0x9000);
+        d.site_len = 3;
+        emulate(&d, &mut f, &mut x).unwrap();
+        assert_eq!(f.rip, 0x9003);
+    }
+
+    #[test]
+    fn what_the_emulator_refuses() {
+        let mut x = Fake::default();
+        let mut f = Frame::default();
+        // Not 8-byte pushf/popf, a control register through memory, rep string I/O, an op it
+        // does not know, an unknown op id.
+        assert!(!supported(Op::Pushf, Operand::None, 2));
+        assert!(!supported(Op::Popf, Operand::None, 2));
+        assert!(supported(Op::Pushf, Operand::None, 8));
+        assert!(!supported(Op::MovToCr3, Operand::MemBase(Gpr::Rax), 8));
+        assert!(!supported(Op::MovToDr, Operand::Reg(Gpr::Rax), 8));
+        assert!(!supported(Op::Invlpg, Operand::Reg(Gpr::Rax), 0));
+        assert!(!supported(Op::Lgdt, Operand::MemBase(Gpr::Rax), 0));
+        assert_eq!(
+            emulate(&site(Op::Pushf, Operand::None, 2), &mut f, &mut x),
+            Err(TrapError::Unsupported(Op::Pushf))
+        );
+        let mut rep = site(Op::Out, Operand::PortDx, 1);
+        rep.flags = SITE_FLAG_REP;
+        assert_eq!(
+            emulate(&rep, &mut f, &mut x),
+            Err(TrapError::Unsupported(Op::Out))
+        );
+        let mut unknown = site(Op::Cli, Operand::None, 0);
+        unknown.op_id = 0x7f;
+        assert_eq!(
+            emulate(&unknown, &mut f, &mut x),
+            Err(TrapError::NotASite(0x1000))
+        );
+        assert_eq!(f, Frame::default(), "a refused trap changes nothing");
+        assert!(x.log.is_empty());
+        let shown = alloc::format!("{}", TrapError::Unsupported(Op::Lgdt));
+        assert!(shown.contains("lgdt"), "{shown}");
+        let shown = alloc::format!("{}", TrapError::NotASite(0x1000));
+        assert!(shown.contains("0x1000"), "{shown}");
+    }
 }

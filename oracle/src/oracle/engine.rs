@@ -266,6 +266,8 @@ pub fn demand_page(seed: u64, page: u64) -> Vec<u8> {
 /// Per-run data the hooks see.
 #[derive(Debug)]
 struct Hooked {
+    /// Where the run ends.
+    until: u64,
     hypervisor: Hypervisor,
     vcpu: Vcpu,
     trap_site: Option<Site>,
@@ -303,6 +305,7 @@ impl Engine {
     /// An x86-64 engine with the text, stack, data and private regions mapped and the hooks in.
     pub fn new() -> Result<Self, EngineError> {
         let data = Hooked {
+            until: 0,
             hypervisor: Hypervisor::None,
             vcpu: Vcpu::new(0, false),
             trap_site: None,
@@ -484,6 +487,7 @@ impl Engine {
         let interrupts = state.rflags & trap::IF != 0;
         let image = uc.get_data_mut().image.take();
         *uc.get_data_mut() = Hooked {
+            until,
             hypervisor,
             vcpu: Vcpu::new(state.seed, interrupts),
             trap_site,
@@ -689,7 +693,39 @@ fn hypercall(uc: &mut Uc<'_>, addr: u64) {
         return;
     }
     write_gpr(uc, 4, rsp + 8);
-    let _ = uc.reg_write(RegisterX86::RIP, u64::from_le_bytes(ret));
+    resume_at(uc, u64::from_le_bytes(ret));
+}
+
+/// Resumes at `rip`, or, when only NOPs lie between it and the end of the run, at the end,
+/// stopping there: NOPs change nothing, and translating the padding after a site would be a
+/// second block of every short run (most of its cost).
+fn resume_at(uc: &mut Uc<'_>, rip: u64) {
+    let until = uc.get_data().until;
+    let target = if rip < until && only_nops(uc, rip, until) {
+        until
+    } else {
+        rip
+    };
+    let _ = uc.reg_write(RegisterX86::RIP, target);
+    if target == until {
+        let _ = uc.emu_stop();
+    }
+}
+
+/// Whether `from..until` holds NOPs and nothing else (at most 64 bytes are looked at).
+fn only_nops(uc: &Uc<'_>, from: u64, until: u64) -> bool {
+    let n = (until - from) as usize;
+    let mut b = [0u8; 64];
+    if n > b.len() || uc.mem_read(from, &mut b[..n]).is_err() {
+        return false;
+    }
+    let mut d = Decoder::with_ip(64, &b[..n], from, DecoderOptions::NONE);
+    while d.can_decode() {
+        if d.decode().mnemonic() != Mnemonic::Nop {
+            return false;
+        }
+    }
+    true
 }
 
 /// Before every instruction: count it, see IF, and carry out a sensitive instruction on the
@@ -733,7 +769,7 @@ fn on_instruction(uc: &mut Uc<'_>, addr: u64, size: u32) {
         let _ = uc.reg_write(RegisterX86::RFLAGS, new);
         write_gpr(uc, 4, rsp.wrapping_add(8));
         uc.get_data_mut().vcpu.see_flags(new);
-        let _ = uc.reg_write(RegisterX86::RIP, addr + insn.len() as u64);
+        resume_at(uc, addr + insn.len() as u64);
         return;
     }
     run_model(uc, addr, &insn, rflags);
@@ -754,7 +790,7 @@ fn run_model(uc: &mut Uc<'_>, addr: u64, insn: &Instruction, rflags: u64) -> boo
     match model(uc, insn, rflags) {
         Ok(Step::Next) => {
             // Skip the instruction: the virtual CPU did it.
-            let _ = uc.reg_write(RegisterX86::RIP, addr + insn.len() as u64);
+            resume_at(uc, addr + insn.len() as u64);
             true
         }
         Ok(Step::Again) => {
@@ -1144,7 +1180,7 @@ fn emulate_trap(uc: &mut Uc<'_>, at: u64) -> bool {
         write_gpr(uc, i, *g);
     }
     let _ = uc.reg_write(RegisterX86::RFLAGS, frame.rflags);
-    let _ = uc.reg_write(RegisterX86::RIP, frame.rip);
+    resume_at(uc, frame.rip);
     true
 }
 

@@ -2,6 +2,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod detours;
 mod doc;
 mod linked;
 mod rom;

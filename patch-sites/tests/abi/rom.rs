@@ -276,3 +276,214 @@ fn writer_refuses_bad_names() {
         );
     }
 }
+
+// ---- Limits at their edges, and what a parsed ROM reports (found by `cargo xtask mutants`) --
+
+fn spec(op: Op, kind: RomKind, code: &[u8]) -> RomEntrySpec<'_> {
+    RomEntrySpec {
+        op_id: op.id(),
+        kind,
+        code,
+        slots: &[],
+        clobbers: RegSet::EMPTY,
+    }
+}
+
+fn written(name: &str, entries: &[RomEntrySpec<'_>]) -> Result<Vec<u8>, RomWriteError> {
+    let mut buf = vec![0u8; rom_size(entries)];
+    write_rom(name, SIG, entries, &mut buf).map(|_| buf)
+}
+
+#[test]
+fn a_rom_of_exactly_the_largest_size_is_accepted_and_one_byte_more_is_not() {
+    use patch_sites::rom::MAX_ROM_LEN;
+    // One call entry whose code fills the ROM to the byte.
+    let fixed = rom_size(&[spec(Op::Cli, RomKind::Call, &[])]);
+    let code = vec![0x90; MAX_ROM_LEN - fixed];
+    let b = written("largest", &[spec(Op::Cli, RomKind::Call, &code)]).expect("fits");
+    assert_eq!(b.len(), MAX_ROM_LEN);
+    assert_eq!(Rom::parse(&b).unwrap().len(), 1);
+    let code = vec![0x90; MAX_ROM_LEN - fixed + 1];
+    let mut buf = vec![0u8; MAX_ROM_LEN + 1];
+    assert!(matches!(
+        write_rom(
+            "largest",
+            SIG,
+            &[spec(Op::Cli, RomKind::Call, &code)],
+            &mut buf
+        ),
+        Err(RomWriteError::BufferTooSmall { .. })
+    ));
+    // A buffer one byte short of what the ROM needs.
+    let entries = [spec(Op::Cli, RomKind::Call, &[0xfa, 0xc3])];
+    let mut short = vec![0u8; rom_size(&entries) - 1];
+    assert!(matches!(
+        write_rom("short", SIG, &entries, &mut short),
+        Err(RomWriteError::BufferTooSmall { .. })
+    ));
+}
+
+#[test]
+fn an_empty_rom_is_its_header() {
+    let b = written("empty", &[]).unwrap();
+    assert_eq!(b.len(), ROM_HEADER_SIZE);
+    let rom = Rom::parse(&b).unwrap();
+    assert!(rom.is_empty());
+    assert_eq!(
+        (rom.len(), rom.unknown_ops(), rom.entries().count()),
+        (0, 0, 0)
+    );
+    assert_eq!(rom.signature(), SIG);
+    assert!(!Rom::parse(&sample()).unwrap().is_empty());
+}
+
+#[test]
+fn entries_without_data_end_the_rom() {
+    // Two entries and no code: the data starts where the ROM ends.
+    let b = written(
+        "no-data",
+        &[
+            spec(Op::Cli, RomKind::Native, &[]),
+            spec(Op::Sti, RomKind::Nothing, &[]),
+        ],
+    )
+    .unwrap();
+    assert_eq!(b.len(), ROM_HEADER_SIZE + 2 * ROM_ENTRY_SIZE);
+    let rom = Rom::parse(&b).unwrap();
+    let actions: Vec<RomAction<'_>> = rom.entries().map(|e| e.action).collect();
+    assert_eq!(actions, [RomAction::Native, RomAction::Nothing]);
+    assert_eq!(rom.unknown_ops(), 0);
+    // A count one more than the bytes hold.
+    let mut b = b;
+    b[14..16].copy_from_slice(&3u16.to_le_bytes());
+    assert_eq!(
+        Rom::parse(&b).unwrap_err(),
+        RomError::EntriesOverflow { count: 3 }
+    );
+}
+
+#[test]
+fn names_of_one_and_of_sixteen_characters() {
+    for name in ["x", "sixteen-chars-ok"] {
+        let b = written(name, &[]).unwrap();
+        assert_eq!(Rom::parse(&b).unwrap().name(), name);
+    }
+    assert_eq!(
+        written("seventeen-chars-x", &[]).unwrap_err(),
+        RomWriteError::BadName
+    );
+    // A name of no characters, written by hand.
+    let mut b = written("x", &[]).unwrap();
+    b[24] = 0;
+    reseal(&mut b);
+    assert_eq!(Rom::parse(&b).unwrap_err(), RomError::BadName);
+}
+
+#[test]
+fn entries_that_carry_fields_their_kind_does_not_have() {
+    // A native entry with only a code length; a call with only a slot table.
+    let mut b = written("fields", &[spec(Op::Sti, RomKind::Native, &[])]).unwrap();
+    entry_mut(&mut b, 0)[8..10].copy_from_slice(&1u16.to_le_bytes());
+    reseal(&mut b);
+    assert_eq!(entry_error(&b), (0, RomEntryError::UnexpectedFields));
+    let mut b = written("fields", &[spec(Op::Cli, RomKind::Call, &[0xfa, 0xc3])]).unwrap();
+    entry_mut(&mut b, 0)[16..20].copy_from_slice(&64u32.to_le_bytes());
+    reseal(&mut b);
+    assert_eq!(entry_error(&b), (0, RomEntryError::UnexpectedFields));
+    // A template without slots but with a slot table offset.
+    let mut b = written("fields", &[spec(Op::Cli, RomKind::Inline, &[0xfa])]).unwrap();
+    entry_mut(&mut b, 0)[16..20].copy_from_slice(&64u32.to_le_bytes());
+    reseal(&mut b);
+    assert_eq!(entry_error(&b), (0, RomEntryError::UnexpectedFields));
+}
+
+#[test]
+fn the_longest_template_and_the_most_slots() {
+    use patch_sites::rom::{MAX_SLOTS, MAX_TEMPLATE_LEN};
+    let code = vec![0x90; MAX_TEMPLATE_LEN];
+    let slots: Vec<Slot> = (0..MAX_SLOTS as u8)
+        .map(|k| Slot {
+            kind: SlotKind::Imm8,
+            offset: k,
+            rex_offset: NO_REX,
+            source: SlotSource::Port,
+        })
+        .collect();
+    let e = RomEntrySpec {
+        slots: &slots,
+        ..spec(Op::Out, RomKind::Inline, &code)
+    };
+    let b = written("longest", &[e]).unwrap();
+    let rom = Rom::parse(&b).unwrap();
+    let got = rom.entry(Op::Out).unwrap();
+    assert_eq!(got.slots().count(), MAX_SLOTS);
+    match got.action {
+        RomAction::Inline { template, .. } => assert_eq!(template.len(), MAX_TEMPLATE_LEN),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn every_slot_kind_and_source_reads_back() {
+    // lldt's template `lldt di` (0f 00 d7): the register in ModRM.rm; a ModRM.reg slot and
+    // an opcode-register slot with the second register as source, for the reader's sake.
+    let slots = [
+        Slot {
+            kind: SlotKind::ModrmReg,
+            offset: 2,
+            rex_offset: NO_REX,
+            source: SlotSource::Reg2,
+        },
+        Slot {
+            kind: SlotKind::OpcodeReg,
+            offset: 1,
+            rex_offset: 0,
+            source: SlotSource::Reg,
+        },
+    ];
+    let e = RomEntrySpec {
+        slots: &slots,
+        ..spec(Op::MovToDr, RomKind::Inline, &[0x0f, 0x23, 0xc7])
+    };
+    let b = written("slots", &[e]).unwrap();
+    let rom = Rom::parse(&b).unwrap();
+    let got: Vec<Slot> = rom.entry(Op::MovToDr).unwrap().slots().collect();
+    assert_eq!(got, slots);
+}
+
+#[test]
+fn kinds_and_errors_have_names() {
+    assert_eq!(
+        [
+            RomKind::Nothing.name(),
+            RomKind::Native.name(),
+            RomKind::Inline.name(),
+            RomKind::Call.name()
+        ],
+        ["nothing", "native", "inline", "call"]
+    );
+    for shown in [
+        RomError::BadName.to_string(),
+        RomError::EntriesOverflow { count: 3 }.to_string(),
+        RomEntryError::UnexpectedFields.to_string(),
+        RomWriteError::BadName.to_string(),
+    ] {
+        assert!(shown.len() > 8, "{shown:?}");
+    }
+}
+
+#[test]
+fn a_rom_of_sixty_kilobytes_is_accepted() {
+    // The format allows 64 KiB: a large entry point (60,000 bytes) is no reason to refuse.
+    let code = vec![0x90; 60_000];
+    let b = written("large", &[spec(Op::Cli, RomKind::Call, &code)]).unwrap();
+    assert_eq!(Rom::parse(&b).unwrap().len(), 1);
+}
+
+#[test]
+fn a_native_entry_with_only_a_code_offset() {
+    let mut b = written("fields", &[spec(Op::Sti, RomKind::Native, &[])]).unwrap();
+    entry_mut(&mut b, 0)[4..8].copy_from_slice(&64u32.to_le_bytes());
+    reseal(&mut b);
+    assert_eq!(entry_error(&b), (0, RomEntryError::UnexpectedFields));
+}

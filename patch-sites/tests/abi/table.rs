@@ -532,3 +532,107 @@ fn unsealed_tables_parse() {
     assert!(!t.header().is_sealed());
     assert_eq!(t.sites().collect::<Vec<_>>(), sample_sites());
 }
+
+#[test]
+fn unsealed_table_with_a_count() {
+    // An unsealed table must have neither: a count alone is refused as a checksum alone is.
+    let mut b = sealed(&sample_sites());
+    b[14..16].copy_from_slice(&0u16.to_le_bytes());
+    b[28..32].fill(0);
+    assert_eq!(parse(&b).unwrap_err(), TableError::UnsealedWithChecksum);
+}
+
+#[test]
+fn records_shorter_than_the_header_says() {
+    let b = sealed(&sample_sites());
+    let h = Header::parse(&b, TABLE_ADDR).unwrap();
+    let short = &b[HEADER_SIZE..b.len() - 1];
+    assert_eq!(
+        SiteTable::parse(h, short, &[TEXT]).unwrap_err(),
+        TableError::TruncatedRecords {
+            needed: 4 * RECORD_SIZE as u64,
+            available: 4 * RECORD_SIZE - 1
+        }
+    );
+}
+
+#[test]
+fn two_sites_at_one_address_overlap() {
+    // Site 2 moved onto site 1's address: an overlap (not disorder) at the later record.
+    let mut b = sealed(&sample_sites());
+    let r = record_mut(&mut b, 2);
+    let rel = i32::from_le_bytes(r[0..4].try_into().unwrap());
+    r[0..4].copy_from_slice(&(rel - 0x10).to_le_bytes());
+    reseal(&mut b);
+    assert_eq!(
+        record_error(parse(&b)),
+        (2, RecordError::Overlap { other: 1 })
+    );
+}
+
+#[test]
+fn records_that_begin_inside_the_header() {
+    // An unsealed header whose records begin 8 bytes into itself.
+    let sites = sample_sites();
+    let mut b = unsealed(&sites[..1]);
+    let begin = i32::from_le_bytes(b[16..20].try_into().unwrap()) - 8;
+    let end = i32::from_le_bytes(b[20..24].try_into().unwrap()) - 8;
+    b[16..20].copy_from_slice(&begin.to_le_bytes());
+    b[20..24].copy_from_slice(&end.to_le_bytes());
+    assert!(matches!(
+        SiteTable::parse_contiguous(&b, TABLE_ADDR, &[TEXT]),
+        Err(TableError::TruncatedRecords { .. })
+    ));
+}
+
+#[test]
+fn touching_sites_in_either_table_order_do_not_overlap() {
+    // The lower site last in the table: it ends where the earlier record's begins.
+    let sites = [
+        site(TEXT.start + 0x45, Op::Cli, 5, 1, Operand::None, 0),
+        site(TEXT.start + 0x40, Op::Sti, 5, 1, Operand::None, 0),
+    ];
+    let b = unsealed(&sites);
+    assert_eq!(
+        SiteTable::parse_contiguous(&b, TABLE_ADDR, &[TEXT]).map(|t| t.len()),
+        Ok(2)
+    );
+}
+
+#[test]
+fn the_longest_instruction_is_fifteen_bytes() {
+    let mut s = sample_sites();
+    s[0].site_len = 15;
+    s[0].insn_len = 15;
+    let b = sealed(&s);
+    assert_eq!(parse(&b).unwrap().site(0).unwrap().insn_len, 15);
+}
+
+#[test]
+fn an_indirect_call_site_holds_at_least_two_bytes() {
+    let mut s = sample_sites();
+    s[0].form = Form::IndirectCall;
+    s[0].insn_len = 2;
+    let b = sealed(&s);
+    assert_eq!(parse(&b).unwrap().site(0).unwrap().form, Form::IndirectCall);
+    let mut b = sealed(&s);
+    record_mut(&mut b, 0)[11] = 1; // insn_len 1: no call is one byte
+    reseal(&mut b);
+    assert_eq!(record_error(parse(&b)), (0, RecordError::FormMismatch));
+}
+
+#[test]
+fn every_debug_register_decodes() {
+    for dr in [0u8, 3, 6, 7] {
+        let s = [site(
+            TEXT.start + 0x10,
+            Op::MovToDr,
+            3,
+            3,
+            Operand::DebugReg { dr, reg: Gpr::Rbx },
+            8,
+        )];
+        let b = sealed(&s);
+        assert_eq!(parse(&b).unwrap().site(0), Some(s[0]), "dr{dr}");
+    }
+}

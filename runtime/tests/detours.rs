@@ -1,0 +1,509 @@
+//! The planner's detour checks, on a hand-built table: a movable `cli` whose rewrite (a call)
+//! does not fit its one byte takes its detour, and every check before a byte is written refuses
+//! what it must: a moved range that changed, a cave or trampoline that is not free, a stub that
+//! is not the moved code, text that cannot be read. Each test fails if its check is removed
+//! (found by `cargo xtask mutants`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use patch_sites::crc32::crc32;
+use patch_sites::op::Operand;
+use patch_sites::table::{
+    AddrRange, DetourSpec, Form, MemberSpec, Site, SiteTable, sealed_table_size_with,
+    write_sealed_table_with,
+};
+use patch_sites::{Op, Outcome, RegSet};
+use pvpatch_runtime::backend::{Backend, Choice};
+use pvpatch_runtime::detect::{BackendKind, Detected};
+use pvpatch_runtime::plan::{self, DetourProblem, Plan, PlanError, TextRead};
+
+const BASE: u64 = 0x40_0000;
+const TEXT: AddrRange = AddrRange::new(BASE, BASE + 0x4000);
+const SITE: u64 = BASE + 0x10;
+const TRAMP: u64 = BASE + 0x40;
+const STUB: u64 = BASE + 0x1000;
+const ARENA: AddrRange = AddrRange::new(BASE + 0x2000, BASE + 0x3000);
+const TABLE_ADDR: u64 = 0x80_0000;
+
+/// The moved code: `cli` (the site), then either a 4-byte NOP (a 5-byte range the `jmp` to
+/// the stub covers) or a 1-byte one (a 2-byte range, reached through a trampoline).
+fn moved(tramp: bool) -> Vec<u8> {
+    if tramp {
+        vec![0xfa, 0x90]
+    } else {
+        vec![0xfa, 0x0f, 0x1f, 0x40, 0x00]
+    }
+}
+
+/// The stub: the site's copy (`cli` padded to 5 bytes), the rest of the moved code, `jmp` back.
+fn stub(tramp: bool) -> Vec<u8> {
+    let m = moved(tramp);
+    let mut s = vec![0xfa, 0x0f, 0x1f, 0x40, 0x00];
+    s.extend_from_slice(&m[1..]);
+    let after = STUB + s.len() as u64 + 5;
+    s.push(0xe9);
+    s.extend_from_slice(&((SITE + m.len() as u64).wrapping_sub(after) as u32).to_le_bytes());
+    s
+}
+
+struct Text(Vec<u8>, Option<AddrRange>);
+
+impl Text {
+    /// The kernel's text: `int3` padding everywhere but the moved code.
+    fn new(tramp: bool) -> Text {
+        let mut t = vec![0xcc; (TEXT.end - TEXT.start) as usize];
+        let m = moved(tramp);
+        let at = (SITE - BASE) as usize;
+        t[at..at + m.len()].copy_from_slice(&m);
+        Text(t, None)
+    }
+    fn poke(&mut self, addr: u64, b: u8) {
+        self.0[(addr - BASE) as usize] = b;
+    }
+}
+
+impl TextRead for Text {
+    fn read(&self, addr: u64, out: &mut [u8]) -> bool {
+        if self
+            .1
+            .is_some_and(|r| addr < r.end && addr + out.len() as u64 > r.start)
+        {
+            return false;
+        }
+        let Some(at) = addr.checked_sub(BASE).map(|a| a as usize) else {
+            return false;
+        };
+        match self.0.get(at..at + out.len()) {
+            Some(b) => {
+                out.copy_from_slice(b);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// A sealed table of one movable `cli` with its detour (`stub_bytes` as given).
+fn table(tramp: bool, stub_bytes: &[u8]) -> Vec<u8> {
+    let m = moved(tramp);
+    let d = [DetourSpec {
+        moved: SITE,
+        moved_len: m.len() as u8,
+        stub: STUB,
+        stub_bytes,
+        tramp: tramp.then_some(TRAMP),
+        moved_crc: crc32(&m),
+    }];
+    let member = MemberSpec {
+        record: 0,
+        detour: 0,
+        copy_off: 0,
+        copy_len: 5,
+    };
+    let site = Site {
+        addr: SITE,
+        site_len: 1,
+        insn_len: 1,
+        op_id: Op::Cli.id(),
+        form: Form::Movable,
+        operand: Operand::None,
+        width: 0,
+        flags: 0,
+        clobbers: RegSet::EMPTY,
+        stub: Some(STUB),
+    };
+    let mut buf = vec![0u8; sealed_table_size_with(1, &d, 1, true)];
+    write_sealed_table_with(&[site], &d, &[member], Some(ARENA), TABLE_ADDR, &mut buf)
+        .expect("a valid table");
+    buf
+}
+
+fn native() -> Backend<'static> {
+    Backend {
+        detected: Detected::assumed(BackendKind::Native, 0),
+        rom: None,
+        pv: None,
+        thunks: None,
+    }
+}
+
+/// Plans the table's site as a call into the arena (which does not fit its one byte).
+fn plan_call(bytes: &[u8], text: &Text) -> Result<Plan, PlanError> {
+    let t = SiteTable::parse_contiguous(bytes, TABLE_ADDR, &[TEXT]).expect("the table parses");
+    let call = |_: u32, _: &Site| {
+        Some(Choice::Call {
+            target: ARENA.start,
+            clobbers: RegSet::EMPTY,
+        })
+    };
+    plan::plan(&t, &native(), text, Some(&call))
+}
+
+fn detour_problem(r: Result<Plan, PlanError>) -> DetourProblem {
+    match r {
+        Err(PlanError::Detour { index: 0, problem }) => problem,
+        other => panic!("expected a detour problem, got {other:?}"),
+    }
+}
+
+fn rel32(from_end: u64, to: u64) -> [u8; 4] {
+    (to.wrapping_sub(from_end) as u32).to_le_bytes()
+}
+
+#[test]
+fn a_call_too_long_for_its_site_goes_into_the_detours_copy() {
+    for tramp in [false, true] {
+        let s = stub(tramp);
+        let p = plan_call(&table(tramp, &s), &Text::new(tramp)).expect("planned");
+        let site = &p.sites[0];
+        assert_eq!(
+            (site.addr, site.outcome, site.detour),
+            (STUB, Outcome::Call, Some(0))
+        );
+        let mut call = vec![0xe8];
+        call.extend_from_slice(&rel32(STUB + 5, ARENA.start));
+        assert_eq!(site.new.as_slice(), &call[..]);
+        assert_eq!(site.old.as_slice(), &s[..5]);
+        assert_eq!(p.detours.len(), 1);
+        let d = &p.detours[0];
+        // The stub: the copy rewritten, the rest as built; into a free cave.
+        let mut want = s.clone();
+        want[..5].copy_from_slice(&call);
+        assert_eq!((d.stub.addr, d.stub.new.as_slice()), (STUB, &want[..]));
+        assert_eq!(d.stub.old.as_slice(), &vec![0xcc; s.len()][..]);
+        // The moved range: a jump to the stub (through the trampoline), int3 after it.
+        let m = moved(tramp);
+        assert_eq!((d.moved.addr, d.moved.old.as_slice()), (SITE, &m[..]));
+        match &d.tramp {
+            None => {
+                let mut jmp = vec![0xe9];
+                jmp.extend_from_slice(&rel32(SITE + 5, STUB));
+                assert_eq!(d.moved.new.as_slice(), &jmp[..]);
+            }
+            Some(t) => {
+                let short = (TRAMP - (SITE + 2)) as u8;
+                assert_eq!(d.moved.new.as_slice(), &[0xeb, short]);
+                let mut jmp = vec![0xe9];
+                jmp.extend_from_slice(&rel32(TRAMP + 5, STUB));
+                assert_eq!((t.addr, t.new.as_slice()), (TRAMP, &jmp[..]));
+                assert_eq!(t.old.as_slice(), &[0xcc; 5]);
+            }
+        }
+        assert!(tramp == d.tramp.is_some());
+    }
+}
+
+#[test]
+fn a_site_that_stays_native_uses_no_detour() {
+    let bytes = table(false, &stub(false));
+    let t = SiteTable::parse_contiguous(&bytes, TABLE_ADDR, &[TEXT]).unwrap();
+    let p = plan::plan(&t, &native(), &Text::new(false), None).unwrap();
+    assert!(p.detours.is_empty());
+    assert_eq!(p.sites[0].outcome, Outcome::Unchanged);
+    assert_eq!(p.sites[0].detour, None);
+}
+
+#[test]
+fn a_moved_range_that_changed_is_refused() {
+    let mut text = Text::new(false);
+    text.poke(SITE + 3, 0x41);
+    let r = plan_call(&table(false, &stub(false)), &text);
+    assert_eq!(detour_problem(r), DetourProblem::MovedChanged);
+}
+
+#[test]
+fn a_cave_or_trampoline_that_is_not_free_is_refused() {
+    for at in [STUB, STUB + 9, STUB + 13] {
+        let mut text = Text::new(false);
+        text.poke(at, 0x90);
+        let r = plan_call(&table(false, &stub(false)), &text);
+        assert_eq!(detour_problem(r), DetourProblem::NotFree(at), "{at:#x}");
+    }
+    for at in [TRAMP, TRAMP + 4] {
+        let mut text = Text::new(true);
+        text.poke(at, 0x90);
+        let r = plan_call(&table(true, &stub(true)), &text);
+        assert_eq!(detour_problem(r), DetourProblem::NotFree(at), "{at:#x}");
+    }
+}
+
+#[test]
+fn text_that_cannot_be_read_is_refused() {
+    for (what, r) in [
+        ("moved range", AddrRange::new(SITE + 2, SITE + 3)),
+        ("cave", AddrRange::new(STUB + 12, STUB + 13)),
+    ] {
+        let mut text = Text::new(false);
+        text.1 = Some(r);
+        let got = plan_call(&table(false, &stub(false)), &text);
+        // The site itself is read first: an unreadable moved range may fail there.
+        match got {
+            Err(PlanError::Detour {
+                problem: DetourProblem::Unreadable,
+                ..
+            })
+            | Err(PlanError::Unreadable { .. }) => {}
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_stub_that_is_not_the_moved_code_is_refused() {
+    // The moved NOP replaced by another instruction of the same length; the jump back aimed one
+    // byte off.
+    let mut wrong = stub(false);
+    wrong[5..9].copy_from_slice(&[0x48, 0x83, 0xc0, 0x01]); // add rax, 1
+    assert!(matches!(
+        detour_problem(plan_call(&table(false, &wrong), &Text::new(false))),
+        DetourProblem::Stub(_)
+    ));
+    let mut wrong = stub(false);
+    let n = wrong.len();
+    wrong[n - 4] = wrong[n - 4].wrapping_add(1);
+    assert!(matches!(
+        detour_problem(plan_call(&table(false, &wrong), &Text::new(false))),
+        DetourProblem::Stub(_)
+    ));
+}
+
+#[test]
+fn refusals_say_what_is_wrong() {
+    for (e, word) in [
+        (DetourProblem::Unreadable, "read"),
+        (DetourProblem::MovedChanged, "moved"),
+        (DetourProblem::NotFree(0x1234), "0x1234"),
+        (DetourProblem::Unreachable, "encoded"),
+    ] {
+        let shown = e.to_string();
+        assert!(shown.contains(word), "{shown}");
+        let shown = PlanError::Detour {
+            index: 3,
+            problem: e,
+        }
+        .to_string();
+        assert!(shown.contains('3') && shown.contains(word), "{shown}");
+    }
+}
+
+/// A 6-byte moved range (`cli`, then a 5-byte NOP): the `jmp` to the stub is followed by one
+/// `int3`.
+#[test]
+fn a_moved_range_longer_than_its_jump_is_padded_with_int3() {
+    let moved = [0xfa, 0x0f, 0x1f, 0x44, 0x00, 0x00];
+    let mut stub = vec![0xfa, 0x0f, 0x1f, 0x40, 0x00, 0x0f, 0x1f, 0x44, 0x00, 0x00];
+    let after = STUB + stub.len() as u64 + 5;
+    stub.push(0xe9);
+    stub.extend_from_slice(&rel32(after, SITE + 6));
+    let mut text = Text::new(false);
+    for (k, b) in moved.iter().enumerate() {
+        text.poke(SITE + k as u64, *b);
+    }
+    let bytes = two_site_table(&moved, &stub, &[(0, Op::Cli, 0)]);
+    let p = plan_forced(&bytes, &text, &[call()]).expect("planned");
+    let mut jmp = vec![0xe9];
+    jmp.extend_from_slice(&rel32(SITE + 5, STUB));
+    jmp.push(0xcc);
+    assert_eq!(p.detours[0].moved.new.as_slice(), &jmp[..]);
+}
+
+/// Two movable sites in one detour: the first's call does not fit in place, so the detour is
+/// used; the second's trap fits in place, but the detour's `jmp` will cover it, so it moves
+/// into its copy (at offset 5 of the stub) too.
+#[test]
+fn every_rewritten_member_of_a_used_detour_moves_into_its_copy() {
+    let moved = [0xfa, 0xfb, 0x0f, 0x1f, 0x00];
+    let mut stub = vec![
+        0xfa, 0x0f, 0x1f, 0x40, 0x00, // cli's copy
+        0xfb, 0x0f, 0x1f, 0x40, 0x00, // sti's copy
+        0x0f, 0x1f, 0x00, // the NOP moved after them
+    ];
+    let after = STUB + stub.len() as u64 + 5;
+    stub.push(0xe9);
+    stub.extend_from_slice(&rel32(after, SITE + 5));
+    let mut text = Text::new(false);
+    for (k, b) in moved.iter().enumerate() {
+        text.poke(SITE + k as u64, *b);
+    }
+    let bytes = two_site_table(&moved, &stub, &[(0, Op::Cli, 0), (1, Op::Sti, 5)]);
+    // The sti planned as a trap: it fits its one byte (int3).
+    let p = plan_forced(&bytes, &text, &[call(), Some(Choice::Trap)]).expect("planned");
+    let (a, b) = (&p.sites[0], &p.sites[1]);
+    assert_eq!(
+        (a.addr, a.outcome, a.detour),
+        (STUB, Outcome::Call, Some(0))
+    );
+    assert_eq!(
+        (b.addr, b.outcome, b.detour),
+        (STUB + 5, Outcome::Trap, Some(0))
+    );
+    assert_eq!(
+        &b.new.as_slice()[..2],
+        &[0x0f, 0x0b],
+        "ud2 in the 5-byte copy"
+    );
+    assert_eq!(&p.detours[0].stub.new.as_slice()[5..7], &[0x0f, 0x0b]);
+    // The sti left native: it stays as it is in its copy, and nothing else moves.
+    let p = plan_forced(&bytes, &text, &[call(), Some(Choice::Native)]).expect("planned");
+    assert_eq!(
+        (p.sites[1].addr, p.sites[1].outcome),
+        (SITE + 1, Outcome::Unchanged)
+    );
+    assert_eq!(
+        &p.detours[0].stub.new.as_slice()[5..10],
+        &stub[5..10],
+        "the sti's copy as built"
+    );
+}
+
+/// A site already in the form its choice makes (a trap record forced to a trap) is left alone.
+#[test]
+fn a_site_already_rewritten_is_already_there() {
+    let site = Site {
+        addr: SITE,
+        site_len: 2,
+        insn_len: 1,
+        op_id: Op::Cli.id(),
+        form: Form::Trap,
+        operand: Operand::None,
+        width: 0,
+        flags: 0,
+        clobbers: RegSet::EMPTY,
+        stub: None,
+    };
+    let mut buf = vec![0u8; patch_sites::table::sealed_table_size(1)];
+    patch_sites::table::write_sealed_table(&[site], TABLE_ADDR, &mut buf).unwrap();
+    let mut text = Text::new(false);
+    text.poke(SITE, 0x0f);
+    text.poke(SITE + 1, 0x0b);
+    let t = SiteTable::parse_contiguous(&buf, TABLE_ADDR, &[TEXT]).unwrap();
+    let trap = |_: u32, _: &Site| Some(Choice::Trap);
+    let p = plan::plan(&t, &native(), &text, Some(&trap)).unwrap();
+    assert_eq!(
+        (p.sites[0].outcome, p.sites[0].keep),
+        (Outcome::Unchanged, Some(plan::Keep::AlreadyThere))
+    );
+    assert_eq!(p.changes().count(), 0);
+}
+
+/// Xen PV: an IF site too small for its call cannot stay native (a PV guest's `cli` does not
+/// mask its events): the table is refused.
+#[test]
+fn a_site_xen_cannot_leave_native_and_cannot_call_from_is_refused() {
+    use pvpatch_runtime::pv;
+    let code = pv::xen(
+        pv::XenLayout {
+            vcpu_info: 0x10_0000,
+            hypercall_page: 0x11_0000,
+        },
+        ARENA.start,
+    )
+    .unwrap();
+    let site = Site {
+        addr: SITE,
+        site_len: 1,
+        insn_len: 1,
+        op_id: Op::Cli.id(),
+        form: Form::Native,
+        operand: Operand::None,
+        width: 0,
+        flags: 0,
+        clobbers: RegSet::EMPTY,
+        stub: None,
+    };
+    let mut buf = vec![0u8; patch_sites::table::sealed_table_size(1)];
+    patch_sites::table::write_sealed_table(&[site], TABLE_ADDR, &mut buf).unwrap();
+    let t = SiteTable::parse_contiguous(&buf, TABLE_ADDR, &[TEXT]).unwrap();
+    let xen = Backend {
+        detected: Detected::assumed(BackendKind::Xen, 0),
+        pv: Some(&code),
+        ..native()
+    };
+    assert!(matches!(
+        plan::plan(&t, &xen, &Text::new(false), None),
+        Err(PlanError::MustRewrite { op: Op::Cli, .. })
+    ));
+}
+
+fn call() -> Option<Choice<'static>> {
+    Some(Choice::Call {
+        target: ARENA.start,
+        clobbers: RegSet::EMPTY,
+    })
+}
+
+/// A table of movable sites `(offset in the moved range, op, copy offset in the stub)`, each
+/// with a 5-byte copy, all in one detour over `moved`.
+fn two_site_table(moved: &[u8], stub_bytes: &[u8], sites: &[(u8, Op, u8)]) -> Vec<u8> {
+    let d = [DetourSpec {
+        moved: SITE,
+        moved_len: moved.len() as u8,
+        stub: STUB,
+        stub_bytes,
+        tramp: None,
+        moved_crc: crc32(moved),
+    }];
+    let records: Vec<Site> = sites
+        .iter()
+        .map(|&(off, op, _)| Site {
+            addr: SITE + off as u64,
+            site_len: 1,
+            insn_len: 1,
+            op_id: op.id(),
+            form: Form::Movable,
+            operand: Operand::None,
+            width: 0,
+            flags: 0,
+            clobbers: RegSet::EMPTY,
+            stub: Some(STUB),
+        })
+        .collect();
+    let members: Vec<MemberSpec> = sites
+        .iter()
+        .enumerate()
+        .map(|(k, &(_, _, copy))| MemberSpec {
+            record: k as u32,
+            detour: 0,
+            copy_off: copy,
+            copy_len: 5,
+        })
+        .collect();
+    let mut buf = vec![0u8; sealed_table_size_with(records.len(), &d, members.len(), true)];
+    write_sealed_table_with(&records, &d, &members, Some(ARENA), TABLE_ADDR, &mut buf)
+        .expect("a valid table");
+    buf
+}
+
+/// Plans with site `i` forced to `choices[i]`.
+fn plan_forced(
+    bytes: &[u8],
+    text: &Text,
+    choices: &[Option<Choice<'static>>],
+) -> Result<Plan, PlanError> {
+    let t = SiteTable::parse_contiguous(bytes, TABLE_ADDR, &[TEXT]).expect("the table parses");
+    let f = |i: u32, _: &Site| choices.get(i as usize).copied().flatten();
+    plan::plan(&t, &native(), text, Some(&f))
+}
+
+/// A template too long for its site but equal to its copy as built (`cli` and a 4-byte NOP):
+/// writing it there would change nothing, so the site stays as it is and no detour is used.
+#[test]
+fn a_template_equal_to_the_copy_uses_no_detour() {
+    use pvpatch_isa::template::Template;
+    let template = Template {
+        bytes: &[0xfa, 0x0f, 0x1f, 0x40, 0x00],
+        slots: [None; patch_sites::rom::MAX_SLOTS],
+        clobbers: RegSet::EMPTY,
+    };
+    let p = plan_forced(
+        &table(false, &stub(false)),
+        &Text::new(false),
+        &[Some(Choice::Inline(template))],
+    )
+    .expect("planned");
+    assert!(p.detours.is_empty());
+    assert_eq!(
+        (p.sites[0].addr, p.sites[0].outcome, p.sites[0].detour),
+        (SITE, Outcome::Unchanged, None)
+    );
+}
