@@ -37,6 +37,14 @@ pub enum Hypervisor {
 }
 /// Page size.
 pub const PAGE: u64 = 0x1000;
+
+/// Where position-independent code runs (see [`Engine::run`]): slots of [`SLOT`] bytes, each
+/// holding one piece of code and keeping its translation while it does.
+pub const RELOC: u64 = 0x0600_0000;
+/// Bytes of relocation slots.
+const RELOC_SIZE: u64 = 0x1_0000;
+/// One slot: code of up to 48 bytes, then `int3`.
+const SLOT: u64 = 64;
 /// The most instructions one run may execute.
 pub const MAX_STEPS: usize = 500;
 
@@ -284,6 +292,8 @@ pub struct Engine {
     /// The CPU as created: restored before every run, so that nothing (a pending exception,
     /// a stop request) carries over from the last one.
     fresh: unicorn_engine::Context,
+    /// What the relocation slots hold (see [`Engine::run`]).
+    slots: Vec<u8>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -323,6 +333,9 @@ impl Engine {
         }
         uc.mem_map(HYPERCALL, PAGE, Prot::READ | Prot::EXEC)
             .map_err(uc_err)?;
+        uc.mem_map(RELOC, RELOC_SIZE, Prot::ALL).map_err(uc_err)?;
+        uc.mem_write(RELOC, &[0xcc; RELOC_SIZE as usize])
+            .map_err(uc_err)?;
         uc.mem_write(HYPERCALL, &[0xcc; PAGE as usize])
             .map_err(uc_err)?;
         uc.add_code_hook(1, 0, on_instruction).map_err(uc_err)?;
@@ -338,12 +351,23 @@ impl Engine {
             .map_err(uc_err)?;
         uc.add_insn_invalid_hook(on_invalid).map_err(uc_err)?;
         let fresh = uc.context_init().map_err(uc_err)?;
-        Ok(Engine { uc, fresh })
+        Ok(Engine {
+            uc,
+            fresh,
+            slots: vec![0xcc; RELOC_SIZE as usize],
+        })
     }
 
     /// Runs from `start` until `until`, with `code` placed first (each `(address, bytes)`; the
     /// rest of the text region is `int3`), from `state`. `trap_site` is the site whose `ud2`
     /// or `int3` the runtime's trap emulator handles.
+    ///
+    /// Position-independent code alone (one piece from `start` to `until` with no RIP-relative
+    /// operand and no branch, call or return: a native instruction or a trap, and NOPs) runs
+    /// instead in a slot chosen by its bytes, which keeps its translation while it holds them:
+    /// running the same bytes again translates nothing (translating is most of a short run's
+    /// cost). Where such code runs is no part of what a run leaves (registers, flags, memory,
+    /// effects); a trap site moves with it.
     pub fn run(
         &mut self,
         code: &[(u64, &[u8])],
@@ -353,8 +377,67 @@ impl Engine {
         trap_site: Option<Site>,
         hypervisor: Hypervisor,
     ) -> Run {
+        if let [(at, bytes)] = code
+            && *at == start
+            && start.checked_add(bytes.len() as u64) == Some(until)
+            && trap_site.is_none_or(|s| s.stub.is_none())
+            && let Some(slot) = self.slot_for(bytes)
+        {
+            let delta = slot.wrapping_sub(start);
+            let trap = trap_site.map(|s| Site {
+                addr: s.addr.wrapping_add(delta),
+                ..s
+            });
+            let end = slot + bytes.len() as u64;
+            let mut r = self
+                .execute(slot, end, state, trap, hypervisor)
+                .unwrap_or_else(|e| Run::failed(e.0, state));
+            if let End::Runaway(rip) = r.end
+                && (slot..slot + SLOT).contains(&rip)
+            {
+                r.end = End::Runaway(rip.wrapping_sub(delta));
+            }
+            return r;
+        }
         self.try_run(code, start, until, state, trap_site, hypervisor)
             .unwrap_or_else(|e| Run::failed(e.0, state))
+    }
+
+    /// The slot `bytes` run in, written there (and its old translation dropped) unless it holds
+    /// them already; `None` if they are not position-independent or too long for a slot.
+    fn slot_for(&mut self, bytes: &[u8]) -> Option<u64> {
+        use iced_x86::FlowControl;
+        if bytes.is_empty() || bytes.len() as u64 > SLOT - 16 {
+            return None;
+        }
+        let mut d = Decoder::with_ip(64, bytes, 0, DecoderOptions::NONE);
+        while d.can_decode() {
+            let i = d.decode();
+            let flow = i.flow_control();
+            if i.is_invalid()
+                || i.is_ip_rel_memory_operand()
+                || !matches!(
+                    flow,
+                    FlowControl::Next | FlowControl::Exception | FlowControl::Interrupt
+                )
+            {
+                return None;
+            }
+        }
+        // FNV-1a over the bytes picks the slot.
+        let hash = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+        });
+        let off = (hash % (RELOC_SIZE / SLOT)) * SLOT;
+        let held = &mut self.slots[off as usize..(off + SLOT) as usize];
+        if &held[..bytes.len()] != bytes || held[bytes.len()..].iter().any(|&b| b != 0xcc) {
+            held.fill(0xcc);
+            held[..bytes.len()].copy_from_slice(bytes);
+            let at = RELOC + off;
+            self.uc.mem_write(at, held).ok()?;
+            self.uc.ctl_remove_cache(at, at + SLOT).ok()?;
+        }
+        Some(RELOC + off)
     }
 
     /// Runs code placed at arbitrary addresses of the low physical space (a kernel's code,

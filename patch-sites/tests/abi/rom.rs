@@ -487,3 +487,17 @@ fn a_native_entry_with_only_a_code_offset() {
     reseal(&mut b);
     assert_eq!(entry_error(&b), (0, RomEntryError::UnexpectedFields));
 }
+
+#[test]
+fn a_native_entry_with_only_a_slot_count_or_only_a_slot_table() {
+    for (at, v) in [(3usize, 1u32), (16, 64)] {
+        let mut b = written("fields", &[spec(Op::Sti, RomKind::Native, &[])]).unwrap();
+        if at == 3 {
+            entry_mut(&mut b, 0)[3] = v as u8;
+        } else {
+            entry_mut(&mut b, 0)[at..at + 4].copy_from_slice(&v.to_le_bytes());
+        }
+        reseal(&mut b);
+        assert_eq!(entry_error(&b), (0, RomEntryError::UnexpectedFields), "{at}");
+    }
+}
