@@ -546,6 +546,7 @@ fn the_catalogue_fails_without_any_one_comparison() {
     let all = Comparison::all();
     let mut survived = Vec::new();
     let mut uncaught = 0;
+    let mut per = Vec::new();
     for c in &all {
         let mut oracle = Oracle::new().unwrap().without(*c);
         let results = run_catalogue(&mut oracle);
@@ -560,6 +561,7 @@ fn the_catalogue_fails_without_any_one_comparison() {
         // Entries nothing else catches either: the comparison is their only guard.
         uncaught += results.iter().filter(|(_, d, _)| d.is_none()).count();
         eprintln!("without {c:?}: the catalogue fails on {failing:?}");
+        per.push(format!("{c:?} {}", failing.len()));
     }
     assert!(
         survived.is_empty(),
@@ -568,9 +570,11 @@ fn the_catalogue_fails_without_any_one_comparison() {
     pvpatch_testkit::figure(
         "not_vacuous",
         &format!(
-            "each of the {} comparisons switched off in turn: the catalogue fails every time; \
-             {uncaught} (comparison, entry) pairs where nothing else catches the entry at all",
-            all.len()
+            "each of the {} comparisons switched off in turn: the catalogue fails every time \
+             (entries failing, by comparison: {}); {uncaught} (comparison, entry) pairs where \
+             nothing else catches the entry at all",
+            all.len(),
+            per.join(", ")
         ),
     );
 }

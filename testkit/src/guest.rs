@@ -160,6 +160,65 @@ pub fn configs() -> Vec<Config> {
     ]
 }
 
+impl Config {
+    /// This configuration for booting `guest`: under KVM, with `pvguest.xgetbv=unemulated`
+    /// appended when a probe boot saw the machine stop at `xgetbv` ([`xgetbv_stops`], run
+    /// once per process), so that the `xsetbv` self-test is skipped for what was seen.
+    pub fn for_guest(mut self, guest: &Path) -> Result<Config, HarnessError> {
+        if self.qemu.accel != Accel::Kvm {
+            return Ok(self);
+        }
+        // Held while the probe runs: tests booting in parallel wait for its one answer.
+        static SEEN: std::sync::Mutex<Option<Option<String>>> = std::sync::Mutex::new(None);
+        let mut known = SEEN.lock().unwrap_or_else(|p| p.into_inner());
+        let seen = match &*known {
+            Some(s) => s.clone(),
+            None => {
+                let s = xgetbv_stops(&self.qemu, guest)?;
+                if let Some(what) = &s {
+                    eprintln!("xgetbv probe: this machine stops at xgetbv: {what}");
+                }
+                *known = Some(s.clone());
+                s
+            }
+        };
+        if seen.is_some() {
+            let flag = "pvguest.xgetbv=unemulated";
+            self.qemu.append = Some(match self.qemu.append.take() {
+                Some(a) => format!("{a} {flag}"),
+                None => flag.into(),
+            });
+        }
+        Ok(self)
+    }
+}
+
+/// Whether `qemu` stops a guest kernel at `xgetbv` (this host's KVM, PVM, cannot emulate it at
+/// CPL 0: the VM stops with an emulation failure): a probe boot of `guest` with
+/// `pvguest.probe=xgetbv`, 15 s at most (it prints its line within a second or two). `Some(what QEMU said)` if it stopped there, `None` if
+/// `xgetbv` ran.
+pub fn xgetbv_stops(qemu: &Qemu, guest: &Path) -> Result<Option<String>, HarnessError> {
+    let probe = Qemu {
+        append: Some("pvguest.probe=xgetbv".into()),
+        timeout: Duration::from_secs(15),
+        ..qemu.clone()
+    };
+    match probe.boot(guest) {
+        Ok(b) if b.serial.contains("pvguest: probe xgetbv: ok") => Ok(None),
+        Ok(b) => Ok(Some(format!(
+            "QEMU exited {:?} before the probe's line: {}",
+            b.exit_code,
+            b.stderr.lines().next().unwrap_or("")
+        ))),
+        Err(HarnessError::Timeout(_, serial)) if serial.contains("pvguest: booted") => Ok(Some(
+            "the probe booted, never printed its line after xgetbv, and QEMU had not exited after \
+             15 s (QEMU keeps a VM that KVM stopped on an emulation failure)"
+                .into(),
+        )),
+        Err(e) => Err(e),
+    }
+}
+
 /// `config` with a backend ROM published through fw_cfg.
 pub fn with_rom(mut config: Config, rom: &Path, name: &'static str) -> Config {
     config.qemu.extra.push("-fw_cfg".into());

@@ -173,6 +173,7 @@ fn guest() -> Result<()> {
             skipped.push((c.name, why));
             continue;
         }
+        let c = &c.clone().for_guest(&annotated)?;
         println!("\n==> {} ({})", c.name, c.about);
         println!(
             "$ {}",
