@@ -359,20 +359,7 @@ fn every_rewritten_member_of_a_used_detour_moves_into_its_copy() {
 /// A site already in the form its choice makes (a trap record forced to a trap) is left alone.
 #[test]
 fn a_site_already_rewritten_is_already_there() {
-    let site = Site {
-        addr: SITE,
-        site_len: 2,
-        insn_len: 1,
-        op_id: Op::Cli.id(),
-        form: Form::Trap,
-        operand: Operand::None,
-        width: 0,
-        flags: 0,
-        clobbers: RegSet::EMPTY,
-        stub: None,
-    };
-    let mut buf = vec![0u8; patch_sites::table::sealed_table_size(1)];
-    patch_sites::table::write_sealed_table(&[site], TABLE_ADDR, &mut buf).unwrap();
+    let buf = one_cli(Form::Trap, 2);
     let mut text = Text::new(false);
     text.poke(SITE, 0x0f);
     text.poke(SITE + 1, 0x0b);
@@ -399,20 +386,7 @@ fn a_site_xen_cannot_leave_native_and_cannot_call_from_is_refused() {
         ARENA.start,
     )
     .unwrap();
-    let site = Site {
-        addr: SITE,
-        site_len: 1,
-        insn_len: 1,
-        op_id: Op::Cli.id(),
-        form: Form::Native,
-        operand: Operand::None,
-        width: 0,
-        flags: 0,
-        clobbers: RegSet::EMPTY,
-        stub: None,
-    };
-    let mut buf = vec![0u8; patch_sites::table::sealed_table_size(1)];
-    patch_sites::table::write_sealed_table(&[site], TABLE_ADDR, &mut buf).unwrap();
+    let buf = one_cli(Form::Native, 1);
     let t = SiteTable::parse_contiguous(&buf, TABLE_ADDR, &[TEXT]).unwrap();
     let xen = Backend {
         detected: Detected::assumed(BackendKind::Xen, 0),
@@ -506,4 +480,23 @@ fn a_template_equal_to_the_copy_uses_no_detour() {
         (p.sites[0].addr, p.sites[0].outcome, p.sites[0].detour),
         (SITE, Outcome::Unchanged, None)
     );
+}
+
+/// A sealed table of one `cli` at [`SITE`] in `form`, `site_len` bytes of room.
+fn one_cli(form: Form, site_len: u8) -> Vec<u8> {
+    let site = Site {
+        addr: SITE,
+        site_len,
+        insn_len: 1,
+        op_id: Op::Cli.id(),
+        form,
+        operand: Operand::None,
+        width: 0,
+        flags: 0,
+        clobbers: RegSet::EMPTY,
+        stub: None,
+    };
+    let mut buf = vec![0u8; patch_sites::table::sealed_table_size(1)];
+    patch_sites::table::write_sealed_table(&[site], TABLE_ADDR, &mut buf).unwrap();
+    buf
 }

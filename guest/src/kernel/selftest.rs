@@ -654,31 +654,29 @@ fn iretq_and_sysret() -> R {
     // and whose flags (CF, ZF set; PF, AF, SF, OF clear) differ from those before the site.
     for form in 0..2 {
         let (fell, flags): (u64, u64);
+        // The frame (CF and ZF set, the other status flags clear, live flags with ZF clear
+        // by then), the site, and what the fall-through would run before the landing label.
+        macro_rules! iretq_to_665 {
+            ($($call:tt)*) => {
+                patch_sites::pv_site!($($call)* op: Op::Iretq,
+                    pre: [
+                        "xor ecx, ecx", "mov rax, ss", "push rax", "lea rax, [rsp + 8]",
+                        "push rax", "pushfq", "and qword ptr [rsp], ~0x8d5",
+                        "or qword ptr [rsp], 0x41", "test eax, eax", "mov rax, cs", "push rax",
+                        "lea rax, [rip + 665f]", "push rax",
+                    ],
+                    native: ["iretq"],
+                    post: ["mov ecx, 1", "665:", "pushfq", "pop rdx"],
+                    opts: [], out("rax") _, out("rcx") fell, out("rdx") flags)
+            };
+        }
         // SAFETY: the frame returns to label 665 at the same privilege level, on the same
         // stack; the flags image keeps IF as it was.
         unsafe {
             if form == 0 {
-                patch_sites::pv_site!(op: Op::Iretq,
-                    pre: [
-                        "xor ecx, ecx", "mov rax, ss", "push rax", "lea rax, [rsp + 8]",
-                        "push rax", "pushfq", "and qword ptr [rsp], ~0x8d5",
-                        "or qword ptr [rsp], 0x41", "test eax, eax", "mov rax, cs", "push rax",
-                        "lea rax, [rip + 665f]", "push rax",
-                    ],
-                    native: ["iretq"],
-                    post: ["mov ecx, 1", "665:", "pushfq", "pop rdx"],
-                    opts: [], out("rax") _, out("rcx") fell, out("rdx") flags)
+                iretq_to_665!()
             } else {
-                patch_sites::pv_site!(call PV_OPS; op: Op::Iretq,
-                    pre: [
-                        "xor ecx, ecx", "mov rax, ss", "push rax", "lea rax, [rsp + 8]",
-                        "push rax", "pushfq", "and qword ptr [rsp], ~0x8d5",
-                        "or qword ptr [rsp], 0x41", "test eax, eax", "mov rax, cs", "push rax",
-                        "lea rax, [rip + 665f]", "push rax",
-                    ],
-                    native: ["iretq"],
-                    post: ["mov ecx, 1", "665:", "pushfq", "pop rdx"],
-                    opts: [], out("rax") _, out("rcx") fell, out("rdx") flags)
+                iretq_to_665!(call PV_OPS;)
             }
         }
         check(fell == 0 && flags & 0x8d5 == 0x41, || {
