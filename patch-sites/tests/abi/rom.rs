@@ -498,6 +498,10 @@ fn a_native_entry_with_only_a_slot_count_or_only_a_slot_table() {
             entry_mut(&mut b, 0)[at..at + 4].copy_from_slice(&v.to_le_bytes());
         }
         reseal(&mut b);
-        assert_eq!(entry_error(&b), (0, RomEntryError::UnexpectedFields), "{at}");
+        assert_eq!(
+            entry_error(&b),
+            (0, RomEntryError::UnexpectedFields),
+            "{at}"
+        );
     }
 }
