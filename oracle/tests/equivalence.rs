@@ -106,8 +106,7 @@ fn rom_sequences(op: Op) -> Vec<(&'static str, &'static str)> {
 /// What one combination's cases became.
 #[derive(Debug, Default)]
 struct Seen {
-    /// Outcome names, counted over the cases whose rewrite differs from the reference (or is
-    /// identical, under `identical`).
+    /// What the planner made of each planned case (identical or not), by outcome name.
     outcomes: BTreeMap<&'static str, u32>,
     /// Cases whose rewrite is the reference itself, byte for byte: the first is run once,
     /// the rest are not equivalence cases.

@@ -113,6 +113,12 @@ fn wrong(
     }
 }
 
+// The catalogue's stores name the data page and the private page by address (`mov byte
+// [abs32], imm8`): they must be where the engine maps them.
+const _: () = assert!(
+    pvpatch_oracle::oracle::DATA == 0x0300_0000 && pvpatch_oracle::oracle::PRIVATE == 0x0400_0000
+);
+
 /// The call in [`catalogue`]'s hypercall entry: `push rax; mov eax, HYPERCALL + 32 * 18
 /// (console_io); call rax; pop rax`.
 const CALL_CONSOLE_IO: [u8; 10] = {

@@ -100,18 +100,7 @@ fn table(tramp: bool, stub_bytes: &[u8]) -> Vec<u8> {
         copy_off: 0,
         copy_len: 5,
     };
-    let site = Site {
-        addr: SITE,
-        site_len: 1,
-        insn_len: 1,
-        op_id: Op::Cli.id(),
-        form: Form::Movable,
-        operand: Operand::None,
-        width: 0,
-        flags: 0,
-        clobbers: RegSet::EMPTY,
-        stub: Some(STUB),
-    };
+    let site = one_byte(SITE, Op::Cli, Form::Movable, 1, Some(STUB));
     let mut buf = vec![0u8; sealed_table_size_with(1, &d, 1, true)];
     write_sealed_table_with(&[site], &d, &[member], Some(ARENA), TABLE_ADDR, &mut buf)
         .expect("a valid table");
@@ -419,18 +408,7 @@ fn two_site_table(moved: &[u8], stub_bytes: &[u8], sites: &[(u8, Op, u8)]) -> Ve
     }];
     let records: Vec<Site> = sites
         .iter()
-        .map(|&(off, op, _)| Site {
-            addr: SITE + off as u64,
-            site_len: 1,
-            insn_len: 1,
-            op_id: op.id(),
-            form: Form::Movable,
-            operand: Operand::None,
-            width: 0,
-            flags: 0,
-            clobbers: RegSet::EMPTY,
-            stub: Some(STUB),
-        })
+        .map(|&(off, op, _)| one_byte(SITE + off as u64, op, Form::Movable, 1, Some(STUB)))
         .collect();
     let members: Vec<MemberSpec> = sites
         .iter()
@@ -484,19 +462,24 @@ fn a_template_equal_to_the_copy_uses_no_detour() {
 
 /// A sealed table of one `cli` at [`SITE`] in `form`, `site_len` bytes of room.
 fn one_cli(form: Form, site_len: u8) -> Vec<u8> {
-    let site = Site {
-        addr: SITE,
+    let site = one_byte(SITE, Op::Cli, form, site_len, None);
+    let mut buf = vec![0u8; patch_sites::table::sealed_table_size(1)];
+    patch_sites::table::write_sealed_table(&[site], TABLE_ADDR, &mut buf).unwrap();
+    buf
+}
+
+/// A record of a one-byte instruction without operands (`cli`, `sti`).
+fn one_byte(addr: u64, op: Op, form: Form, site_len: u8, stub: Option<u64>) -> Site {
+    Site {
+        addr,
         site_len,
         insn_len: 1,
-        op_id: Op::Cli.id(),
+        op_id: op.id(),
         form,
         operand: Operand::None,
         width: 0,
         flags: 0,
         clobbers: RegSet::EMPTY,
-        stub: None,
-    };
-    let mut buf = vec![0u8; patch_sites::table::sealed_table_size(1)];
-    patch_sites::table::write_sealed_table(&[site], TABLE_ADDR, &mut buf).unwrap();
-    buf
+        stub,
+    }
 }

@@ -205,16 +205,20 @@ pub fn xgetbv_stops(qemu: &Qemu, guest: &Path) -> Result<Option<String>, Harness
     };
     match probe.boot(guest) {
         Ok(b) if b.serial.contains("pvguest: probe xgetbv: ok") => Ok(None),
-        Ok(b) => Ok(Some(format!(
-            "QEMU exited {:?} before the probe's line: {}",
-            b.exit_code,
-            b.stderr.lines().next().unwrap_or("")
+        // Ended before its line: a broken guest or QEMU, not a fact about xgetbv.
+        Ok(b) => Err(HarnessError::Probe(format!(
+            "QEMU exited {:?} without the probe's line\nserial:\n{}\nstderr:\n{}",
+            b.exit_code, b.serial, b.stderr
         ))),
-        Err(HarnessError::Timeout(_, serial)) if serial.contains("pvguest: booted") => Ok(Some(
+        Err(HarnessError::Timeout(_, serial))
+            if serial.contains("pvguest: booted") && !serial.contains("unexpected exception") =>
+        {
+            Ok(Some(
             "the probe booted, never printed its line after xgetbv, and QEMU had not exited after \
              15 s (QEMU keeps a VM that KVM stopped on an emulation failure)"
                 .into(),
-        )),
+            ))
+        }
         Err(e) => Err(e),
     }
 }

@@ -64,6 +64,9 @@ pub enum HarnessError {
     /// Annotating the guest failed.
     #[error("annotating the guest failed: {0}")]
     Annotate(String),
+    /// A probe boot ended in a way that says nothing about what it probes.
+    #[error("the probe boot ended unexpectedly: {0}")]
+    Probe(String),
     /// QEMU's monitor (QMP) refused or failed a command.
     #[error("QEMU's monitor: {0}")]
     Monitor(String),

@@ -7,24 +7,6 @@ use patch_sites::{Gpr, Op, Operand};
 
 /// The 64-, 32- and 16-bit names of a general register.
 fn reg(g: Gpr, width: u8) -> Register {
-    const R64: [Register; 16] = [
-        Register::RAX,
-        Register::RCX,
-        Register::RDX,
-        Register::RBX,
-        Register::RSP,
-        Register::RBP,
-        Register::RSI,
-        Register::RDI,
-        Register::R8,
-        Register::R9,
-        Register::R10,
-        Register::R11,
-        Register::R12,
-        Register::R13,
-        Register::R14,
-        Register::R15,
-    ];
     const R32: [Register; 16] = [
         Register::EAX,
         Register::ECX,
@@ -65,7 +47,7 @@ fn reg(g: Gpr, width: u8) -> Register {
     match width {
         2 => R16[i],
         4 => R32[i],
-        _ => R64[i],
+        _ => super::engine::GPRS_ICED[i],
     }
 }
 
@@ -280,39 +262,13 @@ pub fn nops(out: &mut [u8]) {
 /// operands and an operand-size prefix, each checked by decoding it back.
 fn long_nop(n: usize) -> Vec<u8> {
     let mem = |disp: i64, index: bool| {
-        if index {
-            MemoryOperand::new(
-                Register::RAX,
-                Register::RAX,
-                1,
-                disp,
-                if disp == 0 {
-                    0
-                } else if disp < 128 {
-                    1
-                } else {
-                    4
-                },
-                false,
-                Register::None,
-            )
-        } else {
-            MemoryOperand::new(
-                Register::RAX,
-                Register::None,
-                1,
-                disp,
-                if disp == 0 {
-                    0
-                } else if disp < 128 {
-                    1
-                } else {
-                    4
-                },
-                false,
-                Register::None,
-            )
-        }
+        let size = match disp {
+            0 => 0,
+            1..128 => 1,
+            _ => 4,
+        };
+        let index = if index { Register::RAX } else { Register::None };
+        MemoryOperand::new(Register::RAX, index, 1, disp, size, false, Register::None)
     };
     let i = match n {
         1 => Instruction::with(Code::Nopd),
