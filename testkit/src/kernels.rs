@@ -141,7 +141,7 @@ pub enum KernelError {
     Output(#[source] pvpatch::output::OutputError),
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> KernelError + '_ {
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> KernelError + '_ {
     move |source| KernelError::Io {
         path: path.to_owned(),
         source,
@@ -201,7 +201,7 @@ fn current_package(suite: &str) -> Result<(String, String), KernelError> {
 }
 
 /// `apt-get download PKG` into `dir`; the .deb.
-fn download(pkg: &str, dir: &Path) -> Result<PathBuf, KernelError> {
+pub(crate) fn download(pkg: &str, dir: &Path) -> Result<PathBuf, KernelError> {
     let get = || {
         println!("kernel: apt-get download {pkg}");
         let status = Command::new("apt-get")
@@ -231,7 +231,7 @@ fn download(pkg: &str, dir: &Path) -> Result<PathBuf, KernelError> {
 
 /// The first file of `deb` whose path starts with `prefix` (`./boot/vmlinuz-`), read through
 /// `dpkg-deb --fsys-tarfile | tar` without unpacking the rest: tar stops at the first match.
-fn member(deb: &Path, prefix: &str, dir: &Path) -> Result<Vec<u8>, KernelError> {
+pub(crate) fn member(deb: &Path, prefix: &str, dir: &Path) -> Result<Vec<u8>, KernelError> {
     let mut dpkg = Command::new("dpkg-deb")
         .arg("--fsys-tarfile")
         .arg(deb)
@@ -271,7 +271,7 @@ fn member(deb: &Path, prefix: &str, dir: &Path) -> Result<Vec<u8>, KernelError> 
     Ok(b)
 }
 
-fn write(path: &Path, bytes: &[u8]) -> Result<(), KernelError> {
+pub(crate) fn write(path: &Path, bytes: &[u8]) -> Result<(), KernelError> {
     pvpatch::output::write_bytes(path, bytes).map_err(KernelError::Output)
 }
 

@@ -21,6 +21,7 @@ pub mod kernels;
 pub mod qemu;
 pub mod shim;
 pub mod tools;
+pub mod xen;
 
 pub use guest::{
     Config, DEMO_ROM, RAW_SECTION, build_demo_rom, build_guest, build_guest_plain, configs,

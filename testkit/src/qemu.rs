@@ -61,6 +61,9 @@ pub enum Machine {
         /// Whether vmport is on.
         vmport: bool,
     },
+    /// `pc` with QEMU's default firmware (SeaBIOS) and vmport off: what loads a multiboot
+    /// `-kernel` (Xen); qboot cannot.
+    PcMultiboot,
 }
 
 /// One QEMU configuration.
@@ -127,8 +130,12 @@ impl Qemu {
             // The RTC is asked for: microvm leaves it out under KVM otherwise.
             Machine::Microvm => "microvm,rtc=on".to_owned(),
             Machine::Pc { vmport } => format!("pc,vmport={}", if vmport { "on" } else { "off" }),
+            Machine::PcMultiboot => "pc,vmport=off".to_owned(),
         };
-        c.args(["-machine", &machine, "-bios", "/usr/share/qemu/qboot.rom"]);
+        c.args(["-machine", &machine]);
+        if self.machine != Machine::PcMultiboot {
+            c.args(["-bios", "/usr/share/qemu/qboot.rom"]);
+        }
         c.args([
             "-accel",
             if self.accel == Accel::Kvm {

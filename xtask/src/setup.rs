@@ -4,7 +4,9 @@
 //!   machine's qemu-utils from backports (it `Breaks: qemu-system-common (< 1:8.0)`);
 //! * cmake and libclang-dev, which unicorn-engine's build needs;
 //! * the x86_64-unknown-none target, which rustup does not install on its own here;
-//! * the nightly toolchain and cargo-fuzz, for the fuzz targets (`test` only).
+//! * the nightly toolchain and cargo-fuzz, for the fuzz targets (`test` only);
+//! * Debian's Xen hypervisor (`xen-hypervisor-4.17-amd64`), downloaded and unpacked into the
+//!   cache, never installed: the guest boots as a PV kernel under it.
 
 use std::path::Path;
 use std::process::Command;
@@ -52,7 +54,30 @@ pub fn setup(report: &mut Report) -> Result<bool> {
     let system = system_packages(report)?;
     rust_target()?;
     let references = reference_tools(report);
-    Ok(fuzz_tools(report)? && system && references)
+    let xen = xen_hypervisor(report);
+    Ok(fuzz_tools(report)? && system && references && xen)
+}
+
+/// Debian's Xen hypervisor in the cache (see `pvpatch_testkit::xen`). Whether it is there.
+pub fn xen_hypervisor(report: &mut Report) -> bool {
+    use pvpatch_testkit::xen;
+    if let Ok(p) = xen::cached() {
+        println!("setup: Xen hypervisor: present ({})", p.display());
+        return true;
+    }
+    println!(
+        "setup: downloading {} (apt-get download; unpacked into the cache, not installed)",
+        xen::PACKAGE
+    );
+    match xen::fetch() {
+        Ok(_) => true,
+        Err(e) => {
+            report.skip(format!(
+                "setup: the Xen hypervisor could not be fetched: {e}"
+            ));
+            false
+        }
+    }
 }
 
 /// The reference tools the tests compare with (see `pvpatch_testkit::tools`), in a Python
