@@ -101,6 +101,13 @@ pub trait Platform {
     fn vmware_backdoor(&self, cmd: u32) -> [u32; 4];
     /// The kernel command line, if any.
     fn cmdline(&self) -> Option<&str>;
+    /// Whether the kernel was entered through Xen's 64-bit PV entry (a `start_info` whose magic
+    /// is `xen-3.0-x86_64`). A PV kernel runs outside ring 0: its `cpuid` must be Xen's
+    /// forced-emulation form (`ud2; .ascii "xen"; cpuid`), or it sees the machine under Xen
+    /// (QEMU's TCG leaves, here) instead of Xen.
+    fn xen_pv_entry(&self) -> bool {
+        false
+    }
 }
 
 /// What detection found.
@@ -124,6 +131,8 @@ pub struct Detected {
     pub overridden: bool,
     /// `pvpatch.backend=none`: patch nothing.
     pub disabled: bool,
+    /// Entered through Xen's PV entry: the backend is Xen whatever the leaves say.
+    pub xen_pv: bool,
 }
 
 impl Detected {
@@ -140,6 +149,7 @@ impl Detected {
             tsc_khz: None,
             overridden: false,
             disabled: false,
+            xen_pv: false,
         }
     }
 }
@@ -176,6 +186,18 @@ pub fn detect(p: &dyn Platform) -> Detected {
         d.max_leaf = r[0];
         d.signature = signature(r);
         d.kind = BackendKind::from_signature(&d.signature);
+        if p.xen_pv_entry() && d.kind != BackendKind::Xen {
+            // Xen with Viridian shows Hyper-V's leaves first and its own 0x100 higher.
+            if let Some((max, sig)) = (1..0x100u32)
+                .map(|i| p.cpuid(0x4000_0000 + (i << 8), 0))
+                .map(|r| (r[0], signature(r)))
+                .find(|(_, s)| s == b"XenVMMXenVMM")
+            {
+                d.max_leaf = max;
+                d.signature = sig;
+                d.kind = BackendKind::Xen;
+            }
+        }
         if d.max_leaf >= 0x4000_0001 && d.kind == BackendKind::Kvm {
             d.features = p.cpuid(0x4000_0001, 0)[0];
         }
@@ -197,6 +219,11 @@ pub fn detect(p: &dyn Platform) -> Detected {
                 }
             }
         }
+    }
+    if p.xen_pv_entry() {
+        // Only Xen starts a kernel there, whatever its leaves say.
+        d.xen_pv = true;
+        d.kind = BackendKind::Xen;
     }
     if d.tsc_khz.is_none() {
         d.tsc_khz = tsc_khz_from_cpuid(p);
@@ -301,6 +328,64 @@ mod tests {
             detect(&fake(true, b"SomethingNew")).kind,
             BackendKind::Unknown
         );
+    }
+
+    /// Xen as a PV kernel sees it through forced emulation: with Viridian, Hyper-V's leaves at
+    /// 0x4000_0000 and Xen's at 0x4000_0100.
+    struct PvXen {
+        viridian: bool,
+        pv: bool,
+    }
+
+    impl Platform for PvXen {
+        fn cpuid(&self, leaf: u32, _sub: u32) -> [u32; 4] {
+            let sig = |s: &[u8; 12], max: u32| {
+                let w = |i: usize| u32::from_le_bytes(s[i..i + 4].try_into().unwrap());
+                [max, w(0), w(4), w(8)]
+            };
+            match (leaf, self.viridian) {
+                (1, _) => [0, 0, 1 << 31, 0],
+                (0x4000_0000, true) => sig(b"Microsoft Hv", 0x4000_0006),
+                (0x4000_0000, false) | (0x4000_0100, true) => sig(b"XenVMMXenVMM", leaf + 5),
+                _ => [0; 4],
+            }
+        }
+        fn vmware_backdoor(&self, _: u32) -> [u32; 4] {
+            panic!("a PV kernel must not probe an I/O port")
+        }
+        fn cmdline(&self) -> Option<&str> {
+            None
+        }
+        fn xen_pv_entry(&self) -> bool {
+            self.pv
+        }
+    }
+
+    #[test]
+    fn xen_from_the_pv_entry() {
+        let d = detect(&PvXen {
+            viridian: false,
+            pv: true,
+        });
+        assert_eq!(
+            (d.kind, d.xen_pv, d.max_leaf),
+            (BackendKind::Xen, true, 0x4000_0005)
+        );
+        // Viridian first: Xen's own leaves are found above Hyper-V's.
+        let d = detect(&PvXen {
+            viridian: true,
+            pv: true,
+        });
+        assert_eq!(
+            (d.kind, &d.signature, d.max_leaf),
+            (BackendKind::Xen, b"XenVMMXenVMM", 0x4000_0105)
+        );
+        // Not entered as PV: Hyper-V's leaves name the backend.
+        let d = detect(&PvXen {
+            viridian: true,
+            pv: false,
+        });
+        assert_eq!((d.kind, d.xen_pv), (BackendKind::HyperV, false));
     }
 
     #[test]

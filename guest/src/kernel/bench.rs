@@ -88,7 +88,7 @@ loops! {
     swapgs_call => { pv_swapgs!(call PV_OPS); pv_swapgs!(call PV_OPS) }
 }
 
-type Loop = extern "C" fn(u32) -> u64;
+pub type Loop = extern "C" fn(u32) -> u64;
 
 /// Where a case runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -407,4 +407,41 @@ unsafe fn cli_sti_once() -> bool {
         pv_cli!();
         a && !arch::interrupts_enabled()
     }
+}
+
+/// The loops the Xen PV benchmarks share with these (see `xen::bench`): per op, its native,
+/// native-padded site and indirect-call loops.
+pub mod for_xen {
+    use super::Loop;
+
+    /// `(name, native, site, call)`.
+    pub const CASES: [(&str, Loop, Loop, Loop); 4] = [
+        (
+            "cli;sti",
+            super::cli_sti_native,
+            super::cli_sti_site,
+            super::cli_sti_call,
+        ),
+        (
+            "save_fl",
+            super::save_fl_native,
+            super::save_fl_site,
+            super::save_fl_call,
+        ),
+        (
+            "mov cr3 (read, write)",
+            super::cr3_native,
+            super::cr3_site,
+            super::cr3_call,
+        ),
+        (
+            "invlpg",
+            super::invlpg_native,
+            super::invlpg_site,
+            super::invlpg_call,
+        ),
+    ];
+
+    /// The empty loop.
+    pub const EMPTY: Loop = super::empty;
 }

@@ -21,6 +21,7 @@ mod raw;
 mod report;
 mod ring3;
 mod selftest;
+mod xen;
 
 use alloc::format;
 use core::cell::UnsafeCell;
@@ -36,6 +37,7 @@ use report::{Centi, Json};
 use selftest::Verdict;
 
 core::arch::global_asm!(include_str!("../boot.s"), options(att_syntax));
+core::arch::global_asm!(include_str!("../xen.s"), options(att_syntax));
 pv_site_table_header!();
 
 /// QEMU's `isa-debug-exit` port: writing `v` makes QEMU exit with status `(v << 1) | 1`.
@@ -47,6 +49,9 @@ const EXIT_FAIL: u32 = 0x11;
 
 /// Leaves QEMU with `code`.
 fn exit(code: u32) -> ! {
+    if xen::active() {
+        xen::prepare_exit();
+    }
     // SAFETY: port 0xf4 is QEMU's isa-debug-exit device; writing it ends the VM.
     unsafe { pv_out!(u32, dx DEBUG_EXIT_PORT, code) };
     loop {
@@ -57,6 +62,11 @@ fn exit(code: u32) -> ! {
 /// Ends the run as a failure.
 pub fn exit_fail() -> ! {
     exit(EXIT_FAIL)
+}
+
+/// Ends the run as a success.
+pub fn exit_pass() -> ! {
+    exit(EXIT_PASS)
 }
 
 struct Phase(UnsafeCell<&'static str>);

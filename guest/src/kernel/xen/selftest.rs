@@ -1,0 +1,341 @@
+//! The self-tests by effect on real Xen, each through patched sites of its own (the planner
+//! rewrote them into calls to the Xen backend's entry points):
+//!
+//! * **IF**: after `cli` a timer event stays pending and undelivered (and `save_fl` shows IF
+//!   clear); `sti` delivers it at once; `restore_fl` of an image with IF does the same, of one
+//!   without masks again;
+//! * **halt**: `safe_halt` with events masked sleeps until the timer's event wakes it (about
+//!   the timer's delay, not less), delivers it, and leaves events unmasked;
+//! * **CR3**: a probe address mapped to one page in the boot address space and to another in a
+//!   second one (built, made read-only and pinned through `mmu_update`/`mmuext_op`); `mov cr3`
+//!   to the second root reads the other page, back to the first reads the first again;
+//! * **invlpg**: the probe's PTE is changed behind the TLB (`mmu_update` does not flush); the
+//!   stale translation is still used until `invlpg` of the probe address.
+
+use alloc::format;
+use alloc::vec::Vec;
+use core::sync::atomic::Ordering;
+
+use patch_sites::*;
+
+use super::super::selftest::{Test, Verdict};
+use super::hv;
+use super::{IF, TIMER_EVENTS};
+
+#[inline(never)]
+fn cli_site() {
+    // SAFETY: masks events (the site's entry point writes vcpu_info's mask).
+    unsafe { pv_cli!() }
+}
+
+#[inline(never)]
+fn sti_site() {
+    // SAFETY: unmasks events; the event callback is registered.
+    unsafe { pv_sti!() }
+}
+
+#[inline(never)]
+fn save_fl_site() -> u64 {
+    // SAFETY: reads the flags.
+    unsafe { pv_save_fl!() }
+}
+
+#[inline(never)]
+fn restore_fl_site(f: u64) {
+    // SAFETY: restores flags the caller took from save_fl.
+    unsafe { pv_restore_fl!(f) }
+}
+
+#[inline(never)]
+fn safe_halt_site() {
+    // SAFETY: the caller armed the timer that wakes it.
+    unsafe { pv_safe_halt!() }
+}
+
+#[inline(never)]
+fn read_cr3_site() -> u64 {
+    // SAFETY: reads CR3 (Xen emulates it: the machine address of the current root).
+    unsafe { pv_read_cr!(3) }
+}
+
+#[inline(never)]
+fn write_cr3_site(v: u64) {
+    // SAFETY: the caller passes the machine address of a valid, pinned root that maps this
+    // kernel as the boot root does.
+    unsafe { pv_write_cr!(3, v) }
+}
+
+#[inline(never)]
+fn invlpg_site(va: u64) {
+    // SAFETY: invalidating a TLB entry.
+    unsafe { pv_invlpg!(va) }
+}
+
+fn spin_until(deadline: u64) {
+    while hv::now_ns() < deadline {
+        core::hint::spin_loop();
+    }
+}
+
+type R = Result<(), alloc::string::String>;
+
+fn check(ok: bool, what: impl FnOnce() -> alloc::string::String) -> R {
+    if ok { Ok(()) } else { Err(what()) }
+}
+
+fn interrupt_flag() -> R {
+    let events = || TIMER_EVENTS.load(Ordering::SeqCst);
+    cli_site();
+    check(hv::mask() == 1, || "cli did not set the event mask".into())?;
+    check(save_fl_site() & IF == 0, || {
+        "save_fl after cli shows IF set".into()
+    })?;
+    let e0 = events();
+    let now = hv::now_ns();
+    hv::set_timer(now + 1_000_000);
+    spin_until(now + 3_000_000);
+    check(events() == e0, || {
+        "a timer event was delivered with events masked".into()
+    })?;
+    check(hv::pending() == 1, || {
+        "the timer's event is not pending after 3 ms".into()
+    })?;
+    sti_site();
+    check(events() == e0 + 1, || {
+        format!(
+            "sti did not deliver the pending event ({} delivered)",
+            events() - e0
+        )
+    })?;
+    check(hv::mask() == 0, || "sti left events masked".into())?;
+    let on = save_fl_site();
+    check(on & IF != 0, || "save_fl after sti shows IF clear".into())?;
+    // restore_fl: without IF masks, with IF delivers what became pending meanwhile.
+    restore_fl_site(on & !IF);
+    check(hv::mask() == 1, || {
+        "restore_fl of an image without IF left events unmasked".into()
+    })?;
+    let now = hv::now_ns();
+    hv::set_timer(now + 500_000);
+    spin_until(now + 1_500_000);
+    check(events() == e0 + 1, || {
+        "an event was delivered after restore_fl without IF".into()
+    })?;
+    restore_fl_site(on);
+    check(events() == e0 + 2, || {
+        "restore_fl with IF did not deliver the pending event".into()
+    })?;
+    check(hv::mask() == 0, || {
+        "restore_fl with IF left events masked".into()
+    })
+}
+
+fn halt() -> R {
+    let events = || TIMER_EVENTS.load(Ordering::SeqCst);
+    cli_site();
+    let e0 = events();
+    let t0 = hv::now_ns();
+    let delay = 2_000_000;
+    hv::set_timer(t0 + delay);
+    safe_halt_site();
+    let slept = hv::now_ns() - t0;
+    check(events() == e0 + 1, || {
+        format!(
+            "safe_halt returned with {} timer events delivered",
+            events() - e0
+        )
+    })?;
+    check(slept >= delay, || {
+        format!("safe_halt returned after {slept} ns, before the timer's {delay}")
+    })?;
+    check(hv::mask() == 0, || "safe_halt left events masked".into())
+}
+
+#[repr(C, align(4096))]
+struct Pages([[u64; 512]; 9]);
+/// Page tables and data pages of the CR3 and invlpg tests: L4b, L3a, L2a, L1a, L3b, L2b, L1b,
+/// X, Y.
+static mut PAGES: Pages = Pages([[0; 512]; 9]);
+/// The probe address: L4 slot 1 (nothing of the boot address space is there).
+const PROBE: u64 = 0x80_0000_0000;
+const X: u64 = 0x5858_5858_5858_5858;
+const Y: u64 = 0x5959_5959_5959_5959;
+
+fn page(i: usize) -> u64 {
+    // SAFETY: taking the address of one of the static pages.
+    unsafe { (&raw mut PAGES.0[i]) as u64 }
+}
+
+fn read_probe() -> u64 {
+    // SAFETY: the probe address is mapped (to X or Y) in whichever root is current when the
+    // tests read it.
+    unsafe { core::ptr::read_volatile(PROBE as *const u64) }
+}
+
+/// The two address spaces: the boot root gains L4[1] -> L3a -> L2a -> L1a -> Y; a second root
+/// (a copy of the boot root's entries) has L4[1] -> L3b -> L2b -> L1b -> X. Returns the
+/// second root's machine address and L1a's.
+fn build_roots(boot_l4: u64) -> Result<(u64, u64), alloc::string::String> {
+    let [l4b, l3a, l2a, l1a, l3b, l2b, l1b, x, y] = core::array::from_fn(page);
+    let entry = |va: u64, flags: u64| hv::mfn(va) << 12 | flags;
+    // SAFETY: the pages are this test's own and still writable (mapped as Xen built the
+    // boot region); the boot L4 is mapped read-only and only read here.
+    unsafe {
+        let w = |va: u64, i: usize, v: u64| core::ptr::write_volatile((va as *mut u64).add(i), v);
+        for i in 0..512 {
+            w(x, i, X);
+            w(y, i, Y);
+            w(
+                l4b,
+                i,
+                core::ptr::read_volatile((boot_l4 as *const u64).add(i)),
+            );
+        }
+        w(l4b, 1, entry(l3b, hv::PTE_TABLE));
+        w(l3b, 0, entry(l2b, hv::PTE_TABLE));
+        w(l2b, 0, entry(l1b, hv::PTE_TABLE));
+        w(l1b, 0, entry(x, hv::PTE_RW));
+        w(l3a, 0, entry(l2a, hv::PTE_TABLE));
+        w(l2a, 0, entry(l1a, hv::PTE_TABLE));
+        w(l1a, 0, entry(y, hv::PTE_RW));
+    }
+    // Page-table pages must be mapped read-only everywhere before Xen takes them as tables.
+    for t in [l4b, l3a, l2a, l1a, l3b, l2b, l1b] {
+        let rc = hv::update_va_mapping(t, entry(t, hv::PTE_RO));
+        check(rc == 0, || format!("remapping a table read-only: {rc}"))?;
+    }
+    let rc = hv::mmuext(hv::MMUEXT_PIN_L4_TABLE, hv::mfn(l4b));
+    check(rc == 0, || format!("pinning the second root: {rc}"))?;
+    let rc = hv::mmu_update(hv::mfn(boot_l4) << 12 | 8, entry(l3a, hv::PTE_TABLE));
+    check(rc == 0, || {
+        format!("mmu_update of the boot root's slot 1: {rc}")
+    })?;
+    Ok((hv::mfn(l4b) << 12, hv::mfn(l1a) << 12))
+}
+
+fn cr3(boot_l4: u64) -> Result<u64, alloc::string::String> {
+    let (second, l1a) = build_roots(boot_l4)?;
+    let first = read_cr3_site();
+    check(first == hv::mfn(boot_l4) << 12, || {
+        format!("CR3 reads {first:#x}, not the boot root's machine address")
+    })?;
+    check(read_probe() == Y, || {
+        format!("the boot root maps the probe to {:#x}", read_probe())
+    })?;
+    write_cr3_site(second);
+    let (seen, now) = (read_probe(), read_cr3_site());
+    write_cr3_site(first);
+    check(now == second, || {
+        format!("after mov cr3 to the second root, CR3 reads {now:#x}")
+    })?;
+    check(seen == X, || {
+        format!("after mov cr3 to the second root the probe reads {seen:#x}")
+    })?;
+    check(read_probe() == Y, || {
+        "back on the boot root the probe does not read Y".into()
+    })?;
+    Ok(l1a)
+}
+
+fn invlpg(l1a: u64) -> Result<bool, alloc::string::String> {
+    let x = page(7);
+    check(read_probe() == Y, || "the probe does not read Y".into())?;
+    // MMU_NORMAL_PT_UPDATE: Xen validates and writes the PTE, and flushes nothing.
+    let rc = hv::mmu_update(l1a, hv::mfn(x) << 12 | hv::PTE_RW);
+    check(rc == 0, || format!("mmu_update of the probe's PTE: {rc}"))?;
+    let stale = read_probe() == Y;
+    invlpg_site(PROBE);
+    let after = read_probe();
+    check(after == X, || {
+        format!("after invlpg the probe reads {after:#x}, not the new page")
+    })?;
+    Ok(stale)
+}
+
+/// Runs every test.
+pub fn run(si: &hv::StartInfo) -> Vec<Test> {
+    let verdict = |r: R| match r {
+        Ok(()) => Verdict::Pass,
+        Err(e) => Verdict::Fail(e),
+    };
+    let mut tests = Vec::new();
+    tests.push(Test {
+        name: "interrupt flag (event mask, timer event)",
+        ops: "cli, sti, save_fl, restore_fl",
+        verdict: verdict(interrupt_flag()),
+    });
+    tests.push(Test {
+        name: "halt (SCHEDOP_block woken by the timer)",
+        ops: "safe_halt",
+        verdict: verdict(halt()),
+    });
+    let boot_l4 = si.pt_base();
+    let cr3 = cr3(boot_l4);
+    tests.push(Test {
+        name: "cr3 (a second root through mmuext_op)",
+        ops: "mov_to_cr3, mov_from_cr3",
+        verdict: verdict(cr3.as_ref().map(|_| ()).map_err(Clone::clone)),
+    });
+    tests.push(Test {
+        name: "invlpg (MMUEXT_INVLPG_LOCAL)",
+        ops: "invlpg",
+        verdict: match cr3 {
+            Err(_) => Verdict::Skip("needs the cr3 test's page tables"),
+            Ok(l1a) => match invlpg(l1a) {
+                Ok(true) => Verdict::Pass,
+                Ok(false) => Verdict::Fail(
+                    "the TLB did not keep the old translation: invlpg's effect cannot be seen"
+                        .into(),
+                ),
+                Err(e) => Verdict::Fail(e),
+            },
+        },
+    });
+    tests
+}
+
+/// MSRs a PV dom0 reads: what Xen returns, or `None` where it raises #GP.
+pub fn msr_probes() -> Vec<(u32, Option<u64>)> {
+    const MSRS: [u32; 12] = [
+        0x10,
+        0x1b,
+        0x8b,
+        0x1a0,
+        0x277,
+        0x3a,
+        0xfe,
+        0x174,
+        0xc000_0080,
+        0xc000_0081,
+        0xc000_0100,
+        0xc000_0102,
+    ];
+    MSRS.iter()
+        .map(|&m| {
+            let mut v = 0;
+            let faulted = super::probe(|| {
+                // SAFETY: reading an MSR: Xen emulates it or raises #GP, which the probe skips.
+                v = unsafe { super::super::arch::rdmsr(m) }
+            });
+            (m, (!faulted).then_some(v))
+        })
+        .collect()
+}
+
+/// Ports a PV dom0 reads once its virtual IOPL is 3: what Xen returns, or `None` where even
+/// then the read raises #GP.
+pub fn port_probes() -> Vec<(u16, Option<u32>)> {
+    const PORTS: [u16; 5] = [0x61, 0x71, 0x3fd, 0xcf8, 0x5658];
+    hv::set_iopl(3);
+    PORTS
+        .iter()
+        .map(|&p| {
+            let mut v = 0;
+            let faulted = super::probe(|| {
+                // SAFETY: reading a port: Xen emulates it or raises #GP, which the probe skips.
+                v = unsafe { super::super::arch::port_in(p, 1) }
+            });
+            (p, (!faulted).then_some(v))
+        })
+        .collect()
+}
