@@ -692,3 +692,159 @@ fn truncated_rom_is_refused() {
     );
     refuses_rom("rom-truncated", &rom, "truncated ROM header: 40 bytes");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Real Xen: the guest as a 64-bit PV dom0 of Debian's Xen 4.17, nested in QEMU's TCG
+
+/// Ops whose native instruction is silently wrong in a PV kernel (the runtime's `MustRewrite`
+/// rule for Xen): every site of them must become a call.
+const XEN_MUST_REWRITE: [Op; 7] = [
+    Op::Cli,
+    Op::Sti,
+    Op::Pushf,
+    Op::Popf,
+    Op::SaveFl,
+    Op::RestoreFl,
+    Op::SafeHalt,
+];
+
+/// The annotated guest with its table resealed so that it holds one site of the ops Xen needs
+/// rewritten that cannot take its call (`keep_one`), or none: the raw sites of `.text.pvraw`
+/// (`cli; ret`, `sti; ret`, `pushfq; pop`) have no room for one.
+fn for_xen(name: &str, keep_one: Option<Op>) -> PathBuf {
+    with_table(
+        name,
+        resealed(move |sites| {
+            let mut kept = false;
+            sites.retain(|s| {
+                let cannot =
+                    s.site_len < 5 && s.op().is_some_and(|op| XEN_MUST_REWRITE.contains(&op));
+                if !cannot {
+                    return true;
+                }
+                let keep = !kept && s.op() == keep_one;
+                kept |= keep;
+                keep
+            });
+            assert_eq!(
+                kept,
+                keep_one.is_some(),
+                "the guest has no raw {keep_one:?} site"
+            );
+        }),
+    )
+}
+
+/// Boots `kernel` under real Xen; `None` (after recording the skip) when this machine cannot.
+fn boot_xen(test: &str, kernel: &Path, args: &str, module: Option<&Path>) -> Option<Boot> {
+    if let Err(why) = harness::xen::available() {
+        harness::skip(test, &why);
+        return None;
+    }
+    let b = harness::xen::boot(kernel, args, module)
+        .unwrap_or_else(|e| panic!("{test}: QEMU failed: {e}"));
+    // Xen itself ran and built the guest as a PV dom0.
+    assert!(
+        b.serial.contains("Xen version 4.17") && b.serial.contains("Building a PV Dom0"),
+        "{test}: not Xen's dom0\n{}",
+        b.serial
+    );
+    Some(b)
+}
+
+#[test]
+fn real_xen_pv_guest() {
+    let kernel = for_xen("xen", None);
+    let Some(b) = boot_xen("real-xen", &kernel, "", None) else {
+        return;
+    };
+    let context = || format!("exit {:?}\n{}", b.exit_code, b.messages());
+    let r = b
+        .report()
+        .unwrap_or_else(|| panic!("no parsable report\n{}", context()));
+    assert!(b.passed(), "{}", context());
+    assert_eq!(r["pass"], true);
+    assert_eq!(r["entry"], "xen-pv");
+    assert_eq!(text(&r, "backend.name"), "xen", "{}", r["backend"]);
+    assert_eq!(r["backend"]["xen_pv"], true);
+    // Xen's own leaves, seen through the forced-emulation prefix (plain cpuid shows TCG's).
+    assert_eq!(text(&r, "backend.signature"), "XenVMMXenVMM");
+    // Every site planned, and applied.
+    assert_eq!(r["patch"]["applied"], true, "{}", r["patch"]);
+    let sites = num(&r, "table.sites");
+    let planned: u64 = r["patch"]["sites_by_outcome"]
+        .as_object()
+        .expect("outcomes")
+        .values()
+        .map(|v| v.as_u64().expect("count"))
+        .sum();
+    assert_eq!(planned, sites, "{}", r["patch"]);
+    assert!(sites > 250, "{sites} sites");
+    // Every site of the ops Xen needs rewritten became a call.
+    for op in XEN_MUST_REWRITE {
+        for (outcome, n) in op_counts(&r, op.name()) {
+            assert_eq!(outcome, "call", "{n} {} sites {outcome} on Xen", op.name());
+        }
+    }
+    // The self-tests by effect, through the PV paths.
+    let tests = r["selftests"].as_array().expect("selftests");
+    for name in ["interrupt flag", "halt", "cr3", "invlpg"] {
+        let t = tests
+            .iter()
+            .find(|t| t["name"].as_str().is_some_and(|n| n.starts_with(name)))
+            .unwrap_or_else(|| panic!("no {name} self-test: {tests:?}"));
+        assert_eq!(t["result"], "pass", "{t}");
+    }
+    // The timer's events really arrived (the IF and halt tests count on them).
+    assert!(num(&r, "xen.timer_events") >= 3, "{}", r["xen"]);
+    // Trapped by Xen against patched, for every op the README's table shows.
+    let rows = r["bench"].as_array().expect("bench");
+    for op in ["cli;sti", "save_fl", "mov cr3", "invlpg", "hlt-wake"] {
+        let row = rows
+            .iter()
+            .find(|x| x["op"].as_str().is_some_and(|n| n.starts_with(op)))
+            .unwrap_or_else(|| panic!("no {op} row: {rows:?}"));
+        for k in ["trapped", "call_unpatched", "site_patched", "call_patched"] {
+            assert!(row[k].as_f64().is_some_and(|v| v > 0.0), "{op}: {k}: {row}");
+        }
+    }
+    // What Xen emulates for a PV dom0 and what it refuses (MSR 0x3a is #GP; EFER reads).
+    let msrs = r["probes"]["msrs"].as_array().expect("msrs");
+    let msr = |m: &str| {
+        msrs.iter()
+            .find(|x| x["msr"] == m)
+            .map(|x| x["value"].clone())
+    };
+    assert_eq!(msr("0x3a"), Some("#GP".into()), "{msrs:?}");
+    assert!(msr("0xc0000080").is_some_and(|v| v != "#GP"), "{msrs:?}");
+    harness::figure(
+        "real_xen_pv_guest",
+        &format!(
+            "real Xen: {sites} sites planned, {} rewritten; {} upcalls, {} boot s",
+            num(&r, "patch.sites_written"),
+            num(&r, "xen.upcalls"),
+            b.elapsed.as_secs_f64()
+        ),
+    );
+}
+
+#[test]
+fn real_xen_refuses_a_site_it_cannot_run_natively() {
+    // The raw `cli; ret` of .text.pvraw: one byte, no room for a call, no detour (a `ret`
+    // follows). On Xen its native form would silently do nothing: the table is refused.
+    let kernel = for_xen("xen-cli", Some(Op::Cli));
+    let Some(b) = boot_xen("real-xen-refused", &kernel, "", None) else {
+        return;
+    };
+    let m = b.messages();
+    assert_eq!(b.exit_code, Some(35), "the guest did not fail\n{m}");
+    assert!(b.report().is_none(), "{m}");
+    assert!(
+        m.contains("pvguest: patched nothing: record ")
+            && m.contains("the cli at")
+            && m.contains("cannot take the backend's sequence"),
+        "{m}"
+    );
+    assert!(m.contains("pvguest: text unchanged"), "{m}");
+    assert!(m.contains("pvguest: refusing to run on Xen"), "{m}");
+}

@@ -65,6 +65,9 @@ pub enum HarnessError {
     /// Annotating the guest failed.
     #[error("annotating the guest failed: {0}")]
     Annotate(String),
+    /// A component the run needs is not on this machine.
+    #[error("{0}")]
+    Missing(String),
     /// A probe boot ended in a way that says nothing about what it probes.
     #[error("the probe boot ended unexpectedly: {0}")]
     Probe(String),

@@ -98,3 +98,27 @@ pub fn qemu(guest: &std::path::Path, guest_args: &str) -> Qemu {
         ..Qemu::tcg()
     }
 }
+
+/// Whether this machine can boot the guest under Xen: QEMU, and the hypervisor in the cache.
+pub fn available() -> Result<PathBuf, String> {
+    crate::qemu::qemu_available()?;
+    cached()
+}
+
+/// Boots `guest` as Xen's dom0 with `guest_args` on its command line and `module` (if any) as
+/// its second module, and waits for QEMU to exit.
+pub fn boot(
+    guest: &std::path::Path,
+    guest_args: &str,
+    module: Option<&std::path::Path>,
+) -> Result<crate::Boot, crate::HarnessError> {
+    let xen = cached().map_err(crate::HarnessError::Missing)?;
+    let mut q = qemu(guest, guest_args);
+    if let Some(m) = module {
+        if let Some(first) = q.extra.last_mut() {
+            first.push(',');
+            first.push_str(&m.display().to_string());
+        }
+    }
+    q.boot(&xen)
+}

@@ -476,6 +476,14 @@ extern "C" fn xen_main(start_info: *const u8) -> ! {
         }
     };
     set_phase("patching");
+    let text_crc = || {
+        let t = patch::text();
+        // SAFETY: the kernel's text is mapped and readable.
+        patch_sites::crc32::crc32(unsafe {
+            core::slice::from_raw_parts(t.start as *const u8, (t.end - t.start) as usize)
+        })
+    };
+    let crc_before = text_crc();
     let patched = patch_all(&prepared, code);
     match &patched.refused {
         None => {
@@ -491,6 +499,15 @@ extern "C" fn xen_main(start_info: *const u8) -> ! {
         Some(why) => {
             // A PV kernel cannot run a table Xen cannot take: it stops here, nothing written.
             let _ = writeln!(con, "pvguest: patched nothing: {why}");
+            let crc = text_crc();
+            if crc == crc_before {
+                let _ = writeln!(con, "pvguest: text unchanged (crc32 {crc:#010x})");
+            } else {
+                let _ = writeln!(
+                    con,
+                    "pvguest: text CHANGED ({crc_before:#010x} -> {crc:#010x})"
+                );
+            }
             let _ = writeln!(
                 con,
                 "pvguest: refusing to run on Xen with sites it cannot take"
