@@ -16,8 +16,10 @@
 //!   `cli` sets the mask, `sti` clears it and checks pending, `save_fl`/`restore_fl` read and
 //!   write it, `safe_halt` is `sched_op(SCHEDOP_block)` (29, 1), which unmasks atomically;
 //!   `mov cr3` is `mmuext_op(MMUEXT_NEW_BASEPTR)` and `invlpg` `mmuext_op(MMUEXT_INVLPG_LOCAL)`
-//!   (26; commands 5 and 7; the frame number is the address over 4096, as with an identity
-//!   physical-to-machine map); a port-0x80 delay is nothing. Hypercall `n` is a call to the
+//!   (26; commands 5 and 7; the frame number is the value over 4096: a PV kernel's CR3 values
+//!   are machine addresses, which is what Xen's emulated `mov from cr3` returns); a port-0x80
+//!   delay is nothing. Checked on Debian's Xen 4.17 (`oracle/tests/real_xen.rs`, and the
+//!   guest's self-tests as a PV kernel). Hypercall `n` is a call to the
 //!   hypercall page at `32 * n`, arguments in rdi, rsi, rdx, r10, r8.
 //! * **Hyper-V** (the TLFS): `HvCallFlushVirtualAddressSpaceList` (0x0003, one GVA) is
 //!   `invlpg`; `HvCallFlushVirtualAddressSpace` (0x0002) is a `mov cr3` that reloads the
