@@ -817,6 +817,34 @@ fn real_xen_pv_guest() {
     };
     assert_eq!(msr("0x3a"), Some("#GP".into()), "{msrs:?}");
     assert!(msr("0xc0000080").is_some_and(|v| v != "#GP"), "{msrs:?}");
+    // What Xen does with privileged instructions of a PV kernel, probed one by one: the ones
+    // the Xen backend rewrites fault (Xen neither emulates `cli`/`sti`/`hlt`/`invlpg` nor lets
+    // them run), control-register reads are emulated, `rdtsc` runs natively.
+    let insns = r["probes"]["instructions"]
+        .as_array()
+        .expect("instructions");
+    let outcome = |i: &str| {
+        insns
+            .iter()
+            .find(|x| x["insn"] == i)
+            .map(|x| x["outcome"].as_str().unwrap_or("?").to_owned())
+            .unwrap_or_else(|| panic!("no probe of {i}: {insns:?}"))
+    };
+    for (i, expect) in [
+        ("cli", "#GP"),
+        ("sti", "#GP"),
+        ("hlt", "#GP"),
+        ("invlpg [rax]", "#GP"),
+        ("lgdt [rax]", "#GP"),
+        ("swapgs", "#GP"),
+        ("mov rax, cr3", "emulated"),
+        ("mov cr3, rax (the value read)", "emulated"),
+        ("rdmsr (TSC)", "emulated"),
+        ("rdtsc", "native"),
+        ("sgdt [rax]", "native"),
+    ] {
+        assert_eq!(outcome(i), expect, "{i}: {insns:?}");
+    }
     harness::figure(
         "real_xen_pv_guest",
         &format!(

@@ -313,11 +313,11 @@ pub fn msr_probes() -> Vec<(u32, Option<u64>)> {
     MSRS.iter()
         .map(|&m| {
             let mut v = 0;
-            let faulted = super::probe(|| {
+            let fault = super::probe(2, || {
                 // SAFETY: reading an MSR: Xen emulates it or raises #GP, which the probe skips.
                 v = unsafe { super::super::arch::rdmsr(m) }
             });
-            (m, (!faulted).then_some(v))
+            (m, fault.is_none().then_some(v))
         })
         .collect()
 }
@@ -331,11 +331,114 @@ pub fn port_probes() -> Vec<(u16, Option<u32>)> {
         .iter()
         .map(|&p| {
             let mut v = 0;
-            let faulted = super::probe(|| {
+            let fault = super::probe(1, || {
                 // SAFETY: reading a port: Xen emulates it or raises #GP, which the probe skips.
                 v = unsafe { super::super::arch::port_in(p, 1) }
             });
-            (p, (!faulted).then_some(v))
+            (p, fault.is_none().then_some(v))
+        })
+        .collect()
+}
+
+/// What Xen does with one privileged instruction of a PV kernel.
+pub struct InsnProbe {
+    /// The instruction.
+    pub name: &'static str,
+    /// The vector it raised in the kernel, if any.
+    pub fault: Option<u64>,
+    /// Cycles (the fastest of three), the bounce and the handler included.
+    pub cycles: u64,
+}
+
+impl InsnProbe {
+    /// `#GP` or `#UD` (Xen bounced it to the kernel), `emulated` (no fault, and it took
+    /// thousands of cycles: Xen trapped and emulated it), or `native`.
+    pub fn outcome(&self) -> &'static str {
+        match self.fault {
+            Some(13) => "#GP",
+            Some(6) => "#UD",
+            Some(_) => "fault",
+            None if self.cycles > 1000 => "emulated",
+            None => "native",
+        }
+    }
+}
+
+/// A table for `sgdt`/`lgdt`/`lidt` to read and write.
+static mut TABLE_BUF: [u64; 2] = [0; 2];
+
+macro_rules! insns {
+    ($($name:literal, $len:literal => $body:block)*) => {
+        [$(($name, $len, {
+            fn f() {
+                // SAFETY: each instruction either faults (the probe skips it) or does what
+                // Xen makes of it: reads, a write-back of the value read, or state the kernel
+                // does not depend on (the virtual TS, which it never sets).
+                #[allow(unused_unsafe)]
+                unsafe { $body }
+            }
+            f as fn()
+        })),*]
+    };
+}
+
+/// Every probed instruction, at IOPL 0, with what Xen did and what it cost.
+pub fn instruction_probes() -> Vec<InsnProbe> {
+    use core::arch::asm;
+    let list: [(&str, u64, fn()); 24] = insns! {
+        "cli", 1 => { asm!("cli", options(nostack, nomem)) }
+        "sti", 1 => { asm!("sti", options(nostack, nomem)) }
+        "hlt", 1 => { asm!("hlt", options(nostack, nomem)) }
+        "mov rax, cr0", 3 => { asm!("mov rax, cr0", out("rax") _, options(nostack, nomem)) }
+        "mov rax, cr2", 3 => { asm!("mov rax, cr2", out("rax") _, options(nostack, nomem)) }
+        "mov rax, cr3", 3 => { asm!("mov rax, cr3", out("rax") _, options(nostack, nomem)) }
+        "mov cr3, rax (the value read)", 3 => {
+            asm!("mov rax, cr3", "mov cr3, rax", out("rax") _, options(nostack))
+        }
+        "mov rax, cr4", 3 => { asm!("mov rax, cr4", out("rax") _, options(nostack, nomem)) }
+        "mov rax, cr8", 4 => { asm!("mov rax, cr8", out("rax") _, options(nostack, nomem)) }
+        "mov rax, dr7", 3 => { asm!("mov rax, dr7", out("rax") _, options(nostack, nomem)) }
+        "clts", 2 => { asm!("clts", options(nostack, nomem)) }
+        "wbinvd", 2 => { asm!("wbinvd", options(nostack, nomem)) }
+        "invlpg [rax]", 3 => { asm!("invlpg [rax]", in("rax") &raw mut TABLE_BUF as u64, options(nostack)) }
+        "rdmsr (TSC)", 2 => {
+            asm!("rdmsr", in("ecx") 0x10, out("eax") _, out("edx") _, options(nostack, nomem))
+        }
+        "rdtsc", 2 => { asm!("rdtsc", out("eax") _, out("edx") _, options(nostack, nomem)) }
+        "rdpmc (0)", 2 => {
+            asm!("rdpmc", in("ecx") 0, out("eax") _, out("edx") _, options(nostack, nomem))
+        }
+        "cpuid (0)", 2 => {
+            asm!("push rbx", "cpuid", "pop rbx", inout("eax") 0 => _, out("ecx") _,
+                out("edx") _)
+        }
+        "xgetbv (0)", 3 => {
+            asm!("xgetbv", in("ecx") 0, out("eax") _, out("edx") _, options(nostack, nomem))
+        }
+        "sgdt [rax]", 3 => { asm!("sgdt [rax]", in("rax") &raw mut TABLE_BUF as u64, options(nostack)) }
+        "lgdt [rax]", 3 => { asm!("lgdt [rax]", in("rax") &raw mut TABLE_BUF as u64, options(nostack)) }
+        "ltr ax", 3 => { asm!("ltr ax", in("ax") 0u16, options(nostack, nomem)) }
+        "swapgs", 3 => { asm!("swapgs", options(nostack, nomem)) }
+        "in al, 0x71", 2 => { asm!("in al, 0x71", out("al") _, options(nostack, nomem)) }
+        "out 0x80, al", 2 => { asm!("out 0x80, al", in("al") 0u8, options(nostack, nomem)) }
+    };
+    list.iter()
+        .map(|&(name, len, f)| {
+            let mut best = u64::MAX;
+            let mut fault = None;
+            for _ in 0..3 {
+                // Should Xen emulate `hlt` as a block, the timer wakes it (1 ms on).
+                hv::set_timer(hv::now_ns() + 1_000_000);
+                let t0 = super::super::arch::rdtsc();
+                fault = super::probe(len, f);
+                best = best.min(super::super::arch::rdtsc() - t0);
+                hv::set_timer(0);
+            }
+            InsnProbe {
+                name,
+                fault,
+                cycles: best,
+            }
         })
         .collect()
 }
