@@ -454,6 +454,16 @@ fn print_xen_bench(results: &[Run]) {
             .collect::<Vec<_>>()
             .join(", ")
     };
+    println!("\n  privileged instructions of a PV kernel, as Xen handles them (cycles, the bounce");
+    println!("  and the kernel's skip included):");
+    for i in probes["instructions"].as_array().into_iter().flatten() {
+        println!(
+            "    {:<32} {:<9} {:>7}",
+            i["insn"].as_str().unwrap_or("?"),
+            i["outcome"].as_str().unwrap_or("?"),
+            n(&i["cycles"])
+        );
+    }
     println!(
         "\n  rdmsr as Xen answers a PV dom0: {}",
         list("msrs", "msr")
