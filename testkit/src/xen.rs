@@ -114,11 +114,9 @@ pub fn boot(
 ) -> Result<crate::Boot, crate::HarnessError> {
     let xen = cached().map_err(crate::HarnessError::Missing)?;
     let mut q = qemu(guest, guest_args);
-    if let Some(m) = module {
-        if let Some(first) = q.extra.last_mut() {
-            first.push(',');
-            first.push_str(&m.display().to_string());
-        }
+    if let (Some(m), Some(first)) = (module, q.extra.last_mut()) {
+        first.push(',');
+        first.push_str(&m.display().to_string());
     }
     q.boot(&xen)
 }

@@ -318,9 +318,6 @@ impl TextPoke for XenPoke {
     }
 }
 
-/// The generated entry points, once written.
-static mut PV_CODE: Option<PvCode> = None;
-
 /// Generates the Xen backend's entry points for this kernel's `vcpu_info` and hypercall page
 /// into the backend area of its text.
 fn entry_points() -> Result<&'static PvCode, String> {
@@ -345,13 +342,8 @@ fn entry_points() -> Result<&'static PvCode, String> {
     if !p.read(area.start, &mut back) || back != code.code {
         return Err("the entry points did not read back as written".into());
     }
-    // SAFETY: written once, here, before anything reads it.
-    unsafe {
-        PV_CODE = Some(code);
-        (*(&raw const PV_CODE))
-            .as_ref()
-            .ok_or_else(|| "no entry points".into())
-    }
+    // Kept for the kernel's life: patched sites call into it.
+    Ok(alloc::boxed::Box::leak(alloc::boxed::Box::new(code)))
 }
 
 /// What patching did.
