@@ -104,9 +104,10 @@ isr_stubs:
 
 /* Saves the general-purpose registers below the vector, so that the stack holds, from low
  * addresses: rax rcx rdx rbx (rsp) rbp rsi rdi r8..r15, vector, error, rip, cs, rflags, rsp,
- * ss -- struct IsrContext. The handler may change any of them, the saved rsp included (it is
- * copied back into the hardware frame); iretq resumes with them. */
-isr_common:
+ * ss -- struct IsrContext; calls `handler` with it; restores them (the saved rsp, which the
+ * handler may change, is copied back into the frame) and drops the vector and error code,
+ * which leaves the return frame. Shared with the Xen PV entry (xen.s). */
+    .macro CONTEXT_CALL handler
     push %r15
     push %r14
     push %r13
@@ -118,7 +119,7 @@ isr_common:
     push %rdi
     push %rsi
     push %rbp
-    push 0x80(%rsp)             /* the interrupted rsp, from the hardware frame (11 pushes + vector, error, rip, cs, rflags above) */
+    push 0x80(%rsp)             /* the interrupted rsp, from the frame (11 pushes + vector, error, rip, cs, rflags above) */
     push %rbx
     push %rdx
     push %rcx
@@ -126,7 +127,7 @@ isr_common:
     mov %rsp, %rdi
     sub $8, %rsp                /* 23 quadwords were pushed: realign to 16 for the call */
     cld
-    call isr_dispatch
+    call \handler
     add $8, %rsp
     mov 0x20(%rsp), %rax        /* the (possibly changed) rsp goes back into the frame */
     mov %rax, 0xa8(%rsp)
@@ -147,6 +148,11 @@ isr_common:
     pop %r14
     pop %r15
     add $16, %rsp               /* vector, error */
+    .endm
+
+/* The interrupt stubs' common part: iretq resumes with the (possibly changed) registers. */
+isr_common:
+    CONTEXT_CALL isr_dispatch
     iretq
 
     .section .rodata.boot, "a"

@@ -93,46 +93,7 @@ xen_failsafe_entry:
 2:  jmp 2b
 
 xen_common:
-    push %r15
-    push %r14
-    push %r13
-    push %r12
-    push %r11
-    push %r10
-    push %r9
-    push %r8
-    push %rdi
-    push %rsi
-    push %rbp
-    push 0x80(%rsp)             /* the interrupted rsp, from the frame */
-    push %rbx
-    push %rdx
-    push %rcx
-    push %rax
-    mov %rsp, %rdi
-    sub $8, %rsp
-    cld
-    call xen_dispatch
-    add $8, %rsp
-    mov 0x20(%rsp), %rax        /* the (possibly changed) rsp goes back into the frame */
-    mov %rax, 0xa8(%rsp)
-    pop %rax
-    pop %rcx
-    pop %rdx
-    pop %rbx
-    add $8, %rsp
-    pop %rbp
-    pop %rsi
-    pop %rdi
-    pop %r8
-    pop %r9
-    pop %r10
-    pop %r11
-    pop %r12
-    pop %r13
-    pop %r14
-    pop %r15
-    add $16, %rsp               /* vector, error */
+    CONTEXT_CALL xen_dispatch   /* boot.s */
     pushq $0                    /* HYPERVISOR_iret's flags: not from a syscall */
     jmp xen_hypercall_page + 23 * 32
 

@@ -36,8 +36,11 @@ use console::Console;
 use report::{Centi, Json};
 use selftest::Verdict;
 
-core::arch::global_asm!(include_str!("../boot.s"), options(att_syntax));
-core::arch::global_asm!(include_str!("../xen.s"), options(att_syntax));
+// One block: xen.s uses boot.s's CONTEXT_CALL macro.
+core::arch::global_asm!(
+    concat!(include_str!("../boot.s"), include_str!("../xen.s")),
+    options(att_syntax)
+);
 pv_site_table_header!();
 
 /// QEMU's `isa-debug-exit` port: writing `v` makes QEMU exit with status `(v << 1) | 1`.
@@ -203,12 +206,7 @@ extern "C" fn kmain(start_info: u32) -> ! {
         j.obj("backend", |b| {
             b.str("name", d.kind.name())?;
             b.bool("hypervisor_bit", d.hypervisor_bit)?;
-            let sig: alloc::string::String = d
-                .signature
-                .iter()
-                .map(|&c| if c.is_ascii_graphic() { c as char } else { '.' })
-                .collect();
-            b.str("signature", &sig)?;
+            b.str("signature", &report::printable(&d.signature))?;
             b.num("max_leaf", format!("{}", d.max_leaf))?;
             b.str("features", &format!("{:#x}", d.features))?;
             b.opt_num("vmware_version", d.vmware_version)?;
@@ -220,13 +218,7 @@ extern "C" fn kmain(start_info: u32) -> ! {
             )
         })?;
         j.obj("table", |t| {
-            t.str(
-                "source",
-                match prepared.source {
-                    patch::Source::Sealed => "sealed",
-                    patch::Source::Linked => "linked",
-                },
-            )?;
+            t.str("source", prepared.source.name())?;
             t.num("sites", sites)?;
             t.num("unknown_ops", unknown)
         })?;
@@ -242,21 +234,7 @@ extern "C" fn kmain(start_info: u32) -> ! {
         j.obj("patch", |p| {
             p.bool("applied", outcome.refused.is_none())?;
             p.opt_str("refused", outcome.refused.as_deref())?;
-            p.obj("sites_by_outcome", |o| {
-                for k in Outcome::ALL {
-                    o.num(k.name(), outcome.stats.count(k))?;
-                }
-                Ok(())
-            })?;
-            p.array("by_op", outcome.stats.by_op.iter(), |o, (id, counts)| {
-                o.str("op", pvpatch_runtime::stats::Stats::op_name(*id))?;
-                for (k, n) in Outcome::ALL.iter().zip(counts) {
-                    if *n > 0 {
-                        o.num(k.name(), n)?;
-                    }
-                }
-                Ok(())
-            })?;
+            report::outcomes(p, &outcome.stats)?;
             p.obj("by_form", |f| {
                 for (form, counts) in pvpatch_runtime::stats::FORMS
                     .iter()
@@ -303,21 +281,7 @@ extern "C" fn kmain(start_info: u32) -> ! {
             }
             t.num("taken", traps_taken)
         })?;
-        j.array("selftests", tests.iter(), |o, t| {
-            o.str("name", t.name)?;
-            o.str("ops", t.ops)?;
-            match &t.verdict {
-                Verdict::Pass => o.str("result", "pass"),
-                Verdict::Fail(why) => {
-                    o.str("result", "fail")?;
-                    o.str("why", why)
-                }
-                Verdict::Skip(why) => {
-                    o.str("result", "skip")?;
-                    o.str("why", why)
-                }
-            }
-        })?;
+        report::selftests(&mut j, &tests)?;
         j.obj("bench", |b| {
             b.num("iterations", bench.iterations)?;
             b.num("empty_loop_kernel", Centi(bench.empty().0))?;

@@ -126,6 +126,16 @@ pub enum Source {
     Linked,
 }
 
+impl Source {
+    /// Its name in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Source::Sealed => "sealed",
+            Source::Linked => "linked",
+        }
+    }
+}
+
 /// Finds the table: a sealed one at the first page boundary after `_end` if its magic is there,
 /// else the linker-gathered one.
 pub fn locate() -> (Source, Result<SiteTable<'static>, patch_sites::TableError>) {

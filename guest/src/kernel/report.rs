@@ -120,3 +120,54 @@ impl fmt::Display for Centi {
         write!(f, "{}.{:02}", self.0 / 100, self.0 % 100)
     }
 }
+
+/// `bytes` as text, with `.` for what is not a printable ASCII character (a CPUID signature).
+pub fn printable(bytes: &[u8]) -> alloc::string::String {
+    bytes
+        .iter()
+        .map(|&c| if c.is_ascii_graphic() { c as char } else { '.' })
+        .collect()
+}
+
+/// The `selftests` array of a report.
+pub fn selftests<W: Write>(j: &mut Json<'_, W>, tests: &[super::selftest::Test]) -> fmt::Result {
+    use super::selftest::Verdict;
+    j.array("selftests", tests.iter(), |o, t| {
+        o.str("name", t.name)?;
+        o.str("ops", t.ops)?;
+        match &t.verdict {
+            Verdict::Pass => o.str("result", "pass"),
+            Verdict::Fail(why) => {
+                o.str("result", "fail")?;
+                o.str("why", why)
+            }
+            Verdict::Skip(why) => {
+                o.str("result", "skip")?;
+                o.str("why", why)
+            }
+        }
+    })
+}
+
+/// A patch pass's `sites_by_outcome` object and `by_op` array.
+pub fn outcomes<W: Write>(
+    p: &mut Json<'_, W>,
+    stats: &pvpatch_runtime::stats::Stats,
+) -> fmt::Result {
+    use patch_sites::Outcome;
+    p.obj("sites_by_outcome", |o| {
+        for k in Outcome::ALL {
+            o.num(k.name(), stats.count(k))?;
+        }
+        Ok(())
+    })?;
+    p.array("by_op", stats.by_op.iter(), |o, (id, counts)| {
+        o.str("op", pvpatch_runtime::stats::Stats::op_name(*id))?;
+        for (k, n) in Outcome::ALL.iter().zip(counts) {
+            if *n > 0 {
+                o.num(k.name(), n)?;
+            }
+        }
+        Ok(())
+    })
+}

@@ -11,6 +11,7 @@
 mod bench;
 mod cases;
 pub mod hv;
+mod paging;
 mod selftest;
 
 use alloc::format;
@@ -18,7 +19,6 @@ use alloc::string::String;
 use core::fmt::Write;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
-use patch_sites::Outcome;
 use pvpatch_runtime::apply::{self, TextPoke};
 use pvpatch_runtime::backend::Backend;
 use pvpatch_runtime::detect::{self, Platform};
@@ -553,12 +553,7 @@ extern "C" fn xen_main(start_info: *const u8) -> ! {
             b.str("name", d.kind.name())?;
             b.bool("xen_pv", d.xen_pv)?;
             b.bool("hypervisor_bit", d.hypervisor_bit)?;
-            let sig: String = d
-                .signature
-                .iter()
-                .map(|&c| if c.is_ascii_graphic() { c as char } else { '.' })
-                .collect();
-            b.str("signature", &sig)?;
+            b.str("signature", &super::report::printable(&d.signature))?;
             b.num("max_leaf", format!("{}", d.max_leaf))?;
             b.bool("overridden", d.overridden)
         })?;
@@ -572,32 +567,12 @@ extern "C" fn xen_main(start_info: *const u8) -> ! {
             x.num("entry_to_init_cycles", t_init - t_entry)
         })?;
         j.obj("table", |t| {
-            t.str(
-                "source",
-                match prepared.source {
-                    patch::Source::Sealed => "sealed",
-                    patch::Source::Linked => "linked",
-                },
-            )?;
+            t.str("source", prepared.source.name())?;
             t.num("sites", patched.sites)
         })?;
         j.obj("patch", |p| {
             p.bool("applied", patched.refused.is_none())?;
-            p.obj("sites_by_outcome", |o| {
-                for k in Outcome::ALL {
-                    o.num(k.name(), patched.stats.count(k))?;
-                }
-                Ok(())
-            })?;
-            p.array("by_op", patched.stats.by_op.iter(), |o, (id, counts)| {
-                o.str("op", Stats::op_name(*id))?;
-                for (k, n) in Outcome::ALL.iter().zip(counts) {
-                    if *n > 0 {
-                        o.num(k.name(), n)?;
-                    }
-                }
-                Ok(())
-            })?;
+            super::report::outcomes(p, &patched.stats)?;
             p.num("sites_written", patched.stats.applied.sites)?;
             p.num("bytes_written", patched.stats.applied.bytes)?;
             p.num("plan_cycles", patched.stats.plan_cycles)?;
@@ -615,21 +590,7 @@ extern "C" fn xen_main(start_info: *const u8) -> ! {
                     .unwrap_or(0),
             )
         })?;
-        j.array("selftests", tests.iter(), |o, t| {
-            o.str("name", t.name)?;
-            o.str("ops", t.ops)?;
-            match &t.verdict {
-                Verdict::Pass => o.str("result", "pass"),
-                Verdict::Fail(why) => {
-                    o.str("result", "fail")?;
-                    o.str("why", why)
-                }
-                Verdict::Skip(why) => {
-                    o.str("result", "skip")?;
-                    o.str("why", why)
-                }
-            }
-        })?;
+        super::report::selftests(&mut j, &tests)?;
         j.array("bench", marks.rows.iter(), |o, r| {
             o.str("op", r.name)?;
             o.str("trapped_how", r.how)?;
@@ -639,19 +600,14 @@ extern "C" fn xen_main(start_info: *const u8) -> ! {
             o.opt_num("call_patched", r.call_patched.map(Centi))
         })?;
         j.obj("probes", |p| {
+            let value = |v: Option<u64>| v.map_or("#GP".into(), |v| format!("{v:#x}"));
             p.array("msrs", msrs.iter(), |o, (msr, v)| {
                 o.str("msr", &format!("{msr:#x}"))?;
-                match v {
-                    Some(v) => o.str("value", &format!("{v:#x}")),
-                    None => o.str("value", "#GP"),
-                }
+                o.str("value", &value(*v))
             })?;
             p.array("ports", ports.iter(), |o, (port, v)| {
                 o.str("port", &format!("{port:#x}"))?;
-                match v {
-                    Some(v) => o.str("value", &format!("{v:#x}")),
-                    None => o.str("value", "#GP"),
-                }
+                o.str("value", &value(v.map(u64::from)))
             })?;
             p.array("instructions", insns.iter(), |o, i| {
                 o.str("insn", i.name)?;

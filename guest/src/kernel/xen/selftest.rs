@@ -20,6 +20,7 @@ use patch_sites::*;
 
 use super::super::selftest::{Test, Verdict};
 use super::hv;
+use super::paging::{PROBE, X, Y, build_roots, page, read_probe};
 use super::{IF, TIMER_EVENTS};
 
 #[inline(never)]
@@ -79,7 +80,8 @@ fn spin_until(deadline: u64) {
 
 type R = Result<(), alloc::string::String>;
 
-fn check(ok: bool, what: impl FnOnce() -> alloc::string::String) -> R {
+/// `Err(what())` unless `ok`.
+pub fn check(ok: bool, what: impl FnOnce() -> alloc::string::String) -> R {
     if ok { Ok(()) } else { Err(what()) }
 }
 
@@ -149,68 +151,6 @@ fn halt() -> R {
         format!("safe_halt returned after {slept} ns, before the timer's {delay}")
     })?;
     check(hv::mask() == 0, || "safe_halt left events masked".into())
-}
-
-#[repr(C, align(4096))]
-struct Pages([[u64; 512]; 9]);
-/// Page tables and data pages of the CR3 and invlpg tests: L4b, L3a, L2a, L1a, L3b, L2b, L1b,
-/// X, Y.
-static mut PAGES: Pages = Pages([[0; 512]; 9]);
-/// The probe address: L4 slot 1 (nothing of the boot address space is there).
-const PROBE: u64 = 0x80_0000_0000;
-const X: u64 = 0x5858_5858_5858_5858;
-const Y: u64 = 0x5959_5959_5959_5959;
-
-fn page(i: usize) -> u64 {
-    // SAFETY: taking the address of one of the static pages.
-    unsafe { (&raw mut PAGES.0[i]) as u64 }
-}
-
-fn read_probe() -> u64 {
-    // SAFETY: the probe address is mapped (to X or Y) in whichever root is current when the
-    // tests read it.
-    unsafe { core::ptr::read_volatile(PROBE as *const u64) }
-}
-
-/// The two address spaces: the boot root gains L4[1] -> L3a -> L2a -> L1a -> Y; a second root
-/// (a copy of the boot root's entries) has L4[1] -> L3b -> L2b -> L1b -> X. Returns the
-/// second root's machine address and L1a's.
-fn build_roots(boot_l4: u64) -> Result<(u64, u64), alloc::string::String> {
-    let [l4b, l3a, l2a, l1a, l3b, l2b, l1b, x, y] = core::array::from_fn(page);
-    let entry = |va: u64, flags: u64| hv::mfn(va) << 12 | flags;
-    // SAFETY: the pages are this test's own and still writable (mapped as Xen built the
-    // boot region); the boot L4 is mapped read-only and only read here.
-    unsafe {
-        let w = |va: u64, i: usize, v: u64| core::ptr::write_volatile((va as *mut u64).add(i), v);
-        for i in 0..512 {
-            w(x, i, X);
-            w(y, i, Y);
-            w(
-                l4b,
-                i,
-                core::ptr::read_volatile((boot_l4 as *const u64).add(i)),
-            );
-        }
-        w(l4b, 1, entry(l3b, hv::PTE_TABLE));
-        w(l3b, 0, entry(l2b, hv::PTE_TABLE));
-        w(l2b, 0, entry(l1b, hv::PTE_TABLE));
-        w(l1b, 0, entry(x, hv::PTE_RW));
-        w(l3a, 0, entry(l2a, hv::PTE_TABLE));
-        w(l2a, 0, entry(l1a, hv::PTE_TABLE));
-        w(l1a, 0, entry(y, hv::PTE_RW));
-    }
-    // Page-table pages must be mapped read-only everywhere before Xen takes them as tables.
-    for t in [l4b, l3a, l2a, l1a, l3b, l2b, l1b] {
-        let rc = hv::update_va_mapping(t, entry(t, hv::PTE_RO));
-        check(rc == 0, || format!("remapping a table read-only: {rc}"))?;
-    }
-    let rc = hv::mmuext(hv::MMUEXT_PIN_L4_TABLE, hv::mfn(l4b));
-    check(rc == 0, || format!("pinning the second root: {rc}"))?;
-    let rc = hv::mmu_update(hv::mfn(boot_l4) << 12 | 8, entry(l3a, hv::PTE_TABLE));
-    check(rc == 0, || {
-        format!("mmu_update of the boot root's slot 1: {rc}")
-    })?;
-    Ok((hv::mfn(l4b) << 12, hv::mfn(l1a) << 12))
 }
 
 fn cr3(boot_l4: u64) -> Result<u64, alloc::string::String> {
