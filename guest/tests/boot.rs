@@ -848,8 +848,12 @@ fn real_xen_pv_guest() {
     harness::figure(
         "real_xen_pv_guest",
         &format!(
-            "real Xen: {sites} sites planned, {} rewritten; {} upcalls, {} boot s",
+            "real Xen: {sites} sites planned, {} rewritten; first (cold) plan {} cycles, the \
+             same plan again {}, applying {}; {} upcalls; {:.1} s from QEMU's start",
             num(&r, "patch.sites_written"),
+            num(&r, "patch.plan_first_cycles"),
+            num(&r, "patch.plan_cycles"),
+            num(&r, "patch.apply_cycles"),
             num(&r, "xen.upcalls"),
             b.elapsed.as_secs_f64()
         ),

@@ -438,6 +438,13 @@ fn print_xen_bench(results: &[Run]) {
             row["trapped_how"].as_str().unwrap_or("")
         );
     }
+    let p = &r.report["patch"];
+    println!(
+        "\n  patching: the first (cold) plan {} cycles, the same plan again {}, applying {}",
+        n(&p["plan_first_cycles"]),
+        n(&p["plan_cycles"]),
+        n(&p["apply_cycles"])
+    );
     let probes = &r.report["probes"];
     let list = |k: &str, f: &str| -> String {
         probes[k]
