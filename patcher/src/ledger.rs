@@ -495,6 +495,13 @@ impl Ledger {
 
 pub(crate) fn code_info(report: &ScanReport<'_>) -> CodeInfo {
     let image = report.image;
+    // Sites per section, counted once (a count per section over every site was quadratic).
+    let mut per_section = vec![0usize; image.sections.len()];
+    for x in &report.analysis.sites {
+        if let Some(n) = per_section.get_mut(x.found.section) {
+            *n += 1;
+        }
+    }
     CodeInfo {
         bytes: report.sweep.bytes,
         instructions: report.sweep.instructions,
@@ -509,12 +516,7 @@ pub(crate) fn code_info(report: &ScanReport<'_>) -> CodeInfo {
                     address: hex(s.addr),
                     size: s.size,
                     instructions: c.starts.count(),
-                    sites: report
-                        .analysis
-                        .sites
-                        .iter()
-                        .filter(|x| x.found.section == c.section)
-                        .count(),
+                    sites: per_section.get(c.section).copied().unwrap_or(0),
                 }
             })
             .collect(),

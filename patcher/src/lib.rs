@@ -30,6 +30,7 @@ pub mod rewrite;
 pub mod rom;
 pub mod shim;
 pub mod summary;
+pub mod spans;
 pub mod sweep;
 pub mod verify;
 

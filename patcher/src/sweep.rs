@@ -110,9 +110,16 @@ impl ByteMap {
         None
     }
 
-    fn or(&mut self, other: &ByteMap) {
-        for (a, b) in self.words.iter_mut().zip(&other.words) {
-            *a |= *b;
+    /// Sets every bit set in `other` (a map over a part of this one's bytes, or any bytes:
+    /// what lies outside this map is ignored).
+    fn set_all_from(&mut self, other: &ByteMap) {
+        for (w, &word) in other.words.iter().enumerate() {
+            let mut bits = word;
+            while bits != 0 {
+                let b = bits.trailing_zeros() as u64;
+                bits &= bits - 1;
+                self.set(other.base + w as u64 * 64 + b);
+            }
         }
     }
 
@@ -146,14 +153,14 @@ pub struct Sweep {
     pub instructions: u64,
     /// Bytes of code swept.
     pub bytes: u64,
+    /// `code` by address.
+    index: crate::spans::SpanIndex,
 }
 
 impl Sweep {
     /// The code map of the section holding `addr`.
     pub fn code_at(&self, addr: u64) -> Option<&SectionCode> {
-        self.code
-            .iter()
-            .find(|c| addr.wrapping_sub(c.starts.base) < c.starts.len)
+        self.index.first_at(addr).map(|i| &self.code[i])
     }
 
     /// Whether an instruction was decoded starting at `addr`.
@@ -163,14 +170,16 @@ impl Sweep {
 
     /// Whether a direct branch or call targets `addr`.
     pub fn is_branch_target(&self, addr: u64) -> bool {
-        self.code.iter().any(|c| c.targets.get(addr))
+        self.index
+            .overlapping(addr, addr.saturating_add(1))
+            .any(|i| self.code[i].targets.get(addr))
     }
 
     /// The first branch target in `[from, to)`.
     pub fn branch_target_in(&self, from: u64, to: u64) -> Option<u64> {
-        self.code
-            .iter()
-            .filter_map(|c| c.targets.first_in(from, to))
+        self.index
+            .overlapping(from, to)
+            .filter_map(|i| self.code[i].targets.first_in(from, to))
             .min()
     }
 }
@@ -201,10 +210,15 @@ struct Chunk {
 }
 
 struct ChunkResult {
+    /// The chunk's section (its index among the image's sections).
+    section: usize,
     found: Vec<Found>,
     resyncs: Vec<Resync>,
+    /// Instruction starts, over the chunk's bytes only.
     starts: ByteMap,
-    targets: Vec<ByteMap>,
+    /// Near-branch targets, wherever they point (sorted into sections when merged): memory
+    /// linear in the branches, whatever the number of sections.
+    targets: Vec<u64>,
     instructions: u64,
 }
 
@@ -253,7 +267,7 @@ pub fn sweep(
         chunks
             .iter()
             .map(|chunk| {
-                let r = sweep_chunk(image, &exec, *chunk, known_starts);
+                let r = sweep_chunk(image, *chunk, known_starts);
                 if let Some(p) = progress {
                     p(chunk.end - chunk.start);
                 }
@@ -269,7 +283,7 @@ pub fn sweep(
                         loop {
                             let i = next.fetch_add(1, Ordering::Relaxed) as usize;
                             let Some(chunk) = chunks.get(i) else { break };
-                            out.push(sweep_chunk(image, &exec, *chunk, known_starts));
+                            out.push(sweep_chunk(image, *chunk, known_starts));
                             if let Some(p) = progress {
                                 p(chunk.end - chunk.start);
                             }
@@ -297,19 +311,30 @@ pub fn sweep(
             targets: ByteMap::new(s.addr, s.size),
         });
     }
+    // The code maps by section index, and the sections by address, for the merge: lookups
+    // in O(1) and O(log n), so that the merge stays linear in what the chunks found however
+    // many sections there are.
+    let mut by_section = vec![usize::MAX; image.sections.len()];
+    for (i, c) in scan.code.iter().enumerate() {
+        by_section[c.section] = i;
+    }
+    scan.index = crate::spans::SpanIndex::new(
+        scan.code
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.starts.base, c.starts.base.saturating_add(c.starts.len), i)),
+    );
     for r in results {
         scan.instructions += r.instructions;
         scan.found.extend(r.found);
         scan.resyncs.extend(r.resyncs);
-        if let Some(c) = scan
-            .code
-            .iter_mut()
-            .find(|c| c.starts.base == r.starts.base)
-        {
-            c.starts.or(&r.starts);
+        if let Some(c) = by_section.get(r.section).and_then(|&i| scan.code.get_mut(i)) {
+            c.starts.set_all_from(&r.starts);
         }
-        for (c, t) in scan.code.iter_mut().zip(&r.targets) {
-            c.targets.or(t);
+        for t in r.targets {
+            for i in scan.index.overlapping(t, t.saturating_add(1)) {
+                scan.code[i].targets.set(t);
+            }
         }
     }
     scan.found.sort_by_key(|f| f.addr);
@@ -317,26 +342,15 @@ pub fn sweep(
     scan
 }
 
-fn sweep_chunk(image: &Image, exec: &[usize], chunk: Chunk, known: &[u64]) -> ChunkResult {
+fn sweep_chunk(image: &Image, chunk: Chunk, known: &[u64]) -> ChunkResult {
     let s = &image.sections[chunk.section];
     let data = image.section_data(s);
     let mut out = ChunkResult {
+        section: chunk.section,
         found: Vec::new(),
         resyncs: Vec::new(),
-        starts: ByteMap::new(s.addr, s.size),
-        targets: exec
-            .iter()
-            .map(|&i| {
-                let t = &image.sections[i];
-                // Only the maps of sections this chunk can branch into need room; allocate
-                // lazily below.
-                ByteMap {
-                    base: t.addr,
-                    len: t.size,
-                    words: Vec::new(),
-                }
-            })
-            .collect(),
+        starts: ByteMap::new(chunk.start, chunk.end - chunk.start),
+        targets: Vec::new(),
         instructions: 0,
     };
     let lo = (chunk.start - s.addr) as usize;
@@ -382,17 +396,7 @@ fn sweep_chunk(image: &Image, exec: &[usize], chunk: Chunk, known: &[u64]) -> Ch
         out.instructions += 1;
         out.starts.set(ip);
         if matches!(insn.op0_kind(), OpKind::NearBranch64) {
-            let t = insn.near_branch64();
-            if let Some(m) = out
-                .targets
-                .iter_mut()
-                .find(|m| t.wrapping_sub(m.base) < m.len)
-            {
-                if m.words.is_empty() {
-                    m.words = vec![0; m.len.div_ceil(64) as usize];
-                }
-                m.set(t);
-            }
+            out.targets.push(insn.near_branch64());
         }
         if let Some(class) = classify(&insn) {
             out.found.push(Found {

@@ -199,6 +199,8 @@ pub struct Image {
     /// Where a boot shim's parameters are in its section (`.pvpatch_shim`), found once by
     /// their magic, if the image has a shim.
     pub shim_params_at: Option<usize>,
+    /// The allocated sections with bytes in the file, by address.
+    by_addr: crate::spans::SpanIndex,
 }
 
 /// `XEN_ELFNOTE_PHYS32_ENTRY`: the physical address of a kernel's 32-bit PVH entry point.
@@ -456,7 +458,15 @@ impl Image {
             build_id,
             notes: all_notes,
             shim_params_at: None,
+            by_addr: Default::default(),
         };
+        image.by_addr = crate::spans::SpanIndex::new(
+            image
+                .sections
+                .iter()
+                .filter(|s| s.is_alloc() && s.has_file_data())
+                .map(|s| (s.addr, s.addr.saturating_add(s.size), s.index)),
+        );
         if !image.sections.iter().any(Section::is_exec) {
             return Err(ImageError::Unsupported(format!(
                 "{}: no executable section (no SHF_EXECINSTR PROGBITS section)",
@@ -566,9 +576,8 @@ impl Image {
 
     /// The allocated section with file data that holds `addr`.
     pub fn section_at(&self, addr: u64) -> Option<&Section> {
-        self.sections
-            .iter()
-            .find(|s| s.is_alloc() && s.has_file_data() && s.contains(addr))
+        // Of several that hold it (overlapping sections), the first in header order.
+        self.by_addr.first_at(addr).map(|i| &self.sections[i])
     }
 
     /// `len` bytes of the image at virtual address `addr`, if they lie inside one section.
