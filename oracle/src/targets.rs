@@ -130,11 +130,33 @@ fn representative_sites() -> (Vec<Site>, Vec<u8>) {
 /// Arbitrary bytes as a backend ROM through the runtime's validator: it never panics, and a
 /// ROM it accepts for a table plans every site of that table (no sequence the planner builds
 /// from it fails to decode as intended). `Ok(true)` if the ROM was accepted.
+///
+/// `pvpatch rom show` runs on the same bytes: it prints exactly the ROMs the parser accepts,
+/// and says, per entry, what the runtime's own checks would refuse ([`romcheck::validate_entry`]
+/// for each entry, agreeing with [`romcheck::validate_code`]).
 pub fn rom_validator(data: &[u8]) -> Result<bool, String> {
+    let shown = pvpatch::rom::show(data);
     let Ok(rom) = Rom::parse(data) else {
+        if shown.is_ok() {
+            return Err("rom show printed a ROM the parser refuses".into());
+        }
         return Ok(false);
     };
-    let code_ok = romcheck::validate_code(&rom).is_ok();
+    let shown = shown.map_err(|e| format!("rom show refused a ROM the parser accepts: {e}"))?;
+    let code = romcheck::validate_code(&rom);
+    if shown.refused.first().map(|r| r.1) != code.err() {
+        return Err(format!(
+            "rom show reports {:?}, the runtime's validate_code {code:?}",
+            shown.refused
+        ));
+    }
+    if shown.text.matches("\n    refused: ").count() != shown.refused.len() {
+        return Err(format!(
+            "rom show does not print a refusal line per refused entry:\n{}",
+            shown.text
+        ));
+    }
+    let code_ok = code.is_ok();
     let (sites, text) = representative_sites();
     let table_addr = SITE + 0x1_0000;
     let mut buf = vec![0u8; sealed_table_size(sites.len())];

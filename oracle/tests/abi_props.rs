@@ -78,6 +78,13 @@ proptest! {
                 _ => prop_assert!(s.code.is_empty()),
             }
         }
+        // `rom show` prints it, and says per entry what the runtime's own checks refuse.
+        let shown = pvpatch::rom::show(&buf).expect("shows");
+        prop_assert_eq!(shown.entries as usize, specs.len());
+        prop_assert_eq!(
+            shown.refused.first().map(|r| r.1),
+            pvpatch_runtime::romcheck::validate_code(&rom).err()
+        );
     }
 
     #[test]

@@ -37,13 +37,20 @@ fn plan_and_check_corpus() {
 
 #[test]
 fn rom_validator_corpus() {
-    let mut accepted = 0;
+    let (mut accepted, mut refused_entries) = (0, 0);
     for (name, data) in corpus("rom_validator") {
         if rom_validator(&data).unwrap_or_else(|e| panic!("{name}: {e}")) {
             accepted += 1;
         }
+        if pvpatch::rom::show(&data).is_ok_and(|s| !s.refused.is_empty()) {
+            refused_entries += 1;
+        }
     }
     assert!(accepted >= 3, "some seeds are valid ROMs ({accepted})");
+    assert!(
+        refused_entries >= 1,
+        "some seeds have entries the runtime refuses, for rom show to report"
+    );
 }
 
 /// Code made of sensitive instructions (each in a few encodings), NOPs, and random bytes.

@@ -296,7 +296,12 @@ pub enum RomError {
         /// The size the ROM claims.
         found: u16,
     },
-    /// `total_len` disagrees with the bytes given, or exceeds [`MAX_ROM_LEN`].
+    /// More bytes than [`MAX_ROM_LEN`].
+    TooLong {
+        /// Bytes given.
+        len: usize,
+    },
+    /// `total_len` disagrees with the bytes given.
     LengthMismatch {
         /// The header's total length.
         total_len: u32,
@@ -307,6 +312,8 @@ pub enum RomError {
     EntriesOverflow {
         /// The header's count.
         count: u16,
+        /// Bytes given.
+        available: usize,
     },
     /// The checksum does not match.
     BadChecksum {
@@ -337,7 +344,9 @@ pub enum RomEntryError {
     CodeOutOfBounds,
     /// An inline template longer than [`MAX_TEMPLATE_LEN`].
     TemplateTooLong(u16),
-    /// More than [`MAX_SLOTS`] slots, or slots outside the ROM's data area.
+    /// More than [`MAX_SLOTS`] slots.
+    TooManySlots(usize),
+    /// The slot array lies outside the ROM's data area.
     BadSlots,
     /// A slot with an unknown kind or source, or pointing outside its template.
     BadSlot(u8),
@@ -358,9 +367,15 @@ impl fmt::Display for RomEntryError {
             RomEntryError::BadKind(k) => write!(f, "unknown kind {k}"),
             RomEntryError::CodeOutOfBounds => f.write_str("code outside the ROM's data area"),
             RomEntryError::TemplateTooLong(n) => {
-                write!(f, "template of {n} bytes exceeds {MAX_TEMPLATE_LEN}")
+                write!(
+                    f,
+                    "inline template of {n} bytes, more than the {MAX_TEMPLATE_LEN}-byte limit"
+                )
             }
-            RomEntryError::BadSlots => f.write_str("slot table out of bounds or too long"),
+            RomEntryError::TooManySlots(n) => {
+                write!(f, "{n} slots, more than the limit of {MAX_SLOTS}")
+            }
+            RomEntryError::BadSlots => f.write_str("slot array outside the ROM's data area"),
             RomEntryError::BadSlot(i) => write!(f, "slot {i} is invalid"),
             RomEntryError::UnexpectedFields => f.write_str("fields set that this kind has not"),
             RomEntryError::ReservedBits => f.write_str("reserved bits set"),
@@ -389,17 +404,25 @@ impl fmt::Display for RomError {
             RomError::EntrySizeMismatch { found } => {
                 write!(f, "entry size {found}, expected {ROM_ENTRY_SIZE}")
             }
+            RomError::TooLong { len } => {
+                write!(
+                    f,
+                    "ROM is {len} bytes, more than the {MAX_ROM_LEN}-byte limit"
+                )
+            }
             RomError::LengthMismatch {
                 total_len,
                 available,
             } => write!(
                 f,
-                "total length {total_len} disagrees with the {available} bytes given \
-                 (at most {MAX_ROM_LEN})"
+                "total length {total_len} disagrees with the {available} bytes given"
             ),
-            RomError::EntriesOverflow { count } => {
-                write!(f, "{count} entries do not fit in the ROM")
-            }
+            RomError::EntriesOverflow { count, available } => write!(
+                f,
+                "{count} entries need {} bytes with the header, more than the {available} \
+                 bytes of the ROM",
+                ROM_HEADER_SIZE + *count as usize * ROM_ENTRY_SIZE
+            ),
             RomError::BadChecksum { stored, computed } => write!(
                 f,
                 "bad checksum: stored {stored:#010x}, computed {computed:#010x}"
@@ -477,7 +500,10 @@ impl<'a> Rom<'a> {
                 found: header.entry_size,
             });
         }
-        if header.total_len as usize != bytes.len() || bytes.len() > MAX_ROM_LEN {
+        if bytes.len() > MAX_ROM_LEN {
+            return Err(RomError::TooLong { len: bytes.len() });
+        }
+        if header.total_len as usize != bytes.len() {
             return Err(RomError::LengthMismatch {
                 total_len: header.total_len,
                 available: bytes.len(),
@@ -487,6 +513,7 @@ impl<'a> Rom<'a> {
         if data_start > bytes.len() {
             return Err(RomError::EntriesOverflow {
                 count: header.entry_count,
+                available: bytes.len(),
             });
         }
         let computed = rom_checksum(bytes);
@@ -589,7 +616,7 @@ impl<'a> Rom<'a> {
                     .ok_or(RomEntryError::CodeOutOfBounds)?;
                 let n = raw.slot_count as usize;
                 if n > MAX_SLOTS {
-                    return Err(RomEntryError::BadSlots);
+                    return Err(RomEntryError::TooManySlots(n));
                 }
                 let mut slots = [None; MAX_SLOTS];
                 if n == 0 {
@@ -696,6 +723,11 @@ pub enum RomWriteError {
         /// Bytes needed.
         needed: usize,
     },
+    /// The ROM would be longer than [`MAX_ROM_LEN`].
+    TooLong {
+        /// Bytes it would take.
+        needed: usize,
+    },
     /// The name is empty, longer than 16 bytes, or not printable ASCII.
     BadName,
     /// The written ROM does not pass [`Rom::parse`].
@@ -708,6 +740,10 @@ impl fmt::Display for RomWriteError {
             RomWriteError::BufferTooSmall { needed } => {
                 write!(f, "buffer too small: {needed} bytes needed")
             }
+            RomWriteError::TooLong { needed } => write!(
+                f,
+                "the ROM would be {needed} bytes, more than the {MAX_ROM_LEN}-byte limit"
+            ),
             RomWriteError::BadName => f.write_str("name must be 1-16 printable ASCII characters"),
             RomWriteError::Invalid(e) => write!(f, "the ROM would be invalid: {e}"),
         }
@@ -743,9 +779,14 @@ pub fn write_rom(
         return Err(RomWriteError::BadName);
     }
     let needed = rom_size(entries);
+    let too_long = RomWriteError::TooLong { needed };
     let too_small = RomWriteError::BufferTooSmall { needed };
-    let count = u16::try_from(entries.len()).map_err(|_| too_small)?;
-    if out.len() < needed || needed > MAX_ROM_LEN {
+    if needed > MAX_ROM_LEN {
+        return Err(too_long);
+    }
+    // Within the limit, the count and every code length fit their fields.
+    let count = u16::try_from(entries.len()).map_err(|_| too_long)?;
+    if out.len() < needed {
         return Err(too_small);
     }
     let out = &mut out[..needed];
@@ -770,13 +811,14 @@ pub fn write_rom(
         let mut raw = [0u8; ROM_ENTRY_SIZE];
         raw[0..2].copy_from_slice(&e.op_id.to_le_bytes());
         raw[2] = e.kind as u8;
-        raw[3] = u8::try_from(e.slots.len()).map_err(|_| too_small)?;
+        raw[3] = u8::try_from(e.slots.len()).map_err(|_| {
+            RomWriteError::Invalid(RomError::Entry {
+                index: i as u16,
+                error: RomEntryError::TooManySlots(e.slots.len()),
+            })
+        })?;
         raw[4..8].copy_from_slice(&(code_off as u32).to_le_bytes());
-        raw[8..10].copy_from_slice(
-            &u16::try_from(code_len)
-                .map_err(|_| too_small)?
-                .to_le_bytes(),
-        );
+        raw[8..10].copy_from_slice(&u16::try_from(code_len).map_err(|_| too_long)?.to_le_bytes());
         raw[12..16].copy_from_slice(&e.clobbers.0.to_le_bytes());
         raw[16..20].copy_from_slice(&(slots_off as u32).to_le_bytes());
         put(out, ROM_HEADER_SIZE + i * ROM_ENTRY_SIZE, &raw).ok_or(too_small)?;

@@ -1,8 +1,9 @@
 //! `pvpatch`: the post-link tool.
 //!
 //! Exit status: 0 success; 2 bad command line; 3 unreadable or malformed input; 4 verification
-//! found records that do not match the code; 5 refused (already annotated, or the output would
-//! overwrite the input); 6 the output could not be written; 70 internal error.
+//! found records that do not match the code, or `rom show` entries the runtime would refuse;
+//! 5 refused (already annotated, or the output would overwrite the input); 6 the output could
+//! not be written; 70 internal error.
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -299,14 +300,29 @@ fn rom_command(command: RomCommand) -> Result<(), Failure> {
             }
             .map_err(|e| Failure(status::INPUT, anyhow::Error::new(e)))?;
             write_bytes(&output, &rom)?;
-            out!("{}", pvpatch::rom::show(&rom).unwrap_or_default());
+            out!(
+                "{}",
+                pvpatch::rom::show(&rom).map(|s| s.text).unwrap_or_default()
+            );
             outln!("written to {}", output.display());
         }
         RomCommand::Show { rom } => {
             let bytes = read_input(&rom)?;
-            let text = pvpatch::rom::show(&bytes)
+            let shown = pvpatch::rom::show(&bytes)
                 .map_err(|e| Failure(status::INPUT, anyhow::anyhow!("{}: {e}", rom.display())))?;
-            out!("{text}");
+            out!("{}", shown.text);
+            if !shown.refused.is_empty() {
+                // What the runtime would refuse is a mismatch, as for verify (status 4).
+                return Err(Failure(
+                    status::MISMATCH,
+                    anyhow::anyhow!(
+                        "{}: the runtime would refuse {} of {} entries, and so the whole ROM",
+                        rom.display(),
+                        shown.refused.len(),
+                        shown.entries
+                    ),
+                ));
+            }
         }
         RomCommand::Sequences => {
             for s in pvpatch::rom::library() {

@@ -14,7 +14,7 @@ use core::fmt;
 
 use patch_sites::Op;
 use patch_sites::op::Kind;
-use patch_sites::rom::{Rom, RomAction};
+use patch_sites::rom::{Rom, RomAction, RomEntry};
 use patch_sites::table::SiteTable;
 pub use pvpatch_isa::sequence::CodeProblem;
 use pvpatch_isa::sequence::{self, BadInsn, check_code, effects, may_change};
@@ -102,24 +102,26 @@ fn same_operands(op: Op, site: &patch_sites::table::Site, code: &[u8]) -> Result
     }
 }
 
-/// Checks every template and entry point of `rom` on its own (what `pvpatch rom build` can
-/// check without a kernel).
-pub fn validate_code(rom: &Rom<'_>) -> Result<(), RomRefusal> {
-    for e in rom.entries() {
-        // Entries for ops this runtime does not know are ignored, as the format says.
-        let Some(op) = e.op() else { continue };
-        if op.info().kind != Kind::Instruction && op.info().kind != Kind::Idiom {
-            return Err(RomRefusal::OpNotPatchable(op));
-        }
-        match e.action {
-            RomAction::Inline { template, .. } => {
-                check_code(op, template, false).map_err(code(op))?
-            }
-            RomAction::Call { code: c, .. } => check_code(op, c, true).map_err(code(op))?,
-            RomAction::Nothing | RomAction::Native => {}
-        }
+/// Checks one entry on its own, without a kernel: its op may be rewritten, and its template
+/// or entry point passes the sequence checks. An entry for an op this runtime does not know
+/// passes (it is ignored, as the format says). [`validate_code`] applies this to every entry;
+/// `pvpatch rom show` reports it per entry.
+pub fn validate_entry(e: &RomEntry<'_>) -> Result<(), RomRefusal> {
+    let Some(op) = e.op() else { return Ok(()) };
+    if op.info().kind != Kind::Instruction && op.info().kind != Kind::Idiom {
+        return Err(RomRefusal::OpNotPatchable(op));
     }
-    Ok(())
+    match e.action {
+        RomAction::Inline { template, .. } => check_code(op, template, false).map_err(code(op)),
+        RomAction::Call { code: c, .. } => check_code(op, c, true).map_err(code(op)),
+        RomAction::Nothing | RomAction::Native => Ok(()),
+    }
+}
+
+/// Checks every template and entry point of `rom` on its own (what `pvpatch rom build` can
+/// check without a kernel): [`validate_entry`] for each entry.
+pub fn validate_code(rom: &Rom<'_>) -> Result<(), RomRefusal> {
+    rom.entries().try_for_each(|e| validate_entry(&e))
 }
 
 /// Validates `rom` for this kernel (`table`) on a hypervisor with CPUID signature `signature`.

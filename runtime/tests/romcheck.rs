@@ -133,6 +133,37 @@ fn bad_instructions_are_refused_in_templates_and_entry_points() {
 }
 
 #[test]
+fn the_per_entry_checks_are_the_boot_time_ones() {
+    // What `pvpatch rom show` reports per entry is what the boot-time path refuses the ROM for.
+    for bad in [
+        entry(Op::Vmcall, RomKind::Nothing, &[]),
+        entry(Op::Cli, RomKind::Inline, &[0x0f, 0x01, 0xc1]),
+        entry(Op::Rdtsc, RomKind::Call, &[0x0f, 0x31, 0xe9, 0, 1, 0, 0]),
+        entry(Op::Cli, RomKind::Inline, &[0x0f, 0xff]),
+    ] {
+        let mut e: Vec<RomEntrySpec<'_>> = good()
+            .into_iter()
+            .filter(|x| x.op_id != bad.op_id)
+            .collect();
+        e.push(bad);
+        let bytes = rom(KVM, &e);
+        let r = Rom::parse(&bytes).unwrap();
+        let per_entry: Vec<_> = r
+            .entries()
+            .filter_map(|x| romcheck::validate_entry(&x).err())
+            .collect();
+        assert_eq!(per_entry.len(), 1, "{per_entry:?}");
+        let t = table_bytes();
+        let table = SiteTable::parse_contiguous(&t, TABLE_ADDR, &[TEXT]).unwrap();
+        assert_eq!(romcheck::validate(&r, &KVM, &table), Err(per_entry[0]));
+        assert_eq!(romcheck::validate_code(&r), Err(per_entry[0]));
+    }
+    let bytes = rom(KVM, &good());
+    let r = Rom::parse(&bytes).unwrap();
+    assert!(r.entries().all(|x| romcheck::validate_entry(&x).is_ok()));
+}
+
+#[test]
 fn a_sequence_on_another_operand_is_refused() {
     // save_fl into rax where the site saves into rbx: inline (no slot), and as an entry point.
     // The entries declare rax clobbered, so only the operand check can see it.

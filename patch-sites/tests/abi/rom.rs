@@ -153,9 +153,18 @@ fn entry_count_that_overflows() {
     let mut b = sample();
     b[14..16].copy_from_slice(&u16::MAX.to_le_bytes());
     reseal(&mut b);
+    let e = Rom::parse(&b).unwrap_err();
     assert_eq!(
-        Rom::parse(&b).unwrap_err(),
-        RomError::EntriesOverflow { count: u16::MAX }
+        e,
+        RomError::EntriesOverflow {
+            count: u16::MAX,
+            available: b.len()
+        }
+    );
+    let needed = ROM_HEADER_SIZE + u16::MAX as usize * ROM_ENTRY_SIZE;
+    assert!(
+        e.to_string().contains(&format!("need {needed} bytes")),
+        "{e}"
     );
 }
 
@@ -203,6 +212,10 @@ fn template_too_long() {
     entry_mut(&mut b, 2)[8..10].copy_from_slice(&65u16.to_le_bytes());
     reseal(&mut b);
     assert_eq!(entry_error(&b), (2, RomEntryError::TemplateTooLong(65)));
+    assert_eq!(
+        RomEntryError::TemplateTooLong(65).to_string(),
+        "inline template of 65 bytes, more than the 64-byte limit"
+    );
 }
 
 #[test]
@@ -215,7 +228,11 @@ fn bad_kind_slots_and_fields() {
     let mut b = sample();
     entry_mut(&mut b, 2)[3] = 9; // 9 slots
     reseal(&mut b);
-    assert_eq!(entry_error(&b), (2, RomEntryError::BadSlots));
+    assert_eq!(entry_error(&b), (2, RomEntryError::TooManySlots(9)));
+    assert_eq!(
+        RomEntryError::TooManySlots(9).to_string(),
+        "9 slots, more than the limit of 8"
+    );
 
     // a slot pointing past its template
     let mut b = sample();
@@ -312,7 +329,7 @@ fn a_rom_of_exactly_the_largest_size_is_accepted_and_one_byte_more_is_not() {
             &[spec(Op::Cli, RomKind::Call, &code)],
             &mut buf
         ),
-        Err(RomWriteError::BufferTooSmall { .. })
+        Err(RomWriteError::TooLong { needed }) if needed == MAX_ROM_LEN + 1
     ));
     // A buffer one byte short of what the ROM needs.
     let entries = [spec(Op::Cli, RomKind::Call, &[0xfa, 0xc3])];
@@ -321,6 +338,35 @@ fn a_rom_of_exactly_the_largest_size_is_accepted_and_one_byte_more_is_not() {
         write_rom("short", SIG, &entries, &mut short),
         Err(RomWriteError::BufferTooSmall { .. })
     ));
+}
+
+#[test]
+fn a_rom_over_the_limit_is_refused_for_the_limit() {
+    use patch_sites::rom::MAX_ROM_LEN;
+    // A ROM whose header says 70,277 bytes, given 70,277: the limit is what is wrong.
+    let mut b = written("big", &[]).unwrap();
+    b.resize(70_277, 0);
+    b[16..20].copy_from_slice(&70_277u32.to_le_bytes());
+    reseal(&mut b);
+    let e = Rom::parse(&b).unwrap_err();
+    assert_eq!(e, RomError::TooLong { len: 70_277 });
+    assert_eq!(
+        e.to_string(),
+        format!("ROM is 70277 bytes, more than the {MAX_ROM_LEN}-byte limit")
+    );
+    // A length that disagrees is still said to disagree.
+    let b = sample();
+    let e = Rom::parse(&b[..b.len() - 1]).unwrap_err();
+    assert!(e.to_string().contains("disagrees"), "{e}");
+    assert!(!e.to_string().contains("limit"), "{e}");
+    // Written: the writer names the limit too, not a buffer.
+    let fixed = rom_size(&[spec(Op::Cli, RomKind::Call, &[])]);
+    let code = vec![0x90; 70_277 - fixed];
+    let e = written("big", &[spec(Op::Cli, RomKind::Call, &code)]).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!("the ROM would be 70277 bytes, more than the {MAX_ROM_LEN}-byte limit")
+    );
 }
 
 #[test]
@@ -358,7 +404,10 @@ fn entries_without_data_end_the_rom() {
     b[14..16].copy_from_slice(&3u16.to_le_bytes());
     assert_eq!(
         Rom::parse(&b).unwrap_err(),
-        RomError::EntriesOverflow { count: 3 }
+        RomError::EntriesOverflow {
+            count: 3,
+            available: b.len()
+        }
     );
 }
 
@@ -464,7 +513,11 @@ fn kinds_and_errors_have_names() {
     );
     for shown in [
         RomError::BadName.to_string(),
-        RomError::EntriesOverflow { count: 3 }.to_string(),
+        RomError::EntriesOverflow {
+            count: 3,
+            available: 100,
+        }
+        .to_string(),
         RomEntryError::UnexpectedFields.to_string(),
         RomWriteError::BadName.to_string(),
     ] {

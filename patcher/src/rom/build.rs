@@ -88,14 +88,25 @@ struct EntryDesc {
     clobbers: Vec<String>,
 }
 
+/// The signature field: `any` (all zero), or the CPUID 0x40000000 signature as CPUID gives
+/// it: 1 to 12 printable ASCII characters, spaces included (`Microsoft Hv`), NUL-padded when
+/// shorter (`KVMKVMKVM` is `KVMKVMKVM\0\0\0`). Empty is refused: it would mean "any" unsaid.
 fn signature(s: &str) -> Result<[u8; 12], RomBuildError> {
     if s == "any" {
         return Ok([0; 12]);
     }
+    if s.is_empty() {
+        return Err(RomBuildError::Field(
+            "the signature is empty: write \"any\" for a ROM that serves every hypervisor, or \
+             the CPUID 0x40000000 signature it serves"
+                .into(),
+        ));
+    }
     let b = s.as_bytes();
-    if b.len() > 12 || !b.iter().all(|c| c.is_ascii_graphic()) {
+    if b.len() > 12 || !b.iter().all(|&c| c.is_ascii_graphic() || c == b' ') {
         return Err(RomBuildError::Field(format!(
-            "signature {s:?}: \"any\" or up to 12 printable characters (CPUID 0x40000000)"
+            "signature {s:?}: \"any\" or 1 to 12 printable ASCII characters, spaces included \
+             (the CPUID 0x40000000 signature, e.g. \"Microsoft Hv\" or \"KVMKVMKVM\")"
         )));
     }
     let mut out = [0u8; 12];
@@ -213,9 +224,9 @@ pub fn build(description: &str, table: Option<&SiteTable<'_>>) -> Result<Vec<u8>
     let rom = Rom::parse(&buf).map_err(|e| RomBuildError::Write(RomWriteError::Invalid(e)))?;
     romcheck::validate_code(&rom).map_err(RomBuildError::Refused)?;
     if let Some(t) = table {
-        // The signature check is the runtime's business on the machine it runs on.
-        let served = if sig == [0; 12] { [0; 12] } else { sig };
-        romcheck::validate(&rom, &served, t).map_err(RomBuildError::Refused)?;
+        // The signature check is the runtime's business on the machine it runs on: check
+        // for the hypervisor the ROM serves.
+        romcheck::validate(&rom, &sig, t).map_err(RomBuildError::Refused)?;
     }
     Ok(buf)
 }
@@ -245,7 +256,9 @@ mod tests {
     #[test]
     fn the_demo_rom_builds_and_shows() {
         let rom = build(DEMO, None).unwrap();
-        let text = show(&rom).unwrap();
+        let shown = show(&rom).unwrap();
+        assert!(shown.refused.is_empty(), "{:?}", shown.refused);
+        let text = shown.text;
         assert!(
             text.contains("io_delay") && text.contains("nothing"),
             "{text}"
@@ -273,5 +286,46 @@ mod tests {
         assert!(matches!(e, Err(RomBuildError::Refused(_))), "{e:?}");
         let e = build("name = \"x\"\nsignature = \"toolongsignature\"\n", None);
         assert!(matches!(e, Err(RomBuildError::Field(_))), "{e:?}");
+    }
+
+    fn signature_of(sig: &str) -> Result<[u8; 12], RomBuildError> {
+        let rom = build(&format!("name = \"x\"\nsignature = {sig:?}\n"), None)?;
+        Ok(Rom::parse(&rom).map(|r| r.signature()).unwrap())
+    }
+
+    #[test]
+    fn signatures_are_as_cpuid_gives_them() {
+        assert_eq!(signature_of("Microsoft Hv").unwrap(), *b"Microsoft Hv");
+        assert_eq!(signature_of("KVMKVMKVM").unwrap(), *b"KVMKVMKVM\0\0\0");
+        assert_eq!(signature_of(" lrpepyh  vr").unwrap(), *b" lrpepyh  vr");
+        assert_eq!(signature_of("any").unwrap(), [0; 12]);
+        for bad in ["toolongsignature", "tab\there", "caf\u{e9}"] {
+            let e = signature_of(bad);
+            assert!(matches!(e, Err(RomBuildError::Field(_))), "{bad:?}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn an_empty_signature_is_refused_not_any() {
+        let e = signature_of("");
+        assert!(matches!(e, Err(RomBuildError::Field(_))), "{e:?}");
+        let shown = e.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(shown.contains("\"any\""), "{shown}");
+    }
+
+    proptest::proptest! {
+        /// Every printable signature of 1 to 12 characters builds, NUL-padded, and shows as
+        /// it was written.
+        #[test]
+        fn every_printable_signature_builds(sig in "[ -~]{1,12}") {
+            proptest::prop_assume!(sig != "any");
+            let got = signature_of(&sig).unwrap();
+            let mut want = [0u8; 12];
+            want[..sig.len()].copy_from_slice(sig.as_bytes());
+            proptest::prop_assert_eq!(got, want);
+            let rom = build(&format!("name = \"x\"\nsignature = {sig:?}\n"), None).unwrap();
+            let text = show(&rom).unwrap().text;
+            proptest::prop_assert!(text.contains(&format!("serves {sig:?}")), "{}", text);
+        }
     }
 }

@@ -1,5 +1,5 @@
 //! Backend ROMs: `pvpatch rom build` assembles a ROM from a readable description, and
-//! `pvpatch rom show` prints one.
+//! `pvpatch rom show` prints one, saying per entry what the runtime would refuse.
 //!
 //! A description (TOML) names the backend, the CPUID signature it serves, and per op what its
 //! sites become: `nothing`, `native`, an `inline` template or a `call` to an entry point, both
@@ -8,7 +8,7 @@
 //!
 //! ```toml
 //! name = "pvpatch-demo"
-//! signature = "any"            # or the 12 characters of CPUID 0x40000000, e.g. "TCGTCGTCGTCG"
+//! signature = "any"            # or CPUID 0x40000000's, e.g. "Microsoft Hv", "KVMKVMKVM"
 //!
 //! [[entry]]
 //! op = "io_delay"
@@ -36,4 +36,4 @@ pub mod show;
 
 pub use build::{RomBuildError, build, build_for};
 pub use library::{Sequence, library};
-pub use show::show;
+pub use show::{Shown, show};

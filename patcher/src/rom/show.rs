@@ -1,30 +1,63 @@
-//! A ROM, printed for people.
+//! A ROM, printed for people, with what the runtime would refuse in it.
 
 use std::fmt::Write as _;
 
 use patch_sites::rom::{Rom, RomAction};
+use pvpatch_runtime::romcheck::{self, RomRefusal};
 
-/// A ROM, for people.
-pub fn show(bytes: &[u8]) -> Result<String, patch_sites::RomError> {
+/// A ROM, shown.
+#[derive(Debug, Clone)]
+pub struct Shown {
+    /// The ROM, for people: a header line, then a line per entry, each entry the runtime would
+    /// refuse followed by a `refused:` line saying why.
+    pub text: String,
+    /// Number of entries.
+    pub entries: u16,
+    /// The entries the runtime would refuse (by index), with the reason: the checks of
+    /// [`romcheck::validate_entry`], the runtime's own, that need no kernel. Any one makes the
+    /// runtime refuse the whole ROM.
+    pub refused: Vec<(u16, RomRefusal)>,
+}
+
+/// The signature as a description writes it: `any`, or quoted, trailing NULs dropped, other
+/// bytes that are not printable ASCII as `\xNN`.
+fn signature(sig: &[u8; 12]) -> String {
+    if *sig == [0; 12] {
+        return "any".to_owned();
+    }
+    let len = sig.iter().rposition(|&c| c != 0).map_or(0, |i| i + 1);
+    let mut s = String::from("\"");
+    for &c in &sig[..len] {
+        match c {
+            b'"' | b'\\' => {
+                s.push('\\');
+                s.push(c as char);
+            }
+            b' '..=b'~' => s.push(c as char),
+            _ => {
+                let _ = write!(s, "\\x{c:02x}");
+            }
+        }
+    }
+    s.push('"');
+    s
+}
+
+/// A ROM, for people, checked entry by entry as the runtime checks it.
+pub fn show(bytes: &[u8]) -> Result<Shown, patch_sites::RomError> {
     let rom = Rom::parse(bytes)?;
     let mut o = String::new();
-    let sig = rom.signature();
-    let sig = if sig == [0; 12] {
-        "any".to_owned()
-    } else {
-        sig.iter()
-            .map(|&c| if c.is_ascii_graphic() { c as char } else { '.' })
-            .collect()
-    };
     let _ = writeln!(
         o,
-        "backend ROM {:?}: version {}, {} bytes, {} entries, serves {sig}",
+        "backend ROM {:?}: version {}, {} bytes, {} entries, serves {}",
         rom.name(),
         rom.header().version,
         bytes.len(),
-        rom.len()
+        rom.len(),
+        signature(&rom.signature())
     );
-    for e in rom.entries() {
+    let mut refused = Vec::new();
+    for (index, e) in (0u16..).zip(rom.entries()) {
         let op = e.op().map_or_else(
             || format!("op {} (unknown)", e.op_id),
             |o| o.name().to_owned(),
@@ -57,6 +90,65 @@ pub fn show(bytes: &[u8]) -> Result<String, patch_sites::RomError> {
                 let _ = writeln!(o, "  {op:<14} call +{code_off:#x}: {code:02x?}{clob}");
             }
         }
+        if e.op().is_none() {
+            let _ = writeln!(o, "    ignored: this runtime does not know the op");
+        }
+        if let Err(r) = romcheck::validate_entry(&e) {
+            let _ = writeln!(o, "    refused: {r}");
+            refused.push((index, r));
+        }
     }
-    Ok(o)
+    Ok(Shown {
+        text: o,
+        entries: rom.len(),
+        refused,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use patch_sites::rom::{RomEntrySpec, RomKind, rom_size, write_rom};
+    use patch_sites::{Op, RegSet};
+
+    fn rom(sig: [u8; 12], entries: &[RomEntrySpec<'_>]) -> Vec<u8> {
+        let mut b = vec![0u8; rom_size(entries)];
+        write_rom("t", sig, entries, &mut b).unwrap();
+        b
+    }
+
+    #[test]
+    fn signatures_show_as_descriptions_write_them() {
+        let shown = |sig| show(&rom(sig, &[])).unwrap().text;
+        assert!(shown([0; 12]).contains("serves any"));
+        assert!(shown(*b"Microsoft Hv").contains("serves \"Microsoft Hv\""));
+        assert!(shown(*b"KVMKVMKVM\0\0\0").contains("serves \"KVMKVMKVM\"\n"));
+        assert!(shown(*b"KVM\0KVM\"\\\x01\0\0").contains(r#"serves "KVM\x00KVM\"\\\x01""#));
+    }
+
+    #[test]
+    fn refusals_agree_with_the_runtime() {
+        let entry = |op: Op, kind, code| RomEntrySpec {
+            op_id: op.id(),
+            kind,
+            code,
+            slots: &[],
+            clobbers: RegSet::EMPTY,
+        };
+        let vmcall = [0x0f, 0x01, 0xc1];
+        let entries = [
+            entry(Op::IoDelay, RomKind::Nothing, &[]),
+            entry(Op::Cli, RomKind::Inline, &vmcall),
+        ];
+        let b = rom([0; 12], &entries);
+        let s = show(&b).unwrap();
+        let parsed = Rom::parse(&b).unwrap();
+        assert_eq!(s.entries, 2);
+        assert_eq!(
+            s.refused.first().map(|r| r.1),
+            romcheck::validate_code(&parsed).err()
+        );
+        assert_eq!(s.refused.len(), 1);
+        assert_eq!(s.refused[0].0, 1);
+    }
 }

@@ -9,6 +9,7 @@ mod hostile;
 mod kallsyms;
 mod kernel;
 mod kernels;
+mod rom;
 mod shim;
 mod stock;
 mod stock_props;
