@@ -53,8 +53,11 @@ pub enum AnnotateError {
     #[error("the image cannot be rewritten: {0}")]
     NotRewritable(String),
     /// object's ELF builder refused the image.
-    #[error("rewriting the ELF file failed: {0}")]
+    #[error("the ELF file cannot be rewritten as it is: {0}")]
     Elf(String),
+    /// What was written does not check out: a bug of this tool, not of the image.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// The output could not be written.
     #[error(transparent)]
     Output(#[from] OutputError),
@@ -293,6 +296,30 @@ pub fn table_address(image: &Image) -> Option<u64> {
         .and_then(|e| e.checked_next_multiple_of(SEALED_ALIGN))
 }
 
+/// Why [`table_address`] found no place for the table: no loadable segment at all, or one that
+/// reaches the top of the address space (nothing can follow it).
+fn no_room_for_the_table(image: &Image) -> AnnotateError {
+    match image
+        .segments
+        .iter()
+        .find(|s| s.kind == elf::PT_LOAD && s.vaddr.checked_add(s.memsz).is_none())
+    {
+        Some(s) => AnnotateError::NotRewritable(format!(
+            "the loadable segment at {:#x} ({:#x} bytes) reaches the top of the address space: \
+             there is no room for the site table after it",
+            s.vaddr, s.memsz
+        )),
+        None if image.segments.iter().any(|s| s.kind == elf::PT_LOAD) => {
+            AnnotateError::NotRewritable(
+                "no room for the site table after the highest loadable segment or section: \
+                 it would pass the top of the address space"
+                    .into(),
+            )
+        }
+        None => AnnotateError::NoLoadSegment,
+    }
+}
+
 /// Checks what object's ELF builder assumes of an image it rewrites (it computes with section
 /// and segment alignments, and would overflow on hostile ones).
 fn rewritable(image: &Image) -> Result<(), AnnotateError> {
@@ -489,7 +516,7 @@ pub fn annotate(
         return Err(e);
     }
     written?;
-    result.ok_or_else(|| AnnotateError::Elf("no output was produced".into()))
+    result.ok_or_else(|| AnnotateError::Internal("no output was produced".into()))
 }
 
 /// Builds the table for `report` and writes the annotated image into `w`.
@@ -534,7 +561,7 @@ fn prepare(report: &ScanReport<'_>, opts: &AnnotateOptions) -> Result<Prepared, 
     let linked = linked_sites(image).map_err(AnnotateError::LinkedTable)?;
     let plan = plan_sites(report, &linked, opts);
     let (from_macros, from_scan) = (plan.from_macros, plan.from_scan);
-    let table_addr = table_address(image).ok_or(AnnotateError::NoLoadSegment)?;
+    let table_addr = table_address(image).ok_or_else(|| no_room_for_the_table(image))?;
     let mut table = vec![
         0u8;
         sealed_table_size_with(
@@ -552,11 +579,22 @@ fn prepare(report: &ScanReport<'_>, opts: &AnnotateOptions) -> Result<Prepared, 
         table_addr,
         &mut table,
     )
-    .map_err(AnnotateError::Table)?;
+    .map_err(|e| match e {
+        patch_sites::table::WriteError::Site {
+            index,
+            error: patch_sites::table::RecordError::OffsetOutOfRange,
+        } => AnnotateError::NotRewritable(format!(
+            "the site at {:#x} is more than 2 GiB from where the site table goes ({table_addr:#x}): \
+             a record holds a 32-bit offset to its site",
+            plan.sites.get(index).map_or(0, |s| s.addr)
+        )),
+        e => AnnotateError::Table(e),
+    })?;
     let sites = plan.sites;
     // Check what was written exactly as the runtime will.
-    SiteTable::parse_contiguous(&table, table_addr, &image.code_ranges())
-        .map_err(|e| AnnotateError::Elf(format!("the written table does not parse back: {e}")))?;
+    SiteTable::parse_contiguous(&table, table_addr, &image.code_ranges()).map_err(|e| {
+        AnnotateError::Internal(format!("the written table does not parse back: {e}"))
+    })?;
     if opts.boot_shim.is_some() && crate::shim::linux_entry(image).is_none() {
         return Err(crate::shim::ShimError::NoPvhEntry.into());
     }

@@ -29,8 +29,8 @@ pub mod output;
 pub mod rewrite;
 pub mod rom;
 pub mod shim;
-pub mod summary;
 pub mod spans;
+pub mod summary;
 pub mod sweep;
 pub mod verify;
 

@@ -185,7 +185,11 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
         } else if let Some(a) = e.downcast_ref::<AnnotateError>() {
             match a {
                 AnnotateError::AlreadyAnnotated(_) => status::REFUSED,
-                AnnotateError::LinkedTable(_) | AnnotateError::NotRewritable(_) => status::INPUT,
+                AnnotateError::LinkedTable(_)
+                | AnnotateError::NotRewritable(_)
+                | AnnotateError::NoLoadSegment
+                | AnnotateError::Elf(_)
+                | AnnotateError::Table(_) => status::INPUT,
                 AnnotateError::Output(OutputError::WouldOverwriteInput(_)) => status::REFUSED,
                 AnnotateError::Output(_) => status::OUTPUT,
                 AnnotateError::Shim(_) => status::INPUT,

@@ -74,14 +74,37 @@ mod tests {
                 .min()
         };
         let probes = [
-            0, 0xf, 0x10, 0xfff, 0x1000, 0x17ff, 0x1800, 0x18ff, 0x1900, 0x1fff, 0x2000,
-            0x2fff, 0x3000, 0x4800, 0x5000, 0x7fff, 0x8000, u64::MAX - 0x11, u64::MAX - 0x10,
-            u64::MAX - 1, u64::MAX,
+            0,
+            0xf,
+            0x10,
+            0xfff,
+            0x1000,
+            0x17ff,
+            0x1800,
+            0x18ff,
+            0x1900,
+            0x1fff,
+            0x2000,
+            0x2fff,
+            0x3000,
+            0x4800,
+            0x5000,
+            0x7fff,
+            0x8000,
+            u64::MAX - 0x11,
+            u64::MAX - 0x10,
+            u64::MAX - 1,
+            u64::MAX,
         ];
         for a in probes {
             assert_eq!(idx.first_at(a), linear_at(a), "{a:#x}");
         }
-        for (from, to) in [(0x0, 0x1001), (0x1900, 0x3001), (0x2000, 0x3000), (0x4fff, 0x5001)] {
+        for (from, to) in [
+            (0x0, 0x1001),
+            (0x1900, 0x3001),
+            (0x2000, 0x3000),
+            (0x4fff, 0x5001),
+        ] {
             let mut got: Vec<usize> = idx.overlapping(from, to).collect();
             got.sort_unstable();
             let mut want: Vec<usize> = spans

@@ -328,7 +328,10 @@ pub fn sweep(
         scan.instructions += r.instructions;
         scan.found.extend(r.found);
         scan.resyncs.extend(r.resyncs);
-        if let Some(c) = by_section.get(r.section).and_then(|&i| scan.code.get_mut(i)) {
+        if let Some(c) = by_section
+            .get(r.section)
+            .and_then(|&i| scan.code.get_mut(i))
+        {
             c.starts.set_all_from(&r.starts);
         }
         for t in r.targets {

@@ -366,6 +366,12 @@ impl Image {
             sections.push(s);
         }
         check_overlaps(&sections)?;
+        check_tables(&sections, bytes, header.e_shstrndx(endian) as usize, |i| {
+            table
+                .section(object::read::SectionIndex(i))
+                .ok()
+                .map(|sh| sh.sh_link(endian))
+        })?;
 
         let mut symbols = Vec::new();
         let mut names = std::collections::HashMap::new();
@@ -373,14 +379,20 @@ impl Image {
             .symbols(endian, bytes, elf::SHT_SYMTAB)
             .map_err(|e| ImageError::malformed(format!("symbol table: {e}")))?;
         let strings: StringTable<'_> = symtab.strings();
-        for sym in symtab.symbols() {
+        for (k, sym) in symtab.symbols().iter().enumerate() {
             if sym.st_shndx(endian) == elf::SHN_UNDEF {
                 continue;
             }
             let name = sym
                 .name(endian, strings)
                 .map(|n| String::from_utf8_lossy(n).into_owned())
-                .unwrap_or_default();
+                .map_err(|_| {
+                    ImageError::malformed(format!(
+                        "symbol {k} of the symbol table: its name offset {:#x} lies outside the \
+                         string table",
+                        sym.st_name(endian)
+                    ))
+                })?;
             if !name.is_empty() {
                 names.entry(name.clone()).or_insert(sym.st_value(endian));
             }
@@ -639,12 +651,64 @@ fn kallsyms_functions(k: &super::kallsyms::Kallsyms, sections: &[Section]) -> Ve
     out
 }
 
+/// What the symbol table and the string tables must be for the image to be read (and
+/// rewritten) as a whole: every link names a section; a string table is not flagged executable,
+/// and ends with a NUL byte (else its last string runs off its end); the section-name table is
+/// not loaded.
+fn check_tables(
+    sections: &[Section],
+    bytes: &[u8],
+    shstrndx: usize,
+    link_of: impl Fn(usize) -> Option<u32>,
+) -> Result<()> {
+    for s in sections {
+        if matches!(s.kind, elf::SHT_SYMTAB | elf::SHT_DYNSYM) {
+            let link = link_of(s.index).unwrap_or(0) as usize;
+            if link == 0 || link >= sections.len() || sections[link].kind != elf::SHT_STRTAB {
+                return Err(ImageError::malformed(format!(
+                    "section [{}] {}: its sh_link ({link}) names no string table (the image has \
+                     {} sections)",
+                    s.index,
+                    s.name,
+                    sections.len()
+                )));
+            }
+        }
+        if s.kind == elf::SHT_STRTAB {
+            if s.flags & elf::SHF_EXECINSTR as u64 != 0
+                || (s.index == shstrndx && s.flags & elf::SHF_ALLOC as u64 != 0)
+            {
+                return Err(ImageError::malformed(format!(
+                    "section [{}] {}: a string table flagged {} (sh_flags {:#x})",
+                    s.index,
+                    s.name,
+                    if s.flags & elf::SHF_EXECINSTR as u64 != 0 {
+                        "executable"
+                    } else {
+                        "allocated, as the section-name table"
+                    },
+                    s.flags
+                )));
+            }
+            let end = s.offset.saturating_add(s.size) as usize;
+            if s.size > 0 && bytes.get(end.wrapping_sub(1)).is_some_and(|&b| b != 0) {
+                return Err(ImageError::malformed(format!(
+                    "section [{}] {}: the string table does not end with a NUL byte (its last \
+                     string runs off its end)",
+                    s.index, s.name
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn check_overlaps(sections: &[Section]) -> Result<()> {
     // File bytes: no two sections with data share a byte.
     let mut by_off: Vec<&Section> = sections.iter().filter(|s| s.has_file_data()).collect();
     by_off.sort_by_key(|s| s.offset);
     for w in by_off.windows(2) {
-        if w[0].offset + w[0].size > w[1].offset {
+        if w[0].offset.saturating_add(w[0].size) > w[1].offset {
             return Err(ImageError::malformed(format!(
                 "sections [{}] {} and [{}] {} overlap in the file at {:#x}",
                 w[0].index, w[0].name, w[1].index, w[1].name, w[1].offset
@@ -652,14 +716,17 @@ fn check_overlaps(sections: &[Section]) -> Result<()> {
         }
     }
     // Addresses: allocated sections with a nonzero address (per-CPU sections of a kernel are
-    // linked at 0 and overlap nothing real) must not share addresses.
+    // linked at 0 and overlap nothing real) must not share addresses. A `.tbss` (SHF_TLS and
+    // NOBITS) takes no room in the image: its address is a template for each thread's block,
+    // and the next section may start inside it (every libc has one).
+    let tls_bss = |s: &Section| s.flags & elf::SHF_TLS as u64 != 0 && s.kind == elf::SHT_NOBITS;
     let mut by_addr: Vec<&Section> = sections
         .iter()
-        .filter(|s| s.is_alloc() && s.size > 0 && s.addr != 0)
+        .filter(|s| s.is_alloc() && s.size > 0 && s.addr != 0 && !tls_bss(s))
         .collect();
     by_addr.sort_by_key(|s| s.addr);
     for w in by_addr.windows(2) {
-        if w[0].addr + w[0].size > w[1].addr {
+        if w[0].addr.saturating_add(w[0].size) > w[1].addr {
             return Err(ImageError::malformed(format!(
                 "sections [{}] {} and [{}] {} overlap in memory at {:#x}",
                 w[0].index, w[0].name, w[1].index, w[1].name, w[1].addr

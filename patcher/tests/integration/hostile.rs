@@ -271,3 +271,75 @@ fn no_room_for_another_program_header_is_a_clear_refusal() {
     );
     assert!(e.to_string().contains("no room for one more entry"), "{e}");
 }
+
+#[test]
+fn twenty_thousand_executable_sections() {
+    // Each one `cli; sti`: 40,000 sites in 20,000 sections. Memory and time stay linear in the
+    // sections (benches measure both); here, that every section is swept and counted.
+    let bytes = testimg::many_exec_sections(&[0xc3], 20_000, &[0xfa, 0xfb]);
+    let img = Image::from_bytes("sections", bytes).unwrap();
+    let r = scan_image(&img, Options::default(), None);
+    assert_eq!(r.sweep.code.len(), 20_001);
+    assert_eq!(r.analysis.sites.len(), 40_000);
+    let ledger = serde_json::to_value(Ledger::new(&r)).unwrap();
+    let sections = ledger["code"]["sections"].as_array().unwrap();
+    assert_eq!(sections.len(), 20_001);
+    assert!(
+        sections[1..]
+            .iter()
+            .all(|s| s["sites"] == 2 && s["instructions"] == 2)
+    );
+    // Every site's section and address agree with the map it was found in.
+    for s in &r.analysis.sites {
+        let code = r.sweep.code_at(s.found.addr).unwrap();
+        assert_eq!(code.section, s.found.section);
+        assert!(r.sweep.is_insn_start(s.found.addr));
+    }
+}
+
+#[test]
+fn real_shared_libraries_load() {
+    // Thread-local storage: a `.tbss` overlaps the next section's addresses in every libc; such
+    // images were refused as malformed. Every ELF shared library of the machine must load (or be
+    // refused for what this tool does not handle, never as malformed).
+    let dir = std::path::Path::new("/usr/lib/x86_64-linux-gnu");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        pvpatch_testkit::skip(
+            "real_shared_libraries_load",
+            "no /usr/lib/x86_64-linux-gnu here",
+        );
+        return;
+    };
+    let mut loaded = 0;
+    let mut tls = 0;
+    let mut failures = Vec::new();
+    for e in entries.flatten() {
+        let p = e.path();
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        let is_lib = name.contains(".so");
+        let regular = std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_file());
+        let small = std::fs::metadata(&p).is_ok_and(|m| m.len() < 64 << 20);
+        let elf = std::fs::read(&p).is_ok_and(|b| b.starts_with(b"\x7fELF"));
+        if !(is_lib && regular && small && elf) {
+            continue;
+        }
+        match Image::open(&p) {
+            Ok(img) => {
+                loaded += 1;
+                tls += usize::from(img.sections.iter().any(|s| s.name == ".tbss"));
+            }
+            Err(ImageError::Malformed(m)) => failures.push(format!("{}: {m}", p.display())),
+            Err(_) => {}
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "refused as malformed:\n{}",
+        failures.join("\n")
+    );
+    assert!(
+        loaded > 100 && tls > 0,
+        "{loaded} libraries loaded, {tls} with .tbss"
+    );
+    eprintln!("real_shared_libraries_load: {loaded} libraries loaded, {tls} with a .tbss");
+}

@@ -9,6 +9,7 @@ mod hostile;
 mod kallsyms;
 mod kernel;
 mod kernels;
+mod malformed;
 mod rom;
 mod shim;
 mod stock;
