@@ -3,7 +3,11 @@
 //! Exit status: 0 success; 2 bad command line; 3 unreadable or malformed input; 4 verification
 //! found records that do not match the code, or `rom show` entries the runtime would refuse;
 //! 5 refused (already annotated, or the output would overwrite the input); 6 the output could
-//! not be written; 70 internal error.
+//! not be written; 70 internal error; 128 + the signal's number when interrupted by SIGINT,
+//! SIGTERM or SIGHUP (after removing the temporary files being written).
+//!
+//! For tests only: `PVPATCH_TEST_WRITE_PAUSE_MS` makes every write pause that long once its
+//! temporary file is complete, before it replaces the destination (to interrupt it there).
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -15,7 +19,7 @@ use pvpatch::annotate::{AnnotateError, AnnotateOptions, annotate};
 use pvpatch::ledger::{Ledger, hex};
 use pvpatch::load::bzimage;
 use pvpatch::load::image::{Image, ImageError};
-use pvpatch::output::{OutputError, same_file, write_bytes};
+use pvpatch::output::{OutputError, file_kind, same_file, write_bytes};
 use pvpatch::rewrite::{BackendSpec, PlanLedger, RewriteError, apply_to_file, plan_image};
 use pvpatch::summary::human_summary;
 use pvpatch::{ScanReport, scan_image};
@@ -219,6 +223,13 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    remove_temp_files_on_signals();
+    if let Some(ms) = std::env::var("PVPATCH_TEST_WRITE_PAUSE_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        pvpatch::output::pause_before_replacing(std::time::Duration::from_millis(ms));
+    }
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure(code, e)) => {
@@ -226,6 +237,59 @@ fn main() -> ExitCode {
             ExitCode::from(code)
         }
     }
+}
+
+/// On SIGINT, SIGTERM or SIGHUP: removes the temporary files being written and exits with 128
+/// + the signal's number. On a thread of its own (a signal handler may take no lock).
+fn remove_temp_files_on_signals() {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) else {
+        return;
+    };
+    let _ = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(signal) = signals.forever().next() {
+                // Held until the process is gone: no output is renamed into place after this.
+                let _held = pvpatch::output::abandon_temp_files();
+                std::process::exit(128 + signal);
+            }
+        });
+}
+
+/// Names the temporary files that a killed run left where `dest` is about to be written.
+fn warn_stale(dest: &Path) {
+    for p in pvpatch::output::stale_temp_files(dest) {
+        eprintln!(
+            "pvpatch: warning: {} is left from an interrupted pvpatch run (or one is writing it \
+             now); remove it if none is running",
+            p.display()
+        );
+    }
+}
+
+/// Writes `bytes` to `dest` (atomically, if a regular file).
+fn write_output(dest: &Path, bytes: &[u8]) -> Result<(), Failure> {
+    warn_stale(dest);
+    Ok(write_bytes(dest, bytes)?)
+}
+
+/// Refuses an input that is not a regular file (reading a FIFO blocks, a directory has no
+/// bytes).
+fn regular_input(path: &Path) -> Result<(), Failure> {
+    let meta = std::fs::metadata(path).map_err(|source| ImageError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    if meta.is_file() {
+        return Ok(());
+    }
+    Err(ImageError::Unsupported(format!(
+        "{}: {}, not a regular file",
+        path.display(),
+        file_kind(&meta)
+    ))
+    .into())
 }
 
 fn open(path: &Path) -> Result<Image, Failure> {
@@ -261,7 +325,7 @@ fn emit(output: Option<&Path>, input: &Path, text: &str) -> Result<(), Failure> 
             if same_file(p, input) {
                 return Err(OutputError::WouldOverwriteInput(p.to_owned()).into());
             }
-            write_bytes(p, text.as_bytes())?;
+            write_output(p, text.as_bytes())?;
         }
         None => {
             let mut out = std::io::stdout().lock();
@@ -273,6 +337,7 @@ fn emit(output: Option<&Path>, input: &Path, text: &str) -> Result<(), Failure> 
 }
 
 fn read_input(path: &Path) -> Result<Vec<u8>, Failure> {
+    regular_input(path)?;
     std::fs::read(path).map_err(|source| {
         ImageError::Io {
             path: path.to_owned(),
@@ -303,7 +368,7 @@ fn rom_command(command: RomCommand) -> Result<(), Failure> {
                 None => pvpatch::rom::build(&text, None),
             }
             .map_err(|e| Failure(status::INPUT, anyhow::Error::new(e)))?;
-            write_bytes(&output, &rom)?;
+            write_output(&output, &rom)?;
             out!(
                 "{}",
                 pvpatch::rom::show(&rom).map(|s| s.text).unwrap_or_default()
@@ -380,6 +445,9 @@ fn run(command: Command) -> Result<(), Failure> {
             ledger,
             boot_shim,
         } => {
+            if let Some(s) = &boot_shim {
+                regular_input(s)?;
+            }
             let boot_shim = boot_shim
                 .as_deref()
                 .map(pvpatch::shim::Shim::load)
@@ -392,21 +460,40 @@ fn run(command: Command) -> Result<(), Failure> {
             if !in_place && same_file(&out, &image) {
                 return Err(OutputError::WouldOverwriteInput(out).into());
             }
+            if let Some(l) = &ledger {
+                if same_file(l, &image) {
+                    return Err(OutputError::WouldOverwriteInput(l.clone()).into());
+                }
+                if same_file(l, &out) {
+                    return Err(Failure(
+                        status::REFUSED,
+                        anyhow::anyhow!("the ledger {} would overwrite the output", l.display()),
+                    ));
+                }
+            }
             let img = open(&image)?;
             let report = scan_with_progress(&img, None);
-            if let Some(l) = &ledger {
-                let mut s =
-                    serde_json::to_string_pretty(&Ledger::new(&report)).context("ledger")?;
-                s.push('\n');
-                emit(Some(l), &image, &s)?;
-            }
+            let ledger_text = match &ledger {
+                Some(_) => {
+                    let mut s =
+                        serde_json::to_string_pretty(&Ledger::new(&report)).context("ledger")?;
+                    s.push('\n');
+                    Some(s)
+                }
+                None => None,
+            };
             let t = std::time::Instant::now();
             let opts = AnnotateOptions {
                 force,
                 sections,
                 boot_shim,
             };
+            warn_stale(&out);
             let a = annotate(&report, &out, &opts)?;
+            // Only once the image is written: a refused annotate writes nothing.
+            if let (Some(l), Some(s)) = (&ledger, &ledger_text) {
+                write_output(l, s.as_bytes())?;
+            }
             outln!(
                 "{}: {} sites recorded ({} from the image's macros, {} found by the sweep) in a \
                  {}-byte table at {}; written to {} in {:.0} ms",
@@ -476,7 +563,7 @@ fn run(command: Command) -> Result<(), Failure> {
             let bytes = apply_to_file(&img, &plan)?;
             drop(report);
             drop(img);
-            write_bytes(&out, &bytes)?;
+            write_output(&out, &bytes)?;
             let ledger_counts: Vec<String> = pvpatch::rewrite::ImagePlan::by_outcome(&plan)
                 .iter()
                 .zip(patch_sites::Outcome::ALL)
@@ -558,15 +645,12 @@ fn run(command: Command) -> Result<(), Failure> {
             if same_file(&output, &bz) {
                 return Err(OutputError::WouldOverwriteInput(output).into());
             }
-            let bytes = std::fs::read(&bz).map_err(|source| ImageError::Io {
-                path: bz.clone(),
-                source,
-            })?;
+            let bytes = read_input(&bz)?;
             let fmt = bzimage::compression(bzimage::payload(&bytes)?)?;
             let vmlinux = bzimage::extract_vmlinux(&bytes)?;
             // Check it is an image this tool can read before writing it.
             Image::from_bytes(&output.display().to_string(), vmlinux.clone())?;
-            write_bytes(&output, &vmlinux)?;
+            write_output(&output, &vmlinux)?;
             outln!(
                 "{}: {fmt} payload, {} bytes of ELF written to {}",
                 bz.display(),

@@ -231,6 +231,15 @@ impl Image {
             path: path.to_owned(),
             source,
         };
+        // Before opening: opening a FIFO blocks until something writes to it.
+        let meta = std::fs::metadata(path).map_err(io)?;
+        if !meta.is_file() {
+            return Err(ImageError::Unsupported(format!(
+                "{}: {}, not a regular file",
+                path.display(),
+                crate::output::file_kind(&meta)
+            )));
+        }
         let file = File::open(path).map_err(io)?;
         let len = file.metadata().map_err(io)?.len();
         if len == 0 {
