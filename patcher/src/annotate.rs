@@ -55,6 +55,9 @@ pub enum AnnotateError {
     /// object's ELF builder refused the image.
     #[error("the ELF file cannot be rewritten as it is: {0}")]
     Elf(String),
+    /// An option that cannot apply to this image.
+    #[error("{0}")]
+    Usage(String),
     /// What was written does not check out: a bug of this tool, not of the image.
     #[error("internal error: {0}")]
     Internal(String),
@@ -557,6 +560,24 @@ fn prepare(report: &ScanReport<'_>, opts: &AnnotateOptions) -> Result<Prepared, 
         return Err(AnnotateError::AlreadyAnnotated(
             image.path.display().to_string(),
         ));
+    }
+    for name in &opts.sections {
+        let named: Vec<_> = image.sections.iter().filter(|s| &s.name == name).collect();
+        if named.is_empty() {
+            return Err(AnnotateError::Usage(format!(
+                "--section {}: the image has no section of that name",
+                crate::quoted(name)
+            )));
+        }
+        if !named.iter().any(|s| s.is_exec()) {
+            return Err(AnnotateError::Usage(format!(
+                "--section {}: not an executable section (sh_type {}, sh_flags {:#x}): it has no \
+                 sites to record",
+                crate::quoted(name),
+                named[0].kind,
+                named[0].flags
+            )));
+        }
     }
     let linked = linked_sites(image).map_err(AnnotateError::LinkedTable)?;
     let plan = plan_sites(report, &linked, opts);

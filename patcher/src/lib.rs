@@ -56,6 +56,16 @@ pub struct ScanReport<'a> {
     pub elapsed: Duration,
 }
 
+/// `s` quoted for a message, cut to its first 64 characters (and its length said) when it is
+/// longer: a name given on the command line or in a file may be megabytes long.
+pub fn quoted(s: &str) -> String {
+    const MAX: usize = 64;
+    match s.char_indices().nth(MAX) {
+        None => format!("{s:?}"),
+        Some((cut, _)) => format!("{:?}... ({} bytes)", &s[..cut], s.len()),
+    }
+}
+
 /// Reads Linux's tables, sweeps the code (restarting at every instruction start a table or a
 /// symbol names), analyses every site.
 pub fn scan_image<'a>(

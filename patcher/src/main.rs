@@ -189,6 +189,7 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
         } else if let Some(a) = e.downcast_ref::<AnnotateError>() {
             match a {
                 AnnotateError::AlreadyAnnotated(_) => status::REFUSED,
+                AnnotateError::Usage(_) => status::USAGE,
                 AnnotateError::LinkedTable(_)
                 | AnnotateError::NotRewritable(_)
                 | AnnotateError::NoLoadSegment
@@ -233,10 +234,27 @@ fn main() -> ExitCode {
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure(code, e)) => {
-            eprintln!("pvpatch: error: {e:#}");
+            eprintln!("pvpatch: error: {}", bounded(&format!("{e:#}")));
             ExitCode::from(code)
         }
     }
+}
+
+/// `message` with every line longer than 1,024 bytes cut to its first 512 (and how much was
+/// left out said): an error may quote a line of its input, and an input line may be megabytes.
+fn bounded(message: &str) -> String {
+    const LONG: usize = 1024;
+    const KEEP: usize = 512;
+    message
+        .lines()
+        .map(|l| match l.char_indices().nth(KEEP) {
+            Some((cut, _)) if l.len() > LONG => {
+                format!("{}... ({} more bytes)", &l[..cut], l.len() - cut)
+            }
+            _ => l.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// On SIGINT, SIGTERM or SIGHUP: removes the temporary files being written and exits with 128

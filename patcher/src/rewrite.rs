@@ -38,7 +38,7 @@ pub const BACKENDS: [&str; 8] = [
 #[derive(Debug, Error)]
 pub enum RewriteError {
     /// A backend name this tool does not know.
-    #[error("unknown backend {0:?} (native, tcg, kvm, vmware, xen, hyperv, rom, outofline)")]
+    #[error("unknown backend {} (native, tcg, kvm, vmware, xen, hyperv, rom, outofline)", crate::quoted(.0))]
     UnknownBackend(String),
     /// `rom` without a ROM, or a ROM with another backend.
     #[error("{0}")]
@@ -82,7 +82,7 @@ impl BackendSpec {
     pub fn new(name: &str, rom: Option<Vec<u8>>) -> Result<BackendSpec, RewriteError> {
         let kind = BackendKind::from_name(name)
             .filter(|_| BACKENDS.contains(&name))
-            .ok_or_else(|| RewriteError::UnknownBackend(name.chars().take(40).collect()))?;
+            .ok_or_else(|| RewriteError::UnknownBackend(name.to_owned()))?;
         match (kind, &rom) {
             (BackendKind::Rom, None) => Err(RewriteError::Usage(
                 "the rom backend needs --rom FILE".into(),

@@ -16,7 +16,10 @@ pub enum RomBuildError {
     #[error("the description does not parse: {0}")]
     Parse(String),
     /// An op name this tool does not know.
-    #[error("entry {index}: unknown op {name:?} (`pvpatch ops` lists them)")]
+    #[error(
+        "entry {index}: unknown op {} (`pvpatch ops` lists them)",
+        crate::quoted(name)
+    )]
     UnknownOp {
         /// Entry index.
         index: usize,
@@ -105,8 +108,9 @@ fn signature(s: &str) -> Result<[u8; 12], RomBuildError> {
     let b = s.as_bytes();
     if b.len() > 12 || !b.iter().all(|&c| c.is_ascii_graphic() || c == b' ') {
         return Err(RomBuildError::Field(format!(
-            "signature {s:?}: \"any\" or 1 to 12 printable ASCII characters, spaces included \
-             (the CPUID 0x40000000 signature, e.g. \"Microsoft Hv\" or \"KVMKVMKVM\")"
+            "signature {}: \"any\" or 1 to 12 printable ASCII characters, spaces included \
+             (the CPUID 0x40000000 signature, e.g. \"Microsoft Hv\" or \"KVMKVMKVM\")",
+            crate::quoted(s)
         )));
     }
     let mut out = [0u8; 12];
@@ -184,7 +188,8 @@ pub fn build(description: &str, table: Option<&SiteTable<'_>>) -> Result<Vec<u8>
                         .ok_or_else(|| RomBuildError::Sequence {
                             index,
                             why: format!(
-                                "no sequence named {name:?} (`pvpatch rom sequences` lists them)"
+                                "no sequence named {} (`pvpatch rom sequences` lists them)",
+                                crate::quoted(name)
                             ),
                         })?;
                 if s.entry_point != (kind == RomKind::Call) {
@@ -195,7 +200,7 @@ pub fn build(description: &str, table: Option<&SiteTable<'_>>) -> Result<Vec<u8>
                     };
                     return Err(RomBuildError::Sequence {
                         index,
-                        why: format!("{name:?} is {what}, not for kind {}", e.kind),
+                        why: format!("{} is {what}, not for kind {}", crate::quoted(name), e.kind),
                     });
                 }
                 (s.bytes.clone(), s.slots.clone())

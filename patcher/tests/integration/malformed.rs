@@ -145,3 +145,91 @@ fn malformed_images_are_bad_input_in_every_subcommand() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+#[test]
+fn options_that_would_do_nothing_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.elf");
+    std::fs::write(&input, testimg::sample()).unwrap();
+    let out = dir.path().join("out.elf");
+    for (section, says) in [
+        (".nonexistent", "no section of that name"),
+        (".shstrtab", "not an executable section"),
+    ] {
+        let o = pvpatch()
+            .arg("annotate")
+            .arg(&input)
+            .arg("-o")
+            .arg(&out)
+            .args(["--section", section])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "--section {section}: {err}");
+        assert!(err.contains(section) && err.contains(says), "{err}");
+        assert!(!out.exists(), "--section {section} wrote {}", out.display());
+    }
+}
+
+#[test]
+fn huge_names_are_not_echoed_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let huge = "x".repeat(5 << 20);
+    // An unknown op in a ROM description, an unknown backend, and a TOML error on a huge line.
+    let desc = dir.path().join("rom.toml");
+    std::fs::write(
+        &desc,
+        format!(
+            "name = \"x\"\nsignature = \"any\"\n[[entry]]\nop = \"{huge}\"\nkind = \"nothing\"\n"
+        ),
+    )
+    .unwrap();
+    let bad_toml = dir.path().join("bad.toml");
+    std::fs::write(&bad_toml, format!("name = {huge}\n")).unwrap();
+    let input = dir.path().join("in.elf");
+    std::fs::write(&input, testimg::sample()).unwrap();
+    let rom = dir.path().join("out.rom");
+    let runs: Vec<Vec<std::ffi::OsString>> = vec![
+        vec![
+            "rom".into(),
+            "build".into(),
+            desc.into(),
+            "-o".into(),
+            rom.clone().into(),
+        ],
+        vec![
+            "rom".into(),
+            "build".into(),
+            bad_toml.into(),
+            "-o".into(),
+            rom.into(),
+        ],
+        // A long argument (one may be at most 128 KiB).
+        vec![
+            "plan".into(),
+            "--backend".into(),
+            huge[..100_000].into(),
+            input.into(),
+        ],
+    ];
+    for args in runs {
+        let o = pvpatch().args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            matches!(o.status.code(), Some(2 | 3)),
+            "{:?}: {}",
+            o.status,
+            &err[..200.min(err.len())]
+        );
+        assert!(
+            err.len() < 4096,
+            "a {}-byte message for {:?}",
+            err.len(),
+            &args[..2]
+        );
+        assert!(
+            err.contains("bytes"),
+            "the message does not say how long the name was: {err}"
+        );
+    }
+}
