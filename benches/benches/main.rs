@@ -305,9 +305,21 @@ fn shim_side_by_side(vmlinux: &Path) {
     }
 }
 
-/// The child of `side_by_side`: one annotation, nothing else, so its peak RSS is annotate's.
+/// The child of `side_by_side` and `hostile_shapes`: one annotation, or one scan with its
+/// JSON ledger written out, nothing else, so its peak RSS is that command's.
 fn child(job: &str) {
     let parts: Vec<&str> = job.split('\t').collect();
+    if let ["scan-json", input] = parts[..] {
+        let img = pvpatch::load::image::Image::open(Path::new(input)).unwrap();
+        let r = pvpatch::scan_image(&img, Default::default(), None);
+        let ledger = pvpatch::ledger::Ledger::new(&r);
+        serde_json::to_writer(std::io::sink(), &ledger).unwrap();
+        println!(
+            "{PEAK_RSS_PREFIX}{}",
+            own_peak_rss_kib().expect("/proc/self/status has VmHWM")
+        );
+        return;
+    }
     let [_, input, output] = parts[..] else {
         panic!("bad job {job}")
     };
@@ -404,9 +416,45 @@ fn annotated_kernel(vmlinux: &Path, dir: &Path) -> PathBuf {
     out
 }
 
+/// Shapes an outside test found costly (issue 14): many executable sections, and code that is
+/// all sites. Each scanned with its JSON ledger in a child of its own: wall time and the
+/// child's peak RSS against the input's size.
+fn hostile_shapes() {
+    use pvpatch_testkit::elf;
+    let dir = tempfile::tempdir().unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let mb = |b: u64| b as f64 / (1 << 20) as f64;
+    println!("\nhostile shapes (scan and its --json ledger, one child each):");
+    let shapes: [(&str, Vec<u8>); 3] = [
+        (
+            "20,000 two-byte executable sections (cli; sti)",
+            elf::many_exec_sections(&[0xc3], 20_000, &[0xfa, 0xfb]),
+        ),
+        ("1 MB of cli; sti", elf::build(&[0xfa, 0xfb].repeat(1 << 19), &[], &[])),
+        ("4 MB of cli; sti", elf::build(&[0xfa, 0xfb].repeat(2 << 20), &[], &[])),
+    ];
+    for (name, bytes) in shapes {
+        let path = dir.path().join("shape.elf");
+        std::fs::write(&path, &bytes).unwrap();
+        let job = format!("scan-json\t{}", path.display());
+        let (rss, wall) = child_peak_rss(&exe, &[], (CHILD, &job)).unwrap();
+        println!(
+            "  {name}: {:.3} s, peak RSS {:.1} MB for a {:.1} MB image ({:.1}x)",
+            wall.as_secs_f64(),
+            mb(rss),
+            mb(bytes.len() as u64),
+            rss as f64 / bytes.len() as f64
+        );
+    }
+}
+
 fn main() {
     if let Ok(job) = std::env::var(CHILD) {
         return child(&job);
+    }
+    if std::env::args().any(|a| a == "hostile") {
+        // `cargo bench -p pvpatch-benches -- hostile`: only these.
+        return hostile_shapes();
     }
     let mut c = Criterion::default().configure_from_args();
     abi(&mut c);
@@ -426,6 +474,7 @@ fn main() {
         shim_side_by_side(v);
     }
     oracle_side_by_side();
+    hostile_shapes();
     runtime_side_by_side("the guest", &guest);
     if let Some(a) = &annotated {
         runtime_side_by_side("the Debian kernel", a);
