@@ -311,9 +311,10 @@ fn child(job: &str) {
     let parts: Vec<&str> = job.split('\t').collect();
     if let ["scan-json", input] = parts[..] {
         let img = pvpatch::load::image::Image::open(Path::new(input)).unwrap();
-        let r = pvpatch::scan_image(&img, Default::default(), None);
+        // As `pvpatch scan --json`: no site kept, the ledger written as each is analysed.
+        let r = pvpatch::scan_image_streamed(&img, Default::default(), None).unwrap();
         let ledger = pvpatch::ledger::Ledger::new(&r);
-        serde_json::to_writer(std::io::sink(), &ledger).unwrap();
+        serde_json::to_writer_pretty(std::io::sink(), &ledger).unwrap();
         println!(
             "{PEAK_RSS_PREFIX}{}",
             own_peak_rss_kib().expect("/proc/self/status has VmHWM")
@@ -425,13 +426,27 @@ fn hostile_shapes() {
     let exe = std::env::current_exe().unwrap();
     let mb = |b: u64| b as f64 / (1 << 20) as f64;
     println!("\nhostile shapes (scan and its --json ledger, one child each):");
-    let shapes: [(&str, Vec<u8>); 3] = [
+    let shapes: [(&str, Vec<u8>); 5] = [
         (
             "20,000 two-byte executable sections (cli; sti)",
             elf::many_exec_sections(&[0xc3], 20_000, &[0xfa, 0xfb]),
         ),
-        ("1 MB of cli; sti", elf::build(&[0xfa, 0xfb].repeat(1 << 19), &[], &[])),
-        ("4 MB of cli; sti", elf::build(&[0xfa, 0xfb].repeat(2 << 20), &[], &[])),
+        (
+            "1 MB of cli; sti",
+            elf::build(&[0xfa, 0xfb].repeat(1 << 19), &[], &[]),
+        ),
+        (
+            "4 MB of cli; sti",
+            elf::build(&[0xfa, 0xfb].repeat(2 << 20), &[], &[]),
+        ),
+        (
+            "16 MB of cli; sti",
+            elf::build(&[0xfa, 0xfb].repeat(8 << 20), &[], &[]),
+        ),
+        (
+            "16 MB of an undecodable byte and a nop (a resynchronisation every 2 bytes)",
+            elf::build(&[0x06, 0x90].repeat(8 << 20), &[], &[]),
+        ),
     ];
     for (name, bytes) in shapes {
         let path = dir.path().join("shape.elf");

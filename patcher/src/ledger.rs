@@ -1,17 +1,23 @@
 //! The ledger: what a scan found, machine-readable (JSON, documented in `docs/ledger.md`): the
 //! image, the code swept, Linux's tables, every sensitive instruction with what covers it and the
 //! room it offers a rewrite.
+//!
+//! Its sites and resynchronisations are written as they are visited ([`crate::sites`]), never
+//! all held: a ledger's memory does not grow with its sites (a scan that keeps none, from
+//! [`crate::scan_image_streamed`], decodes and analyses each one again as it is written).
 
 use std::collections::BTreeMap;
 
 use iced_x86::{Decoder, DecoderOptions, FastFormatter};
 use patch_sites::{Gpr, Operand};
-use serde::Serialize;
+use serde::ser::SerializeSeq;
+use serde::{Serialize, Serializer};
 use sha2::{Digest, Sha256};
 
 use crate::ScanReport;
-use crate::analyse::{Direction, SiteInfo};
+use crate::analyse::SiteInfo;
 use crate::load::image::Image;
+use crate::sites::{SiteCounts, for_each_resync, for_each_site};
 use crate::sweep::ResyncReason;
 
 /// The version of the ledger's schema.
@@ -33,7 +39,7 @@ pub fn sha256(image: &Image) -> String {
 
 /// The ledger (see `docs/ledger.md`).
 #[derive(Debug, Serialize)]
-pub struct Ledger {
+pub struct Ledger<'a> {
     /// [`LEDGER_SCHEMA`].
     pub schema: &'static str,
     /// The tool.
@@ -44,14 +50,82 @@ pub struct Ledger {
     pub code: CodeInfo,
     /// Linux's tables.
     pub tables: Vec<TableInfo>,
-    /// Where the sweep resynchronised.
-    pub resyncs: Vec<ResyncInfo>,
+    /// Where the sweep resynchronised (written as visited).
+    pub resyncs: Resyncs<'a>,
     /// The code caves of a stock kernel, in address order (empty otherwise).
     pub caves: Vec<CaveInfo>,
     /// Counts.
     pub summary: Summary,
-    /// Every sensitive instruction.
-    pub sites: Vec<SiteEntry>,
+    /// Every sensitive instruction (written as visited).
+    pub sites: Sites<'a>,
+}
+
+/// The sites of a ledger: each one's [`SiteEntry`] made and written as it is visited.
+#[derive(Clone, Copy)]
+pub struct Sites<'a> {
+    report: &'a ScanReport<'a>,
+    len: usize,
+}
+
+impl Sites<'_> {
+    /// How many.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Calls `f` with each site's entry, in address order, until it fails.
+    pub fn try_for_each<E>(&self, mut f: impl FnMut(SiteEntry) -> Result<(), E>) -> Result<(), E> {
+        for_each_site(self.report, |s| f(site_entry(self.report, s)))
+    }
+}
+
+impl std::fmt::Debug for Sites<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Sites({})", self.len)
+    }
+}
+
+impl Serialize for Sites<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut seq = serializer.serialize_seq(Some(self.len))?;
+        self.try_for_each(|e| seq.serialize_element(&e))?;
+        seq.end()
+    }
+}
+
+/// The resynchronisations of a ledger, each one's [`ResyncInfo`] made and written as it is
+/// visited.
+#[derive(Clone, Copy)]
+pub struct Resyncs<'a> {
+    report: &'a ScanReport<'a>,
+}
+
+impl std::fmt::Debug for Resyncs<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Resyncs({})", self.report.sweep.resync_count)
+    }
+}
+
+impl Serialize for Resyncs<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut seq = serializer.serialize_seq(Some(self.report.sweep.resync_count as usize))?;
+        for_each_resync(self.report, |r| {
+            seq.serialize_element(&ResyncInfo {
+                address: hex(r.addr),
+                resumed_at: hex(r.resumed_at),
+                reason: match r.reason {
+                    ResyncReason::Undecodable => "undecodable",
+                    ResyncReason::CrossedKnownStart => "crossed_known_start",
+                },
+            })
+        })?;
+        seq.end()
+    }
 }
 
 /// The tool that wrote the ledger.
@@ -402,7 +476,8 @@ fn site_entry(report: &ScanReport<'_>, s: &SiteInfo) -> SiteEntry {
                         .map(|p| {
                             p.members
                                 .iter()
-                                .map(|&k| report.analysis.sites[k].found.addr)
+                                .filter_map(|&k| report.analysis.sites.get(k))
+                                .map(|x| x.found.addr)
                                 .filter(|&a| a != f.addr)
                                 .map(hex)
                                 .collect()
@@ -416,16 +491,16 @@ fn site_entry(report: &ScanReport<'_>, s: &SiteInfo) -> SiteEntry {
     }
 }
 
-impl Ledger {
-    /// The ledger of a scan.
-    pub fn new(report: &ScanReport<'_>) -> Ledger {
+impl<'a> Ledger<'a> {
+    /// The ledger of a scan (its sites counted: visited once, in parallel if the scan kept
+    /// none; and visited again as they are written).
+    pub fn new(report: &'a ScanReport<'a>) -> Ledger<'a> {
+        Ledger::with_counts(report, &crate::sites::count(report))
+    }
+
+    /// The ledger of a scan whose sites are counted already.
+    pub fn with_counts(report: &'a ScanReport<'a>, counts: &SiteCounts) -> Ledger<'a> {
         let image = report.image;
-        let sites: Vec<SiteEntry> = report
-            .analysis
-            .sites
-            .iter()
-            .map(|s| site_entry(report, s))
-            .collect();
         Ledger {
             schema: LEDGER_SCHEMA,
             tool: ToolInfo {
@@ -447,7 +522,7 @@ impl Ledger {
                 symbol_source: image.symbol_source.name(),
                 stock_kernel: report.analysis.stock,
             },
-            code: code_info(report),
+            code: code_info(report, counts),
             tables: report
                 .tables
                 .reports
@@ -465,19 +540,7 @@ impl Ledger {
                     problem: r.problem.clone(),
                 })
                 .collect(),
-            resyncs: report
-                .sweep
-                .resyncs
-                .iter()
-                .map(|r| ResyncInfo {
-                    address: hex(r.addr),
-                    resumed_at: hex(r.resumed_at),
-                    reason: match r.reason {
-                        ResyncReason::Undecodable => "undecodable",
-                        ResyncReason::CrossedKnownStart => "crossed_known_start",
-                    },
-                })
-                .collect(),
+            resyncs: Resyncs { report },
             caves: report
                 .analysis
                 .caves
@@ -487,21 +550,19 @@ impl Ledger {
                     length: c.len(),
                 })
                 .collect(),
-            summary: summary(report),
-            sites,
+            summary: summary(report, counts),
+            sites: Sites {
+                report,
+                len: counts.sites,
+            },
         }
     }
 }
 
-pub(crate) fn code_info(report: &ScanReport<'_>) -> CodeInfo {
+pub(crate) fn code_info(report: &ScanReport<'_>, counts: &SiteCounts) -> CodeInfo {
     let image = report.image;
     // Sites per section, counted once (a count per section over every site was quadratic).
-    let mut per_section = vec![0usize; image.sections.len()];
-    for x in &report.analysis.sites {
-        if let Some(n) = per_section.get_mut(x.found.section) {
-            *n += 1;
-        }
-    }
+    let per_section = &counts.per_section;
     CodeInfo {
         bytes: report.sweep.bytes,
         instructions: report.sweep.instructions,
@@ -523,45 +584,17 @@ pub(crate) fn code_info(report: &ScanReport<'_>) -> CodeInfo {
     }
 }
 
-pub(crate) fn summary(report: &ScanReport<'_>) -> Summary {
-    let sites = &report.analysis.sites;
-    let mut by_class = BTreeMap::new();
-    let mut native_reasons = BTreeMap::new();
-    for s in sites {
-        *by_class.entry(s.found.op().name()).or_default() += 1;
-        if s.rewritable() && !s.reaches_out_of_line() {
-            *native_reasons
-                .entry(s.room.why.clone().unwrap_or_else(|| "unknown".into()))
-                .or_default() += 1;
-        }
-    }
-    let detours = |d: Direction| {
-        sites
-            .iter()
-            .filter(|s| {
-                s.room
-                    .detour
-                    .as_ref()
-                    .is_some_and(|m| m.direction == d && m.group.is_some())
-            })
-            .count()
-    };
+pub(crate) fn summary(report: &ScanReport<'_>, c: &SiteCounts) -> Summary {
     Summary {
-        sites: sites.len(),
-        covered: sites.iter().filter(|s| s.covered_by.is_some()).count(),
-        patchable: sites.iter().filter(|s| s.patchable()).count(),
-        hypervisor_interfaces: sites
-            .iter()
-            .filter(|s| s.found.op().info().kind == patch_sites::op::Kind::HypervisorInterface)
-            .count(),
-        rewritable: sites.iter().filter(|s| s.rewritable()).count(),
-        out_of_line: sites
-            .iter()
-            .filter(|s| s.rewritable() && s.reaches_out_of_line())
-            .count(),
-        detours_forward: detours(Direction::Forward),
-        detours_backward: detours(Direction::Backward),
-        detours_around: detours(Direction::Around),
+        sites: c.sites,
+        covered: c.covered,
+        patchable: c.patchable,
+        hypervisor_interfaces: c.hypervisor_interfaces,
+        rewritable: c.rewritable,
+        out_of_line: c.out_of_line,
+        detours_forward: c.detours[0],
+        detours_backward: c.detours[1],
+        detours_around: c.detours[2],
         trampolines: report
             .analysis
             .detours
@@ -569,13 +602,13 @@ pub(crate) fn summary(report: &ScanReport<'_>) -> Summary {
             .filter(|d| d.trampoline.is_some())
             .count(),
         stubs: report.analysis.detours.len(),
-        native_reasons,
+        native_reasons: c.native_reasons.clone(),
         caves: report.analysis.caves.len(),
         cave_bytes: report.analysis.caves.iter().map(|c| c.len()).sum(),
         arena: report
             .analysis
             .arena
             .map(|(a, n)| format!("{} ({n} bytes)", hex(a))),
-        by_class,
+        by_class: c.by_class.clone(),
     }
 }

@@ -11,7 +11,9 @@
 //! 6. [`annotate`]: a sealed site table written into a copy of the image;
 //! 7. [`verify`]: every record of an annotated image checked against its code.
 //!
-//! [`scan_image`] runs steps 2 to 4. Beside the pipeline: [`rewrite`] plans one backend's
+//! [`scan_image`] runs steps 2 to 4, keeping every site; [`scan_image_streamed`] keeps none
+//! (memory in the code's bytes, whatever the number of sites): [`sites`] visits them in either
+//! case, and the ledger and the summary are written from those visits. Beside the pipeline: [`rewrite`] plans one backend's
 //! rewrites and applies them to the file (through the boot-time runtime's own planner), [`rom`]
 //! builds and shows backend ROMs, [`output`] writes files atomically, [`catalogue`] prints the
 //! op catalogue.
@@ -29,6 +31,7 @@ pub mod output;
 pub mod rewrite;
 pub mod rom;
 pub mod shim;
+pub mod sites;
 pub mod spans;
 pub mod summary;
 pub mod sweep;
@@ -66,19 +69,46 @@ pub fn quoted(s: &str) -> String {
     }
 }
 
+/// Why a scan was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    /// A stock kernel's detours are planned over all its sites at once, so they are kept: more
+    /// than [`MAX_STOCK_SITES`] is no kernel Linux builds.
+    #[error(
+        "{sites} sensitive instructions in what looks like a stock kernel (it has _text and \
+         _etext): at most {max} are analysed together (a Linux kernel has a few thousand)"
+    )]
+    TooManyStockSites {
+        /// Sites found.
+        sites: u64,
+        /// [`MAX_STOCK_SITES`].
+        max: u64,
+    },
+}
+
+/// The most sites a streamed scan keeps for a stock kernel's whole-image planning (a few
+/// hundred bytes each; Linux has a few thousand).
+pub const MAX_STOCK_SITES: u64 = 1 << 18;
+
+/// Linux's tables and the known instruction starts (tables and symbols, sorted).
+fn tables_and_starts(image: &Image) -> (LinuxTables, Vec<u64>) {
+    let tables = linux::read(image);
+    let mut known: Vec<u64> = tables.starts.iter().map(|s| s.0).collect();
+    known.extend(image.symbols.iter().map(|s| s.addr));
+    known.sort_unstable();
+    known.dedup();
+    (tables, known)
+}
+
 /// Reads Linux's tables, sweeps the code (restarting at every instruction start a table or a
-/// symbol names), analyses every site.
+/// symbol names), analyses every site, keeping them all (in [`Analysis::sites`]).
 pub fn scan_image<'a>(
     image: &'a Image,
     opts: sweep::Options,
     progress: Option<&(dyn Fn(u64) + Sync)>,
 ) -> ScanReport<'a> {
     let t = std::time::Instant::now();
-    let tables = linux::read(image);
-    let mut known: Vec<u64> = tables.starts.iter().map(|s| s.0).collect();
-    known.extend(image.symbols.iter().map(|s| s.addr));
-    known.sort_unstable();
-    known.dedup();
+    let (tables, known) = tables_and_starts(image);
     let sweep = sweep::sweep(image, &known, opts, progress);
     let analysis = analyse(image, &tables, &sweep);
     ScanReport {
@@ -88,6 +118,50 @@ pub fn scan_image<'a>(
         analysis,
         elapsed: t.elapsed(),
     }
+}
+
+/// As [`scan_image`], keeping no site: the sweep keeps its maps of the code (two bits a byte)
+/// and counts, and [`sites::for_each_site`] decodes and analyses each site again when visited,
+/// in address order. [`Analysis::sites`] and [`sweep::Sweep::found`] are empty. A stock
+/// kernel's sites are planned together, so kept (at most [`MAX_STOCK_SITES`]).
+pub fn scan_image_streamed<'a>(
+    image: &'a Image,
+    opts: sweep::Options,
+    progress: Option<&(dyn Fn(u64) + Sync)>,
+) -> Result<ScanReport<'a>, ScanError> {
+    if analyse::is_stock(image) {
+        let t = std::time::Instant::now();
+        let (tables, known) = tables_and_starts(image);
+        let counted = sweep::sweep_counting(image, &known, opts, progress);
+        if counted.sites > MAX_STOCK_SITES {
+            return Err(ScanError::TooManyStockSites {
+                sites: counted.sites,
+                max: MAX_STOCK_SITES,
+            });
+        }
+        drop(counted);
+        let sweep = sweep::sweep(image, &known, opts, None);
+        let analysis = analyse(image, &tables, &sweep);
+        return Ok(ScanReport {
+            image,
+            tables,
+            sweep,
+            analysis,
+            elapsed: t.elapsed(),
+        });
+    }
+    let t = std::time::Instant::now();
+    let (tables, known) = tables_and_starts(image);
+    let sweep = sweep::sweep_counting(image, &known, opts, progress);
+    drop(known);
+    let analysis = analyse::analyse_without_sites(image, &tables);
+    Ok(ScanReport {
+        image,
+        tables,
+        sweep,
+        analysis,
+        elapsed: t.elapsed(),
+    })
 }
 
 /// Test images for the unit tests: the test kit's ELF builder, loaded by this crate's loader.

@@ -21,7 +21,7 @@ use pvpatch::load::bzimage;
 use pvpatch::load::image::{Image, ImageError};
 use pvpatch::output::{OutputError, file_kind, same_file, write_bytes};
 use pvpatch::rewrite::{BackendSpec, PlanLedger, RewriteError, apply_to_file, plan_image};
-use pvpatch::summary::human_summary;
+use pvpatch::summary::human_summary_with_counts;
 use pvpatch::{ScanReport, scan_image};
 use pvpatch::{catalogue, sweep, verify};
 
@@ -184,7 +184,10 @@ struct Failure(u8, anyhow::Error);
 impl<E: Into<anyhow::Error>> From<E> for Failure {
     fn from(e: E) -> Self {
         let e = e.into();
-        let code = if e.is::<ImageError>() || e.is::<bzimage::BzImageError>() {
+        let code = if e.is::<ImageError>()
+            || e.is::<bzimage::BzImageError>()
+            || e.is::<pvpatch::ScanError>()
+        {
             status::INPUT
         } else if let Some(a) = e.downcast_ref::<AnnotateError>() {
             match a {
@@ -316,6 +319,15 @@ fn open(path: &Path) -> Result<Image, Failure> {
 
 /// Scans with a progress bar on a terminal.
 fn scan_with_progress(image: &Image, threads: Option<usize>) -> ScanReport<'_> {
+    progress_scan(image, threads, scan_image)
+}
+
+/// Runs `scan` (keeping the sites or not) with a progress bar on a terminal.
+fn progress_scan<'a, T>(
+    image: &'a Image,
+    threads: Option<usize>,
+    scan: impl FnOnce(&'a Image, sweep::Options, Option<&(dyn Fn(u64) + Sync)>) -> T,
+) -> T {
     let mut opts = sweep::Options::default();
     if let Some(t) = threads {
         opts.threads = t.max(1);
@@ -329,11 +341,11 @@ fn scan_with_progress(image: &Image, threads: Option<usize>) -> ScanReport<'_> {
         );
         bar.set_message("sweeping");
         let tick = |n: u64| bar.inc(n);
-        let r = scan_image(image, opts, Some(&tick));
+        let r = scan(image, opts, Some(&tick));
         bar.finish_and_clear();
         r
     } else {
-        scan_image(image, opts, None)
+        scan(image, opts, None)
     }
 }
 
@@ -349,6 +361,34 @@ fn emit(output: Option<&Path>, input: &Path, text: &str) -> Result<(), Failure> 
             let mut out = std::io::stdout().lock();
             // A closed pipe (`| head`) is not an error worth a status.
             let _ = out.write_all(text.as_bytes());
+        }
+    }
+    Ok(())
+}
+
+/// As [`emit`], with what `fill` writes as it goes (nothing held whole).
+fn emit_with(
+    output: Option<&Path>,
+    input: &Path,
+    fill: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<(), Failure> {
+    match output {
+        Some(p) => {
+            if same_file(p, input) {
+                return Err(OutputError::WouldOverwriteInput(p.to_owned()).into());
+            }
+            warn_stale(p);
+            pvpatch::output::write_atomic(p, None, None, |w| {
+                fill(w).map_err(|source| OutputError::Io {
+                    path: p.to_owned(),
+                    source,
+                })
+            })?;
+        }
+        None => {
+            let mut out = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout().lock());
+            // A closed pipe (`| head`) is not an error worth a status: writing stops there.
+            let _ = fill(&mut out).and_then(|()| out.flush());
         }
     }
     Ok(())
@@ -443,16 +483,18 @@ fn run(command: Command) -> Result<(), Failure> {
             threads,
         } => {
             let img = open(&image)?;
-            let report = scan_with_progress(&img, threads);
-            let text = if json {
-                let mut s =
-                    serde_json::to_string_pretty(&Ledger::new(&report)).context("ledger")?;
-                s.push('\n');
-                s
+            // No site is kept: the ledger is written as each is analysed again.
+            let report = progress_scan(&img, threads, pvpatch::scan_image_streamed)?;
+            let counts = pvpatch::sites::count(&report);
+            if json {
+                emit_with(output.as_deref(), &image, |w| {
+                    serde_json::to_writer_pretty(&mut *w, &Ledger::with_counts(&report, &counts))?;
+                    w.write_all(b"\n")
+                })?;
             } else {
-                human_summary(&report)
-            };
-            emit(output.as_deref(), &image, &text)?;
+                let text = human_summary_with_counts(&report, &counts);
+                emit(output.as_deref(), &image, &text)?;
+            }
         }
         Command::Annotate {
             image,

@@ -1,18 +1,21 @@
 //! The human summary of a scan: Linux's tables, sites per class, sites per section.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use patch_sites::Op;
 
 use crate::ScanReport;
-use crate::analyse::SiteInfo;
 use crate::ledger::{code_info, summary};
+use crate::sites::{SiteCounts, count};
 
 /// The human summary: tables, a table per class, a table per section.
 pub fn human_summary(report: &ScanReport<'_>) -> String {
+    human_summary_with_counts(report, &count(report))
+}
+
+/// The human summary of a scan whose sites are counted already.
+pub fn human_summary_with_counts(report: &ScanReport<'_>, counts: &SiteCounts) -> String {
     let image = report.image;
-    let sites = &report.analysis.sites;
     let mut o = String::new();
     let _ = writeln!(
         o,
@@ -37,7 +40,7 @@ pub fn human_summary(report: &ScanReport<'_>) -> String {
         report.sweep.bytes,
         report.sweep.instructions,
         report.elapsed.as_secs_f64() * 1e3,
-        report.sweep.resyncs.len()
+        report.sweep.resync_count
     );
     let _ = writeln!(o, "\nLinux tables:");
     for r in &report.tables.reports {
@@ -85,43 +88,17 @@ pub fn human_summary(report: &ScanReport<'_>) -> String {
         "  {:<14} {:>6} {:>9} {:>10} {:>9} {:>7} {:>6}",
         "class", "sites", "covered", "in-place5", "in-place", "detour", last
     );
-    let mut classes: BTreeMap<u16, Vec<&SiteInfo>> = BTreeMap::new();
-    for s in sites {
-        classes.entry(s.found.op().id()).or_default().push(s);
-    }
-    for (id, list) in &classes {
+    for (id, c) in &counts.by_op {
         let name = Op::from_id(*id).map(Op::name).unwrap_or("?");
-        let covered = list.iter().filter(|s| s.covered_by.is_some()).count();
-        let big = list.iter().filter(|s| s.room.in_place >= 5).count();
-        let small = list
-            .iter()
-            .filter(|s| s.room.in_place > 0 && s.room.in_place < 5)
-            .count();
-        let detour = list.iter().filter(|s| s.room.detour.is_some()).count();
         // Stock kernels: rewritable sites with no way out of line; others: only a trap fits.
-        let trap_only = list
-            .iter()
-            .filter(|s| {
-                if stock {
-                    s.rewritable() && !s.reaches_out_of_line()
-                } else {
-                    s.room.in_place > 0 && s.room.in_place < 5 && s.room.detour.is_none()
-                }
-            })
-            .count();
+        let trap_only = if stock { c.native } else { c.trap_only };
         let _ = writeln!(
             o,
             "  {:<14} {:>6} {:>9} {:>10} {:>9} {:>7} {:>6}",
-            name,
-            list.len(),
-            covered,
-            big,
-            small,
-            detour,
-            trap_only
+            name, c.sites, c.covered, c.in_place5, c.in_place_small, c.detour, trap_only
         );
     }
-    let s = summary(report);
+    let s = summary(report, counts);
     let _ = writeln!(
         o,
         "  {:<14} {:>6} {:>9}   patchable: {}, hypervisor interfaces: {}",
@@ -168,7 +145,7 @@ pub fn human_summary(report: &ScanReport<'_>) -> String {
     }
 
     let _ = writeln!(o, "\nBy section:");
-    for c in code_info(report).sections {
+    for c in code_info(report, counts).sections {
         let _ = writeln!(
             o,
             "  {:<22} {:>18} {:>10} bytes {:>9} instructions {:>6} sites",

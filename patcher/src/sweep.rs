@@ -143,9 +143,10 @@ pub struct SectionCode {
 /// Everything the sweep produced.
 #[derive(Clone, Debug, Default)]
 pub struct Sweep {
-    /// Sensitive instructions, sorted by address.
+    /// Sensitive instructions, sorted by address (empty when the sweep did not keep them:
+    /// [`sweep_counting`]; [`Sweep::replay`] finds them again).
     pub found: Vec<Found>,
-    /// Resynchronisations, sorted by address.
+    /// Resynchronisations, sorted by address (empty when the sweep did not keep them).
     pub resyncs: Vec<Resync>,
     /// Per executable section: instruction starts and branch targets.
     pub code: Vec<SectionCode>,
@@ -153,8 +154,20 @@ pub struct Sweep {
     pub instructions: u64,
     /// Bytes of code swept.
     pub bytes: u64,
+    /// Sensitive instructions found (kept or not).
+    pub sites: u64,
+    /// Resynchronisations (kept or not).
+    pub resync_count: u64,
+    /// Whether [`Sweep::found`] and [`Sweep::resyncs`] hold them.
+    pub kept: bool,
     /// `code` by address.
     index: crate::spans::SpanIndex,
+    /// The chunks swept, by address (sections do not overlap in memory), for replays.
+    chunks: Vec<Chunk>,
+    /// The known instruction starts the sweep restarted at.
+    known: Vec<u64>,
+    /// The worker threads it ran on.
+    threads: usize,
 }
 
 impl Sweep {
@@ -182,6 +195,38 @@ impl Sweep {
             .filter_map(|i| self.code[i].targets.first_in(from, to))
             .min()
     }
+
+    /// The worker threads the sweep ran on.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Chunks swept (the units of [`Sweep::replay`]).
+    pub fn chunk_count(&self) -> usize {
+        self.chunks.len()
+    }
+
+    /// Decodes chunks `range` again, in address order, exactly as the sweep did: each sensitive
+    /// instruction and each resynchronisation to `visit`, nothing kept.
+    pub fn replay(
+        &self,
+        image: &Image,
+        range: std::ops::Range<usize>,
+        visit: &mut dyn FnMut(Event),
+    ) {
+        for chunk in self.chunks.get(range).unwrap_or_default() {
+            decode_chunk(image, *chunk, &self.known, &mut Replay(visit));
+        }
+    }
+}
+
+/// What a replay of the sweep meets, in address order.
+#[derive(Clone, Copy, Debug)]
+pub enum Event {
+    /// A sensitive instruction.
+    Found(Found),
+    /// A resynchronisation.
+    Resync(Resync),
 }
 
 /// How to sweep.
@@ -209,11 +254,26 @@ struct Chunk {
     end: u64,
 }
 
+/// What decoding a chunk meets, to whoever decodes it.
+trait Visitor {
+    /// A decoded instruction (not one dropped for crossing a known start).
+    fn insn(&mut self, ip: u64, insn: &Instruction);
+    /// A sensitive one (after [`Visitor::insn`]).
+    fn found(&mut self, f: Found);
+    /// A resynchronisation.
+    fn resync(&mut self, r: Resync);
+}
+
 struct ChunkResult {
     /// The chunk's section (its index among the image's sections).
     section: usize,
+    /// Kept only if the sweep keeps them.
     found: Vec<Found>,
+    /// Kept only if the sweep keeps them.
     resyncs: Vec<Resync>,
+    keep: bool,
+    sites: u64,
+    resync_count: u64,
     /// Instruction starts, over the chunk's bytes only.
     starts: ByteMap,
     /// Near-branch targets, wherever they point (sorted into sections when merged): memory
@@ -222,13 +282,74 @@ struct ChunkResult {
     instructions: u64,
 }
 
-/// Sweeps every executable section of `image`. `known_starts` must be sorted; starts outside
-/// code are ignored. `progress`, if given, is advanced by the bytes swept.
+impl Visitor for ChunkResult {
+    fn insn(&mut self, ip: u64, insn: &Instruction) {
+        self.instructions += 1;
+        self.starts.set(ip);
+        if matches!(insn.op0_kind(), OpKind::NearBranch64) {
+            self.targets.push(insn.near_branch64());
+        }
+    }
+
+    fn found(&mut self, f: Found) {
+        self.sites += 1;
+        if self.keep {
+            self.found.push(f);
+        }
+    }
+
+    fn resync(&mut self, r: Resync) {
+        self.resync_count += 1;
+        if self.keep {
+            self.resyncs.push(r);
+        }
+    }
+}
+
+struct Replay<'v>(&'v mut dyn FnMut(Event));
+
+impl Visitor for Replay<'_> {
+    fn insn(&mut self, _: u64, _: &Instruction) {}
+
+    fn found(&mut self, f: Found) {
+        (self.0)(Event::Found(f))
+    }
+
+    fn resync(&mut self, r: Resync) {
+        (self.0)(Event::Resync(r))
+    }
+}
+
+/// Sweeps every executable section of `image`, keeping every sensitive instruction and
+/// resynchronisation. `known_starts` must be sorted; starts outside code are ignored.
+/// `progress`, if given, is advanced by the bytes swept.
 pub fn sweep(
     image: &Image,
     known_starts: &[u64],
     opts: Options,
     progress: Option<&(dyn Fn(u64) + Sync)>,
+) -> Sweep {
+    sweep_with(image, known_starts, opts, progress, true)
+}
+
+/// As [`sweep`], but only counting the sensitive instructions and resynchronisations: memory
+/// in the code's bytes (two bits a byte, and the known starts), whatever the sites.
+/// [`Sweep::replay`] finds them again.
+pub fn sweep_counting(
+    image: &Image,
+    known_starts: &[u64],
+    opts: Options,
+    progress: Option<&(dyn Fn(u64) + Sync)>,
+) -> Sweep {
+    sweep_with(image, known_starts, opts, progress, false)
+}
+
+fn sweep_with(
+    image: &Image,
+    known_starts: &[u64],
+    opts: Options,
+    progress: Option<&(dyn Fn(u64) + Sync)>,
+    keep: bool,
 ) -> Sweep {
     let exec: Vec<usize> = image.exec_sections().map(|s| s.index).collect();
     let total: u64 = exec.iter().map(|&i| image.sections[i].size).sum();
@@ -261,46 +382,14 @@ pub fn sweep(
             end,
         });
     }
-
-    let next = AtomicU64::new(0);
-    let results: Vec<ChunkResult> = if threads == 1 {
-        chunks
-            .iter()
-            .map(|chunk| {
-                let r = sweep_chunk(image, *chunk, known_starts);
-                if let Some(p) = progress {
-                    p(chunk.end - chunk.start);
-                }
-                r
-            })
-            .collect()
-    } else {
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..threads.min(chunks.len()).max(1))
-                .map(|_| {
-                    scope.spawn(|| {
-                        let mut out = Vec::new();
-                        loop {
-                            let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                            let Some(chunk) = chunks.get(i) else { break };
-                            out.push(sweep_chunk(image, *chunk, known_starts));
-                            if let Some(p) = progress {
-                                p(chunk.end - chunk.start);
-                            }
-                        }
-                        out
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .flat_map(|h| h.join().unwrap_or_default())
-                .collect()
-        })
-    };
+    // By address: what a replay meets is then in address order (executable sections do not
+    // overlap in memory), as the kept sites are once sorted.
+    chunks.sort_by_key(|c| c.start);
 
     let mut scan = Sweep {
         bytes: total,
+        kept: keep,
+        threads,
         ..Sweep::default()
     };
     for &si in &exec {
@@ -324,43 +413,79 @@ pub fn sweep(
             .enumerate()
             .map(|(i, c)| (c.starts.base, c.starts.base.saturating_add(c.starts.len), i)),
     );
-    for r in results {
+
+    // Each chunk's result is merged as soon as it is done: what is held at once is the merged
+    // maps and one chunk's result per worker.
+    let merged = std::sync::Mutex::new(scan);
+    let merge = |r: ChunkResult| {
+        let mut scan = merged.lock().unwrap_or_else(|p| p.into_inner());
         scan.instructions += r.instructions;
+        scan.sites += r.sites;
+        scan.resync_count += r.resync_count;
         scan.found.extend(r.found);
         scan.resyncs.extend(r.resyncs);
-        if let Some(c) = by_section
-            .get(r.section)
-            .and_then(|&i| scan.code.get_mut(i))
+        if let Some(&i) = by_section.get(r.section)
+            && let Some(c) = scan.code.get_mut(i)
         {
             c.starts.set_all_from(&r.starts);
         }
+        let scan = &mut *scan;
         for t in r.targets {
             for i in scan.index.overlapping(t, t.saturating_add(1)) {
                 scan.code[i].targets.set(t);
             }
         }
+    };
+    let work = |chunk: &Chunk| {
+        let mut r = ChunkResult {
+            section: chunk.section,
+            found: Vec::new(),
+            resyncs: Vec::new(),
+            keep,
+            sites: 0,
+            resync_count: 0,
+            starts: ByteMap::new(chunk.start, chunk.end - chunk.start),
+            targets: Vec::new(),
+            instructions: 0,
+        };
+        decode_chunk(image, *chunk, known_starts, &mut r);
+        merge(r);
+        if let Some(p) = progress {
+            p(chunk.end - chunk.start);
+        }
+    };
+    if threads == 1 {
+        chunks.iter().for_each(work);
+    } else {
+        let next = AtomicU64::new(0);
+        std::thread::scope(|scope| {
+            for _ in 0..threads.min(chunks.len()).max(1) {
+                scope.spawn(|| {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                        let Some(chunk) = chunks.get(i) else { break };
+                        work(chunk);
+                    }
+                });
+            }
+        });
     }
+    let mut scan = merged.into_inner().unwrap_or_else(|p| p.into_inner());
     scan.found.sort_by_key(|f| f.addr);
     scan.resyncs.sort_by_key(|r| r.addr);
+    scan.chunks = chunks;
+    scan.known = known_starts.to_vec();
     scan
 }
 
-fn sweep_chunk(image: &Image, chunk: Chunk, known: &[u64]) -> ChunkResult {
+fn decode_chunk(image: &Image, chunk: Chunk, known: &[u64], out: &mut dyn Visitor) {
     let s = &image.sections[chunk.section];
     let data = image.section_data(s);
-    let mut out = ChunkResult {
-        section: chunk.section,
-        found: Vec::new(),
-        resyncs: Vec::new(),
-        starts: ByteMap::new(chunk.start, chunk.end - chunk.start),
-        targets: Vec::new(),
-        instructions: 0,
-    };
     let lo = (chunk.start - s.addr) as usize;
     let hi = (chunk.end - s.addr) as usize;
     // The decoder may read past the chunk's end into the rest of the section: an instruction
     // that starts before the end belongs to this chunk.
-    let bytes = &data[lo..];
+    let bytes = data.get(lo..).unwrap_or_default();
     let mut dec = Decoder::with_ip(64, bytes, chunk.start, DecoderOptions::NONE);
     let mut k = known.partition_point(|&a| a <= chunk.start);
     let mut insn = Instruction::default();
@@ -375,7 +500,7 @@ fn sweep_chunk(image: &Image, chunk: Chunk, known: &[u64]) -> ChunkResult {
             continue;
         }
         if let Some(bad) = pending_bad.take() {
-            out.resyncs.push(Resync {
+            out.resync(Resync {
                 addr: bad,
                 resumed_at: ip,
                 reason: ResyncReason::Undecodable,
@@ -388,7 +513,7 @@ fn sweep_chunk(image: &Image, chunk: Chunk, known: &[u64]) -> ChunkResult {
         if let Some(&ks) = known.get(k)
             && ks < next_ip
         {
-            out.resyncs.push(Resync {
+            out.resync(Resync {
                 addr: ip,
                 resumed_at: ks,
                 reason: ResyncReason::CrossedKnownStart,
@@ -396,13 +521,9 @@ fn sweep_chunk(image: &Image, chunk: Chunk, known: &[u64]) -> ChunkResult {
             resume(&mut dec, (ks - chunk.start) as usize, chunk.start);
             continue;
         }
-        out.instructions += 1;
-        out.starts.set(ip);
-        if matches!(insn.op0_kind(), OpKind::NearBranch64) {
-            out.targets.push(insn.near_branch64());
-        }
+        out.insn(ip, &insn);
         if let Some(class) = classify(&insn) {
-            out.found.push(Found {
+            out.found(Found {
                 addr: ip,
                 len: insn.len() as u8,
                 class,
@@ -411,13 +532,12 @@ fn sweep_chunk(image: &Image, chunk: Chunk, known: &[u64]) -> ChunkResult {
         }
     }
     if let Some(bad) = pending_bad {
-        out.resyncs.push(Resync {
+        out.resync(Resync {
             addr: bad,
             resumed_at: chunk.end,
             reason: ResyncReason::Undecodable,
         });
     }
-    out
 }
 
 fn resume(dec: &mut Decoder<'_>, pos: usize, base: u64) {

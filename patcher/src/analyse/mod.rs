@@ -237,15 +237,7 @@ pub fn analyse(image: &Image, tables: &LinuxTables, sweep: &Sweep) -> Analysis {
     let mut sites: Vec<SiteInfo> = sweep
         .found
         .iter()
-        .map(|f| {
-            let covered_by = covering(tables, f);
-            let room = room(image, tables, sweep, &guards, stock, f, covered_by.as_ref());
-            SiteInfo {
-                found: *f,
-                covered_by,
-                room,
-            }
-        })
+        .map(|f| site_info(image, tables, sweep, &guards, stock, f))
         .collect();
     let mut analysis = Analysis {
         stock,
@@ -262,6 +254,35 @@ pub fn analyse(image: &Image, tables: &LinuxTables, sweep: &Sweep) -> Analysis {
     analysis.sites = sites;
     analysis.guards = guards;
     analysis
+}
+
+/// The analysis of an image that is not a stock kernel, without its sites: each is analysed
+/// on its own ([`site_info`]) when it is visited (a streamed scan).
+pub(crate) fn analyse_without_sites(image: &Image, tables: &LinuxTables) -> Analysis {
+    Analysis {
+        stock: false,
+        guards: Guards::new(image, tables),
+        ..Analysis::default()
+    }
+}
+
+/// One site analysed: what covers it, its room. In an image that is not a stock kernel it
+/// depends on no other site (a stock kernel's detours are then planned over all of them).
+pub fn site_info(
+    image: &Image,
+    tables: &LinuxTables,
+    sweep: &Sweep,
+    guards: &Guards,
+    stock: bool,
+    f: &Found,
+) -> SiteInfo {
+    let covered_by = covering(tables, f);
+    let room = room(image, tables, sweep, guards, stock, f, covered_by.as_ref());
+    SiteInfo {
+        found: *f,
+        covered_by,
+        room,
+    }
 }
 
 /// The most relevant table entry overlapping the instruction: one Linux patches, else one

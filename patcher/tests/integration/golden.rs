@@ -78,3 +78,34 @@ fn the_summary_of_the_sample_image() {
         .collect();
     golden("sample.elf.summary.txt", &text);
 }
+
+#[test]
+fn what_pvpatch_scan_writes_is_the_golden_ledger_and_summary() {
+    // The command keeps no site (it streams the ledger): what it writes is the same, to
+    // standard output and to a file.
+    let dir = testfile("");
+    let scan = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pvpatch"))
+            .current_dir(&dir)
+            .arg("scan")
+            .arg("sample.elf")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let expected = std::fs::read_to_string(testfile("sample.elf.ledger.json")).unwrap();
+    assert!(scan(&["--json"]) == expected, "pvpatch scan --json");
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("ledger.json");
+    scan(&["--json", "-o", file.to_str().unwrap()]);
+    assert!(std::fs::read_to_string(&file).unwrap() == expected, "-o");
+    let summary: String = scan(&[])
+        .lines()
+        .filter(|l| !l.starts_with("swept "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let expected = std::fs::read_to_string(testfile("sample.elf.summary.txt")).unwrap();
+    assert!(summary == expected, "pvpatch scan");
+}

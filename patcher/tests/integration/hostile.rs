@@ -17,7 +17,10 @@ use super::cli::sample_image;
 fn exercise(name: &str, bytes: Vec<u8>) -> Result<(), ImageError> {
     let img = Image::from_bytes(name, bytes)?;
     let r = scan_image(&img, Options { threads: 1 }, None);
-    let _ = Ledger::new(&r);
+    serde_json::to_writer(std::io::sink(), &Ledger::new(&r)).unwrap();
+    if let Ok(streamed) = pvpatch::scan_image_streamed(&img, Options { threads: 1 }, None) {
+        serde_json::to_writer(std::io::sink(), &Ledger::new(&streamed)).unwrap();
+    }
     let _ = annotate_into(&r, &AnnotateOptions::default(), &mut std::io::sink());
     if let Ok(Some(_)) = pvpatch::annotate::sealed_table(&img).map(Some).ok_or(()) {
         let _ = pvpatch::verify::verify(&img);
@@ -342,4 +345,30 @@ fn real_shared_libraries_load() {
         "{loaded} libraries loaded, {tls} with .tbss"
     );
     eprintln!("real_shared_libraries_load: {loaded} libraries loaded, {tls} with a .tbss");
+}
+
+#[test]
+fn a_stock_kernel_of_too_many_sites_is_refused_with_status_3() {
+    // `_text` and `_etext` make it a stock kernel, whose sites are planned together and so
+    // kept: past MAX_STOCK_SITES, a clear error and status 3 (not gigabytes).
+    let n = pvpatch::MAX_STOCK_SITES as usize / 2 + 1;
+    let code = [0xfa, 0xfb].repeat(n);
+    let len = code.len() as u64;
+    let bytes = testimg::build(&code, &[("_text", 0, 1), ("_etext", len - 1, 1)], &[]);
+    let img = Image::from_bytes("stock", bytes.clone()).unwrap();
+    assert!(pvpatch::analyse::is_stock(&img));
+    let e = pvpatch::scan_image_streamed(&img, Options::default(), None).unwrap_err();
+    assert!(e.to_string().contains("stock kernel"), "{e}");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stock.elf");
+    std::fs::write(&path, &bytes).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pvpatch"))
+        .args(["scan", "--json"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(out.stdout.is_empty());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("at most 262144 are analysed"), "{err}");
 }

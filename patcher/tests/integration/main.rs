@@ -14,4 +14,5 @@ mod rom;
 mod shim;
 mod stock;
 mod stock_props;
+mod streamed;
 mod tables;

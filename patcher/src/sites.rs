@@ -1,0 +1,248 @@
+//! Visiting the sites of a scan, in address order, whether it kept them ([`crate::scan_image`])
+//! or not ([`crate::scan_image_streamed`]): a scan that keeps none decodes and analyses each
+//! one again ([`crate::analyse::site_info`], the function that analyses a kept one) when it is
+//! visited, so that what is written of a site is the same either way. And what is counted of
+//! them, for the ledger's summary and the human one.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use patch_sites::op::Kind;
+
+use crate::ScanReport;
+use crate::analyse::{Direction, SiteInfo, site_info};
+use crate::sweep::{Event, Resync};
+
+/// Calls `f` with every site of `report`, in address order, until it fails.
+pub fn for_each_site<E>(
+    report: &ScanReport<'_>,
+    mut f: impl FnMut(&SiteInfo) -> Result<(), E>,
+) -> Result<(), E> {
+    if report.sweep.kept {
+        return report.analysis.sites.iter().try_for_each(f);
+    }
+    for chunk in 0..report.sweep.chunk_count() {
+        replay_sites(report, chunk..chunk + 1, &mut f)?;
+    }
+    Ok(())
+}
+
+/// Calls `f` with every resynchronisation of the sweep, in address order, until it fails.
+pub fn for_each_resync<E>(
+    report: &ScanReport<'_>,
+    mut f: impl FnMut(&Resync) -> Result<(), E>,
+) -> Result<(), E> {
+    if report.sweep.kept {
+        return report.sweep.resyncs.iter().try_for_each(f);
+    }
+    let mut out = Ok(());
+    for chunk in 0..report.sweep.chunk_count() {
+        report
+            .sweep
+            .replay(report.image, chunk..chunk + 1, &mut |e| {
+                if let (Event::Resync(r), Ok(())) = (e, &out) {
+                    out = f(&r);
+                }
+            });
+        if out.is_err() {
+            break;
+        }
+    }
+    out
+}
+
+/// The sites of chunks `range`, analysed, to `f` (a scan that kept none).
+fn replay_sites<E>(
+    report: &ScanReport<'_>,
+    range: std::ops::Range<usize>,
+    f: &mut impl FnMut(&SiteInfo) -> Result<(), E>,
+) -> Result<(), E> {
+    let (image, sweep, analysis) = (report.image, &report.sweep, &report.analysis);
+    let mut out = Ok(());
+    sweep.replay(image, range, &mut |e| {
+        if let (Event::Found(found), Ok(())) = (e, &out) {
+            let s = site_info(
+                image,
+                &report.tables,
+                sweep,
+                &analysis.guards,
+                analysis.stock,
+                &found,
+            );
+            out = f(&s);
+        }
+    });
+    out
+}
+
+/// Per class, for the human summary.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClassCounts {
+    /// Sites.
+    pub sites: usize,
+    /// Covered by one of Linux's tables.
+    pub covered: usize,
+    /// With 5 bytes or more in place.
+    pub in_place5: usize,
+    /// With 1 to 4 bytes in place.
+    pub in_place_small: usize,
+    /// With a detour.
+    pub detour: usize,
+    /// Rewritable with no way out of line.
+    pub native: usize,
+    /// With less than 5 bytes in place and no detour (only a trap fits).
+    pub trap_only: usize,
+}
+
+/// What is counted of the sites of a scan.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SiteCounts {
+    /// Sites.
+    pub sites: usize,
+    /// Covered by one of Linux's tables.
+    pub covered: usize,
+    /// That pvpatch may record.
+    pub patchable: usize,
+    /// Hypervisor interfaces.
+    pub hypervisor_interfaces: usize,
+    /// That a backend may rewrite.
+    pub rewritable: usize,
+    /// Of those, that reach out-of-line code.
+    pub out_of_line: usize,
+    /// With a planned detour forward, backward, around.
+    pub detours: [usize; 3],
+    /// Why rewritable sites have no way out of line, with how many.
+    pub native_reasons: BTreeMap<String, usize>,
+    /// Per class name.
+    pub by_class: BTreeMap<&'static str, usize>,
+    /// Per op id.
+    pub by_op: BTreeMap<u16, ClassCounts>,
+    /// Per section (by its index in the image's sections).
+    pub per_section: Vec<usize>,
+}
+
+impl SiteCounts {
+    fn new(sections: usize) -> SiteCounts {
+        SiteCounts {
+            per_section: vec![0; sections],
+            ..SiteCounts::default()
+        }
+    }
+
+    /// Counts `s`.
+    fn add(&mut self, s: &SiteInfo) {
+        let op = s.found.op();
+        let rewritable = s.rewritable();
+        let reaches = s.reaches_out_of_line();
+        self.sites += 1;
+        self.covered += usize::from(s.covered_by.is_some());
+        self.patchable += usize::from(s.patchable());
+        self.hypervisor_interfaces += usize::from(op.info().kind == Kind::HypervisorInterface);
+        self.rewritable += usize::from(rewritable);
+        self.out_of_line += usize::from(rewritable && reaches);
+        if let Some(m) = &s.room.detour
+            && m.group.is_some()
+        {
+            self.detours[match m.direction {
+                Direction::Forward => 0,
+                Direction::Backward => 1,
+                Direction::Around => 2,
+            }] += 1;
+        }
+        if rewritable && !reaches {
+            let why = s.room.why.as_deref().unwrap_or("unknown");
+            match self.native_reasons.get_mut(why) {
+                Some(n) => *n += 1,
+                None => {
+                    self.native_reasons.insert(why.to_owned(), 1);
+                }
+            }
+        }
+        *self.by_class.entry(op.name()).or_default() += 1;
+        let c = self.by_op.entry(op.id()).or_default();
+        let room = &s.room;
+        c.sites += 1;
+        c.covered += usize::from(s.covered_by.is_some());
+        c.in_place5 += usize::from(room.in_place >= 5);
+        c.in_place_small += usize::from(room.in_place > 0 && room.in_place < 5);
+        c.detour += usize::from(room.detour.is_some());
+        c.native += usize::from(rewritable && !reaches);
+        c.trap_only += usize::from(room.in_place > 0 && room.in_place < 5 && room.detour.is_none());
+        if let Some(n) = self.per_section.get_mut(s.found.section) {
+            *n += 1;
+        }
+    }
+
+    fn merge(&mut self, other: SiteCounts) {
+        self.sites += other.sites;
+        self.covered += other.covered;
+        self.patchable += other.patchable;
+        self.hypervisor_interfaces += other.hypervisor_interfaces;
+        self.rewritable += other.rewritable;
+        self.out_of_line += other.out_of_line;
+        for (a, b) in self.detours.iter_mut().zip(other.detours) {
+            *a += b;
+        }
+        for (k, n) in other.native_reasons {
+            *self.native_reasons.entry(k).or_default() += n;
+        }
+        for (k, n) in other.by_class {
+            *self.by_class.entry(k).or_default() += n;
+        }
+        for (k, o) in other.by_op {
+            let c = self.by_op.entry(k).or_default();
+            c.sites += o.sites;
+            c.covered += o.covered;
+            c.in_place5 += o.in_place5;
+            c.in_place_small += o.in_place_small;
+            c.detour += o.detour;
+            c.native += o.native;
+            c.trap_only += o.trap_only;
+        }
+        for (a, b) in self.per_section.iter_mut().zip(other.per_section) {
+            *a += b;
+        }
+    }
+}
+
+/// Counts the sites of `report` (a scan that kept none: on the sweep's threads, a chunk at a
+/// time).
+pub fn count(report: &ScanReport<'_>) -> SiteCounts {
+    let sections = report.image.sections.len();
+    let mut total = SiteCounts::new(sections);
+    if report.sweep.kept {
+        for s in &report.analysis.sites {
+            total.add(s);
+        }
+        return total;
+    }
+    let chunks = report.sweep.chunk_count();
+    let threads = report.sweep.threads().clamp(1, chunks.max(1));
+    let next = AtomicUsize::new(0);
+    let merged = Mutex::new(total);
+    let work = || {
+        let mut mine = SiteCounts::new(sections);
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            if i >= chunks {
+                break;
+            }
+            let _ = replay_sites(report, i..i + 1, &mut |s| {
+                mine.add(s);
+                Ok::<(), ()>(())
+            });
+        }
+        merged.lock().unwrap_or_else(|p| p.into_inner()).merge(mine);
+    };
+    if threads == 1 {
+        work();
+    } else {
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                scope.spawn(work);
+            }
+        });
+    }
+    merged.into_inner().unwrap_or_else(|p| p.into_inner())
+}
