@@ -146,6 +146,10 @@ enum Command {
         /// Where to write the vmlinux.
         #[arg(short, long)]
         output: PathBuf,
+        /// Refuse a payload that would decompress to more than this: bytes, or a number with
+        /// K, M, G or T (powers of 1024), e.g. 512M, 2G.
+        #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = bzimage::parse_size)]
+        max_decompressed: u64,
     },
     /// Print the op catalogue.
     Ops,
@@ -701,19 +705,21 @@ fn run(command: Command) -> Result<(), Failure> {
         Command::ExtractVmlinux {
             bzimage: bz,
             output,
+            max_decompressed,
         } => {
             if same_file(&output, &bz) {
                 return Err(OutputError::WouldOverwriteInput(output).into());
             }
             let bytes = read_input(&bz)?;
-            let fmt = bzimage::compression(bzimage::payload(&bytes)?)?;
-            let vmlinux = bzimage::extract_vmlinux(&bytes)?;
+            let x = bzimage::extract_vmlinux(&bytes, max_decompressed)?;
+            let (fmt, vmlinux) = (x.format, x.vmlinux);
             // Check it is an image this tool can read before writing it.
             Image::from_bytes(&output.display().to_string(), vmlinux.clone())?;
             write_output(&output, &vmlinux)?;
             outln!(
-                "{}: {fmt} payload, {} bytes of ELF written to {}",
+                "{}: {fmt} payload (checks: {}), {} bytes of ELF written to {}",
                 bz.display(),
+                x.checks.join(", "),
                 vmlinux.len(),
                 output.display()
             );

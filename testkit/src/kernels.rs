@@ -300,10 +300,12 @@ pub fn fetch(spec: KernelSpec) -> Result<CachedKernel, KernelError> {
     let deb = download(&pkg, work.path())?;
     let bz = member(&deb, "./boot/vmlinuz-", work.path())?;
     let config = member(&deb, "./boot/config-", work.path())?;
-    let format = pvpatch::load::bzimage::payload(&bz)
-        .and_then(pvpatch::load::bzimage::compression)
-        .map_err(KernelError::Extract)?;
-    let vmlinux = pvpatch::load::bzimage::extract_vmlinux(&bz).map_err(KernelError::Extract)?;
+    let extracted = pvpatch::load::bzimage::extract_vmlinux(
+        &bz,
+        pvpatch::load::bzimage::DEFAULT_MAX_DECOMPRESSED,
+    )
+    .map_err(KernelError::Extract)?;
+    let (format, vmlinux) = (extracted.format, extracted.vmlinux);
     // Check it: an x86-64 ELF kernel with code and Linux's tables.
     let img =
         pvpatch::load::Image::from_bytes("vmlinux", vmlinux.clone()).map_err(KernelError::Image)?;

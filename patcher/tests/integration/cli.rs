@@ -20,6 +20,48 @@ pub fn write_sample(dir: &Path) -> PathBuf {
     p
 }
 
+/// A bzImage laid out as Linux's build lays one out (setup header, then the payload: the
+/// compressed `elf` and the size trailer), compressed with `format`: xz, gzip, zstd or lz4
+/// (legacy, as `lz4 -l` writes it).
+pub fn fake_bzimage(format: &str, elf: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut payload = match format {
+        "xz" => {
+            let mut e = liblzma::write::XzEncoder::new(Vec::new(), 6);
+            e.write_all(elf).unwrap();
+            e.finish().unwrap()
+        }
+        "gzip" => {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+            e.write_all(elf).unwrap();
+            let mut v = e.finish().unwrap();
+            v.truncate(v.len() - 4); // its ISIZE is the trailer
+            v
+        }
+        "zstd" => {
+            ruzstd::encoding::compress_to_vec(elf, ruzstd::encoding::CompressionLevel::Fastest)
+        }
+        "lz4" => {
+            let mut v = vec![0x02, 0x21, 0x4c, 0x18];
+            for chunk in elf.chunks(8 << 20) {
+                let block = lz4_flex::block::compress(chunk);
+                v.extend_from_slice(&(block.len() as u32).to_le_bytes());
+                v.extend_from_slice(&block);
+            }
+            v
+        }
+        _ => panic!("{format}"),
+    };
+    payload.extend_from_slice(&(elf.len() as u32).to_le_bytes());
+    let mut b = vec![0u8; 5 * 512];
+    b[0x1f1] = 4; // setup sectors
+    b[0x202..0x206].copy_from_slice(b"HdrS");
+    b[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+    b[0x24c..0x250].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    b.extend_from_slice(&payload);
+    b
+}
+
 fn files_in(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
@@ -306,12 +348,17 @@ fn hostile_images_fail_annotate_with_status_3_and_leave_nothing() {
 }
 
 /// The `image` fuzz target's seeds are the sample images (a kernel of our own, and a stripped
-/// stock kernel with kallsyms); `PVPATCH_UPDATE=1` rewrites them.
+/// stock kernel with kallsyms), and the first in a bzImage of each compression;
+/// `PVPATCH_UPDATE=1` rewrites them.
 #[test]
 fn the_image_fuzz_seeds_are_the_sample_images() {
     for (name, bytes) in [
         ("seed-sample", sample_image()),
         ("seed-stock-kallsyms", pvpatch_testkit::elf::stock_sample()),
+        ("seed-bzimage-xz", fake_bzimage("xz", &sample_image())),
+        ("seed-bzimage-gzip", fake_bzimage("gzip", &sample_image())),
+        ("seed-bzimage-zstd", fake_bzimage("zstd", &sample_image())),
+        ("seed-bzimage-lz4", fake_bzimage("lz4", &sample_image())),
     ] {
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../fuzz/corpus/image")
@@ -325,4 +372,79 @@ fn the_image_fuzz_seeds_are_the_sample_images() {
             path.display()
         );
     }
+}
+
+/// `extract-vmlinux` says which checks the payload allowed; refuses a changed payload and a
+/// decompression bomb with status 3, at once, writing nothing; reads `--max-decompressed`.
+#[test]
+fn extract_vmlinux_checks_the_payload_and_caps_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (bz, out) = (dir.path().join("bz"), dir.path().join("vmlinux"));
+    let run = |bytes: &[u8], extra: &[&str]| {
+        std::fs::write(&bz, bytes).unwrap();
+        let _ = std::fs::remove_file(&out);
+        let t = std::time::Instant::now();
+        let o = pvpatch()
+            .arg("extract-vmlinux")
+            .arg(&bz)
+            .arg("-o")
+            .arg(&out)
+            .args(extra)
+            .output()
+            .unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (
+            o.status.code(),
+            text(&o.stdout),
+            text(&o.stderr),
+            t.elapsed(),
+        )
+    };
+    let elf = sample_image();
+    for (format, checks) in [
+        ("xz", "xz check (CRC64), index size, size trailer"),
+        ("gzip", "CRC32, size trailer (ISIZE)"),
+        ("zstd", "content checksum, size trailer"),
+        ("lz4", "8 MiB blocks, size trailer"),
+    ] {
+        let (code, stdout, stderr, _) =
+            run(&fake_bzimage(format, &elf), &["--max-decompressed", "512M"]);
+        assert_eq!(code, Some(0), "{format}: {stderr}");
+        assert!(stdout.contains(&format!("(checks: {checks})")), "{stdout}");
+        assert_eq!(std::fs::read(&out).unwrap(), elf);
+    }
+
+    // A changed byte in a zstd payload fails its content checksum.
+    let mut bad = fake_bzimage("zstd", &elf);
+    let n = bad.len();
+    bad[n - 100] ^= 0x20;
+    let (code, _, stderr, _) = run(&bad, &[]);
+    assert_eq!(code, Some(3), "{stderr}");
+    assert!(!out.exists());
+
+    // Bombs: 64 MiB of zeros against a 16 MiB cap; claiming 4 GiB against the default cap;
+    // claiming less than they hold (as a 4 GiB payload's trailer does once it wraps).
+    let zeros = fake_bzimage("zstd", &vec![0u8; 64 << 20]);
+    let mut claims_4g = zeros.clone();
+    let n = claims_4g.len();
+    claims_4g[n - 4..].copy_from_slice(&u32::MAX.to_le_bytes());
+    let mut wraps = zeros.clone();
+    wraps[n - 4..].copy_from_slice(&4096u32.to_le_bytes());
+    for (bytes, extra, named) in [
+        (&zeros, &["--max-decompressed", "16M"][..], "the 16 MiB cap"),
+        (&claims_4g, &[][..], "the 1 GiB cap"),
+        (&wraps, &[][..], "the 1 GiB cap"),
+    ] {
+        let (code, _, stderr, took) = run(bytes, extra);
+        assert_eq!(code, Some(3), "{stderr}");
+        assert!(stderr.contains(named), "{stderr}");
+        assert!(took < std::time::Duration::from_secs(1), "{took:?}");
+        assert!(!out.exists());
+    }
+
+    // Sizes: bytes, or K, M, G, T; anything else is a usage error.
+    let (code, _, _, _) = run(&fake_bzimage("lz4", &elf), &["--max-decompressed", "65536"]);
+    assert_eq!(code, Some(0));
+    let (code, _, stderr, _) = run(&fake_bzimage("lz4", &elf), &["--max-decompressed", "1.5G"]);
+    assert_eq!(code, Some(2), "{stderr}");
 }
