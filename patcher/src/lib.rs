@@ -132,15 +132,12 @@ pub fn scan_image_streamed<'a>(
     if analyse::is_stock(image) {
         let t = std::time::Instant::now();
         let (tables, known) = tables_and_starts(image);
-        let counted = sweep::sweep_counting(image, &known, opts, progress);
-        if counted.sites > MAX_STOCK_SITES {
-            return Err(ScanError::TooManyStockSites {
-                sites: counted.sites,
+        let sweep = sweep::sweep_at_most(image, &known, opts, progress, MAX_STOCK_SITES).map_err(
+            |sites| ScanError::TooManyStockSites {
+                sites,
                 max: MAX_STOCK_SITES,
-            });
-        }
-        drop(counted);
-        let sweep = sweep::sweep(image, &known, opts, None);
+            },
+        )?;
         let analysis = analyse(image, &tables, &sweep);
         return Ok(ScanReport {
             image,

@@ -12,7 +12,7 @@ use patch_sites::op::Kind;
 
 use crate::ScanReport;
 use crate::analyse::{Direction, SiteInfo, site_info};
-use crate::sweep::{Event, Resync};
+use crate::sweep::Resync;
 
 /// Calls `f` with every site of `report`, in address order, until it fails.
 pub fn for_each_site<E>(
@@ -40,8 +40,8 @@ pub fn for_each_resync<E>(
     for chunk in 0..report.sweep.chunk_count() {
         report
             .sweep
-            .replay(report.image, chunk..chunk + 1, &mut |e| {
-                if let (Event::Resync(r), Ok(())) = (e, &out) {
+            .replay_resyncs(report.image, chunk..chunk + 1, &mut |r| {
+                if out.is_ok() {
                     out = f(&r);
                 }
             });
@@ -60,8 +60,8 @@ fn replay_sites<E>(
 ) -> Result<(), E> {
     let (image, sweep, analysis) = (report.image, &report.sweep, &report.analysis);
     let mut out = Ok(());
-    sweep.replay(image, range, &mut |e| {
-        if let (Event::Found(found), Ok(())) = (e, &out) {
+    sweep.replay_sites(image, range, &mut |found| {
+        if out.is_ok() {
             let s = site_info(
                 image,
                 &report.tables,

@@ -164,6 +164,10 @@ pub struct Sweep {
     index: crate::spans::SpanIndex,
     /// The chunks swept, by address (sections do not overlap in memory), for replays.
     chunks: Vec<Chunk>,
+    /// Resynchronisations per chunk.
+    chunk_resyncs: Vec<u64>,
+    /// Where the sensitive instructions start, per code map (a sweep that did not keep them).
+    site_maps: Vec<ByteMap>,
     /// The known instruction starts the sweep restarted at.
     known: Vec<u64>,
     /// The worker threads it ran on.
@@ -206,27 +210,58 @@ impl Sweep {
         self.chunks.len()
     }
 
-    /// Decodes chunks `range` again, in address order, exactly as the sweep did: each sensitive
-    /// instruction and each resynchronisation to `visit`, nothing kept.
-    pub fn replay(
+    /// The sensitive instructions of chunks `range` (of a sweep that did not keep them), in
+    /// address order: each decoded again where the sweep found it (the decoder then sees the
+    /// same bytes), nothing kept.
+    pub fn replay_sites(
         &self,
         image: &Image,
         range: std::ops::Range<usize>,
-        visit: &mut dyn FnMut(Event),
+        visit: &mut dyn FnMut(Found),
     ) {
         for chunk in self.chunks.get(range).unwrap_or_default() {
-            decode_chunk(image, *chunk, &self.known, &mut Replay(visit));
+            let (Some(map), Some(s)) = (
+                self.index
+                    .first_at(chunk.start)
+                    .and_then(|i| self.site_maps.get(i)),
+                image.sections.get(chunk.section),
+            ) else {
+                continue;
+            };
+            let data = image.section_data(s);
+            let mut at = chunk.start;
+            while let Some(x) = map.first_in(at, chunk.end) {
+                at = x + 1;
+                let bytes = data.get((x - s.addr) as usize..).unwrap_or_default();
+                let insn = Decoder::with_ip(64, bytes, x, DecoderOptions::NONE).decode();
+                if let Some(class) = classify(&insn) {
+                    visit(Found {
+                        addr: x,
+                        len: insn.len() as u8,
+                        class,
+                        section: chunk.section,
+                    });
+                }
+            }
         }
     }
-}
 
-/// What a replay of the sweep meets, in address order.
-#[derive(Clone, Copy, Debug)]
-pub enum Event {
-    /// A sensitive instruction.
-    Found(Found),
-    /// A resynchronisation.
-    Resync(Resync),
+    /// The resynchronisations of chunks `range`, in address order: the chunks that had any
+    /// decoded again exactly as the sweep did, nothing kept.
+    pub fn replay_resyncs(
+        &self,
+        image: &Image,
+        range: std::ops::Range<usize>,
+        visit: &mut dyn FnMut(Resync),
+    ) {
+        let chunks = self.chunks.get(range.clone()).unwrap_or_default();
+        let counts = self.chunk_resyncs.get(range).unwrap_or_default();
+        for (chunk, &n) in chunks.iter().zip(counts) {
+            if n > 0 {
+                decode_chunk(image, *chunk, &self.known, &mut Replay(visit));
+            }
+        }
+    }
 }
 
 /// How to sweep.
@@ -264,7 +299,7 @@ trait Visitor {
     fn resync(&mut self, r: Resync);
 }
 
-struct ChunkResult {
+struct ChunkResult<'k> {
     /// The chunk's section (its index among the image's sections).
     section: usize,
     /// Kept only if the sweep keeps them.
@@ -272,17 +307,23 @@ struct ChunkResult {
     /// Kept only if the sweep keeps them.
     resyncs: Vec<Resync>,
     keep: bool,
+    /// Sites the whole sweep may still keep (once none, it keeps no more), if it is limited.
+    room: Option<&'k AtomicU64>,
     sites: u64,
     resync_count: u64,
     /// Instruction starts, over the chunk's bytes only.
     starts: ByteMap,
+    /// Where the sensitive instructions start (when they are not kept), over the chunk's bytes.
+    site_starts: ByteMap,
+    /// The chunk's index.
+    index: usize,
     /// Near-branch targets, wherever they point (sorted into sections when merged): memory
     /// linear in the branches, whatever the number of sections.
     targets: Vec<u64>,
     instructions: u64,
 }
 
-impl Visitor for ChunkResult {
+impl Visitor for ChunkResult<'_> {
     fn insn(&mut self, ip: u64, insn: &Instruction) {
         self.instructions += 1;
         self.starts.set(ip);
@@ -293,8 +334,18 @@ impl Visitor for ChunkResult {
 
     fn found(&mut self, f: Found) {
         self.sites += 1;
+        self.site_starts.set(f.addr);
         if self.keep {
-            self.found.push(f);
+            let room = self.room.map_or(Ok(0), |r| {
+                r.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            });
+            if room.is_ok() {
+                self.found.push(f);
+            } else {
+                self.keep = false;
+                self.found = Vec::new();
+                self.resyncs = Vec::new();
+            }
         }
     }
 
@@ -306,17 +357,16 @@ impl Visitor for ChunkResult {
     }
 }
 
-struct Replay<'v>(&'v mut dyn FnMut(Event));
+/// A replay of a chunk, for its resynchronisations.
+struct Replay<'v>(&'v mut dyn FnMut(Resync));
 
 impl Visitor for Replay<'_> {
     fn insn(&mut self, _: u64, _: &Instruction) {}
 
-    fn found(&mut self, f: Found) {
-        (self.0)(Event::Found(f))
-    }
+    fn found(&mut self, _: Found) {}
 
     fn resync(&mut self, r: Resync) {
-        (self.0)(Event::Resync(r))
+        (self.0)(r)
     }
 }
 
@@ -329,7 +379,20 @@ pub fn sweep(
     opts: Options,
     progress: Option<&(dyn Fn(u64) + Sync)>,
 ) -> Sweep {
-    sweep_with(image, known_starts, opts, progress, true)
+    sweep_with(image, known_starts, opts, progress, Keep::All)
+}
+
+/// As [`sweep`], keeping at most `max_sites` sensitive instructions: past them, the number
+/// found (nothing more is kept).
+pub fn sweep_at_most(
+    image: &Image,
+    known_starts: &[u64],
+    opts: Options,
+    progress: Option<&(dyn Fn(u64) + Sync)>,
+    max_sites: u64,
+) -> Result<Sweep, u64> {
+    let s = sweep_with(image, known_starts, opts, progress, Keep::AtMost(max_sites));
+    if s.kept { Ok(s) } else { Err(s.sites) }
 }
 
 /// As [`sweep`], but only counting the sensitive instructions and resynchronisations: memory
@@ -341,7 +404,16 @@ pub fn sweep_counting(
     opts: Options,
     progress: Option<&(dyn Fn(u64) + Sync)>,
 ) -> Sweep {
-    sweep_with(image, known_starts, opts, progress, false)
+    sweep_with(image, known_starts, opts, progress, Keep::None)
+}
+
+/// What a sweep keeps.
+#[derive(Clone, Copy)]
+enum Keep {
+    All,
+    /// Past this many sites, none (and [`Sweep::kept`] is false).
+    AtMost(u64),
+    None,
 }
 
 fn sweep_with(
@@ -349,8 +421,14 @@ fn sweep_with(
     known_starts: &[u64],
     opts: Options,
     progress: Option<&(dyn Fn(u64) + Sync)>,
-    keep: bool,
+    keep: Keep,
 ) -> Sweep {
+    let room = AtomicU64::new(match keep {
+        Keep::AtMost(n) => n,
+        _ => 0,
+    });
+    let room = matches!(keep, Keep::AtMost(_)).then_some(&room);
+    let keep = !matches!(keep, Keep::None);
     let exec: Vec<usize> = image.exec_sections().map(|s| s.index).collect();
     let total: u64 = exec.iter().map(|&i| image.sections[i].size).sum();
     let threads = opts.threads.max(1);
@@ -416,18 +494,41 @@ fn sweep_with(
 
     // Each chunk's result is merged as soon as it is done: what is held at once is the merged
     // maps and one chunk's result per worker.
+    if !keep {
+        scan.site_maps = scan
+            .code
+            .iter()
+            .map(|c| ByteMap::new(c.starts.base, c.starts.len))
+            .collect();
+    }
+    scan.chunk_resyncs = vec![0; chunks.len()];
     let merged = std::sync::Mutex::new(scan);
     let merge = |r: ChunkResult| {
         let mut scan = merged.lock().unwrap_or_else(|p| p.into_inner());
         scan.instructions += r.instructions;
         scan.sites += r.sites;
         scan.resync_count += r.resync_count;
-        scan.found.extend(r.found);
-        scan.resyncs.extend(r.resyncs);
+        if let Some(n) = scan.chunk_resyncs.get_mut(r.index) {
+            *n = r.resync_count;
+        }
+        if r.keep && scan.kept {
+            scan.found.extend(r.found);
+            scan.resyncs.extend(r.resyncs);
+        } else {
+            // Past the limit: nothing more is kept, and what was is dropped.
+            scan.kept = false;
+            scan.found = Vec::new();
+            scan.resyncs = Vec::new();
+        }
         if let Some(&i) = by_section.get(r.section)
             && let Some(c) = scan.code.get_mut(i)
         {
             c.starts.set_all_from(&r.starts);
+        }
+        if let Some(&i) = by_section.get(r.section)
+            && let Some(m) = scan.site_maps.get_mut(i)
+        {
+            m.set_all_from(&r.site_starts);
         }
         let scan = &mut *scan;
         for t in r.targets {
@@ -436,15 +537,25 @@ fn sweep_with(
             }
         }
     };
-    let work = |chunk: &Chunk| {
+    let work = |index: usize| {
+        let Some(chunk) = chunks.get(index) else {
+            return;
+        };
         let mut r = ChunkResult {
             section: chunk.section,
             found: Vec::new(),
             resyncs: Vec::new(),
             keep,
+            room,
             sites: 0,
             resync_count: 0,
             starts: ByteMap::new(chunk.start, chunk.end - chunk.start),
+            site_starts: if keep {
+                ByteMap::default()
+            } else {
+                ByteMap::new(chunk.start, chunk.end - chunk.start)
+            },
+            index,
             targets: Vec::new(),
             instructions: 0,
         };
@@ -455,7 +566,7 @@ fn sweep_with(
         }
     };
     if threads == 1 {
-        chunks.iter().for_each(work);
+        (0..chunks.len()).for_each(work);
     } else {
         let next = AtomicU64::new(0);
         std::thread::scope(|scope| {
@@ -463,8 +574,10 @@ fn sweep_with(
                 scope.spawn(|| {
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                        let Some(chunk) = chunks.get(i) else { break };
-                        work(chunk);
+                        if i >= chunks.len() {
+                            break;
+                        }
+                        work(i);
                     }
                 });
             }
