@@ -84,11 +84,56 @@ pub enum ScanError {
         /// [`MAX_STOCK_SITES`].
         max: u64,
     },
+    /// Annotating, planning or rewriting keeps every site in memory: more than
+    /// [`MAX_KEPT_SITES`] is refused (`scan` streams and has no such limit).
+    #[error(
+        "more than {max} sensitive instructions ({sites} found before stopping): annotate, \
+         plan and rewrite keep each one in memory, and refuse an image with more (`pvpatch \
+         scan` streams and reports on any number)"
+    )]
+    TooManySites {
+        /// Sites found.
+        sites: u64,
+        /// [`MAX_KEPT_SITES`].
+        max: u64,
+    },
+}
+
+/// [`scan_image`], keeping at most `max_sites` sites: past that, the sites are dropped and the
+/// image refused ([`ScanError::TooManySites`]).
+pub fn scan_image_at_most<'a>(
+    image: &'a Image,
+    opts: sweep::Options,
+    progress: Option<&(dyn Fn(u64) + Sync)>,
+    max_sites: u64,
+) -> Result<ScanReport<'a>, ScanError> {
+    let t = std::time::Instant::now();
+    let (tables, known) = tables_and_starts(image);
+    let sweep =
+        sweep::sweep_at_most(image, &known, opts, progress, max_sites).map_err(|sites| {
+            ScanError::TooManySites {
+                sites,
+                max: max_sites,
+            }
+        })?;
+    let analysis = analyse(image, &tables, &sweep);
+    Ok(ScanReport {
+        image,
+        tables,
+        sweep,
+        analysis,
+        elapsed: t.elapsed(),
+    })
 }
 
 /// The most sites a streamed scan keeps for a stock kernel's whole-image planning (a few
 /// hundred bytes each; Linux has a few thousand).
 pub const MAX_STOCK_SITES: u64 = 1 << 18;
+
+/// The most sites the commands that keep every site (annotate, plan, rewrite: a few hundred
+/// bytes each in memory, and a 24-byte record each in the table) take on: 2 Mi sites, about
+/// 600 MB. Linux has a few thousand; past this the image is refused, not swapped or aborted.
+pub const MAX_KEPT_SITES: u64 = 1 << 21;
 
 /// Linux's tables and the known instruction starts (tables and symbols, sorted).
 fn tables_and_starts(image: &Image) -> (LinuxTables, Vec<u64>) {

@@ -15,6 +15,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use pvpatch::ScanReport;
 use pvpatch::annotate::{AnnotateError, AnnotateOptions, annotate};
 use pvpatch::ledger::{Ledger, hex};
 use pvpatch::load::bzimage;
@@ -22,7 +23,6 @@ use pvpatch::load::image::{Image, ImageError};
 use pvpatch::output::{OutputError, file_kind, same_file, write_bytes};
 use pvpatch::rewrite::{BackendSpec, PlanLedger, RewriteError, apply_to_file, plan_image};
 use pvpatch::summary::human_summary_with_counts;
-use pvpatch::{ScanReport, scan_image};
 use pvpatch::{catalogue, sweep, verify};
 
 /// `print!` that does not panic when standard output is a closed pipe (`pvpatch ... | head`).
@@ -321,9 +321,15 @@ fn open(path: &Path) -> Result<Image, Failure> {
     Ok(Image::open(path)?)
 }
 
-/// Scans with a progress bar on a terminal.
-fn scan_with_progress(image: &Image, threads: Option<usize>) -> ScanReport<'_> {
-    progress_scan(image, threads, scan_image)
+/// Scans with a progress bar on a terminal, keeping every site (at most
+/// [`pvpatch::MAX_KEPT_SITES`]).
+fn scan_with_progress(
+    image: &Image,
+    threads: Option<usize>,
+) -> Result<ScanReport<'_>, pvpatch::ScanError> {
+    progress_scan(image, threads, |i, o, p| {
+        pvpatch::scan_image_at_most(i, o, p, pvpatch::MAX_KEPT_SITES)
+    })
 }
 
 /// Runs `scan` (keeping the sites or not) with a progress bar on a terminal.
@@ -536,7 +542,7 @@ fn run(command: Command) -> Result<(), Failure> {
                 }
             }
             let img = open(&image)?;
-            let report = scan_with_progress(&img, None);
+            let report = scan_with_progress(&img, None)?;
             let ledger_text = match &ledger {
                 Some(_) => {
                     let mut s =
@@ -593,7 +599,7 @@ fn run(command: Command) -> Result<(), Failure> {
         } => {
             let spec = BackendSpec::new(&backend, rom.as_deref().map(read_input).transpose()?)?;
             let img = open(&image)?;
-            let report = scan_with_progress(&img, None);
+            let report = scan_with_progress(&img, None)?;
             let plan = plan_image(&report, &spec)?;
             let ledger = PlanLedger::new(&report, &plan);
             let text = if json {
@@ -622,7 +628,7 @@ fn run(command: Command) -> Result<(), Failure> {
             }
             let spec = BackendSpec::new(&backend, rom.as_deref().map(read_input).transpose()?)?;
             let img = open(&image)?;
-            let report = scan_with_progress(&img, None);
+            let report = scan_with_progress(&img, None)?;
             let plan = plan_image(&report, &spec)?;
             let bytes = apply_to_file(&img, &plan)?;
             drop(report);

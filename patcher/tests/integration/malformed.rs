@@ -233,3 +233,32 @@ fn huge_names_are_not_echoed_whole() {
         );
     }
 }
+
+#[test]
+fn too_many_sites_to_keep_is_bad_input() {
+    // annotate, plan and rewrite keep every site: past MAX_KEPT_SITES, status 3 and why, not
+    // gigabytes and an abort (scan streams, and has no such limit).
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("dense.elf");
+    let pairs = (pvpatch::MAX_KEPT_SITES / 2 + 1024) as usize;
+    std::fs::write(
+        &input,
+        testimg::build(&[0xfa, 0xfb].repeat(pairs), &[], &[]),
+    )
+    .unwrap();
+    let out = dir.path().join("out.elf");
+    let o = pvpatch()
+        .arg("annotate")
+        .arg(&input)
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains(&format!("more than {}", pvpatch::MAX_KEPT_SITES)),
+        "{err}"
+    );
+    assert!(!out.exists());
+}
