@@ -762,7 +762,7 @@ fn real_xen_pv_guest() {
     let r = b
         .report()
         .unwrap_or_else(|| panic!("no parsable report\n{}", context()));
-    assert!(b.passed(), "{}", context());
+    assert!(b.passed(), "{}\nself-tests: {}", context(), r["selftests"]);
     assert_eq!(r["pass"], true);
     assert_eq!(r["entry"], "xen-pv");
     assert_eq!(text(&r, "backend.name"), "xen", "{}", r["backend"]);
