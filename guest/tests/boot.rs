@@ -11,9 +11,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use patch_sites::Op;
 use patch_sites::rom::{RomEntrySpec, RomKind, rom_size, write_rom};
 use patch_sites::table::{SEALED_SECTION, Site, SiteTable, write_sealed_table};
-use patch_sites::{Op, RegSet};
 use pvpatch_testkit::{self as harness, Boot, Config};
 use serde_json::Value;
 
@@ -544,22 +544,12 @@ fn hostile_rom(
     out
 }
 
-fn entry(op: Op, kind: RomKind, code: &'static [u8]) -> RomEntrySpec<'static> {
-    RomEntrySpec {
-        op_id: op.id(),
-        kind,
-        code,
-        slots: &[],
-        clobbers: RegSet::EMPTY,
-    }
-}
-
 /// Every entry but the hostile one is fine: the ROM must still be refused whole.
 fn with_good_entries(bad: RomEntrySpec<'static>) -> Vec<RomEntrySpec<'static>> {
     vec![
-        entry(Op::IoDelay, RomKind::Nothing, &[]),
+        RomEntrySpec::new(Op::IoDelay, RomKind::Nothing, &[]),
         bad,
-        entry(Op::Sti, RomKind::Inline, &[0xfb]),
+        RomEntrySpec::new(Op::Sti, RomKind::Inline, &[0xfb]),
     ]
 }
 
@@ -593,7 +583,7 @@ fn rom_template_too_long_for_some_sites_leaves_them_native() {
     let rom = hostile_rom(
         "too-long",
         [0; 12],
-        &with_good_entries(entry(Op::Cli, RomKind::Inline, &[0x90, 0xfa])),
+        &with_good_entries(RomEntrySpec::new(Op::Cli, RomKind::Inline, &[0x90, 0xfa])),
         |_| {},
     );
     let test = "rom-too-long";
@@ -615,7 +605,7 @@ fn rom_template_jumping_out_is_refused() {
     let rom = hostile_rom(
         "jumps-out",
         [0; 12],
-        &with_good_entries(entry(Op::Cpuid, RomKind::Inline, &[0xeb, 0x40])),
+        &with_good_entries(RomEntrySpec::new(Op::Cpuid, RomKind::Inline, &[0xeb, 0x40])),
         |_| {},
     );
     refuses_rom("rom-jumps-out", &rom, "branches outside its own bytes");
@@ -626,7 +616,7 @@ fn rom_undecodable_template_is_refused() {
     let rom = hostile_rom(
         "undecodable",
         [0; 12],
-        &with_good_entries(entry(Op::Cpuid, RomKind::Inline, &[0x0f, 0x04])),
+        &with_good_entries(RomEntrySpec::new(Op::Cpuid, RomKind::Inline, &[0x0f, 0x04])),
         |_| {},
     );
     refuses_rom("rom-undecodable", &rom, "does not decode");
@@ -639,7 +629,7 @@ fn rom_template_clobbering_a_register_is_refused() {
     let rom = hostile_rom(
         "clobbers",
         [0; 12],
-        &with_good_entries(entry(Op::Cpuid, RomKind::Inline, &[0x31, 0xf6])),
+        &with_good_entries(RomEntrySpec::new(Op::Cpuid, RomKind::Inline, &[0x31, 0xf6])),
         |_| {},
     );
     refuses_rom("rom-clobbers", &rom, "writes rsi");
@@ -650,7 +640,7 @@ fn rom_with_wrong_checksum_is_refused() {
     let rom = hostile_rom(
         "checksum",
         [0; 12],
-        &with_good_entries(entry(Op::Cli, RomKind::Inline, &[0xfa])),
+        &with_good_entries(RomEntrySpec::new(Op::Cli, RomKind::Inline, &[0xfa])),
         |b| {
             let last = b.len() - 1;
             b[last] ^= 0x01;
@@ -665,7 +655,11 @@ fn rom_with_a_hypervisor_call_is_refused() {
     let rom = hostile_rom(
         "vmcall",
         [0; 12],
-        &with_good_entries(entry(Op::Wbinvd, RomKind::Call, &[0x0f, 0x01, 0xc1, 0xc3])),
+        &with_good_entries(RomEntrySpec::new(
+            Op::Wbinvd,
+            RomKind::Call,
+            &[0x0f, 0x01, 0xc1, 0xc3],
+        )),
         |_| {},
     );
     refuses_rom("rom-vmcall", &rom, "hypervisor call");
@@ -676,7 +670,7 @@ fn rom_for_another_hypervisor_is_refused() {
     let rom = hostile_rom(
         "xen",
         *b"XenVMMXenVMM",
-        &with_good_entries(entry(Op::Cli, RomKind::Inline, &[0xfa])),
+        &with_good_entries(RomEntrySpec::new(Op::Cli, RomKind::Inline, &[0xfa])),
         |_| {},
     );
     refuses_rom("rom-other-hypervisor", &rom, "another hypervisor");
@@ -687,7 +681,7 @@ fn truncated_rom_is_refused() {
     let rom = hostile_rom(
         "truncated",
         [0; 12],
-        &with_good_entries(entry(Op::Cli, RomKind::Inline, &[0xfa])),
+        &with_good_entries(RomEntrySpec::new(Op::Cli, RomKind::Inline, &[0xfa])),
         |b| b.truncate(40),
     );
     refuses_rom("rom-truncated", &rom, "truncated ROM header: 40 bytes");

@@ -715,6 +715,20 @@ pub struct RomEntrySpec<'s> {
     pub clobbers: RegSet,
 }
 
+impl<'s> RomEntrySpec<'s> {
+    /// An entry for `op` of `kind` with `code`, no slots and no clobbers beyond the op's
+    /// outputs (set the fields for more).
+    pub const fn new(op: Op, kind: RomKind, code: &'s [u8]) -> RomEntrySpec<'s> {
+        RomEntrySpec {
+            op_id: op.id(),
+            kind,
+            code,
+            slots: &[],
+            clobbers: RegSet::EMPTY,
+        }
+    }
+}
+
 /// Why a ROM could not be written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RomWriteError {

@@ -46,16 +46,6 @@ const SAVE_FL_SLOT: [Slot; 1] = [Slot {
     source: SlotSource::Reg,
 }];
 
-fn entry(op: Op, kind: RomKind, code: &'static [u8]) -> RomEntrySpec<'static> {
-    RomEntrySpec {
-        op_id: op.id(),
-        kind,
-        code,
-        slots: &[],
-        clobbers: RegSet::EMPTY,
-    }
-}
-
 /// A ROM of `entries` for `signature`.
 fn rom(signature: [u8; 12], entries: &[RomEntrySpec<'_>]) -> Vec<u8> {
     let mut buf = vec![0u8; patch_sites::rom::rom_size(entries)];
@@ -69,11 +59,21 @@ fn good() -> Vec<RomEntrySpec<'static>> {
     vec![
         RomEntrySpec {
             slots: &SAVE_FL_SLOT,
-            ..entry(Op::SaveFl, RomKind::Inline, &[0x9c, 0x58])
+            ..RomEntrySpec::new(Op::SaveFl, RomKind::Inline, &[0x9c, 0x58])
         },
-        entry(Op::Rdtsc, RomKind::Call, &[0x0f, 0x31, 0xc3]),
-        entry(Op::Cli, RomKind::Native, &[]),
+        RomEntrySpec::new(Op::Rdtsc, RomKind::Call, &[0x0f, 0x31, 0xc3]),
+        RomEntrySpec::new(Op::Cli, RomKind::Native, &[]),
     ]
+}
+
+/// [`good`] with `bad` in place of its entry for the same op (or added).
+fn good_but(bad: RomEntrySpec<'static>) -> Vec<RomEntrySpec<'static>> {
+    let mut e: Vec<RomEntrySpec<'_>> = good()
+        .into_iter()
+        .filter(|x| x.op_id != bad.op_id)
+        .collect();
+    e.push(bad);
+    e
 }
 
 fn check(signature: [u8; 12], entries: &[RomEntrySpec<'_>]) -> Result<(), RomRefusal> {
@@ -102,7 +102,11 @@ fn a_rom_for_another_hypervisor_is_refused() {
 #[test]
 fn an_entry_for_a_hypervisor_interface_is_refused() {
     let mut e = good();
-    e.push(entry(Op::Vmcall, RomKind::Inline, &[0x0f, 0x01, 0xc1]));
+    e.push(RomEntrySpec::new(
+        Op::Vmcall,
+        RomKind::Inline,
+        &[0x0f, 0x01, 0xc1],
+    ));
     assert_eq!(check(KVM, &e), Err(RomRefusal::OpNotPatchable(Op::Vmcall)));
 }
 
@@ -111,23 +115,18 @@ fn bad_instructions_are_refused_in_templates_and_entry_points() {
     for (what, bad) in [
         (
             "a vmcall in a template",
-            entry(Op::Cli, RomKind::Inline, &[0x0f, 0x01, 0xc1]),
+            RomEntrySpec::new(Op::Cli, RomKind::Inline, &[0x0f, 0x01, 0xc1]),
         ),
         (
             "an entry point that jumps out",
-            entry(Op::Rdtsc, RomKind::Call, &[0x0f, 0x31, 0xe9, 0, 1, 0, 0]),
+            RomEntrySpec::new(Op::Rdtsc, RomKind::Call, &[0x0f, 0x31, 0xe9, 0, 1, 0, 0]),
         ),
         (
             "a template that does not decode",
-            entry(Op::Cli, RomKind::Inline, &[0x0f, 0xff]),
+            RomEntrySpec::new(Op::Cli, RomKind::Inline, &[0x0f, 0xff]),
         ),
     ] {
-        let mut e: Vec<RomEntrySpec<'_>> = good()
-            .into_iter()
-            .filter(|x| x.op_id != bad.op_id)
-            .collect();
-        e.push(bad);
-        let r = check(KVM, &e);
+        let r = check(KVM, &good_but(bad));
         assert!(matches!(r, Err(RomRefusal::Code { .. })), "{what}: {r:?}");
     }
 }
@@ -136,16 +135,12 @@ fn bad_instructions_are_refused_in_templates_and_entry_points() {
 fn the_per_entry_checks_are_the_boot_time_ones() {
     // What `pvpatch rom show` reports per entry is what the boot-time path refuses the ROM for.
     for bad in [
-        entry(Op::Vmcall, RomKind::Nothing, &[]),
-        entry(Op::Cli, RomKind::Inline, &[0x0f, 0x01, 0xc1]),
-        entry(Op::Rdtsc, RomKind::Call, &[0x0f, 0x31, 0xe9, 0, 1, 0, 0]),
-        entry(Op::Cli, RomKind::Inline, &[0x0f, 0xff]),
+        RomEntrySpec::new(Op::Vmcall, RomKind::Nothing, &[]),
+        RomEntrySpec::new(Op::Cli, RomKind::Inline, &[0x0f, 0x01, 0xc1]),
+        RomEntrySpec::new(Op::Rdtsc, RomKind::Call, &[0x0f, 0x31, 0xe9, 0, 1, 0, 0]),
+        RomEntrySpec::new(Op::Cli, RomKind::Inline, &[0x0f, 0xff]),
     ] {
-        let mut e: Vec<RomEntrySpec<'_>> = good()
-            .into_iter()
-            .filter(|x| x.op_id != bad.op_id)
-            .collect();
-        e.push(bad);
+        let e = good_but(bad);
         let bytes = rom(KVM, &e);
         let r = Rom::parse(&bytes).unwrap();
         let per_entry: Vec<_> = r
@@ -175,14 +170,9 @@ fn a_sequence_on_another_operand_is_refused() {
         };
         let wrong = RomEntrySpec {
             clobbers: RegSet::of(&[Gpr::Rax]),
-            ..entry(Op::SaveFl, kind, code)
+            ..RomEntrySpec::new(Op::SaveFl, kind, code)
         };
-        let mut e: Vec<RomEntrySpec<'_>> = good()
-            .into_iter()
-            .filter(|x| x.op_id != Op::SaveFl.id())
-            .collect();
-        e.push(wrong);
-        let r = check(KVM, &e);
+        let r = check(KVM, &good_but(wrong));
         assert!(
             matches!(r, Err(RomRefusal::WrongOperand { op: Op::SaveFl, .. })),
             "{:?}: {r:?}",
@@ -195,15 +185,10 @@ fn a_sequence_on_another_operand_is_refused() {
 fn a_sequence_that_changes_more_than_the_site_allows_is_refused() {
     // rdtsc then `xor ecx, ecx`: rcx is not rdtsc's to change.
     for wrong in [
-        entry(Op::Rdtsc, RomKind::Inline, &[0x0f, 0x31, 0x31, 0xc9]),
-        entry(Op::Rdtsc, RomKind::Call, &[0x0f, 0x31, 0x31, 0xc9, 0xc3]),
+        RomEntrySpec::new(Op::Rdtsc, RomKind::Inline, &[0x0f, 0x31, 0x31, 0xc9]),
+        RomEntrySpec::new(Op::Rdtsc, RomKind::Call, &[0x0f, 0x31, 0x31, 0xc9, 0xc3]),
     ] {
-        let mut e: Vec<RomEntrySpec<'_>> = good()
-            .into_iter()
-            .filter(|x| x.op_id != Op::Rdtsc.id())
-            .collect();
-        e.push(wrong);
-        let r = check(KVM, &e);
+        let r = check(KVM, &good_but(wrong));
         assert!(
             matches!(r, Err(RomRefusal::Code { op: Op::Rdtsc, .. })),
             "{:?}: {r:?}",

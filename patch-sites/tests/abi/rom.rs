@@ -296,16 +296,6 @@ fn writer_refuses_bad_names() {
 
 // ---- Limits at their edges, and what a parsed ROM reports (found by `cargo xtask mutants`) --
 
-fn spec(op: Op, kind: RomKind, code: &[u8]) -> RomEntrySpec<'_> {
-    RomEntrySpec {
-        op_id: op.id(),
-        kind,
-        code,
-        slots: &[],
-        clobbers: RegSet::EMPTY,
-    }
-}
-
 fn written(name: &str, entries: &[RomEntrySpec<'_>]) -> Result<Vec<u8>, RomWriteError> {
     let mut buf = vec![0u8; rom_size(entries)];
     write_rom(name, SIG, entries, &mut buf).map(|_| buf)
@@ -315,9 +305,13 @@ fn written(name: &str, entries: &[RomEntrySpec<'_>]) -> Result<Vec<u8>, RomWrite
 fn a_rom_of_exactly_the_largest_size_is_accepted_and_one_byte_more_is_not() {
     use patch_sites::rom::MAX_ROM_LEN;
     // One call entry whose code fills the ROM to the byte.
-    let fixed = rom_size(&[spec(Op::Cli, RomKind::Call, &[])]);
+    let fixed = rom_size(&[RomEntrySpec::new(Op::Cli, RomKind::Call, &[])]);
     let code = vec![0x90; MAX_ROM_LEN - fixed];
-    let b = written("largest", &[spec(Op::Cli, RomKind::Call, &code)]).expect("fits");
+    let b = written(
+        "largest",
+        &[RomEntrySpec::new(Op::Cli, RomKind::Call, &code)],
+    )
+    .expect("fits");
     assert_eq!(b.len(), MAX_ROM_LEN);
     assert_eq!(Rom::parse(&b).unwrap().len(), 1);
     let code = vec![0x90; MAX_ROM_LEN - fixed + 1];
@@ -326,13 +320,13 @@ fn a_rom_of_exactly_the_largest_size_is_accepted_and_one_byte_more_is_not() {
         write_rom(
             "largest",
             SIG,
-            &[spec(Op::Cli, RomKind::Call, &code)],
+            &[RomEntrySpec::new(Op::Cli, RomKind::Call, &code)],
             &mut buf
         ),
         Err(RomWriteError::TooLong { needed }) if needed == MAX_ROM_LEN + 1
     ));
     // A buffer one byte short of what the ROM needs.
-    let entries = [spec(Op::Cli, RomKind::Call, &[0xfa, 0xc3])];
+    let entries = [RomEntrySpec::new(Op::Cli, RomKind::Call, &[0xfa, 0xc3])];
     let mut short = vec![0u8; rom_size(&entries) - 1];
     assert!(matches!(
         write_rom("short", SIG, &entries, &mut short),
@@ -360,9 +354,9 @@ fn a_rom_over_the_limit_is_refused_for_the_limit() {
     assert!(e.to_string().contains("disagrees"), "{e}");
     assert!(!e.to_string().contains("limit"), "{e}");
     // Written: the writer names the limit too, not a buffer.
-    let fixed = rom_size(&[spec(Op::Cli, RomKind::Call, &[])]);
+    let fixed = rom_size(&[RomEntrySpec::new(Op::Cli, RomKind::Call, &[])]);
     let code = vec![0x90; 70_277 - fixed];
-    let e = written("big", &[spec(Op::Cli, RomKind::Call, &code)]).unwrap_err();
+    let e = written("big", &[RomEntrySpec::new(Op::Cli, RomKind::Call, &code)]).unwrap_err();
     assert_eq!(
         e.to_string(),
         format!("the ROM would be 70277 bytes, more than the {MAX_ROM_LEN}-byte limit")
@@ -389,8 +383,8 @@ fn entries_without_data_end_the_rom() {
     let b = written(
         "no-data",
         &[
-            spec(Op::Cli, RomKind::Native, &[]),
-            spec(Op::Sti, RomKind::Nothing, &[]),
+            RomEntrySpec::new(Op::Cli, RomKind::Native, &[]),
+            RomEntrySpec::new(Op::Sti, RomKind::Nothing, &[]),
         ],
     )
     .unwrap();
@@ -431,16 +425,28 @@ fn names_of_one_and_of_sixteen_characters() {
 #[test]
 fn entries_that_carry_fields_their_kind_does_not_have() {
     // A native entry with only a code length; a call with only a slot table.
-    let mut b = written("fields", &[spec(Op::Sti, RomKind::Native, &[])]).unwrap();
+    let mut b = written(
+        "fields",
+        &[RomEntrySpec::new(Op::Sti, RomKind::Native, &[])],
+    )
+    .unwrap();
     entry_mut(&mut b, 0)[8..10].copy_from_slice(&1u16.to_le_bytes());
     reseal(&mut b);
     assert_eq!(entry_error(&b), (0, RomEntryError::UnexpectedFields));
-    let mut b = written("fields", &[spec(Op::Cli, RomKind::Call, &[0xfa, 0xc3])]).unwrap();
+    let mut b = written(
+        "fields",
+        &[RomEntrySpec::new(Op::Cli, RomKind::Call, &[0xfa, 0xc3])],
+    )
+    .unwrap();
     entry_mut(&mut b, 0)[16..20].copy_from_slice(&64u32.to_le_bytes());
     reseal(&mut b);
     assert_eq!(entry_error(&b), (0, RomEntryError::UnexpectedFields));
     // A template without slots but with a slot table offset.
-    let mut b = written("fields", &[spec(Op::Cli, RomKind::Inline, &[0xfa])]).unwrap();
+    let mut b = written(
+        "fields",
+        &[RomEntrySpec::new(Op::Cli, RomKind::Inline, &[0xfa])],
+    )
+    .unwrap();
     entry_mut(&mut b, 0)[16..20].copy_from_slice(&64u32.to_le_bytes());
     reseal(&mut b);
     assert_eq!(entry_error(&b), (0, RomEntryError::UnexpectedFields));
@@ -460,7 +466,7 @@ fn the_longest_template_and_the_most_slots() {
         .collect();
     let e = RomEntrySpec {
         slots: &slots,
-        ..spec(Op::Out, RomKind::Inline, &code)
+        ..RomEntrySpec::new(Op::Out, RomKind::Inline, &code)
     };
     let b = written("longest", &[e]).unwrap();
     let rom = Rom::parse(&b).unwrap();
@@ -492,7 +498,7 @@ fn every_slot_kind_and_source_reads_back() {
     ];
     let e = RomEntrySpec {
         slots: &slots,
-        ..spec(Op::MovToDr, RomKind::Inline, &[0x0f, 0x23, 0xc7])
+        ..RomEntrySpec::new(Op::MovToDr, RomKind::Inline, &[0x0f, 0x23, 0xc7])
     };
     let b = written("slots", &[e]).unwrap();
     let rom = Rom::parse(&b).unwrap();
@@ -529,13 +535,17 @@ fn kinds_and_errors_have_names() {
 fn a_rom_of_sixty_kilobytes_is_accepted() {
     // The format allows 64 KiB: a large entry point (60,000 bytes) is no reason to refuse.
     let code = vec![0x90; 60_000];
-    let b = written("large", &[spec(Op::Cli, RomKind::Call, &code)]).unwrap();
+    let b = written("large", &[RomEntrySpec::new(Op::Cli, RomKind::Call, &code)]).unwrap();
     assert_eq!(Rom::parse(&b).unwrap().len(), 1);
 }
 
 #[test]
 fn a_native_entry_with_only_a_code_offset() {
-    let mut b = written("fields", &[spec(Op::Sti, RomKind::Native, &[])]).unwrap();
+    let mut b = written(
+        "fields",
+        &[RomEntrySpec::new(Op::Sti, RomKind::Native, &[])],
+    )
+    .unwrap();
     entry_mut(&mut b, 0)[4..8].copy_from_slice(&64u32.to_le_bytes());
     reseal(&mut b);
     assert_eq!(entry_error(&b), (0, RomEntryError::UnexpectedFields));
@@ -544,7 +554,11 @@ fn a_native_entry_with_only_a_code_offset() {
 #[test]
 fn a_native_entry_with_only_a_slot_count_or_only_a_slot_table() {
     for (at, v) in [(3usize, 1u32), (16, 64)] {
-        let mut b = written("fields", &[spec(Op::Sti, RomKind::Native, &[])]).unwrap();
+        let mut b = written(
+            "fields",
+            &[RomEntrySpec::new(Op::Sti, RomKind::Native, &[])],
+        )
+        .unwrap();
         if at == 3 {
             entry_mut(&mut b, 0)[3] = v as u8;
         } else {

@@ -5,7 +5,6 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use patch_sites::Op;
-use patch_sites::RegSet;
 use patch_sites::rom::{MAX_ROM_LEN, RomEntrySpec, RomKind, rom_size, write_rom};
 
 fn pvpatch() -> Command {
@@ -35,16 +34,6 @@ fn build(dir: &Path, signature: &str) -> (Output, std::path::PathBuf) {
         .output()
         .unwrap();
     (out, rom)
-}
-
-fn entry(op: Op, kind: RomKind, code: &'static [u8]) -> RomEntrySpec<'static> {
-    RomEntrySpec {
-        op_id: op.id(),
-        kind,
-        code,
-        slots: &[],
-        clobbers: RegSet::EMPTY,
-    }
 }
 
 #[test]
@@ -95,15 +84,15 @@ fn rom_show_says_what_the_runtime_would_refuse() {
     let dir = tempfile::tempdir().unwrap();
     let entries = [
         // Fine.
-        entry(Op::IoDelay, RomKind::Nothing, &[]),
+        RomEntrySpec::new(Op::IoDelay, RomKind::Nothing, &[]),
         // An entry for vmcall itself: a hypervisor interface is never rewritten.
-        entry(Op::Vmcall, RomKind::Nothing, &[]),
+        RomEntrySpec::new(Op::Vmcall, RomKind::Nothing, &[]),
         // A template that is a vmcall.
-        entry(Op::Cli, RomKind::Inline, &[0x0f, 0x01, 0xc1]),
+        RomEntrySpec::new(Op::Cli, RomKind::Inline, &[0x0f, 0x01, 0xc1]),
         // A template that does not decode.
-        entry(Op::Sti, RomKind::Inline, &[0x0f]),
+        RomEntrySpec::new(Op::Sti, RomKind::Inline, &[0x0f]),
         // An entry point that jumps out of itself.
-        entry(Op::Wbinvd, RomKind::Call, &[0xe9, 0x00, 0x10, 0x00, 0x00]),
+        RomEntrySpec::new(Op::Wbinvd, RomKind::Call, &[0xe9, 0x00, 0x10, 0x00, 0x00]),
     ];
     let mut bytes = vec![0u8; rom_size(&entries)];
     write_rom("refused", [0; 12], &entries, &mut bytes).unwrap();
@@ -133,7 +122,7 @@ fn rom_show_says_what_the_runtime_would_refuse() {
     );
 
     // A ROM the runtime accepts: status 0, no refusal.
-    let entries = [entry(Op::IoDelay, RomKind::Nothing, &[])];
+    let entries = [RomEntrySpec::new(Op::IoDelay, RomKind::Nothing, &[])];
     let mut bytes = vec![0u8; rom_size(&entries)];
     write_rom("fine", [0; 12], &entries, &mut bytes).unwrap();
     std::fs::write(&path, &bytes).unwrap();
