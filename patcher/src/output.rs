@@ -11,7 +11,7 @@
 //! them (a binary calls it when it is interrupted), and [`stale_temp_files`] names the ones that
 //! a killed run left beside a destination.
 
-use std::fs::{File, Metadata, OpenOptions};
+use std::fs::{File, FileType, Metadata, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -59,36 +59,32 @@ pub fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
+/// Whether a file is of one kind.
+type IsKind = fn(&FileType) -> bool;
+
 /// What kind of file `meta` describes, for messages: "a regular file", "a directory", "a
 /// FIFO", ...
 pub fn file_kind(meta: &Metadata) -> &'static str {
-    let t = meta.file_type();
-    if t.is_file() {
-        return "a regular file";
-    }
-    if t.is_dir() {
-        return "a directory";
-    }
-    if t.is_symlink() {
-        return "a symbolic link";
-    }
     #[cfg(unix)]
-    {
-        use std::os::unix::fs::FileTypeExt;
-        if t.is_fifo() {
-            return "a FIFO";
-        }
-        if t.is_char_device() {
-            return "a character device";
-        }
-        if t.is_block_device() {
-            return "a block device";
-        }
-        if t.is_socket() {
-            return "a socket";
-        }
-    }
-    "not a regular file"
+    use std::os::unix::fs::FileTypeExt;
+    let kinds: &[(IsKind, &'static str)] = &[
+        (FileType::is_file, "a regular file"),
+        (FileType::is_dir, "a directory"),
+        (FileType::is_symlink, "a symbolic link"),
+        #[cfg(unix)]
+        (FileTypeExt::is_fifo, "a FIFO"),
+        #[cfg(unix)]
+        (FileTypeExt::is_char_device, "a character device"),
+        #[cfg(unix)]
+        (FileTypeExt::is_block_device, "a block device"),
+        #[cfg(unix)]
+        (FileTypeExt::is_socket, "a socket"),
+    ];
+    let t = meta.file_type();
+    kinds
+        .iter()
+        .find(|(is, _)| is(&t))
+        .map_or("not a regular file", |&(_, kind)| kind)
 }
 
 /// The name prefix and suffix of the temporary files written beside a destination.
@@ -291,19 +287,14 @@ pub fn write_atomic(
     check: Option<Check<'_>>,
     fill: impl FnOnce(&mut BufWriter<File>) -> Result<(), OutputError>,
 ) -> Result<(), OutputError> {
-    let io = |source| OutputError::Io {
-        path: dest.to_owned(),
-        source,
-    };
+    let io = io_error(dest);
     let replaced = match target(dest) {
         Target::Replace(p) => p,
         Target::Direct => return write_direct(dest, check, fill),
     };
     let (file, tmp) = Pending::create(dir_of(&replaced)).map_err(io)?;
     // `tmp` deletes the file when dropped, i.e. on every early return below.
-    let mut w = BufWriter::with_capacity(1 << 20, file);
-    fill(&mut w)?;
-    let file = w.into_inner().map_err(|e| io(e.into_error()))?;
+    let file = filled(file, fill, dest)?;
     if let Some(m) = mode_from.and_then(|src| std::fs::metadata(src).ok()) {
         file.set_permissions(m.permissions()).map_err(io)?;
     }
@@ -315,6 +306,25 @@ pub fn write_atomic(
     }
     tmp.persist(&replaced).map_err(io)?;
     Ok(())
+}
+
+/// The error of an I/O failure writing `dest`.
+fn io_error(dest: &Path) -> impl Fn(std::io::Error) -> OutputError + Copy + '_ {
+    |source| OutputError::Io {
+        path: dest.to_owned(),
+        source,
+    }
+}
+
+/// `file` with what `fill` writes, through a buffer, flushed (failures are `dest`'s).
+fn filled(
+    file: File,
+    fill: impl FnOnce(&mut BufWriter<File>) -> Result<(), OutputError>,
+    dest: &Path,
+) -> Result<File, OutputError> {
+    let mut w = BufWriter::with_capacity(1 << 20, file);
+    fill(&mut w)?;
+    w.into_inner().map_err(|e| io_error(dest)(e.into_error()))
 }
 
 fn pause() {
@@ -332,25 +342,18 @@ fn write_direct(
     check: Option<Check<'_>>,
     fill: impl FnOnce(&mut BufWriter<File>) -> Result<(), OutputError>,
 ) -> Result<(), OutputError> {
-    let io = |source| OutputError::Io {
-        path: dest.to_owned(),
-        source,
-    };
+    let io = io_error(dest);
     let open = || {
         let regular = std::fs::metadata(dest).is_ok_and(|m| m.is_file());
         OpenOptions::new().write(true).append(regular).open(dest)
     };
     let Some(check) = check else {
-        let mut w = BufWriter::with_capacity(1 << 20, open().map_err(io)?);
-        fill(&mut w)?;
-        w.into_inner().map_err(|e| io(e.into_error()))?;
+        filled(open().map_err(io)?, fill, dest)?;
         return Ok(());
     };
     // The check needs a file: write one in the temporary directory, check it, copy it.
     let (file, tmp) = Pending::create(&std::env::temp_dir()).map_err(io)?;
-    let mut w = BufWriter::with_capacity(1 << 20, file);
-    fill(&mut w)?;
-    w.into_inner().map_err(|e| io(e.into_error()))?;
+    filled(file, fill, dest)?;
     pause();
     check(tmp.path())?;
     let mut from = File::open(tmp.path()).map_err(io)?;
@@ -363,10 +366,7 @@ fn write_direct(
 /// Writes `bytes` to `dest` atomically.
 pub fn write_bytes(dest: &Path, bytes: &[u8]) -> Result<(), OutputError> {
     write_atomic(dest, None, None, |w| {
-        w.write_all(bytes).map_err(|source| OutputError::Io {
-            path: dest.to_owned(),
-            source,
-        })
+        w.write_all(bytes).map_err(io_error(dest))
     })
 }
 

@@ -180,30 +180,25 @@ fn a_refused_annotate_writes_no_ledger() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let ledger = dir.path().join("l.json");
     let again = dir.path().join("b.elf");
-    let out = pvpatch()
-        .arg("annotate")
-        .arg(&annotated)
-        .arg("-o")
-        .arg(&again)
-        .arg("--ledger")
-        .arg(&ledger)
-        .output()
-        .unwrap();
+    let annotate_again = |extra: &[&str]| {
+        pvpatch()
+            .arg("annotate")
+            .arg(&annotated)
+            .arg("-o")
+            .arg(&again)
+            .arg("--ledger")
+            .arg(&ledger)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = annotate_again(&[]);
     assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
     assert!(!ledger.exists(), "the refused annotate wrote its ledger");
     assert!(!again.exists());
 
     // With --force it is written, after the image.
-    let out = pvpatch()
-        .arg("annotate")
-        .arg(&annotated)
-        .arg("-o")
-        .arg(&again)
-        .arg("--ledger")
-        .arg(&ledger)
-        .arg("--force")
-        .output()
-        .unwrap();
+    let out = annotate_again(&["--force"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(ledger.exists() && again.exists());
     assert!(temp_files(dir.path()).is_empty());
