@@ -107,23 +107,18 @@ pub fn scan_image_at_most<'a>(
     progress: Option<&(dyn Fn(u64) + Sync)>,
     max_sites: u64,
 ) -> Result<ScanReport<'a>, ScanError> {
-    let t = std::time::Instant::now();
-    let (tables, known) = tables_and_starts(image);
-    let sweep =
-        sweep::sweep_at_most(image, &known, opts, progress, max_sites).map_err(|sites| {
-            ScanError::TooManySites {
-                sites,
-                max: max_sites,
-            }
-        })?;
-    let analysis = analyse(image, &tables, &sweep);
-    Ok(ScanReport {
+    scan_with(
         image,
-        tables,
-        sweep,
-        analysis,
-        elapsed: t.elapsed(),
-    })
+        |known| {
+            sweep::sweep_at_most(image, known, opts, progress, max_sites).map_err(|sites| {
+                ScanError::TooManySites {
+                    sites,
+                    max: max_sites,
+                }
+            })
+        },
+        |tables, sweep| analyse(image, tables, sweep),
+    )
 }
 
 /// The most sites a streamed scan keeps for a stock kernel's whole-image planning (a few
@@ -145,6 +140,27 @@ fn tables_and_starts(image: &Image) -> (LinuxTables, Vec<u64>) {
     (tables, known)
 }
 
+/// Reads Linux's tables, sweeps the code with `sweep` (given the known instruction starts),
+/// then analyses with `analysis`: the report, timed from the start, or `sweep`'s error.
+fn scan_with<'a, E>(
+    image: &'a Image,
+    sweep: impl FnOnce(&[u64]) -> Result<Sweep, E>,
+    analysis: impl FnOnce(&LinuxTables, &Sweep) -> Analysis,
+) -> Result<ScanReport<'a>, E> {
+    let t = std::time::Instant::now();
+    let (tables, known) = tables_and_starts(image);
+    let sweep = sweep(&known)?;
+    drop(known);
+    let analysis = analysis(&tables, &sweep);
+    Ok(ScanReport {
+        image,
+        tables,
+        sweep,
+        analysis,
+        elapsed: t.elapsed(),
+    })
+}
+
 /// Reads Linux's tables, sweeps the code (restarting at every instruction start a table or a
 /// symbol names), analyses every site, keeping them all (in [`Analysis::sites`]).
 pub fn scan_image<'a>(
@@ -152,17 +168,12 @@ pub fn scan_image<'a>(
     opts: sweep::Options,
     progress: Option<&(dyn Fn(u64) + Sync)>,
 ) -> ScanReport<'a> {
-    let t = std::time::Instant::now();
-    let (tables, known) = tables_and_starts(image);
-    let sweep = sweep::sweep(image, &known, opts, progress);
-    let analysis = analyse(image, &tables, &sweep);
-    ScanReport {
+    let Ok(report) = scan_with::<std::convert::Infallible>(
         image,
-        tables,
-        sweep,
-        analysis,
-        elapsed: t.elapsed(),
-    }
+        |known| Ok(sweep::sweep(image, known, opts, progress)),
+        |tables, sweep| analyse(image, tables, sweep),
+    );
+    report
 }
 
 /// As [`scan_image`], keeping no site: the sweep keeps its maps of the code (two bits a byte)
@@ -175,35 +186,24 @@ pub fn scan_image_streamed<'a>(
     progress: Option<&(dyn Fn(u64) + Sync)>,
 ) -> Result<ScanReport<'a>, ScanError> {
     if analyse::is_stock(image) {
-        let t = std::time::Instant::now();
-        let (tables, known) = tables_and_starts(image);
-        let sweep = sweep::sweep_at_most(image, &known, opts, progress, MAX_STOCK_SITES).map_err(
-            |sites| ScanError::TooManyStockSites {
-                sites,
-                max: MAX_STOCK_SITES,
-            },
-        )?;
-        let analysis = analyse(image, &tables, &sweep);
-        return Ok(ScanReport {
+        return scan_with(
             image,
-            tables,
-            sweep,
-            analysis,
-            elapsed: t.elapsed(),
-        });
+            |known| {
+                sweep::sweep_at_most(image, known, opts, progress, MAX_STOCK_SITES).map_err(
+                    |sites| ScanError::TooManyStockSites {
+                        sites,
+                        max: MAX_STOCK_SITES,
+                    },
+                )
+            },
+            |tables, sweep| analyse(image, tables, sweep),
+        );
     }
-    let t = std::time::Instant::now();
-    let (tables, known) = tables_and_starts(image);
-    let sweep = sweep::sweep_counting(image, &known, opts, progress);
-    drop(known);
-    let analysis = analyse::analyse_without_sites(image, &tables);
-    Ok(ScanReport {
+    scan_with(
         image,
-        tables,
-        sweep,
-        analysis,
-        elapsed: t.elapsed(),
-    })
+        |known| Ok(sweep::sweep_counting(image, known, opts, progress)),
+        |tables, _| analyse::analyse_without_sites(image, tables),
+    )
 }
 
 /// Test images for the unit tests: the test kit's ELF builder, loaded by this crate's loader.

@@ -277,7 +277,14 @@ pub fn site_info(
     f: &Found,
 ) -> SiteInfo {
     let covered_by = covering(tables, f);
-    let room = room(image, tables, sweep, guards, stock, f, covered_by.as_ref());
+    let at = Where {
+        image,
+        tables,
+        sweep,
+        guards,
+        stock,
+    };
+    let room = room(&at, f, covered_by.as_ref());
     SiteInfo {
         found: *f,
         covered_by,
@@ -322,15 +329,24 @@ pub(crate) fn blocked(kind: impl Into<String>, message: String) -> Blocked {
     }
 }
 
-fn room(
-    image: &Image,
-    tables: &LinuxTables,
-    sweep: &Sweep,
-    guards: &Guards,
+/// What [`site_info`] analyses a site in.
+#[derive(Clone, Copy)]
+struct Where<'a> {
+    image: &'a Image,
+    tables: &'a LinuxTables,
+    sweep: &'a Sweep,
+    guards: &'a Guards,
     stock: bool,
-    f: &Found,
-    covered_by: Option<&Protected>,
-) -> Room {
+}
+
+fn room(at: &Where<'_>, f: &Found, covered_by: Option<&Protected>) -> Room {
+    let Where {
+        image,
+        tables,
+        sweep,
+        guards,
+        stock,
+    } = *at;
     let op = f.op();
     if op.info().kind == Kind::HypervisorInterface {
         return nothing(
