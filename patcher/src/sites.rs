@@ -95,6 +95,18 @@ pub struct ClassCounts {
     pub trap_only: usize,
 }
 
+impl std::ops::AddAssign for ClassCounts {
+    fn add_assign(&mut self, o: ClassCounts) {
+        self.sites += o.sites;
+        self.covered += o.covered;
+        self.in_place5 += o.in_place5;
+        self.in_place_small += o.in_place_small;
+        self.detour += o.detour;
+        self.native += o.native;
+        self.trap_only += o.trap_only;
+    }
+}
+
 /// What is counted of the sites of a scan.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SiteCounts {
@@ -160,15 +172,16 @@ impl SiteCounts {
             }
         }
         *self.by_class.entry(op.name()).or_default() += 1;
-        let c = self.by_op.entry(op.id()).or_default();
         let room = &s.room;
-        c.sites += 1;
-        c.covered += usize::from(s.covered_by.is_some());
-        c.in_place5 += usize::from(room.in_place >= 5);
-        c.in_place_small += usize::from(room.in_place > 0 && room.in_place < 5);
-        c.detour += usize::from(room.detour.is_some());
-        c.native += usize::from(rewritable && !reaches);
-        c.trap_only += usize::from(room.in_place > 0 && room.in_place < 5 && room.detour.is_none());
+        *self.by_op.entry(op.id()).or_default() += ClassCounts {
+            sites: 1,
+            covered: usize::from(s.covered_by.is_some()),
+            in_place5: usize::from(room.in_place >= 5),
+            in_place_small: usize::from(room.in_place > 0 && room.in_place < 5),
+            detour: usize::from(room.detour.is_some()),
+            native: usize::from(rewritable && !reaches),
+            trap_only: usize::from(room.in_place > 0 && room.in_place < 5 && room.detour.is_none()),
+        };
         if let Some(n) = self.per_section.get_mut(s.found.section) {
             *n += 1;
         }
@@ -191,14 +204,7 @@ impl SiteCounts {
             *self.by_class.entry(k).or_default() += n;
         }
         for (k, o) in other.by_op {
-            let c = self.by_op.entry(k).or_default();
-            c.sites += o.sites;
-            c.covered += o.covered;
-            c.in_place5 += o.in_place5;
-            c.in_place_small += o.in_place_small;
-            c.detour += o.detour;
-            c.native += o.native;
-            c.trap_only += o.trap_only;
+            *self.by_op.entry(k).or_default() += o;
         }
         for (a, b) in self.per_section.iter_mut().zip(other.per_section) {
             *a += b;
