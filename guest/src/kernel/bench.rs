@@ -234,7 +234,7 @@ fn per_op(total: u64, n: u32, empty: u64) -> u64 {
 /// The loops `fs`, measured side by side: one run of each in turn, `reps` times over, so that
 /// whatever slows the machine down for a while slows them all alike; per loop, the minimum,
 /// as [`measure`] gives it (`None` for a loop that faulted).
-fn side_by_side<const K: usize>(
+pub fn side_by_side<const K: usize>(
     fs: [Loop; K],
     n: u32,
     reps: u32,

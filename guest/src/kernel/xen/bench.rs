@@ -11,7 +11,7 @@ use core::arch::asm;
 use patch_sites::*;
 
 use super::super::arch;
-use super::super::bench::{Loop, for_xen};
+use super::super::bench::{self, Loop, for_xen};
 use super::super::pvops::PV_OPS;
 use super::hv;
 
@@ -80,16 +80,10 @@ wake_loop!(wake_call, { pv_safe_halt!(call PV_OPS) });
 const N: u32 = 200;
 const REPS: u32 = 5;
 
-/// The minimum over `REPS` runs of each loop in turn, per op in hundredths, net of `base`
-/// (per op, hundredths).
+/// The PVH benchmark's side-by-side measurement, in the kernel (a PV kernel's ring): per op in
+/// hundredths, net of `base`.
 fn side_by_side<const K: usize>(fs: [Loop; K], base: u64) -> [u64; K] {
-    let mut best = [u64::MAX; K];
-    for _ in 0..REPS {
-        for (b, f) in best.iter_mut().zip(fs) {
-            *b = (*b).min(f(N));
-        }
-    }
-    best.map(|t| (t * 100 / N as u64).saturating_sub(base))
+    bench::side_by_side(fs, N, REPS, base, bench::Ring::Kernel).map(|c| c.unwrap_or(0))
 }
 
 /// The benchmark across the two passes.

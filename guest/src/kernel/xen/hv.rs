@@ -20,15 +20,15 @@ pub mod nr {
     /// `set_timer_op`.
     pub const SET_TIMER_OP: u64 = 15;
     /// `xen_version`.
-    pub const XEN_VERSION: u64 = 17;
+    pub const XEN_VERSION: u64 = pvpatch_runtime::pv::xen_abi::XEN_VERSION;
     /// `console_io`.
     pub const CONSOLE_IO: u64 = 18;
     /// `vcpu_op`.
     pub const VCPU_OP: u64 = 24;
     /// `mmuext_op`.
-    pub const MMUEXT_OP: u64 = 26;
+    pub const MMUEXT_OP: u64 = pvpatch_runtime::pv::xen_abi::MMUEXT_OP;
     /// `sched_op`.
-    pub const SCHED_OP: u64 = 29;
+    pub const SCHED_OP: u64 = pvpatch_runtime::pv::xen_abi::SCHED_OP;
     /// `callback_op`.
     pub const CALLBACK_OP: u64 = 30;
     /// `event_channel_op`.
@@ -38,15 +38,15 @@ pub mod nr {
 }
 
 /// `DOMID_SELF`.
-pub const DOMID_SELF: u64 = 0x7ff0;
+pub const DOMID_SELF: u64 = pvpatch_runtime::pv::xen_abi::DOMID_SELF as u64;
 /// `UVMF_INVLPG`: flush this address's TLB entry on this vCPU.
 pub const UVMF_INVLPG: u64 = 2;
 /// `MMUEXT_PIN_L4_TABLE`.
 pub const MMUEXT_PIN_L4_TABLE: u32 = 3;
 /// `MMUEXT_INVLPG_LOCAL`.
-pub const MMUEXT_INVLPG_LOCAL: u32 = 7;
+pub const MMUEXT_INVLPG_LOCAL: u32 = pvpatch_runtime::pv::xen_abi::MMUEXT_INVLPG_LOCAL;
 /// `SCHEDOP_block`.
-pub const SCHEDOP_BLOCK: u64 = 1;
+pub const SCHEDOP_BLOCK: u64 = pvpatch_runtime::pv::xen_abi::SCHEDOP_BLOCK;
 /// `VCPUOP_stop_periodic_timer`.
 pub const VCPUOP_STOP_PERIODIC_TIMER: u64 = 7;
 /// `EVTCHNOP_bind_virq`.
