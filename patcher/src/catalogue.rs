@@ -5,6 +5,52 @@ use std::fmt::Write;
 use patch_sites::op::{Dir, Kind};
 use patch_sites::{ALL_OPS, Op, RegSet};
 
+/// One op of the catalogue, as `pvpatch ops` prints it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OpEntry {
+    /// Its id in site tables.
+    pub id: u16,
+    /// Its name.
+    pub name: &'static str,
+    /// `insn`, `idiom`, `control` or `hypercall`.
+    pub kind: &'static str,
+    /// Its native form.
+    pub native: &'static str,
+    /// The registers it reads (and `operand`, if it reads its operand).
+    pub reads: String,
+    /// The registers it writes (and `operand`, if it writes its operand).
+    pub writes: String,
+    /// The registers it leaves undefined.
+    pub undefined: String,
+    /// What it does.
+    pub effect: &'static str,
+}
+
+/// Every op, in id order.
+pub fn entries() -> Vec<OpEntry> {
+    ALL_OPS
+        .iter()
+        .map(|&op| {
+            let i = op.info();
+            OpEntry {
+                id: op.id(),
+                name: op.name(),
+                kind: match i.kind {
+                    Kind::Instruction => "insn",
+                    Kind::Idiom => "idiom",
+                    Kind::ControlTransfer => "control",
+                    Kind::HypervisorInterface => "hypercall",
+                },
+                native: i.native,
+                reads: with_operand(i.reads, i.dir == Dir::In),
+                writes: with_operand(i.writes, i.dir == Dir::Out),
+                undefined: with_operand(i.undefined, false),
+                effect: i.effect,
+            }
+        })
+        .collect()
+}
+
 /// One line per op: id, name, kind, native form, inputs, outputs, undefined, effect.
 pub fn render() -> String {
     let mut s = String::new();
@@ -13,28 +59,11 @@ pub fn render() -> String {
         "{:>4}  {:<13} {:<10} {:<24} {:<22} {:<22} {:<6} effect",
         "id", "op", "kind", "native", "reads", "writes", "undef"
     );
-    for op in ALL_OPS {
-        let i = op.info();
-        let kind = match i.kind {
-            Kind::Instruction => "insn",
-            Kind::Idiom => "idiom",
-            Kind::ControlTransfer => "control",
-            Kind::HypervisorInterface => "hypercall",
-        };
-        let reads = with_operand(i.reads, i.dir == Dir::In);
-        let writes = with_operand(i.writes, i.dir == Dir::Out);
-        let undefined = with_operand(i.undefined, false);
+    for e in entries() {
         let _ = writeln!(
             s,
             "{:>4}  {:<13} {:<10} {:<24} {:<22} {:<22} {:<6} {}",
-            op.id(),
-            op.name(),
-            kind,
-            i.native,
-            reads,
-            writes,
-            undefined,
-            i.effect
+            e.id, e.name, e.kind, e.native, e.reads, e.writes, e.undefined, e.effect
         );
     }
     s

@@ -32,9 +32,14 @@ fn hex_bytes(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// The SHA-256 of the image file, as hex.
+/// The SHA-256 of the ELF image (the vmlinux extracted, for a bzImage), as hex.
 pub fn sha256(image: &Image) -> String {
-    hex_bytes(&Sha256::digest(image.bytes()))
+    sha256_hex(image.bytes())
+}
+
+/// The SHA-256 of `bytes`, as hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex_bytes(&Sha256::digest(bytes))
 }
 
 /// The ledger (see `docs/ledger.md`).
@@ -142,10 +147,12 @@ pub struct ToolInfo {
 pub struct ImageInfo {
     /// Path as given.
     pub path: String,
-    /// Size in bytes.
+    /// Size in bytes of the ELF image scanned (for a bzImage, of the vmlinux extracted from it).
     pub size: u64,
-    /// SHA-256 of the file.
+    /// SHA-256 of the ELF image scanned (for a bzImage, of the vmlinux extracted from it).
     pub sha256: String,
+    /// The bzImage at `path` the ELF image was extracted from in memory; null for an ELF file.
+    pub extracted_from: Option<BzImageInfo>,
     /// GNU build id (hex), if any.
     pub build_id: Option<String>,
     /// `exec` or `dyn`.
@@ -160,6 +167,22 @@ pub struct ImageInfo {
     /// Whether it is a stock kernel (a Linux image we did not build: no trap form, out-of-line
     /// code only in caves inside its text).
     pub stock_kernel: bool,
+}
+
+/// The bzImage an image was extracted from.
+#[derive(Debug, Serialize)]
+pub struct BzImageInfo {
+    /// `bzimage`.
+    pub format: &'static str,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its SHA-256.
+    pub sha256: String,
+    /// Its payload's compression: `xz`, `lzma`, `zstd`, `lz4` or `gzip`.
+    pub compression: &'static str,
+    /// The integrity checks it allowed, all of which passed (`size trailer`, `content
+    /// checksum`, `Authenticode SHA-256`, ...).
+    pub checks: Vec<&'static str>,
 }
 
 /// The code swept.
@@ -511,6 +534,13 @@ impl<'a> Ledger<'a> {
                 path: image.path.display().to_string(),
                 size: image.bytes().len() as u64,
                 sha256: sha256(image),
+                extracted_from: image.bzimage.as_ref().map(|b| BzImageInfo {
+                    format: "bzimage",
+                    size: b.size,
+                    sha256: b.sha256.clone(),
+                    compression: b.compression,
+                    checks: b.checks.clone(),
+                }),
                 build_id: image.build_id.as_deref().map(hex_bytes),
                 elf_type: if image.elf_type == object::elf::ET_DYN {
                     "dyn"

@@ -24,6 +24,8 @@
 pub mod analyse;
 pub mod annotate;
 pub mod catalogue;
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod ledger;
 pub mod linux;
 pub mod load;

@@ -1,10 +1,9 @@
-//! `pvpatch`: the post-link tool.
+//! `pvpatch`: the post-link tool. Its command line, help and exit statuses are defined in
+//! [`pvpatch::cli`] (`pvpatch help exit-codes` lists the statuses).
 //!
-//! Exit status: 0 success; 2 bad command line; 3 unreadable or malformed input; 4 verification
-//! found records that do not match the code, or `rom show` entries the runtime would refuse;
-//! 5 refused (already annotated, or the output would overwrite the input); 6 the output could
-//! not be written; 70 internal error; 128 + the signal's number when interrupted by SIGINT,
-//! SIGTERM or SIGHUP (after removing the temporary files being written).
+//! Output: results go to standard output (`--json` for programs), errors, warnings and
+//! `--verbose`'s notes to standard error; `--quiet` leaves only errors and the results asked
+//! for as data. Colour only on a terminal, never with `NO_COLOR` (see [`pvpatch::cli::Colour`]).
 //!
 //! For tests only: `PVPATCH_TEST_WRITE_PAUSE_MS` makes every write pause that long once its
 //! temporary file is complete, before it replaces the destination (to interrupt it there).
@@ -12,11 +11,14 @@
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::OnceLock;
+use std::time::Instant;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::FromArgMatches;
 use pvpatch::ScanReport;
 use pvpatch::annotate::{AnnotateError, AnnotateOptions, annotate};
+use pvpatch::cli::{Cli, Colour, Command, KernelArg, RomCommand, ThreadsArg, status};
 use pvpatch::ledger::{Ledger, hex};
 use pvpatch::load::bzimage;
 use pvpatch::load::image::{Image, ImageError};
@@ -24,6 +26,32 @@ use pvpatch::output::{OutputError, file_kind, same_file, write_bytes};
 use pvpatch::rewrite::{BackendSpec, PlanLedger, RewriteError, apply_to_file, plan_image};
 use pvpatch::summary::human_summary_with_counts;
 use pvpatch::{catalogue, sweep, verify};
+use serde_json::json;
+
+/// How to speak: set once from the command line.
+#[derive(Debug, Clone, Copy, Default)]
+struct Ui {
+    quiet: bool,
+    verbose: bool,
+    /// Whether standard output, and standard error, are coloured.
+    colour_out: bool,
+    colour_err: bool,
+}
+
+static UI: OnceLock<Ui> = OnceLock::new();
+
+fn ui() -> Ui {
+    UI.get().copied().unwrap_or_default()
+}
+
+/// `text` in the SGR style `sgr` (`"1;31"`: bold red) if `coloured`.
+fn paint(coloured: bool, sgr: &str, text: &str) -> String {
+    if coloured {
+        format!("\x1b[{sgr}m{text}\x1b[0m")
+    } else {
+        text.to_owned()
+    }
+}
 
 /// `print!` that does not panic when standard output is a closed pipe (`pvpatch ... | head`).
 macro_rules! out {
@@ -39,147 +67,43 @@ macro_rules! outln {
     }};
 }
 
-/// Exit statuses.
-mod status {
-    pub const USAGE: u8 = 2;
-    pub const INPUT: u8 = 3;
-    pub const MISMATCH: u8 = 4;
-    pub const REFUSED: u8 = 5;
-    pub const OUTPUT: u8 = 6;
-    pub const INTERNAL: u8 = 70;
+/// A line for people on standard output: not with `--quiet`.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        if !ui().quiet {
+            outln!($($t)*);
+        }
+    }};
 }
 
-#[derive(Parser)]
-#[command(
-    name = "pvpatch",
-    version,
-    about = "Find, classify and annotate the sensitive instructions of x86-64 kernel images"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
+/// A note on what is being done, on standard error: only with `--verbose`.
+macro_rules! note {
+    ($($t:tt)*) => {{
+        if ui().verbose {
+            eprintln!("pvpatch: {}", format!($($t)*));
+        }
+    }};
 }
 
-#[derive(Subcommand)]
-enum Command {
-    /// Find and classify every sensitive instruction; print a summary, or the ledger as JSON.
-    Scan {
-        /// The ELF image (a vmlinux, or any x86-64 ELF executable).
-        image: PathBuf,
-        /// Print the ledger (docs/ledger.md) as JSON instead of the summary.
-        #[arg(long)]
-        json: bool,
-        /// Write the output to this file (atomically) instead of standard output.
-        #[arg(short, long)]
-        output: Option<PathBuf>,
-        /// Worker threads (default: every core).
-        #[arg(long)]
-        threads: Option<usize>,
-    },
-    /// Write a site table into a new section of the image.
-    Annotate {
-        /// The ELF image.
-        image: PathBuf,
-        /// The annotated image to write.
-        #[arg(short, long, required_unless_present = "in_place")]
-        output: Option<PathBuf>,
-        /// Replace the input file (atomically).
-        #[arg(long)]
-        in_place: bool,
-        /// Replace the table of an already annotated image.
-        #[arg(long)]
-        force: bool,
-        /// Record swept sites only in this executable section (repeatable; default: all).
-        #[arg(long = "section")]
-        sections: Vec<String>,
-        /// Also write the ledger of the input to this file.
-        #[arg(long)]
-        ledger: Option<PathBuf>,
-        /// Put the boot shim (the ELF `cargo xtask shim` builds) in front of the kernel's PVH
-        /// entry: it rewrites the kernel for the backend it finds at every boot (docs/shim.md).
-        #[arg(long, value_name = "SHIM")]
-        boot_shim: Option<PathBuf>,
-    },
-    /// What one backend makes of every site: planned by the boot-time runtime's own planner.
-    Plan {
-        /// The image (annotated, or not: then the table annotate would write is used).
-        image: PathBuf,
-        /// The backend: native, tcg, kvm, vmware, xen, hyperv, rom (with --rom), outofline.
-        #[arg(long)]
-        backend: String,
-        /// The ROM, for the rom backend.
-        #[arg(long)]
-        rom: Option<PathBuf>,
-        /// Print the plan as JSON.
-        #[arg(long)]
-        json: bool,
-        /// Write the output to this file (atomically) instead of standard output.
-        #[arg(short, long)]
-        output: Option<PathBuf>,
-    },
-    /// Apply one backend's plan to the image file itself (offline specialisation).
-    Rewrite {
-        /// The image.
-        image: PathBuf,
-        /// The backend (as for `plan`).
-        #[arg(long)]
-        backend: String,
-        /// The ROM, for the rom backend.
-        #[arg(long)]
-        rom: Option<PathBuf>,
-        /// The rewritten image to write.
-        #[arg(short, long, required_unless_present = "in_place")]
-        output: Option<PathBuf>,
-        /// Replace the input file (atomically).
-        #[arg(long)]
-        in_place: bool,
-    },
-    /// Check that every record of an annotated image's table lands on the instruction it names.
-    Verify {
-        /// The annotated image.
-        image: PathBuf,
-    },
-    /// Extract the ELF vmlinux from a bzImage (xz, lzma, zstd, lz4 or gzip payload).
-    ExtractVmlinux {
-        /// The bzImage (e.g. /boot/vmlinuz-*).
-        bzimage: PathBuf,
-        /// Where to write the vmlinux.
-        #[arg(short, long)]
-        output: PathBuf,
-        /// Refuse a payload that would decompress to more than this: bytes, or a number with
-        /// K, M, G or T (powers of 1024), e.g. 512M, 2G.
-        #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = bzimage::parse_size)]
-        max_decompressed: u64,
-    },
-    /// Print the op catalogue.
-    Ops,
-    /// Backend ROMs: build one from a description, show one, list the sequences.
-    Rom {
-        #[command(subcommand)]
-        command: RomCommand,
-    },
+/// A warning on standard error: not with `--quiet`.
+fn warn(text: &str) {
+    if !ui().quiet {
+        eprintln!(
+            "pvpatch: {} {text}",
+            paint(ui().colour_err, "1;33", "warning:")
+        );
+    }
 }
 
-#[derive(Subcommand)]
-enum RomCommand {
-    /// Assemble a ROM from a description (TOML), checked as the runtime will check it.
-    Build {
-        /// The description.
-        description: PathBuf,
-        /// Where to write the ROM.
-        #[arg(short, long)]
-        output: PathBuf,
-        /// Also check it against every site of this (annotated) kernel.
-        #[arg(long = "for")]
-        kernel: Option<PathBuf>,
-    },
-    /// Print a ROM.
-    Show {
-        /// The ROM.
-        rom: PathBuf,
-    },
-    /// List the sequences descriptions can name.
-    Sequences,
+/// Prints `value` as pretty JSON on standard output, or into `output`.
+fn print_json(
+    output: Option<&Path>,
+    input: &Path,
+    value: &impl serde::Serialize,
+) -> Result<(), Failure> {
+    let mut s = serde_json::to_string_pretty(value).context("JSON")?;
+    s.push('\n');
+    emit(output, input, &s)
 }
 
 /// An error with the exit status it maps to.
@@ -229,8 +153,43 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
     }
 }
 
+/// The colour asked for on the command line (`--color WHEN` or `--color=WHEN`), read before
+/// parsing so that clap's own help and errors follow it.
+fn colour_asked() -> Colour {
+    let args: Vec<String> = std::env::args().collect();
+    let value = args
+        .iter()
+        .enumerate()
+        .find_map(|(i, a)| match a.strip_prefix("--color") {
+            Some(v) if v.starts_with('=') => Some(v[1..].to_owned()),
+            Some("") => args.get(i + 1).cloned(),
+            _ => None,
+        });
+    match value.as_deref() {
+        Some("always") => Colour::Always,
+        Some("never") => Colour::Never,
+        _ => Colour::Auto,
+    }
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let asked = colour_asked();
+    let clap_colour = if asked.enabled(std::io::stdout().is_terminal()) {
+        clap::ColorChoice::Always
+    } else {
+        clap::ColorChoice::Never
+    };
+    let matches = pvpatch::cli::command().color(clap_colour).get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    let _ = UI.set(Ui {
+        quiet: cli.quiet,
+        verbose: cli.verbose,
+        colour_out: cli.color.enabled(std::io::stdout().is_terminal()),
+        colour_err: cli.color.enabled(std::io::stderr().is_terminal()),
+    });
     remove_temp_files_on_signals();
     if let Some(ms) = std::env::var("PVPATCH_TEST_WRITE_PAUSE_MS")
         .ok()
@@ -241,7 +200,11 @@ fn main() -> ExitCode {
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure(code, e)) => {
-            eprintln!("pvpatch: error: {}", bounded(&format!("{e:#}")));
+            eprintln!(
+                "pvpatch: {} {}",
+                paint(ui().colour_err, "1;31", "error:"),
+                bounded(&format!("{e:#}"))
+            );
             ExitCode::from(code)
         }
     }
@@ -285,11 +248,11 @@ fn remove_temp_files_on_signals() {
 /// Names the temporary files that a killed run left where `dest` is about to be written.
 fn warn_stale(dest: &Path) {
     for p in pvpatch::output::stale_temp_files(dest) {
-        eprintln!(
-            "pvpatch: warning: {} is left from an interrupted pvpatch run (or one is writing it \
-             now); remove it if none is running",
+        warn(&format!(
+            "{} is left from an interrupted pvpatch run (or one is writing it now); remove it \
+             if none is running",
             p.display()
-        );
+        ));
     }
 }
 
@@ -321,12 +284,77 @@ fn open(path: &Path) -> Result<Image, Failure> {
     Ok(Image::open(path)?)
 }
 
+/// Opens the kernel an ELF file or a bzImage (extracted in memory), saying so with `--verbose`.
+fn open_kernel(k: &KernelArg) -> Result<Image, Failure> {
+    let t = Instant::now();
+    let img = Image::open_kernel(&k.image, k.max_decompressed)?;
+    match &img.bzimage {
+        Some(b) => note!(
+            "{}: a bzImage ({} bytes): its {} payload extracted in memory to a {}-byte ELF \
+             vmlinux in {:.0} ms (checks: {})",
+            k.image.display(),
+            b.size,
+            b.compression,
+            img.bytes().len(),
+            t.elapsed().as_secs_f64() * 1e3,
+            b.checks.join(", ")
+        ),
+        None => note!(
+            "{}: ELF, {} bytes, {} sections, {} function symbols ({}), loaded in {:.0} ms",
+            k.image.display(),
+            img.bytes().len(),
+            img.sections.len(),
+            img.symbols.len(),
+            img.symbol_source.name(),
+            t.elapsed().as_secs_f64() * 1e3
+        ),
+    }
+    Ok(img)
+}
+
+/// Why an output of `annotate` or `rewrite` is an ELF vmlinux when the input is a bzImage.
+const ELF_FROM_BZIMAGE: &str = "the input is a bzImage, so the output is an ELF vmlinux: the \
+     table (and any rewrite) lives in the kernel's own sections, which a bzImage only holds \
+     compressed; boot the vmlinux as a PVH kernel (QEMU -kernel, or Xen), or through the boot shim";
+
+/// The destination of `annotate` or `rewrite`: `-o`, or the input with `--in-place`, which a
+/// bzImage input refuses (an ELF vmlinux would replace the bzImage a boot loader expects).
+fn destination(output: Option<&Path>, in_place: bool, img: &Image) -> Result<PathBuf, Failure> {
+    let out = match (output, in_place) {
+        (Some(o), _) => o.to_owned(),
+        (None, true) if img.bzimage.is_some() => {
+            return Err(Failure(
+                status::USAGE,
+                anyhow::anyhow!(
+                    "{}: --in-place would replace a bzImage with an ELF vmlinux, which boot \
+                     loaders that load bzImages cannot boot; write it elsewhere with -o",
+                    img.path.display()
+                ),
+            ));
+        }
+        (None, true) => img.path.clone(),
+        (None, false) => {
+            return Err(Failure(
+                status::USAGE,
+                anyhow::anyhow!("give -o FILE or --in-place"),
+            ));
+        }
+    };
+    if !in_place && same_file(&out, &img.path) {
+        return Err(OutputError::WouldOverwriteInput(out).into());
+    }
+    if img.bzimage.is_some() && !ui().quiet {
+        eprintln!("pvpatch: note: {ELF_FROM_BZIMAGE}");
+    }
+    Ok(out)
+}
+
 /// Scans with a progress bar on a terminal, keeping every site (at most
 /// [`pvpatch::MAX_KEPT_SITES`]).
-fn scan_with_progress(
-    image: &Image,
-    threads: Option<usize>,
-) -> Result<ScanReport<'_>, pvpatch::ScanError> {
+fn scan_with_progress<'a>(
+    image: &'a Image,
+    threads: &ThreadsArg,
+) -> Result<ScanReport<'a>, pvpatch::ScanError> {
     progress_scan(image, threads, |i, o, p| {
         pvpatch::scan_image_at_most(i, o, p, pvpatch::MAX_KEPT_SITES)
     })
@@ -335,15 +363,32 @@ fn scan_with_progress(
 /// Runs `scan` (keeping the sites or not) with a progress bar on a terminal.
 fn progress_scan<'a, T>(
     image: &'a Image,
-    threads: Option<usize>,
+    threads: &ThreadsArg,
     scan: impl FnOnce(&'a Image, sweep::Options, Option<&(dyn Fn(u64) + Sync)>) -> T,
 ) -> T {
     let mut opts = sweep::Options::default();
-    if let Some(t) = threads {
-        opts.threads = t.max(1);
+    if let Some(t) = threads.threads {
+        opts.threads = usize::from(t).max(1);
     }
     let total: u64 = image.exec_sections().map(|s| s.size).sum();
-    if std::io::stderr().is_terminal() && total > 4 << 20 {
+    note!(
+        "sweeping {total} bytes of code in {} sections on {} threads",
+        image.exec_sections().count(),
+        opts.threads
+    );
+    let t = Instant::now();
+    let r = progress_bar(total, |tick| scan(image, opts, tick));
+    note!(
+        "swept and analysed in {:.0} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    r
+}
+
+/// Runs `work` with a progress bar over `total` bytes on a terminal (not with `--quiet`, and
+/// only for work big enough to wait for).
+fn progress_bar<T>(total: u64, work: impl FnOnce(Option<&(dyn Fn(u64) + Sync)>) -> T) -> T {
+    if std::io::stderr().is_terminal() && !ui().quiet && total > 4 << 20 {
         let bar = indicatif::ProgressBar::new(total);
         bar.set_style(
             indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes}")
@@ -351,11 +396,11 @@ fn progress_scan<'a, T>(
         );
         bar.set_message("sweeping");
         let tick = |n: u64| bar.inc(n);
-        let r = scan(image, opts, Some(&tick));
+        let r = work(Some(&tick));
         bar.finish_and_clear();
         r
     } else {
-        scan(image, opts, None)
+        work(None)
     }
 }
 
@@ -421,6 +466,7 @@ fn rom_command(command: RomCommand) -> Result<(), Failure> {
             description,
             output,
             kernel,
+            json,
         } => {
             if same_file(&output, &description) {
                 return Err(OutputError::WouldOverwriteInput(output).into());
@@ -437,17 +483,28 @@ fn rom_command(command: RomCommand) -> Result<(), Failure> {
             }
             .map_err(|e| Failure(status::INPUT, anyhow::Error::new(e)))?;
             write_output(&output, &rom)?;
-            out!(
-                "{}",
-                pvpatch::rom::show(&rom).map(|s| s.text).unwrap_or_default()
-            );
-            outln!("written to {}", output.display());
+            let shown = pvpatch::rom::show(&rom).ok();
+            if json {
+                let rom_json = shown.map(|s| s.json);
+                print_json(
+                    None,
+                    &description,
+                    &json!({ "output": output.display().to_string(), "rom": rom_json }),
+                )?;
+            } else if !ui().quiet {
+                out!("{}", shown.map(|s| s.text).unwrap_or_default());
+                outln!("written to {}", output.display());
+            }
         }
-        RomCommand::Show { rom } => {
+        RomCommand::Show { rom, json } => {
             let bytes = read_input(&rom)?;
             let shown = pvpatch::rom::show(&bytes)
                 .map_err(|e| Failure(status::INPUT, anyhow::anyhow!("{}: {e}", rom.display())))?;
-            out!("{}", shown.text);
+            if json {
+                print_json(None, &rom, &shown.json)?;
+            } else if !ui().quiet {
+                out!("{}", shown.text);
+            }
             if !shown.refused.is_empty() {
                 // What the runtime would refuse is a mismatch, as for verify (status 4).
                 return Err(Failure(
@@ -461,21 +518,39 @@ fn rom_command(command: RomCommand) -> Result<(), Failure> {
                 ));
             }
         }
-        RomCommand::Sequences => {
-            for s in pvpatch::rom::library() {
-                let slots: Vec<String> = s
-                    .slots
+        RomCommand::Sequences { json } => {
+            let library = pvpatch::rom::library();
+            let slots = |s: &pvpatch::rom::Sequence| -> Vec<String> {
+                s.slots
                     .iter()
                     .map(|x| format!("{:?}@{}", x.kind, x.offset))
+                    .collect()
+            };
+            if json {
+                let list: Vec<_> = library
+                    .iter()
+                    .map(|s| {
+                        json!({
+                            "name": s.name,
+                            "kind": if s.entry_point { "call" } else { "inline" },
+                            "asm": s.asm,
+                            "bytes": s.bytes.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+                            "slots": slots(s),
+                        })
+                    })
                     .collect();
-                outln!(
-                    "{:<14} {:<8} {:<20} {:02x?} {}",
-                    s.name,
-                    if s.entry_point { "call" } else { "inline" },
-                    s.asm,
-                    s.bytes,
-                    slots.join(" ")
-                );
+                print_json(None, Path::new(""), &list)?;
+            } else if !ui().quiet {
+                for s in &library {
+                    outln!(
+                        "{:<14} {:<8} {:<20} {:02x?} {}",
+                        s.name,
+                        if s.entry_point { "call" } else { "inline" },
+                        s.asm,
+                        s.bytes,
+                        slots(s).join(" ")
+                    );
+                }
             }
         }
     }
@@ -484,36 +559,67 @@ fn rom_command(command: RomCommand) -> Result<(), Failure> {
 
 fn run(command: Command) -> Result<(), Failure> {
     match command {
-        Command::Ops => out!("{}", catalogue::render()),
+        Command::Help { topic } => {
+            let text = if topic.is_empty() {
+                let mut cmd = pvpatch::cli::command();
+                let styled = cmd.render_long_help();
+                if ui().colour_out {
+                    styled.ansi().to_string()
+                } else {
+                    styled.to_string()
+                }
+            } else {
+                pvpatch::cli::help_text(&topic).ok_or_else(|| {
+                    Failure(
+                        status::USAGE,
+                        anyhow::anyhow!(
+                            "no command or topic {}: `pvpatch help` lists the commands, \
+                             `pvpatch help exit-codes` the exit statuses",
+                            pvpatch::quoted(&topic.join(" "))
+                        ),
+                    )
+                })?
+            };
+            out!("{text}");
+        }
+        Command::Ops { json } => {
+            if json {
+                print_json(None, Path::new(""), &catalogue::entries())?;
+            } else {
+                out!("{}", catalogue::render());
+            }
+        }
         Command::Rom { command } => rom_command(command)?,
         Command::Scan {
-            image,
+            kernel,
             json,
             output,
             threads,
         } => {
-            let img = open(&image)?;
+            let img = open_kernel(&kernel)?;
             // No site is kept: the ledger is written as each is analysed again.
-            let report = progress_scan(&img, threads, pvpatch::scan_image_streamed)?;
+            let report = progress_scan(&img, &threads, pvpatch::scan_image_streamed)?;
             let counts = pvpatch::sites::count(&report);
             if json {
-                emit_with(output.as_deref(), &image, |w| {
+                emit_with(output.as_deref(), &kernel.image, |w| {
                     serde_json::to_writer_pretty(&mut *w, &Ledger::with_counts(&report, &counts))?;
                     w.write_all(b"\n")
                 })?;
-            } else {
+            } else if output.is_some() || !ui().quiet {
                 let text = human_summary_with_counts(&report, &counts);
-                emit(output.as_deref(), &image, &text)?;
+                emit(output.as_deref(), &kernel.image, &text)?;
             }
         }
         Command::Annotate {
-            image,
+            kernel,
             output,
             in_place,
             force,
             sections,
             ledger,
             boot_shim,
+            json,
+            threads,
         } => {
             if let Some(s) = &boot_shim {
                 regular_input(s)?;
@@ -522,27 +628,23 @@ fn run(command: Command) -> Result<(), Failure> {
                 .as_deref()
                 .map(pvpatch::shim::Shim::load)
                 .transpose()?;
-            let out = match (&output, in_place) {
-                (Some(o), _) => o.clone(),
-                (None, true) => image.clone(),
-                (None, false) => unreachable!("clap requires -o unless --in-place"),
-            };
-            if !in_place && same_file(&out, &image) {
-                return Err(OutputError::WouldOverwriteInput(out).into());
+            let image = &kernel.image;
+            if let Some(l) = &ledger
+                && same_file(l, image)
+            {
+                return Err(OutputError::WouldOverwriteInput(l.clone()).into());
             }
-            if let Some(l) = &ledger {
-                if same_file(l, &image) {
-                    return Err(OutputError::WouldOverwriteInput(l.clone()).into());
-                }
-                if same_file(l, &out) {
-                    return Err(Failure(
-                        status::REFUSED,
-                        anyhow::anyhow!("the ledger {} would overwrite the output", l.display()),
-                    ));
-                }
+            let img = open_kernel(&kernel)?;
+            let out = destination(output.as_deref(), in_place, &img)?;
+            if let Some(l) = &ledger
+                && same_file(l, &out)
+            {
+                return Err(Failure(
+                    status::REFUSED,
+                    anyhow::anyhow!("the ledger {} would overwrite the output", l.display()),
+                ));
             }
-            let img = open(&image)?;
-            let report = scan_with_progress(&img, None)?;
+            let report = scan_with_progress(&img, &threads)?;
             let ledger_text = match &ledger {
                 Some(_) => {
                     let mut s =
@@ -552,7 +654,7 @@ fn run(command: Command) -> Result<(), Failure> {
                 }
                 None => None,
             };
-            let t = std::time::Instant::now();
+            let t = Instant::now();
             let opts = AnnotateOptions {
                 force,
                 sections,
@@ -564,7 +666,33 @@ fn run(command: Command) -> Result<(), Failure> {
             if let (Some(l), Some(s)) = (&ledger, &ledger_text) {
                 write_output(l, s.as_bytes())?;
             }
-            outln!(
+            let elapsed_ms = (report.elapsed + t.elapsed()).as_secs_f64() * 1e3;
+            note!("annotated and written in {elapsed_ms:.0} ms");
+            if json {
+                print_json(
+                    None,
+                    image,
+                    &json!({
+                        "input": image.display().to_string(),
+                        "output": out.display().to_string(),
+                        "output_format": "elf",
+                        "note": img.bzimage.as_ref().map(|_| ELF_FROM_BZIMAGE),
+                        "sites": a.sites,
+                        "from_macros": a.from_macros,
+                        "from_scan": a.from_scan,
+                        "table_address": hex(a.table_addr),
+                        "table_size": a.table_size,
+                        "boot_shim": a.shim.map(|(shim, report)| json!({
+                            "address": hex(shim),
+                            "report_page": hex(report),
+                        })),
+                        "trailing_bytes": a.trailing,
+                        "ledger": ledger.as_ref().map(|l| l.display().to_string()),
+                    }),
+                )?;
+                return Ok(());
+            }
+            say!(
                 "{}: {} sites recorded ({} from the image's macros, {} found by the sweep) in a \
                  {}-byte table at {}; written to {} in {:.0} ms",
                 image.display(),
@@ -574,162 +702,255 @@ fn run(command: Command) -> Result<(), Failure> {
                 a.table_size,
                 hex(a.table_addr),
                 out.display(),
-                (report.elapsed + t.elapsed()).as_secs_f64() * 1e3,
+                elapsed_ms,
             );
             if let Some((shim, report)) = a.shim {
-                outln!(
+                say!(
                     "  boot shim at physical {} (the PVH entry now), its report page at {}",
                     hex(shim),
                     hex(report)
                 );
             }
             if a.trailing > 0 {
-                outln!(
+                say!(
                     "  {} trailing bytes that no section covers were carried over",
                     a.trailing
                 );
             }
         }
         Command::Plan {
-            image,
+            kernel,
             backend,
             rom,
             json,
             output,
+            threads,
         } => {
             let spec = BackendSpec::new(&backend, rom.as_deref().map(read_input).transpose()?)?;
-            let img = open(&image)?;
-            let report = scan_with_progress(&img, None)?;
+            let img = open_kernel(&kernel)?;
+            let report = scan_with_progress(&img, &threads)?;
             let plan = plan_image(&report, &spec)?;
             let ledger = PlanLedger::new(&report, &plan);
-            let text = if json {
-                let mut s = serde_json::to_string_pretty(&ledger).context("plan")?;
-                s.push('\n');
-                s
-            } else {
-                ledger.human()
-            };
-            emit(output.as_deref(), &image, &text)?;
+            if json {
+                print_json(output.as_deref(), &kernel.image, &ledger)?;
+            } else if output.is_some() || !ui().quiet {
+                emit(output.as_deref(), &kernel.image, &ledger.human())?;
+            }
         }
         Command::Rewrite {
-            image,
+            kernel,
             backend,
             rom,
             output,
             in_place,
+            json,
+            threads,
         } => {
-            let out = match (&output, in_place) {
-                (Some(o), _) => o.clone(),
-                (None, true) => image.clone(),
-                (None, false) => unreachable!("clap requires -o unless --in-place"),
-            };
-            if !in_place && same_file(&out, &image) {
-                return Err(OutputError::WouldOverwriteInput(out).into());
-            }
             let spec = BackendSpec::new(&backend, rom.as_deref().map(read_input).transpose()?)?;
-            let img = open(&image)?;
-            let report = scan_with_progress(&img, None)?;
+            let img = open_kernel(&kernel)?;
+            let out = destination(output.as_deref(), in_place, &img)?;
+            let from_bzimage = img.bzimage.is_some();
+            let report = scan_with_progress(&img, &threads)?;
             let plan = plan_image(&report, &spec)?;
             let bytes = apply_to_file(&img, &plan)?;
             drop(report);
             drop(img);
             write_output(&out, &bytes)?;
-            let ledger_counts: Vec<String> = pvpatch::rewrite::ImagePlan::by_outcome(&plan)
+            let outcomes: Vec<(&str, u32)> = pvpatch::rewrite::ImagePlan::by_outcome(&plan)
                 .iter()
                 .zip(patch_sites::Outcome::ALL)
                 .filter(|(n, _)| **n > 0)
-                .map(|(n, o)| format!("{} {n}", o.name()))
+                .map(|(n, o)| (o.name(), *n))
                 .collect();
-            outln!(
+            if json {
+                let by_outcome: serde_json::Map<String, serde_json::Value> = outcomes
+                    .iter()
+                    .map(|(o, n)| ((*o).to_owned(), json!(n)))
+                    .collect();
+                print_json(
+                    None,
+                    &kernel.image,
+                    &json!({
+                        "input": kernel.image.display().to_string(),
+                        "output": out.display().to_string(),
+                        "output_format": "elf",
+                        "note": from_bzimage.then_some(ELF_FROM_BZIMAGE),
+                        "backend": plan.backend,
+                        "sites_by_outcome": by_outcome,
+                        "detours": plan.plan.detours.len(),
+                        "code_bytes": plan.code_bytes,
+                    }),
+                )?;
+                return Ok(());
+            }
+            let counts: Vec<String> = outcomes.iter().map(|(o, n)| format!("{o} {n}")).collect();
+            say!(
                 "{}: rewritten for {}: {}; {} detours installed, {} bytes of out-of-line code; \
                  written to {}",
-                image.display(),
+                kernel.image.display(),
                 plan.backend,
-                ledger_counts.join(", "),
+                counts.join(", "),
                 plan.plan.detours.len(),
                 plan.code_bytes,
                 out.display()
             );
         }
-        Command::Verify { image } => {
-            let img = open(&image)?;
-            let v = verify::verify(&img)?;
-            for m in &v.mismatches {
-                outln!("record {} at {}: {}", m.index, hex(m.addr), m.what);
-            }
-            for d in &v.detour_mismatches {
-                outln!("detour {}: {}", d.index, d.what);
-            }
-            if v.detours > 0 {
-                outln!(
-                    "{} load-time detours: {} check (moved bytes, free cave, stub against the \
-                     moved instructions), {} do not",
-                    v.detours,
-                    v.detours - v.detour_mismatches.len(),
-                    v.detour_mismatches.len()
-                );
-            }
-            if !v.placement_ok {
-                outln!(
-                    "the table at {} is not where a runtime looks for it",
-                    hex(v.table_addr)
-                );
-            }
-            if let Some(s) = &v.shim {
-                for p in &s.problems {
-                    outln!("boot shim: {p}");
-                }
-                outln!(
-                    "boot shim at physical {} (the PVH entry), handing over to {}, its report \
-                     page at {}: {}",
-                    hex(s.phys),
-                    hex(s.linux_entry),
-                    hex(s.report),
-                    if s.problems.is_empty() {
-                        "checks"
-                    } else {
-                        "does not check"
-                    }
-                );
-            }
-            outln!(
-                "{}: {} records at {}: {} match, {} do not, {} name ops this tool does not know",
-                image.display(),
-                v.sites,
-                hex(v.table_addr),
-                v.sites - v.mismatches.len() - v.unknown_ops,
-                v.mismatches.len(),
-                v.unknown_ops
-            );
-            if !v.ok() {
-                return Err(Failure(
-                    status::MISMATCH,
-                    anyhow::anyhow!("verification failed"),
-                ));
-            }
-        }
+        Command::Verify { kernel, json } => verify_command(&kernel, json)?,
         Command::ExtractVmlinux {
             bzimage: bz,
             output,
             max_decompressed,
+            json,
         } => {
             if same_file(&output, &bz) {
                 return Err(OutputError::WouldOverwriteInput(output).into());
             }
             let bytes = read_input(&bz)?;
+            let t = Instant::now();
             let x = bzimage::extract_vmlinux(&bytes, max_decompressed)?;
+            note!(
+                "{}: decompressed in {:.0} ms",
+                bz.display(),
+                t.elapsed().as_secs_f64() * 1e3
+            );
             let (fmt, vmlinux) = (x.format, x.vmlinux);
             // Check it is an image this tool can read before writing it.
             Image::from_bytes(&output.display().to_string(), vmlinux.clone())?;
             write_output(&output, &vmlinux)?;
+            if json {
+                print_json(
+                    None,
+                    &bz,
+                    &json!({
+                        "input": bz.display().to_string(),
+                        "output": output.display().to_string(),
+                        "compression": fmt,
+                        "checks": x.checks,
+                        "size": vmlinux.len(),
+                    }),
+                )?;
+            } else {
+                say!(
+                    "{}: {fmt} payload (checks: {}), {} bytes of ELF written to {}",
+                    bz.display(),
+                    x.checks.join(", "),
+                    vmlinux.len(),
+                    output.display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `pvpatch verify`.
+fn verify_command(kernel: &KernelArg, json: bool) -> Result<(), Failure> {
+    let img = open_kernel(kernel)?;
+    let t = Instant::now();
+    let v = verify::verify(&img)?;
+    note!("verified in {:.0} ms", t.elapsed().as_secs_f64() * 1e3);
+    let matching = v.sites - v.mismatches.len() - v.unknown_ops;
+    if json {
+        print_json(
+            None,
+            &kernel.image,
+            &json!({
+                "image": kernel.image.display().to_string(),
+                "ok": v.ok(),
+                "table_address": hex(v.table_addr),
+                "table_placement_ok": v.placement_ok,
+                "records": v.sites,
+                "matching": matching,
+                "unknown_ops": v.unknown_ops,
+                "mismatches": v.mismatches.iter().map(|m| json!({
+                    "index": m.index,
+                    "address": hex(m.addr),
+                    "what": m.what,
+                })).collect::<Vec<_>>(),
+                "detours": v.detours,
+                "detour_mismatches": v.detour_mismatches.iter().map(|d| json!({
+                    "index": d.index,
+                    "what": d.what,
+                })).collect::<Vec<_>>(),
+                "boot_shim": v.shim.as_ref().map(|s| json!({
+                    "address": hex(s.phys),
+                    "linux_entry": hex(s.linux_entry),
+                    "report_page": hex(s.report),
+                    "problems": s.problems,
+                })),
+            }),
+        )?;
+    } else if !ui().quiet {
+        let (c, bad) = (ui().colour_out, "1;31");
+        for m in &v.mismatches {
             outln!(
-                "{}: {fmt} payload (checks: {}), {} bytes of ELF written to {}",
-                bz.display(),
-                x.checks.join(", "),
-                vmlinux.len(),
-                output.display()
+                "{} record {} at {}: {}",
+                paint(c, bad, "mismatch:"),
+                m.index,
+                hex(m.addr),
+                m.what
             );
         }
+        for d in &v.detour_mismatches {
+            outln!(
+                "{} detour {}: {}",
+                paint(c, bad, "mismatch:"),
+                d.index,
+                d.what
+            );
+        }
+        if v.detours > 0 {
+            outln!(
+                "{} load-time detours: {} check (moved bytes, free cave, stub against the moved \
+                 instructions), {} do not",
+                v.detours,
+                v.detours - v.detour_mismatches.len(),
+                v.detour_mismatches.len()
+            );
+        }
+        if !v.placement_ok {
+            outln!(
+                "the table at {} is not where a runtime looks for it",
+                hex(v.table_addr)
+            );
+        }
+        if let Some(s) = &v.shim {
+            for p in &s.problems {
+                outln!("boot shim: {p}");
+            }
+            outln!(
+                "boot shim at physical {} (the PVH entry), handing over to {}, its report page \
+                 at {}: {}",
+                hex(s.phys),
+                hex(s.linux_entry),
+                hex(s.report),
+                if s.problems.is_empty() {
+                    paint(c, "32", "checks")
+                } else {
+                    paint(c, bad, "does not check")
+                }
+            );
+        }
+        let do_not = format!("{} do not", v.mismatches.len());
+        outln!(
+            "{}: {} records at {}: {} match, {}, {} name ops this tool does not know",
+            kernel.image.display(),
+            v.sites,
+            hex(v.table_addr),
+            paint(c, "32", &matching.to_string()),
+            if v.mismatches.is_empty() {
+                do_not
+            } else {
+                paint(c, bad, &do_not)
+            },
+            v.unknown_ops
+        );
+    }
+    if !v.ok() {
+        return Err(Failure(
+            status::MISMATCH,
+            anyhow::anyhow!("verification failed"),
+        ));
     }
     Ok(())
 }

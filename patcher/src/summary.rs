@@ -34,6 +34,15 @@ pub fn human_summary_with_counts(report: &ScanReport<'_>, counts: &SiteCounts) -
             ""
         }
     );
+    if let Some(b) = &image.bzimage {
+        let _ = writeln!(
+            o,
+            "  a bzImage ({} bytes): its {} payload extracted in memory (checks: {})",
+            b.size,
+            b.compression,
+            b.checks.join(", ")
+        );
+    }
     let _ = writeln!(
         o,
         "swept {} bytes of code, {} instructions, in {:.1} ms; {} resynchronisations",

@@ -37,6 +37,15 @@ pub enum ImageError {
     /// Not an ELF file, or not one this tool handles.
     #[error("{0}")]
     Unsupported(String),
+    /// A bzImage whose vmlinux cannot be extracted.
+    #[error("{path}: {source}")]
+    BzImage {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: super::bzimage::BzImageError,
+    },
     /// The ELF structure is malformed.
     #[error("malformed ELF: {0}")]
     Malformed(String),
@@ -170,10 +179,27 @@ impl SymbolSource {
     }
 }
 
+/// The bzImage an image was extracted from (in memory).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FromBzImage {
+    /// The bzImage's size in bytes.
+    pub size: u64,
+    /// The bzImage's SHA-256, as hex.
+    pub sha256: String,
+    /// The payload's compression (`xz`, `gzip`, ...).
+    pub compression: &'static str,
+    /// The integrity checks the bzImage allowed, all of which passed
+    /// ([`super::bzimage::Extracted::checks`]).
+    pub checks: Vec<&'static str>,
+}
+
 /// A loaded, checked image.
 pub struct Image {
-    /// Where it came from (for reports).
+    /// Where it came from (for reports): the file given, which is the bzImage when
+    /// [`Image::bzimage`] says so.
     pub path: PathBuf,
+    /// The bzImage the ELF image was extracted from, if it came from one.
+    pub bzimage: Option<FromBzImage>,
     data: Backing,
     /// `ET_EXEC` or `ET_DYN`.
     pub elf_type: u16,
@@ -203,6 +229,20 @@ pub struct Image {
     by_addr: crate::spans::SpanIndex,
 }
 
+/// What [`ImageError::Unsupported`] ends with for a file that is not ELF.
+const NO_MAGIC: &str = "not an ELF file (no \\x7fELF magic)";
+
+/// Whether the regular file at `path` has a bzImage's setup header (`HdrS` at 0x202) and no
+/// ELF magic: read from its first bytes only.
+fn looks_like_bzimage(path: &Path) -> bool {
+    use std::io::Read;
+    let mut head = [0u8; 0x206];
+    std::fs::metadata(path).is_ok_and(|m| m.is_file())
+        && File::open(path)
+            .and_then(|mut f| f.read_exact(&mut head))
+            .is_ok_and(|()| head[..4] != elf::ELFMAG && &head[0x202..0x206] == b"HdrS")
+}
+
 /// `XEN_ELFNOTE_PHYS32_ENTRY`: the physical address of a kernel's 32-bit PVH entry point.
 pub const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
 
@@ -218,13 +258,47 @@ impl fmt::Debug for Image {
 }
 
 impl Image {
-    /// Maps and checks the file at `path`.
+    /// Maps and checks the ELF file at `path`, or extracts the vmlinux of the bzImage at
+    /// `path` (in memory, at most [`super::bzimage::DEFAULT_MAX_DECOMPRESSED`] bytes of it) and
+    /// checks that.
     pub fn open(path: &Path) -> Result<Image> {
-        Image::open_with(path, true)
+        Image::open_kernel(path, super::bzimage::DEFAULT_MAX_DECOMPRESSED)
     }
 
-    /// Maps and checks the file at `path`; a stripped kernel's kallsyms is recovered only if
-    /// `kallsyms` (checking a written image's table needs no symbols, and recovering them
+    /// As [`Image::open`], a bzImage's payload decompressing to at most `max_decompressed`
+    /// bytes.
+    pub fn open_kernel(path: &Path, max_decompressed: u64) -> Result<Image> {
+        if !looks_like_bzimage(path) {
+            return Image::open_with(path, true).map_err(|e| match e {
+                ImageError::Unsupported(m) if m.ends_with(NO_MAGIC) => ImageError::Unsupported(
+                    format!("{m}, and not a bzImage (no \"HdrS\" setup header at 0x202)"),
+                ),
+                e => e,
+            });
+        }
+        let bz = std::fs::read(path).map_err(|source| ImageError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        let bzerr = |source| ImageError::BzImage {
+            path: path.to_owned(),
+            source,
+        };
+        let x = super::bzimage::extract_vmlinux(&bz, max_decompressed).map_err(bzerr)?;
+        let from = FromBzImage {
+            size: bz.len() as u64,
+            sha256: crate::ledger::sha256_hex(&bz),
+            compression: x.format,
+            checks: x.checks,
+        };
+        drop(bz);
+        let mut image = Image::parse(path.to_owned(), Backing::Owned(x.vmlinux), true)?;
+        image.bzimage = Some(from);
+        Ok(image)
+    }
+
+    /// Maps and checks the ELF file at `path`; a stripped kernel's kallsyms is recovered only
+    /// if `kallsyms` (checking a written image's table needs no symbols, and recovering them
     /// reads megabytes of `.rodata`).
     pub fn open_with(path: &Path, kallsyms: bool) -> Result<Image> {
         let io = |source| ImageError::Io {
@@ -265,7 +339,7 @@ impl Image {
         let bytes = data.bytes();
         if bytes.len() < 4 || bytes[..4] != elf::ELFMAG {
             return Err(ImageError::Unsupported(format!(
-                "{}: not an ELF file (no \\x7fELF magic)",
+                "{}: {NO_MAGIC}",
                 path.display()
             )));
         }
@@ -466,6 +540,7 @@ impl Image {
 
         let entry = header.e_entry(endian);
         let mut image = Image {
+            bzimage: None,
             path,
             data,
             elf_type,

@@ -17,6 +17,44 @@ pub struct Shown {
     /// [`romcheck::validate_entry`], the runtime's own, that need no kernel. Any one makes the
     /// runtime refuse the whole ROM.
     pub refused: Vec<(u16, RomRefusal)>,
+    /// The ROM, for programs (`pvpatch rom show --json`).
+    pub json: ShownRom,
+}
+
+/// A ROM, for programs.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ShownRom {
+    /// Its name.
+    pub name: String,
+    /// Its format version.
+    pub version: u16,
+    /// Its size in bytes.
+    pub size: usize,
+    /// The hypervisor signature it serves: `any`, or the quoted signature.
+    pub serves: String,
+    /// Its entries, in order.
+    pub entries: Vec<ShownEntry>,
+    /// Whether the runtime would take it (it refuses the whole ROM for any refused entry).
+    pub accepted: bool,
+}
+
+/// One entry of a ROM, for programs.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ShownEntry {
+    /// The op's name, or `op N (unknown)` for an op this runtime does not know (and ignores).
+    pub op: String,
+    /// `nothing`, `native`, `inline` or `call`.
+    pub action: &'static str,
+    /// The inline template or the called code, as hex.
+    pub bytes: Option<String>,
+    /// An inline template's slots, as `Kind@offset`.
+    pub slots: Vec<String>,
+    /// For a call: where its code is, from the ROM's code area.
+    pub code_offset: Option<u32>,
+    /// The registers it clobbers besides the op's own outputs.
+    pub clobbers: String,
+    /// Why the runtime would refuse it, if it would.
+    pub refused: Option<String>,
 }
 
 /// The signature as a description writes it: `any`, or quoted, trailing NULs dropped, other
@@ -57,6 +95,7 @@ pub fn show(bytes: &[u8]) -> Result<Shown, patch_sites::RomError> {
         signature(&rom.signature())
     );
     let mut refused = Vec::new();
+    let mut entries = Vec::new();
     for (index, e) in (0u16..).zip(rom.entries()) {
         let op = e.op().map_or_else(
             || format!("op {} (unknown)", e.op_id),
@@ -93,15 +132,44 @@ pub fn show(bytes: &[u8]) -> Result<Shown, patch_sites::RomError> {
         if e.op().is_none() {
             let _ = writeln!(o, "    ignored: this runtime does not know the op");
         }
-        if let Err(r) = romcheck::validate_entry(&e) {
+        let refusal = romcheck::validate_entry(&e).err();
+        if let Some(r) = &refusal {
             let _ = writeln!(o, "    refused: {r}");
-            refused.push((index, r));
+            refused.push((index, *r));
         }
+        let hexed = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        let (action, bytes, code_offset) = match e.action {
+            RomAction::Nothing => ("nothing", None, None),
+            RomAction::Native => ("native", None, None),
+            RomAction::Inline { template, .. } => ("inline", Some(hexed(template)), None),
+            RomAction::Call { code_off, code } => ("call", Some(hexed(code)), Some(code_off)),
+        };
+        entries.push(ShownEntry {
+            op,
+            action,
+            bytes,
+            slots: e
+                .slots()
+                .map(|s| format!("{:?}@{}", s.kind, s.offset))
+                .collect(),
+            code_offset,
+            clobbers: e.clobbers.to_string(),
+            refused: refusal.map(|r| r.to_string()),
+        });
     }
+    let json = ShownRom {
+        name: rom.name().to_owned(),
+        version: rom.header().version,
+        size: bytes.len(),
+        serves: signature(&rom.signature()),
+        accepted: refused.is_empty(),
+        entries,
+    };
     Ok(Shown {
         text: o,
         entries: rom.len(),
         refused,
+        json,
     })
 }
 

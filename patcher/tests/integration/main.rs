@@ -2,6 +2,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod bzimage_input;
 mod cli;
 mod golden;
 mod guest;
