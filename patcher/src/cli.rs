@@ -595,21 +595,33 @@ fn with_help(cmd: clap::Command, path: &[&str], text: &str) -> clap::Command {
 }
 
 /// What `pvpatch help TOPIC...` prints: the exit statuses, or a command's help (`None` if
-/// `topic` names no command).
-pub fn help_text(topic: &[String]) -> Option<String> {
+/// `topic` names no command), with terminal styles if `styled`.
+pub fn help_text(topic: &[String], styled: bool) -> Option<String> {
     if matches!(topic, [t] if t == "exit-codes" || t == "exit-status") {
         return Some(format!(
             "Exit statuses of pvpatch (every command):\n\n{}",
             exit_statuses_text(&[], 100)
         ));
     }
+    // Exactly what `pvpatch TOPIC... --help` prints: clap answers `--help` with an "error" that
+    // holds the help.
     let mut cmd = command();
     cmd.build();
-    let mut c = &mut cmd;
+    let mut c = &cmd;
     for t in topic {
-        c = c.find_subcommand_mut(t)?;
+        c = c.find_subcommand(t)?;
     }
-    Some(c.render_long_help().to_string())
+    let args = std::iter::once("pvpatch")
+        .chain(topic.iter().map(String::as_str))
+        .chain(["--help"]);
+    match command().try_get_matches_from(args) {
+        Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelp => Some(if styled {
+            e.render().ansi().to_string()
+        } else {
+            e.render().to_string()
+        }),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -661,7 +673,7 @@ mod tests {
 
     #[test]
     fn help_topics() {
-        let codes = help_text(&["exit-codes".into()]).unwrap_or_default();
+        let codes = help_text(&["exit-codes".into()], false).unwrap_or_default();
         for (code, _) in EXIT_STATUSES {
             let label = code.map_or_else(|| "128+N".to_owned(), |c| c.to_string());
             assert!(
@@ -669,9 +681,9 @@ mod tests {
                 "{label} missing:\n{codes}"
             );
         }
-        let rom_build = help_text(&["rom".into(), "build".into()]).unwrap_or_default();
+        let rom_build = help_text(&["rom".into(), "build".into()], false).unwrap_or_default();
         assert!(rom_build.contains("pvpatch rom build backend.toml"));
-        assert!(help_text(&["nothing".into()]).is_none());
+        assert!(help_text(&["nothing".into()], false).is_none());
     }
 
     #[test]

@@ -569,7 +569,7 @@ fn run(command: Command) -> Result<(), Failure> {
                     styled.to_string()
                 }
             } else {
-                pvpatch::cli::help_text(&topic).ok_or_else(|| {
+                pvpatch::cli::help_text(&topic, ui().colour_out).ok_or_else(|| {
                     Failure(
                         status::USAGE,
                         anyhow::anyhow!(

@@ -17,3 +17,4 @@ mod stock;
 mod stock_props;
 mod streamed;
 mod tables;
+mod usability;
