@@ -8,6 +8,8 @@
 //!    `pvpatch annotate`, given a backend ROM built by `pvpatch rom build`, and booted in every
 //!    configuration this machine has; one table across backends (detected backend, sites by
 //!    outcome, self-tests, patch cost, cycles per op), and the configurations skipped, with why.
+//! 3. The same figures as an HTML report with charts (`target/pvpatch-report/index.html`, see
+//!    [`crate::report`]), and the README's chart beside it.
 
 use std::path::Path;
 use std::process::Command;
@@ -16,14 +18,12 @@ use anyhow::{Context, Result, bail};
 use pvpatch_testkit::{self as harness, Config, Qemu};
 use serde_json::Value;
 
+use crate::report;
 use crate::util::{cargo, run};
 
 /// The `pvpatch` binary [`build_tools`] built.
 fn pvpatch() -> Command {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| crate::util::root().join("target"));
-    Command::new(target.join("release/pvpatch"))
+    Command::new(crate::util::target_dir().join("release/pvpatch"))
 }
 
 /// Runs the demo.
@@ -253,6 +253,7 @@ fn guest() -> Result<()> {
             println!("  {name}: {why}");
         }
     }
+    write_report(&results, &skipped)?;
     let failed: Vec<&str> = results
         .iter()
         .filter(|r| !r.passed || r.report["backend"]["name"] != r.config.expect)
@@ -260,6 +261,46 @@ fn guest() -> Result<()> {
         .collect();
     if !failed.is_empty() {
         bail!("failed: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+/// The HTML report of the runs (`target/pvpatch-report`), written even if a run failed.
+fn write_report(results: &[Run], skipped: &[(&str, String)]) -> Result<()> {
+    let data = report::Data {
+        meta: report::Meta::here("cargo xtask demo"),
+        runs: results
+            .iter()
+            .map(|r| {
+                report::Run::from_report(
+                    r.config.name,
+                    r.config.about,
+                    r.passed,
+                    r.seconds,
+                    &r.report,
+                )
+            })
+            .collect(),
+        skipped: skipped
+            .iter()
+            .map(|(config, why)| report::Skipped {
+                config: (*config).to_owned(),
+                why: why.clone(),
+            })
+            .collect(),
+    };
+    let written = report::write(&report::dir(), &data)?;
+    println!(
+        "\n==> the report: {} ({} charts; its figures in data.json beside it)",
+        written.index.display(),
+        written.charts
+    );
+    if let Some(svg) = written.readme_chart {
+        println!(
+            "    the README's chart: {} (cp it to {} to update the README)",
+            svg.display(),
+            report::README_CHART
+        );
     }
     Ok(())
 }

@@ -12,6 +12,7 @@ mod deps;
 mod fuzz;
 mod kernel;
 mod mutants;
+mod report;
 mod setup;
 mod util;
 
@@ -28,7 +29,11 @@ commands:
   demo                       the main job: installs QEMU if missing; pvpatch on Debian's
                              current kernel (fetched if needed): scan summary, annotation,
                              verification, boot under QEMU; then our guest kernel annotated,
-                             given a ROM and booted on every backend this machine has
+                             given a ROM and booted on every backend this machine has; an
+                             HTML report with charts (target/pvpatch-report/index.html)
+  report [DATA.json]         redraw the demo's HTML report (target/pvpatch-report) from the
+                             figures it saved (data.json), without booting anything
+  report --readme-chart      redraw docs/img/cycles-per-op.svg from the figures it embeds
   setup                      install QEMU 10, cmake, libclang-dev, the x86_64-unknown-none
                              target, the nightly toolchain and cargo-fuzz (idempotent; without
                              root, prints the commands instead)
@@ -58,6 +63,7 @@ fn main() {
         Some("kernel") => kernel::fetch().map(|_| ()),
         Some("test-update") => test_update(),
         Some("demo") => demo::demo(),
+        Some("report") => report::command(&args[1..]),
         Some("shim") => shim().map(|p| println!("{}", p.display())),
         Some("mutants") => mutants::command(),
         Some("help") | Some("--help") | Some("-h") | None => {
