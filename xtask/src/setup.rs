@@ -5,6 +5,7 @@
 //! * cmake and libclang-dev, which unicorn-engine's build needs;
 //! * the x86_64-unknown-none target, which rustup does not install on its own here;
 //! * the nightly toolchain and cargo-fuzz, for the fuzz targets (`test` only);
+//! * Debian's `chromium`, which a test opens the demo's HTML report in, headless (`test` only);
 //! * Debian's Xen hypervisor (`xen-hypervisor-4.17-amd64`), downloaded and unpacked into the
 //!   cache, never installed: the guest boots as a PV kernel under it.
 
@@ -23,6 +24,7 @@ Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 ";
 const PACKAGES: [&str; 2] = ["cmake", "libclang-dev"];
+const BROWSER: &str = "chromium";
 
 fn is_root() -> bool {
     output(Command::new("id").arg("-u"))
@@ -55,7 +57,33 @@ pub fn setup(report: &mut Report) -> Result<bool> {
     rust_target()?;
     let references = reference_tools(report);
     let xen = xen_hypervisor(report);
-    Ok(fuzz_tools(report)? && system && references && xen)
+    let browser = browser(report)?;
+    Ok(fuzz_tools(report)? && system && references && xen && browser)
+}
+
+/// Debian's `chromium`, for the test that renders the demo's report headless. Whether it is there.
+pub fn browser(report: &mut Report) -> Result<bool> {
+    if dpkg_installed(BROWSER) {
+        println!("setup: {BROWSER}: present");
+        return Ok(true);
+    }
+    if !is_root() {
+        println!("setup: not root; run these as root to install {BROWSER}:");
+        println!("  apt-get update");
+        println!(
+            "  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends {BROWSER}"
+        );
+        report.skip(format!(
+            "setup: not root, {BROWSER} not installed (commands printed above)"
+        ));
+        return Ok(false);
+    }
+    println!("setup: installing {BROWSER} (a test renders the demo's report in it, headless)");
+    run(apt_get().arg("update").arg("-q"))?;
+    run(apt_get()
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .arg(BROWSER))?;
+    Ok(true)
 }
 
 /// Debian's Xen hypervisor in the cache (see `pvpatch_testkit::xen`). Whether it is there.
