@@ -4,11 +4,13 @@
 //! * `test`: set-up, formatting, clippy, every test, a short fuzz run of every target;
 //! * `fuzz [--time SECS] [TARGET...]`: runs the cargo-fuzz targets;
 //! * `mutants`: cargo-mutants over the modules that decide safety;
+//! * `dist`: the release binary, shell completions and man pages, for packagers;
 //!
 //! Every step says what it runs. Whatever cannot run is listed at the end with the reason.
 
 mod demo;
 mod deps;
+mod dist;
 mod fuzz;
 mod kernel;
 mod mutants;
@@ -43,6 +45,9 @@ commands:
   test-update                rewrite the expected outputs the tests compare with (golden
                              ledgers and summaries, fuzz seeds) from what the code writes now;
                              review the diff like code
+  dist [--out DIR]           the release binary, shell completions (bash, zsh, fish, elvish,
+                             PowerShell) and man pages, from pvpatch's clap definition, in
+                             target/dist (or DIR)
   shim                       build the boot shim for x86_64-unknown-none (installing the target
                              if missing) and print its path, for pvpatch annotate --boot-shim
   mutants                    cargo-mutants (installed if missing) over table parsing and
@@ -64,6 +69,7 @@ fn main() {
         Some("test-update") => test_update(),
         Some("demo") => demo::demo(),
         Some("report") => report::command(&args[1..]),
+        Some("dist") => dist::command(&args[1..]),
         Some("shim") => shim().map(|p| println!("{}", p.display())),
         Some("mutants") => mutants::command(),
         Some("help") | Some("--help") | Some("-h") | None => {

@@ -2,7 +2,8 @@
 //!
 //! * QEMU 10 from bookworm-backports: the stock 7.2 package cannot be installed beside the
 //!   machine's qemu-utils from backports (it `Breaks: qemu-system-common (< 1:8.0)`);
-//! * cmake and libclang-dev, which unicorn-engine's build needs;
+//! * cmake and libclang-dev, which unicorn-engine's build needs; man-db and bsdextrautils, which
+//!   the test of the generated man pages runs;
 //! * the x86_64-unknown-none target, which rustup does not install on its own here;
 //! * the nightly toolchain and cargo-fuzz, for the fuzz targets (`test` only);
 //! * Debian's `chromium`, which a test opens the demo's HTML report in, headless (`test` only);
@@ -23,7 +24,9 @@ Suites: bookworm-backports
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 ";
-const PACKAGES: [&str; 2] = ["cmake", "libclang-dev"];
+/// cmake and libclang-dev for unicorn-engine's build; man-db and bsdextrautils (`col`) for the
+/// test that renders `cargo xtask dist`'s man pages.
+const PACKAGES: [&str; 4] = ["cmake", "libclang-dev", "man-db", "bsdextrautils"];
 const BROWSER: &str = "chromium";
 
 fn is_root() -> bool {
@@ -158,8 +161,9 @@ pub fn system_packages(report: &mut Report) -> Result<bool> {
     let mut complete = true;
     if missing_apt.is_empty() {
         println!(
-            "setup: QEMU {}, cmake, libclang-dev: present",
-            qemu_major().unwrap_or(0)
+            "setup: QEMU {}, {}: present",
+            qemu_major().unwrap_or(0),
+            PACKAGES.join(", ")
         );
     } else if !is_root() {
         complete = false;
