@@ -351,7 +351,7 @@ pub enum RomCommand {
 /// besides 0, 2, 70 and 128+N, which every command can.
 struct Help {
     path: &'static [&'static str],
-    examples: &'static [(&'static str, &'static str)],
+    examples: ExampleList,
     statuses: &'static [u8],
 }
 
@@ -557,6 +557,30 @@ const HELP: &[Help] = &[
     },
 ];
 
+/// The examples of the command at `path` (`[]` for `pvpatch`, `["rom", "build"]`), as
+/// `(command line, what it does)`, and the exit statuses it can return, 0, 2, 70 and 128+N
+/// included (`None` for 128+N).
+pub fn examples_and_statuses(path: &[&str]) -> Option<(ExampleList, Vec<Option<u8>>)> {
+    let h = HELP.iter().find(|h| h.path == path)?;
+    let codes = EXIT_STATUSES
+        .iter()
+        .map(|(c, _)| *c)
+        .filter(|c| c.is_none_or(|c| statuses_of(h).contains(&c)))
+        .collect();
+    Some((h.examples, codes))
+}
+
+/// A command's examples: `(command line, what it does)`.
+pub type ExampleList = &'static [(&'static str, &'static str)];
+
+/// The statuses `h`'s command can return: 0, 2 and 70 besides its own.
+fn statuses_of(h: &Help) -> Vec<u8> {
+    let mut codes = vec![status::OK, status::USAGE];
+    codes.extend_from_slice(h.statuses);
+    codes.push(status::INTERNAL);
+    codes
+}
+
 /// The text after a command's options: its examples and its exit statuses.
 fn after_help(h: &Help) -> String {
     let mut o = String::from("Examples:\n");
@@ -564,10 +588,7 @@ fn after_help(h: &Help) -> String {
         o.push_str(&format!("  {line}\n      {what}\n"));
     }
     o.push_str("\nExit status:\n");
-    let mut codes = vec![status::OK, status::USAGE];
-    codes.extend_from_slice(h.statuses);
-    codes.push(status::INTERNAL);
-    o.push_str(&exit_statuses_text(&codes, 92));
+    o.push_str(&exit_statuses_text(&statuses_of(h), 92));
     if !h.path.is_empty() {
         o.push_str("\n`pvpatch help exit-codes` explains every status.");
     }
