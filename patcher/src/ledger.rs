@@ -6,17 +6,24 @@
 //! all held: a ledger's memory does not grow with its sites (a scan that keeps none, from
 //! [`crate::scan_image_streamed`], decodes and analyses each one again as it is written).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use iced_x86::{Decoder, DecoderOptions, FastFormatter};
 use patch_sites::{Gpr, Operand};
+use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::ser::SerializeSeq;
 use serde::{Serialize, Serializer};
 use sha2::{Digest, Sha256};
 
 use crate::ScanReport;
-use crate::analyse::SiteInfo;
+use crate::analyse::{Direction, SiteInfo};
+use crate::load::SymbolSource;
 use crate::load::image::Image;
+use crate::schema::{
+    Address, Arena, ClassCounts, Compression, FoundBy, HexBytes, OpId, OpName, OutcomeName,
+    RegName, Sha256Hex, TableName,
+};
 use crate::sites::{SiteCounts, for_each_resync, for_each_site};
 use crate::sweep::ResyncReason;
 
@@ -42,10 +49,11 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex_bytes(&Sha256::digest(bytes))
 }
 
-/// The ledger (see `docs/ledger.md`).
-#[derive(Debug, Serialize)]
+/// The ledger (see `docs/ledger.md`; its JSON Schema is [`crate::schema::ledger`]).
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct Ledger<'a> {
-    /// [`LEDGER_SCHEMA`].
+    /// The schema's name and version, `pvpatch-ledger/2`: a consumer must check it.
+    #[schemars(extend("const" = LEDGER_SCHEMA))]
     pub schema: &'static str,
     /// The tool.
     pub tool: ToolInfo,
@@ -103,6 +111,21 @@ impl Serialize for Sites<'_> {
     }
 }
 
+/// What [`Sites`] writes: an array of [`SiteEntry`].
+impl JsonSchema for Sites<'_> {
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn schema_name() -> Cow<'static, str> {
+        "Sites".into()
+    }
+
+    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+        Vec::<SiteEntry>::json_schema(generator)
+    }
+}
+
 /// The resynchronisations of a ledger, each one's [`ResyncInfo`] made and written as it is
 /// visited.
 #[derive(Clone, Copy)]
@@ -123,62 +146,81 @@ impl Serialize for Resyncs<'_> {
             seq.serialize_element(&ResyncInfo {
                 address: hex(r.addr),
                 resumed_at: hex(r.resumed_at),
-                reason: match r.reason {
-                    ResyncReason::Undecodable => "undecodable",
-                    ResyncReason::CrossedKnownStart => "crossed_known_start",
-                },
+                reason: r.reason,
             })
         })?;
         seq.end()
     }
 }
 
+/// What [`Resyncs`] writes: an array of [`ResyncInfo`].
+impl JsonSchema for Resyncs<'_> {
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn schema_name() -> Cow<'static, str> {
+        "Resyncs".into()
+    }
+
+    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+        Vec::<ResyncInfo>::json_schema(generator)
+    }
+}
+
 /// The tool that wrote the ledger.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct ToolInfo {
     /// `pvpatch`.
+    #[schemars(extend("const" = "pvpatch"))]
     pub name: &'static str,
     /// Its version.
     pub version: &'static str,
 }
 
 /// The image.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct ImageInfo {
     /// Path as given.
     pub path: String,
     /// Size in bytes of the ELF image scanned (for a bzImage, of the vmlinux extracted from it).
     pub size: u64,
     /// SHA-256 of the ELF image scanned (for a bzImage, of the vmlinux extracted from it).
+    #[schemars(with = "Sha256Hex")]
     pub sha256: String,
     /// The bzImage at `path` the ELF image was extracted from in memory; null for an ELF file.
     pub extracted_from: Option<BzImageInfo>,
     /// GNU build id (hex), if any.
+    #[schemars(with = "Option<HexBytes>")]
     pub build_id: Option<String>,
-    /// `exec` or `dyn`.
-    pub elf_type: &'static str,
+    /// `exec` (ET_EXEC) or `dyn` (ET_DYN).
+    pub elf_type: ElfType,
     /// Entry point.
+    #[schemars(with = "Address")]
     pub entry: String,
     /// Function symbols (0 when stripped and without kallsyms).
     pub symbols: usize,
     /// Where the symbols came from: `symtab`, `kallsyms` (a stripped kernel's own table) or
     /// `none`.
-    pub symbol_source: &'static str,
+    pub symbol_source: SymbolSource,
     /// Whether it is a stock kernel (a Linux image we did not build: no trap form, out-of-line
     /// code only in caves inside its text).
     pub stock_kernel: bool,
 }
 
 /// The bzImage an image was extracted from.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct BzImageInfo {
     /// `bzimage`.
+    #[schemars(extend("const" = "bzimage"))]
     pub format: &'static str,
     /// Its size in bytes.
     pub size: u64,
     /// Its SHA-256.
+    #[schemars(with = "Sha256Hex")]
     pub sha256: String,
     /// Its payload's compression: `xz`, `lzma`, `zstd`, `lz4` or `gzip`.
+    #[schemars(with = "Compression")]
     pub compression: &'static str,
     /// The integrity checks it allowed, all of which passed (`size trailer`, `content
     /// checksum`, `Authenticode SHA-256`, ...).
@@ -186,7 +228,7 @@ pub struct BzImageInfo {
 }
 
 /// The code swept.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct CodeInfo {
     /// Bytes swept.
     pub bytes: u64,
@@ -197,11 +239,12 @@ pub struct CodeInfo {
 }
 
 /// One executable section.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct SectionInfo {
     /// Name.
     pub name: String,
     /// Address.
+    #[schemars(with = "Address")]
     pub address: String,
     /// Size.
     pub size: u64,
@@ -212,16 +255,19 @@ pub struct SectionInfo {
 }
 
 /// One Linux table.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct TableInfo {
     /// Section name.
+    #[schemars(with = "TableName")]
     pub name: &'static str,
     /// Whether the image has it.
     pub present: bool,
     /// How it was found: `section`, or `symbols` (its `__start_`/`__stop_` symbols); null if
     /// absent.
+    #[schemars(with = "Option<FoundBy>")]
     pub found_by: Option<&'static str>,
     /// Address (null if absent).
+    #[schemars(with = "Option<Address>")]
     pub address: Option<String>,
     /// Size.
     pub size: u64,
@@ -238,27 +284,30 @@ pub struct TableInfo {
 }
 
 /// A code cave: `int3` padding inside the kernel's text where stubs and the arena go.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct CaveInfo {
     /// First byte.
+    #[schemars(with = "Address")]
     pub address: String,
     /// Bytes.
     pub length: u64,
 }
 
 /// A resynchronisation of the sweep.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct ResyncInfo {
     /// Where decoding went wrong.
+    #[schemars(with = "Address")]
     pub address: String,
     /// Where it resumed.
+    #[schemars(with = "Address")]
     pub resumed_at: String,
     /// `undecodable` or `crossed_known_start`.
-    pub reason: &'static str,
+    pub reason: ResyncReason,
 }
 
-/// Counts.
-#[derive(Debug, Serialize)]
+/// Counts over the sites, their detours and the caves.
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct Summary {
     /// Sensitive instructions (including hypervisor interfaces).
     pub sites: usize,
@@ -285,30 +334,36 @@ pub struct Summary {
     pub stubs: usize,
     /// Why rewritable sites have no way out of line, with how many.
     pub native_reasons: BTreeMap<String, usize>,
-    /// Caves found (stock kernels), their bytes, and what is left after the arena and stubs.
+    /// Caves found (stock kernels).
     pub caves: usize,
     /// Bytes in caves.
     pub cave_bytes: u64,
     /// The arena reserved for the backend's out-of-line code.
+    #[schemars(with = "Option<Arena>")]
     pub arena: Option<String>,
     /// Per class.
+    #[schemars(with = "ClassCounts")]
     pub by_class: BTreeMap<&'static str, usize>,
 }
 
-/// One site.
-#[derive(Debug, Serialize)]
+/// One site: a sensitive instruction.
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct SiteEntry {
     /// Address (`0x...`).
+    #[schemars(with = "Address")]
     pub address: String,
     /// Instruction length.
+    #[schemars(range(min = 1, max = 15))]
     pub length: u8,
-    /// Class.
+    /// Class: the op's name.
+    #[schemars(with = "OpName")]
     pub class: &'static str,
     /// Our op.
     pub op: OpRef,
     /// Operands.
     pub operands: Operands,
     /// Instruction bytes (hex).
+    #[schemars(with = "HexBytes")]
     pub bytes: String,
     /// Disassembly.
     pub disasm: String,
@@ -323,31 +378,37 @@ pub struct SiteEntry {
 }
 
 /// An op reference.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct OpRef {
     /// Stable id.
+    #[schemars(with = "OpId")]
     pub id: u16,
     /// Name.
+    #[schemars(with = "OpName")]
     pub name: &'static str,
 }
 
 /// Operands in the ABI's terms.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct Operands {
     /// `none`, `reg`, `port_imm`, `port_dx`, `mem_base`, `mem_other`, `debug_reg`,
     /// `reg_mem_base`.
-    pub kind: &'static str,
-    /// Register.
+    pub kind: OperandKind,
+    /// Register (kinds `reg`, `debug_reg`, `reg_mem_base`).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "RegName")]
     pub reg: Option<&'static str>,
-    /// Memory base register.
+    /// Memory base register (kinds `mem_base`, `reg_mem_base`).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "RegName")]
     pub base: Option<&'static str>,
-    /// Debug register number.
+    /// Debug register number (kind `debug_reg`).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "u8")]
     pub dr: Option<u8>,
-    /// Immediate port.
+    /// Immediate port (kind `port_imm`).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Address")]
     pub port: Option<String>,
     /// Width in bytes (0: none).
     pub width: u8,
@@ -356,63 +417,103 @@ pub struct Operands {
 }
 
 /// A Linux table entry.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct CoveredBy {
     /// Table (section name).
+    #[schemars(with = "TableName")]
     pub table: &'static str,
     /// Entry index.
     pub entry: u32,
     /// First byte the entry protects.
+    #[schemars(with = "Address")]
     pub start: String,
     /// One past the last.
+    #[schemars(with = "Address")]
     pub end: String,
 }
 
 /// A site's detour.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct DetourInfo {
-    /// `forward` or `backward`.
-    pub direction: &'static str,
+    /// `forward`, `backward` or `around`.
+    pub direction: Direction,
     /// The first moved byte.
+    #[schemars(with = "Address")]
     pub start: String,
     /// Bytes moved.
     pub length: u8,
     /// Where its stub runs (a cave), or null in a kernel of our own (no stub planned).
+    #[schemars(with = "Option<Address>")]
     pub stub: Option<String>,
     /// The stub's length.
     pub stub_length: Option<usize>,
     /// Where the site's patchable copy is in the stub.
     pub copy_offset: Option<u8>,
     /// The trampoline the moved range jumps through (a `jmp rel8` to nearby padding), if any.
+    #[schemars(with = "Option<Address>")]
     pub trampoline: Option<String>,
     /// The other sites that share the detour.
+    #[schemars(with = "Vec<Address>")]
     pub shared_with: Vec<String>,
 }
 
-/// Room.
-#[derive(Debug, Serialize)]
+/// The room a rewrite has.
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct RoomInfo {
     /// Bytes patchable in place.
     pub in_place: u8,
     /// The detour the site can take, or null.
     pub detour: Option<DetourInfo>,
     /// Forms the site allows.
+    #[schemars(with = "Vec<OutcomeName>")]
     pub forms: Vec<&'static str>,
     /// Why nothing, or no detour.
     pub reason: Option<String>,
 }
 
-/// The ABI's operand-kind name.
-pub fn operand_kind(o: Operand) -> &'static str {
+/// Whether the image is an executable or position-independent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ElfType {
+    /// `ET_EXEC`.
+    Exec,
+    /// `ET_DYN`.
+    Dyn,
+}
+
+/// The kind of a site's operand, as the ABI names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OperandKind {
+    /// No operand.
+    None,
+    /// A general-purpose register.
+    Reg,
+    /// An immediate port.
+    PortImm,
+    /// The port in `dx`.
+    PortDx,
+    /// A memory operand `[base]`.
+    MemBase,
+    /// Any other memory operand.
+    MemOther,
+    /// A debug register and a general-purpose register.
+    DebugReg,
+    /// A register and a memory operand `[base]`.
+    RegMemBase,
+}
+
+/// The ABI's operand kind.
+pub fn operand_kind(o: Operand) -> OperandKind {
     match o {
-        Operand::None => "none",
-        Operand::Reg(_) => "reg",
-        Operand::PortImm(_) => "port_imm",
-        Operand::PortDx => "port_dx",
-        Operand::MemBase(_) => "mem_base",
-        Operand::MemOther => "mem_other",
-        Operand::DebugReg { .. } => "debug_reg",
-        Operand::RegMemBase { .. } => "reg_mem_base",
+        Operand::None => OperandKind::None,
+        Operand::Reg(_) => OperandKind::Reg,
+        Operand::PortImm(_) => OperandKind::PortImm,
+        Operand::PortDx => OperandKind::PortDx,
+        Operand::MemBase(_) => OperandKind::MemBase,
+        Operand::MemOther => OperandKind::MemOther,
+        Operand::DebugReg { .. } => OperandKind::DebugReg,
+        Operand::RegMemBase { .. } => OperandKind::RegMemBase,
     }
 }
 
@@ -488,7 +589,7 @@ fn site_entry(report: &ScanReport<'_>, s: &SiteInfo) -> SiteEntry {
             detour: s.room.detour.as_ref().map(|m| {
                 let plan = m.group.and_then(|g| report.analysis.detours.get(g));
                 DetourInfo {
-                    direction: m.direction.name(),
+                    direction: m.direction,
                     start: hex(m.start),
                     length: m.len,
                     stub: plan.map(|p| hex(p.stub_addr)),
@@ -543,13 +644,13 @@ impl<'a> Ledger<'a> {
                 }),
                 build_id: image.build_id.as_deref().map(hex_bytes),
                 elf_type: if image.elf_type == object::elf::ET_DYN {
-                    "dyn"
+                    ElfType::Dyn
                 } else {
-                    "exec"
+                    ElfType::Exec
                 },
                 entry: hex(image.entry),
                 symbols: image.symbols.len(),
-                symbol_source: image.symbol_source.name(),
+                symbol_source: image.symbol_source,
                 stock_kernel: report.analysis.stock,
             },
             code: code_info(report, counts),

@@ -16,7 +16,7 @@
 //! case, and the ledger and the summary are written from those visits. Beside the pipeline: [`rewrite`] plans one backend's
 //! rewrites and applies them to the file (through the boot-time runtime's own planner), [`rom`]
 //! builds and shows backend ROMs, [`output`] writes files atomically, [`catalogue`] prints the
-//! op catalogue.
+//! op catalogue, [`schema`] gives the JSON Schemas of the ledger and the plan.
 //!
 //! The x86 rules (what an instruction is, its native encoding, whether bytes hold what a record
 //! says) are `pvpatch-isa`'s, shared with the boot-time runtime.
@@ -32,6 +32,7 @@ pub mod load;
 pub mod output;
 pub mod rewrite;
 pub mod rom;
+pub mod schema;
 pub mod shim;
 pub mod sites;
 pub mod spans;

@@ -132,6 +132,11 @@ impl fmt::Display for TableKind {
     }
 }
 
+/// [`TableReport::found_by`] of a table found by its section header.
+pub const FOUND_BY_SECTION: &str = "section";
+/// [`TableReport::found_by`] of a table found by its `__start_`/`__stop_` symbols.
+pub const FOUND_BY_SYMBOLS: &str = "symbols";
+
 /// What was found of one table.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TableReport {
@@ -139,7 +144,7 @@ pub struct TableReport {
     pub kind: TableKind,
     /// Whether the image has the table.
     pub present: bool,
-    /// How it was found: `"section"`, or `"symbols"` (its `__start_`/`__stop_` symbols).
+    /// How it was found: [`FOUND_BY_SECTION`] or [`FOUND_BY_SYMBOLS`].
     pub found_by: Option<&'static str>,
     /// Its address.
     pub addr: u64,
@@ -589,7 +594,7 @@ fn locate(image: &Image, kind: TableKind) -> Option<Result<(Place, &[u8]), Strin
         let place = Place {
             addr: s.addr,
             size: s.size,
-            found_by: "section",
+            found_by: FOUND_BY_SECTION,
         };
         return Some(Ok((place, data)));
     }
@@ -598,7 +603,7 @@ fn locate(image: &Image, kind: TableKind) -> Option<Result<(Place, &[u8]), Strin
     let place = Place {
         addr: a,
         size: b.wrapping_sub(a),
-        found_by: "symbols",
+        found_by: FOUND_BY_SYMBOLS,
     };
     let data = (b >= a)
         .then(|| usize::try_from(b - a).ok())
@@ -663,7 +668,7 @@ fn read_runtime_consts(ctx: &Ctx<'_>, report: &mut TableReport, out: &mut LinuxT
     }
     if tables > 0 {
         report.present = true;
-        report.found_by = Some("symbols");
+        report.found_by = Some(FOUND_BY_SYMBOLS);
         report.layout = Some("s32 to the immediate (4 bytes), one table per variable");
         report.entry_size = 4;
         report.entries = entries;

@@ -284,40 +284,52 @@ pub fn apply_to_file(image: &Image, plan: &ImagePlan) -> Result<Vec<u8>, Rewrite
     Ok(text.bytes)
 }
 
+/// The version of the plan's schema.
+pub const PLAN_SCHEMA: &str = "pvpatch-plan/1";
+
 /// One site of a plan, for people and programs.
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, serde::Serialize, schemars::JsonSchema)]
 pub struct PlannedSite {
     /// Address.
+    #[schemars(with = "crate::schema::Address")]
     pub address: String,
     /// `name+0xoff`, if known.
     pub symbol: Option<String>,
     /// The op.
+    #[schemars(with = "crate::schema::PlannedOpName")]
     pub op: &'static str,
     /// What it becomes (`unchanged`, `native`, `nothing`, `inline`, `call`, `trap`; a rewrite
     /// written into a detour's stub is `detour`).
+    #[schemars(with = "crate::schema::OutcomeName")]
     pub outcome: &'static str,
     /// What it becomes in its own bytes or its stub (`call` for a call in a stub).
+    #[schemars(with = "crate::schema::OutcomeName")]
     pub rewrite: &'static str,
     /// Where the rewrite is written: the site, or its copy in a stub.
+    #[schemars(with = "crate::schema::Address")]
     pub written_at: String,
     /// Why it stays as it is, when it does.
     pub why: Option<String>,
 }
 
-/// A plan, for people and programs (`pvpatch plan --json`).
-#[derive(Debug, serde::Serialize)]
+/// A plan, for people and programs (`pvpatch plan --json`; its JSON Schema is
+/// [`crate::schema::plan`]).
+#[derive(Debug, serde::Serialize, schemars::JsonSchema)]
 pub struct PlanLedger {
-    /// `pvpatch-plan/1`.
+    /// The schema's name and version, `pvpatch-plan/1`: a consumer must check it.
+    #[schemars(extend("const" = PLAN_SCHEMA))]
     pub schema: &'static str,
     /// The image.
     pub image: String,
     /// The backend.
     pub backend: &'static str,
-    /// Where the table is, and whether it was built in memory (the image is not annotated).
+    /// Where the site table is (built in memory when the image is not annotated).
+    #[schemars(with = "crate::schema::Address")]
     pub table: String,
     /// Whether the table was built in memory.
     pub table_in_memory: bool,
     /// Sites by outcome.
+    #[schemars(with = "crate::schema::OutcomeCounts")]
     pub by_outcome: std::collections::BTreeMap<&'static str, u32>,
     /// Detours installed.
     pub detours: usize,
@@ -404,7 +416,7 @@ impl PlanLedger {
             .filter(|p| matches!(outcome_of(p), Outcome::Detour | Outcome::Call))
             .count();
         PlanLedger {
-            schema: "pvpatch-plan/1",
+            schema: PLAN_SCHEMA,
             image: image.path.display().to_string(),
             backend: plan.backend,
             table: crate::ledger::hex(plan.table_addr),

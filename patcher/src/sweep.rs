@@ -43,11 +43,13 @@ impl Found {
 }
 
 /// Why the sweep resynchronised.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
 pub enum ResyncReason {
     /// The bytes do not decode.
     Undecodable,
-    /// The instruction decoded at `addr` would run across a known instruction start.
+    /// The instruction decoded there would run across a known instruction start (an address
+    /// a symbol or a Linux table names as one).
     CrossedKnownStart,
 }
 

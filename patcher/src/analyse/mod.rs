@@ -45,7 +45,9 @@ pub const ARENA: u64 = 64 * 1024;
 pub const MAX_MOVED: usize = 32;
 
 /// Which way a detour moves code.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+// Serialised (in the ledger) as its `name()`, which a test checks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
 pub enum Direction {
     /// The site and the instructions after it.
     Forward,

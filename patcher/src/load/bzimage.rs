@@ -240,7 +240,10 @@ pub struct Extracted {
     pub checks: Vec<&'static str>,
 }
 
-/// The compression of a payload, from its magic bytes.
+/// Every compression [`compression`] names (the ledger's schema lists them).
+pub const COMPRESSIONS: [&str; 5] = ["gzip", "xz", "zstd", "lz4", "lzma"];
+
+/// The compression of a payload, from its magic bytes: one of [`COMPRESSIONS`].
 pub fn compression(payload: &[u8]) -> Result<&'static str, BzImageError> {
     Ok(match payload {
         [0x1f, 0x8b, ..] | [0x1f, 0x9e, ..] => "gzip",

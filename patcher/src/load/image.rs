@@ -157,7 +157,9 @@ impl Backing {
 }
 
 /// Where an image's symbols came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+// Serialised (in the ledger) as its `name()`, which a test checks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
 pub enum SymbolSource {
     /// The ELF symbol table.
     Symtab,
