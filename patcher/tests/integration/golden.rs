@@ -20,12 +20,17 @@ fn testfile(name: &str) -> PathBuf {
 
 /// Compares `actual` with the golden file `name`, or rewrites it under `PVPATCH_UPDATE`.
 fn golden(name: &str, actual: &str) {
-    let path = testfile(name);
+    golden_at(&testfile(name), actual);
+}
+
+/// Compares `actual` with the checked-in file at `path`, or rewrites it under
+/// `PVPATCH_UPDATE`.
+pub(crate) fn golden_at(path: &Path, actual: &str) {
     if std::env::var_os("PVPATCH_UPDATE").is_some() {
-        pvpatch::output::write_bytes(&path, actual.as_bytes()).unwrap();
+        pvpatch::output::write_bytes(path, actual.as_bytes()).unwrap();
         return;
     }
-    let expected = std::fs::read_to_string(&path).unwrap_or_default();
+    let expected = std::fs::read_to_string(path).unwrap_or_default();
     if expected != actual {
         let first = expected
             .lines()

@@ -12,6 +12,7 @@ mod kernel;
 mod kernels;
 mod malformed;
 mod rom;
+mod schema;
 mod shim;
 mod stock;
 mod stock_props;
