@@ -36,9 +36,10 @@ commands:
   report [DATA.json]         redraw the demo's HTML report (target/pvpatch-report) from the
                              figures it saved (data.json), without booting anything
   report --readme-chart      redraw docs/img/cycles-per-op.svg from the figures it embeds
-  setup                      install QEMU 10, cmake, libclang-dev, the x86_64-unknown-none
-                             target, the nightly toolchain and cargo-fuzz (idempotent; without
-                             root, prints the commands instead)
+  setup                      install QEMU 10, cmake, libclang-dev, man-db, chromium, the
+                             x86_64-unknown-none target, the nightly toolchain, cargo-fuzz and
+                             Debian's Xen hypervisor (into the cache) (idempotent; without root,
+                             prints the commands instead)
   test                       setup, fmt --check, clippy -D warnings, every test, ~20 s of fuzzing
                              per target; lists what was skipped and why
   fuzz [--time S] [TARGET..] run the cargo-fuzz targets (default: all, 60 s each)
