@@ -176,6 +176,17 @@ pub struct KernelArg {
     pub max_decompressed: u64,
 }
 
+/// The backend `plan` and `rewrite` plan for.
+#[derive(Debug, Args)]
+pub struct BackendArg {
+    /// The backend: native, tcg, kvm, vmware, xen, hyperv, rom (with --rom), outofline.
+    #[arg(long)]
+    pub backend: String,
+    /// The ROM, for the rom backend.
+    #[arg(long)]
+    pub rom: Option<PathBuf>,
+}
+
 /// How many threads parallel work may use.
 #[derive(Debug, Args)]
 pub struct ThreadsArg {
@@ -234,12 +245,8 @@ pub enum Command {
     Plan {
         #[command(flatten)]
         kernel: KernelArg,
-        /// The backend: native, tcg, kvm, vmware, xen, hyperv, rom (with --rom), outofline.
-        #[arg(long)]
-        backend: String,
-        /// The ROM, for the rom backend.
-        #[arg(long)]
-        rom: Option<PathBuf>,
+        #[command(flatten)]
+        backend: BackendArg,
         /// Print the plan as JSON.
         #[arg(long)]
         json: bool,
@@ -253,12 +260,8 @@ pub enum Command {
     Rewrite {
         #[command(flatten)]
         kernel: KernelArg,
-        /// The backend (as for `plan`).
-        #[arg(long)]
-        backend: String,
-        /// The ROM, for the rom backend.
-        #[arg(long)]
-        rom: Option<PathBuf>,
+        #[command(flatten)]
+        backend: BackendArg,
         /// The rewritten image to write (an ELF vmlinux, also for a bzImage input).
         #[arg(short, long, required_unless_present = "in_place")]
         output: Option<PathBuf>,

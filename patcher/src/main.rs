@@ -18,7 +18,7 @@ use anyhow::{Context, Result};
 use clap::FromArgMatches;
 use pvpatch::ScanReport;
 use pvpatch::annotate::{AnnotateError, AnnotateOptions, annotate};
-use pvpatch::cli::{Cli, Colour, Command, KernelArg, RomCommand, ThreadsArg, status};
+use pvpatch::cli::{BackendArg, Cli, Colour, Command, KernelArg, RomCommand, ThreadsArg, status};
 use pvpatch::ledger::{Ledger, hex};
 use pvpatch::load::bzimage;
 use pvpatch::load::image::{Image, ImageError};
@@ -721,12 +721,11 @@ fn run(command: Command) -> Result<(), Failure> {
         Command::Plan {
             kernel,
             backend,
-            rom,
             json,
             output,
             threads,
         } => {
-            let spec = BackendSpec::new(&backend, rom.as_deref().map(read_input).transpose()?)?;
+            let spec = backend_spec(&backend)?;
             let img = open_kernel(&kernel)?;
             let report = scan_with_progress(&img, &threads)?;
             let plan = plan_image(&report, &spec)?;
@@ -740,13 +739,12 @@ fn run(command: Command) -> Result<(), Failure> {
         Command::Rewrite {
             kernel,
             backend,
-            rom,
             output,
             in_place,
             json,
             threads,
         } => {
-            let spec = BackendSpec::new(&backend, rom.as_deref().map(read_input).transpose()?)?;
+            let spec = backend_spec(&backend)?;
             let img = open_kernel(&kernel)?;
             let out = destination(output.as_deref(), in_place, &img)?;
             let from_bzimage = img.bzimage.is_some();
@@ -841,6 +839,12 @@ fn run(command: Command) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+/// The backend `--backend` and `--rom` name.
+fn backend_spec(b: &BackendArg) -> Result<BackendSpec, Failure> {
+    let rom = b.rom.as_deref().map(read_input).transpose()?;
+    Ok(BackendSpec::new(&b.backend, rom)?)
 }
 
 /// `pvpatch verify`.
