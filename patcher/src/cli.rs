@@ -628,13 +628,7 @@ pub fn help_text(topic: &[String], styled: bool) -> Option<String> {
         ));
     }
     // Exactly what `pvpatch TOPIC... --help` prints: clap answers `--help` with an "error" that
-    // holds the help.
-    let mut cmd = command();
-    cmd.build();
-    let mut c = &cmd;
-    for t in topic {
-        c = c.find_subcommand(t)?;
-    }
+    // holds the help, and anything else (a topic that names no command) with another kind.
     let args = std::iter::once("pvpatch")
         .chain(topic.iter().map(String::as_str))
         .chain(["--help"]);
