@@ -159,6 +159,21 @@ pub fn nops(bytes: &[u8], addr: u64, from: usize) -> Result<(), Mismatch> {
     Ok(())
 }
 
+/// Checks that whole NOP instructions at the start of `bytes` (at `addr`) cover at least
+/// `need` bytes: dead padding a trampoline may overwrite. The last one may end past `need`; it
+/// must still decode within `bytes`.
+pub fn nops_cover(bytes: &[u8], addr: u64, need: usize) -> Result<(), Mismatch> {
+    let mut at = 0;
+    while at < need {
+        let i = decode_at(bytes, addr, at).map_err(|_| Mismatch::NotPadding(addr + at as u64))?;
+        if i.mnemonic() != Mnemonic::Nop || at + i.len() > bytes.len() {
+            return Err(Mismatch::NotPadding(addr + at as u64));
+        }
+        at += i.len();
+    }
+    Ok(())
+}
+
 /// Whether `bytes` are exactly `native` (the record's native encoding) followed by the
 /// recommended NOPs: what the annotation macros emit. Comparing is much cheaper than decoding,
 /// and exact: the encoder's output is checked against the decoder by the tests.

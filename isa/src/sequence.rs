@@ -12,7 +12,9 @@
 
 use core::fmt;
 
-use iced_x86::{Instruction, InstructionInfoFactory, Mnemonic, OpAccess, OpKind, Register};
+use iced_x86::{
+    FlowControl, Instruction, InstructionInfoFactory, Mnemonic, OpAccess, OpKind, Register,
+};
 use patch_sites::op::Kind;
 use patch_sites::table::Site;
 use patch_sites::{Gpr, Op, Operand, RegSet};
@@ -275,6 +277,39 @@ pub fn check_code(op: Op, code: &[u8], entry_point: bool) -> Result<(), BadInsn>
     Ok(())
 }
 
+/// Whether `code` (an inline sequence, placed at address 0) touches the stack: pushes, pops,
+/// calls, returns, traps or interrupts, or names `rsp` (as a register or an address's base or
+/// index). Such a sequence must not run where there may be no usable stack (a site with
+/// `SITE_FLAG_NO_STACK`). Code that does not decode counts as touching it.
+pub fn uses_stack(code: &[u8]) -> bool {
+    let mut at = 0;
+    while at < code.len() {
+        let Ok(i) = decode_at(code, 0, at) else {
+            return true;
+        };
+        let names_rsp = |r: Register| r != Register::None && r.full_register() == Register::RSP;
+        let touches = i.stack_pointer_increment() != 0
+            || matches!(
+                i.flow_control(),
+                FlowControl::Call
+                    | FlowControl::IndirectCall
+                    | FlowControl::Return
+                    | FlowControl::Interrupt
+                    | FlowControl::Exception
+                    | FlowControl::XbeginXabortXend
+            )
+            || names_rsp(i.memory_base())
+            || names_rsp(i.memory_index())
+            || (0..i.op_count())
+                .any(|k| i.op_kind(k) == OpKind::Register && names_rsp(i.op_register(k)));
+        if touches {
+            return true;
+        }
+        at += i.len();
+    }
+    false
+}
+
 /// Checks what `code` (a template instantiated for a site, or an entry point) changes besides
 /// its op's own instructions, whose effects are the op's: no register outside `may`, no flags
 /// unless `may` has them, no memory but pushes, no stack switch, and the stack as it found it
@@ -428,6 +463,37 @@ mod tests {
     }
 
     const NONE: RegSet = RegSet::EMPTY;
+
+    #[test]
+    fn stack_use_is_every_push_pop_call_trap_and_mention_of_rsp() {
+        // Stack-free: nothing; mov rax, cr3 (0f 20 d8); xor eax, eax; a NOP; out 0x80, al.
+        for code in [
+            &[][..],
+            &[0x0f, 0x20, 0xd8],
+            &[0x31, 0xc0],
+            &[0x90],
+            &[0xe6, 0x80],
+        ] {
+            assert!(!uses_stack(code), "{code:02x?}");
+        }
+        for code in [
+            &[0x50][..],               // push rax
+            &[0x58],                   // pop rax
+            &[0x9c],                   // pushfq
+            &[0x9d],                   // popfq
+            &[0xe8, 0, 0, 0, 0],       // call
+            &[0xc3],                   // ret
+            &[0xcc],                   // int3
+            &[0x0f, 0x0b],             // ud2
+            &[0x48, 0x89, 0xe0],       // mov rax, rsp
+            &[0x48, 0x8b, 0x04, 0x24], // mov rax, [rsp]
+            &[0x48, 0x8b, 0x04, 0x64], // mov rax, [rsp + riz*2]: not an index; base rsp
+            &[0x48, 0x83, 0xec, 0x08], // sub rsp, 8
+            &[0x0f, 0x20, 0xd8, 0x0f], // mov rax, cr3; then a truncated instruction
+        ] {
+            assert!(uses_stack(code), "{code:02x?}");
+        }
+    }
 
     #[test]
     fn the_ops_own_instructions_are_its_effects() {

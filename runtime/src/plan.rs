@@ -16,7 +16,7 @@ use alloc::vec::Vec;
 use core::fmt;
 
 use patch_sites::op::Kind;
-use patch_sites::table::{Detour, DetourArea, Form, Member, Site, SiteTable};
+use patch_sites::table::{Detour, DetourArea, Form, Member, SITE_FLAG_NO_STACK, Site, SiteTable};
 use patch_sites::{Op, Outcome, RegSet};
 use pvpatch_isa::asm::Asm;
 use pvpatch_isa::check::{self, Mismatch, StubCopy};
@@ -43,6 +43,9 @@ pub enum Keep {
     /// The backend's sequence clobbers registers or flags the site's code does not allow
     /// (beyond the op's outputs and what it leaves undefined).
     Clobbers,
+    /// The site may run with no usable stack (`SITE_FLAG_NO_STACK`) and the backend's
+    /// sequence calls, pushes or traps.
+    NoStack,
 }
 
 /// One site, planned.
@@ -185,7 +188,7 @@ pub enum PlanError {
         op: Op,
     },
     /// A load-time detour cannot be installed: its moved range is not what the table saw
-    /// (checksum), its cave or trampoline is not free `int3` padding, or its stub does not do
+    /// (checksum), its cave or trampoline is not free padding, or its stub does not do
     /// what the moved instructions did.
     Detour {
         /// The detour's index.
@@ -211,7 +214,8 @@ pub enum DetourProblem {
     Unreadable,
     /// The moved range's bytes are not the ones its checksum describes.
     MovedChanged,
-    /// Its cave or trampoline holds something other than `int3` padding.
+    /// Its cave holds something other than `int3` padding, or its trampoline something other
+    /// than `int3` or NOP padding.
     NotFree(u64),
     /// Its stub does not do what the moved instructions did.
     Stub(Mismatch),
@@ -226,7 +230,7 @@ impl fmt::Display for DetourProblem {
             DetourProblem::MovedChanged => {
                 f.write_str("the moved range is not what the table was written for")
             }
-            DetourProblem::NotFree(a) => write!(f, "{a:#x} is not free int3 padding"),
+            DetourProblem::NotFree(a) => write!(f, "{a:#x} is not free padding"),
             DetourProblem::Stub(m) => write!(f, "its stub is not the moved code: {m}"),
             DetourProblem::Unreachable => f.write_str("a jump to its stub cannot be encoded"),
         }
@@ -333,6 +337,30 @@ fn free_padding(text: &dyn TextRead, addr: u64, len: usize) -> Result<Seq, Detou
     }
 }
 
+/// Checks that the 5 bytes at `addr` are free for a trampoline: `int3` padding, or whole NOPs
+/// (the dead alignment padding after an unconditional jump that the table chose; the patcher
+/// proved it unreachable and covered by an undefined ORC entry). Returns those 5 bytes.
+fn free_trampoline(text: &dyn TextRead, addr: u64) -> Result<Seq, DetourProblem> {
+    let mut first = [0u8; 1];
+    if !text.read(addr, &mut first) {
+        return Err(DetourProblem::Unreadable);
+    }
+    if first[0] == 0xcc {
+        return free_padding(text, addr, 5);
+    }
+    // The longest NOP is 15 bytes: 4 bytes of the first 5 plus one more cover any run.
+    let mut wide = [0u8; 5 + 15];
+    let n = (1..=wide.len())
+        .rev()
+        .find(|&n| text.read(addr, &mut wide[..n]))
+        .ok_or(DetourProblem::Unreadable)?;
+    pvpatch_isa::check::nops_cover(&wide[..n], addr, 5).map_err(|m| match m {
+        Mismatch::NotPadding(a) => DetourProblem::NotFree(a),
+        _ => DetourProblem::NotFree(addr),
+    })?;
+    Seq::from_slice(&wide[..5]).ok_or(DetourProblem::Unreadable)
+}
+
 /// A detour that passed its checks, with what its writes replace.
 #[derive(Clone, Copy, Debug)]
 pub struct CheckedDetour<'a> {
@@ -345,10 +373,10 @@ pub struct CheckedDetour<'a> {
 }
 
 /// Checks detour `g` of `table` against the text before anything is written: the moved range
-/// holds the bytes its checksum describes, its cave and trampoline are free `int3` padding, and
-/// its stub does what the moved instructions did, every member's copy where it says
-/// ([`check::stub`], which decodes both independently of whatever built the stub). `members` are
-/// the detour's members.
+/// holds the bytes its checksum describes, its cave is free `int3` padding and its trampoline
+/// free `int3` or NOP padding, and its stub does what the moved instructions did, every
+/// member's copy where it says ([`check::stub`], which decodes both independently of whatever
+/// built the stub). `members` are the detour's members.
 pub fn check_detour<'a>(
     table: &SiteTable<'a>,
     text: &dyn TextRead,
@@ -372,7 +400,7 @@ pub fn check_detour<'a>(
     }
     let stub_old = free_padding(text, d.stub, d.stub_bytes.len()).map_err(problem)?;
     if let Some(t) = d.tramp {
-        free_padding(text, t, 5).map_err(problem)?;
+        free_trampoline(text, t).map_err(problem)?;
     }
     let mut copies = Vec::with_capacity(members.len());
     for m in members {
@@ -492,9 +520,6 @@ fn plan_detours(
             stub_new.as_mut_slice()[off..off + p.new.len()].copy_from_slice(p.new.as_slice());
         }
         let (moved_old, stub_old) = (checked.moved_old, checked.stub_old);
-        let free = |addr: u64, len: usize| -> Result<Seq, PlanError> {
-            free_padding(text, addr, len).map_err(problem)
-        };
         let mut a = Asm::new(d.moved, Seq::new());
         let tramp = match d.tramp {
             Some(t) => {
@@ -508,7 +533,7 @@ fn plan_detours(
                 Some(Write {
                     index: first,
                     addr: t,
-                    old: free(t, 5)?,
+                    old: free_trampoline(text, t).map_err(problem)?,
                     new: ta.out,
                 })
             }
@@ -685,6 +710,10 @@ fn build(
             Err(Built::Keep(Keep::Clobbers))
         }
     };
+    let no_stack = site.flags & SITE_FLAG_NO_STACK != 0;
+    if no_stack && matches!(choice, Choice::Call { .. } | Choice::Trap) {
+        return Err(Built::Keep(Keep::NoStack));
+    }
     let (mut seq, outcome) = match choice {
         Choice::Native => (
             *native.ok_or(Built::Keep(Keep::NotEncodable))?,
@@ -696,6 +725,9 @@ fn build(
             let s = t
                 .instantiate(site)
                 .map_err(|_| Built::Keep(Keep::Operand))?;
+            if no_stack && pvpatch_isa::sequence::uses_stack(s.as_slice()) {
+                return Err(Built::Keep(Keep::NoStack));
+            }
             (s, Outcome::Inline)
         }
         Choice::Call { target, clobbers } => {

@@ -85,6 +85,11 @@ impl TextRead for Text {
 
 /// A sealed table of one movable `cli` with its detour (`stub_bytes` as given).
 fn table(tramp: bool, stub_bytes: &[u8]) -> Vec<u8> {
+    table_with_flags(tramp, stub_bytes, 0)
+}
+
+/// [`table`], the record's flags `flags`.
+fn table_with_flags(tramp: bool, stub_bytes: &[u8], flags: u8) -> Vec<u8> {
     let m = moved(tramp);
     let d = [DetourSpec {
         moved: SITE,
@@ -100,7 +105,10 @@ fn table(tramp: bool, stub_bytes: &[u8]) -> Vec<u8> {
         copy_off: 0,
         copy_len: 5,
     };
-    let site = one_byte(SITE, Op::Cli, Form::Movable, 1, Some(STUB));
+    let site = Site {
+        flags,
+        ..one_byte(SITE, Op::Cli, Form::Movable, 1, Some(STUB))
+    };
     let mut buf = vec![0u8; sealed_table_size_with(1, &d, 1, true)];
     write_sealed_table_with(&[site], &d, &[member], Some(ARENA), TABLE_ADDR, &mut buf)
         .expect("a valid table");
@@ -210,10 +218,37 @@ fn a_cave_or_trampoline_that_is_not_free_is_refused() {
     }
     for at in [TRAMP, TRAMP + 4] {
         let mut text = Text::new(true);
-        text.poke(at, 0x90);
+        text.poke(at, 0xc3);
         let r = plan_call(&table(true, &stub(true)), &text);
         assert_eq!(detour_problem(r), DetourProblem::NotFree(at), "{at:#x}");
     }
+}
+
+#[test]
+fn a_trampoline_in_dead_nop_padding_is_free_and_a_short_nop_run_is_not() {
+    // The 8-byte NOP compilers pad functions with: whole NOPs over the trampoline's 5 bytes.
+    let nop8 = [0x0f, 0x1f, 0x84, 0x00, 0x00, 0x00, 0x00, 0x00];
+    let mut text = Text::new(true);
+    for (k, &b) in nop8.iter().enumerate() {
+        text.poke(TRAMP + k as u64, b);
+    }
+    let p = plan_call(&table(true, &stub(true)), &text).expect("planned");
+    let t = p.detours[0].tramp.as_ref().expect("a trampoline");
+    assert_eq!(t.old.as_slice(), &nop8[..5]);
+    // Four bytes of NOPs, then code: not room for the trampoline's `jmp rel32`.
+    let mut text = Text::new(true);
+    for (k, b) in [0x66, 0x90, 0x90, 0x90, 0xc3].into_iter().enumerate() {
+        text.poke(TRAMP + k as u64, b);
+    }
+    let r = plan_call(&table(true, &stub(true)), &text);
+    assert_eq!(detour_problem(r), DetourProblem::NotFree(TRAMP + 4));
+    // Half of a NOP is not a NOP: a trampoline must start on one.
+    let mut text = Text::new(true);
+    for (k, &b) in nop8[3..].iter().enumerate() {
+        text.poke(TRAMP + k as u64, b);
+    }
+    let r = plan_call(&table(true, &stub(true)), &text);
+    assert_eq!(detour_problem(r), DetourProblem::NotFree(TRAMP));
 }
 
 #[test]
@@ -457,6 +492,49 @@ fn a_template_equal_to_the_copy_uses_no_detour() {
     assert_eq!(
         (p.sites[0].addr, p.sites[0].outcome, p.sites[0].detour),
         (SITE, Outcome::Unchanged, None)
+    );
+}
+
+/// A site that may run with no usable stack (`NO_STACK`, Linux's entry text) takes no call,
+/// no trap and no inline sequence that pushes: it stays native, and no detour is installed for
+/// it. A stack-free sequence too long for it still goes into its detour's copy. Without the
+/// flag, the same pushing sequence is used.
+#[test]
+fn a_site_with_no_usable_stack_takes_no_call_no_trap_and_no_push() {
+    use patch_sites::table::SITE_FLAG_NO_STACK;
+    use pvpatch_isa::template::Template;
+    use pvpatch_runtime::plan::Keep;
+    let inline = |bytes: &'static [u8]| {
+        Some(Choice::Inline(Template {
+            bytes,
+            slots: [None; patch_sites::rom::MAX_SLOTS],
+            clobbers: RegSet::EMPTY,
+        }))
+    };
+    // push rax; pop rax; cli
+    let pushes: &'static [u8] = &[0x50, 0x58, 0xfa];
+    // cli; a 2-byte NOP
+    let stack_free: &'static [u8] = &[0xfa, 0x66, 0x90];
+    let flagged = table_with_flags(false, &stub(false), SITE_FLAG_NO_STACK);
+    for choice in [call(), Some(Choice::Trap), inline(pushes)] {
+        let p = plan_forced(&flagged, &Text::new(false), &[choice]).expect("planned");
+        assert_eq!(
+            (p.sites[0].outcome, p.sites[0].keep, p.sites[0].detour),
+            (Outcome::Unchanged, Some(Keep::NoStack), None),
+            "{choice:?}"
+        );
+        assert!(p.detours.is_empty(), "{choice:?}");
+    }
+    let p = plan_forced(&flagged, &Text::new(false), &[inline(stack_free)]).expect("planned");
+    assert_eq!(
+        (p.sites[0].outcome, p.sites[0].detour),
+        (Outcome::Inline, Some(0))
+    );
+    let plain = table(false, &stub(false));
+    let p = plan_forced(&plain, &Text::new(false), &[inline(pushes)]).expect("planned");
+    assert_eq!(
+        (p.sites[0].outcome, p.sites[0].detour),
+        (Outcome::Inline, Some(0))
     );
 }
 

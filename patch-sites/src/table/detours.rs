@@ -6,8 +6,8 @@
 //! the stubs' bytes. A **descriptor** says: the *moved range* in the kernel's text (which
 //! becomes `jmp rel32 stub`, or `jmp rel8 trampoline` when it has fewer than 5 bytes, then
 //! `int3`s), the *stub* (where it runs: a cave in the text, which holds `int3`s until the stub is
-//! installed; and its bytes, in the area), the *trampoline* (5 bytes of `int3` padding that
-//! become `jmp rel32 stub`), and the CRC-32 of the moved range's original bytes. A **member**
+//! installed; and its bytes, in the area), the *trampoline* (5 bytes of dead padding, `int3`s
+//! or whole NOPs, that become `jmp rel32 stub`), and the CRC-32 of the moved range's original bytes. A **member**
 //! ties one record (of form [`super::Form::Movable`]) to its descriptor and to its *patchable
 //! copy* in the stub. Sites that share a moved range share a descriptor.
 //!

@@ -54,6 +54,11 @@ pub const MAX_INSN_LEN: u8 = 15;
 pub const FLAG_SEALED: u16 = 1;
 /// Site flag: `ins`/`outs` with a `rep` prefix.
 pub const SITE_FLAG_REP: u8 = 1;
+/// Site flag: the site may run with no usable stack (Linux's entry code, before it switches to
+/// the kernel's stack or while `rsp` is a scratch register): a rewrite may neither call nor
+/// push, and no trap is taken there. Its rewrite is the native instruction, nothing, or an
+/// inline sequence that does not touch the stack.
+pub const SITE_FLAG_NO_STACK: u8 = 2;
 /// The name of the section that linkers gather records into.
 pub const RECORD_SECTION: &str = "pv_sites";
 /// The name of the section that holds the header of a linker-gathered table.

@@ -4,7 +4,7 @@
 use core::fmt;
 
 use super::layout::RawRecord;
-use super::{MAX_INSN_LEN, SITE_FLAG_REP};
+use super::{MAX_INSN_LEN, SITE_FLAG_NO_STACK, SITE_FLAG_REP};
 use crate::le::{rel_to, self_relative};
 use crate::op::{NO_REG, Op, Operand, OperandError, check_operand, operand_code};
 use crate::regs::{Gpr, RegSet};
@@ -290,7 +290,9 @@ pub fn decode_record(
     if !matches!(raw.width, 0 | 1 | 2 | 4 | 8) {
         return Err(RecordError::BadWidth(raw.width));
     }
-    if raw.flags & !SITE_FLAG_REP != 0 || raw.clobbers & !RegSet::VALID.0 != 0 {
+    if raw.flags & !(SITE_FLAG_REP | SITE_FLAG_NO_STACK) != 0
+        || raw.clobbers & !RegSet::VALID.0 != 0
+    {
         return Err(RecordError::ReservedBits);
     }
     if let Some(op) = Op::from_id(raw.op) {

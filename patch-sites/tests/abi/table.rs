@@ -389,7 +389,7 @@ fn bad_operand_fields() {
         (0, 14, 3, RecordError::BadRegister), // a register on an operand that has none
         (1, 16, 3, RecordError::BadWidth(3)),
         (3, 18, 1, RecordError::BadPort), // a port on a dx operand
-        (0, 17, 2, RecordError::ReservedBits),
+        (0, 17, 4, RecordError::ReservedBits),
     ];
     for (rec, off, val, want) in cases {
         let mut b = sealed(&sample_sites());
@@ -401,6 +401,22 @@ fn bad_operand_fields() {
             "byte {off} := {val}"
         );
     }
+}
+
+#[test]
+fn the_no_stack_flag_is_not_reserved() {
+    // Bit 1 (`NO_STACK`) on any op; bit 0 (`REP`) stays for ins/outs.
+    let mut b = sealed(&sample_sites());
+    record_mut(&mut b, 0)[17] = table::SITE_FLAG_NO_STACK;
+    reseal(&mut b);
+    let t = parse(&b).expect("parses");
+    assert_eq!(
+        t.sites().next().map(|s| s.flags),
+        Some(table::SITE_FLAG_NO_STACK)
+    );
+    record_mut(&mut b, 0)[17] = table::SITE_FLAG_NO_STACK | table::SITE_FLAG_REP;
+    reseal(&mut b);
+    assert_eq!(record_error(parse(&b)), (0, RecordError::ReservedBits));
 }
 
 #[test]
