@@ -16,11 +16,11 @@ use object::build::elf::{Builder, SectionData};
 use object::elf;
 use object::write::StreamingBuffer;
 use patch_sites::RegSet;
-use patch_sites::table::SITE_FLAG_REP;
 use patch_sites::table::{
     AddrRange, DetourSpec, Form, Header, MemberSpec, SEALED_ALIGN, SEALED_SECTION, Site, SiteTable,
     TableError, WriteError, sealed_table_size_with, write_sealed_table_with,
 };
+use patch_sites::table::{SITE_FLAG_NO_STACK, SITE_FLAG_REP};
 use thiserror::Error;
 
 use crate::ScanReport;
@@ -135,7 +135,8 @@ pub fn record_for(s: &SiteInfo) -> Site {
         form: Form::Native,
         operand: f.operand(),
         width: f.class.width,
-        flags: if f.class.rep { SITE_FLAG_REP } else { 0 },
+        flags: if f.class.rep { SITE_FLAG_REP } else { 0 }
+            | if s.no_stack { SITE_FLAG_NO_STACK } else { 0 },
         // Nothing is known about the surrounding code: a rewrite may clobber only what the op
         // itself defines or leaves undefined.
         clobbers: RegSet::EMPTY,

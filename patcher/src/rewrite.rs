@@ -357,6 +357,7 @@ fn keep_name(k: plan::Keep) -> &'static str {
         Operand => "the operand cannot go into the backend's template",
         NotEncodable => "the native instruction cannot be encoded from the record",
         Clobbers => "the backend's sequence clobbers more than the site allows",
+        NoStack => "the site may run with no usable stack and the backend's sequence uses it",
     }
 }
 

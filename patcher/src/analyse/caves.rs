@@ -197,11 +197,24 @@ impl Allocator {
     /// `len` bytes, 16-byte aligned, at a higher address than anything allocated before, if a
     /// cave has room.
     pub fn alloc(&mut self, len: u64) -> Option<u64> {
-        let k = self.free[self.cur..].iter().position(|c| c.len() >= len)? + self.cur;
+        self.alloc_within(len, 0, u64::MAX)
+    }
+
+    /// `len` bytes as [`Allocator::alloc`] gives them, inside `[lo, hi)` (the part of a cave
+    /// below `lo` is given up).
+    pub fn alloc_within(&mut self, len: u64, lo: u64, hi: u64) -> Option<u64> {
+        let place = |c: &Cave| {
+            let at = c.start.max(lo).checked_add(15)? & !15;
+            (at.checked_add(len)? <= c.end.min(hi)).then_some(at)
+        };
+        let k = self.free[self.cur..]
+            .iter()
+            .position(|c| place(c).is_some())?
+            + self.cur;
         self.cur = k;
         let c = &mut self.free[k];
-        let at = c.start;
-        c.start = ((c.start + len + 15) & !15).min(c.end);
+        let at = place(c)?;
+        c.start = ((at + len + 15) & !15).min(c.end);
         Some(at)
     }
 

@@ -110,6 +110,9 @@ pub struct SiteInfo {
     pub covered_by: Option<Protected>,
     /// Its room.
     pub room: Room,
+    /// It may run with no usable stack (a stock kernel's entry text): recorded
+    /// `SITE_FLAG_NO_STACK`.
+    pub no_stack: bool,
 }
 
 impl SiteInfo {
@@ -232,6 +235,112 @@ pub fn in_entry_text(image: &Image, addr: u64) -> bool {
     }
 }
 
+/// The size of the pages PTI clones the entry text with (`PTI_CLONE_PMD` on x86-64).
+const PMD_SIZE: u64 = 2 << 20;
+
+/// Code in the entry text that Linux recognises by the instruction pointer alone, `(start,
+/// end, why)`: an instruction moved out of it would no longer be recognised.
+const IP_CHECKED: [(&str, &str, &str); 6] = [
+    (
+        "entry_SYSCALL_64",
+        "entry_SYSCALL_64_safe_stack",
+        "the syscall gap (ip_within_syscall_gap)",
+    ),
+    (
+        "entry_SYSRETQ_unsafe_stack",
+        "entry_SYSRETQ_end",
+        "the syscall gap (ip_within_syscall_gap)",
+    ),
+    (
+        "entry_SYSCALL_compat",
+        "entry_SYSCALL_compat_safe_stack",
+        "the syscall gap (ip_within_syscall_gap)",
+    ),
+    (
+        "entry_SYSRETL_compat_unsafe_stack",
+        "entry_SYSRETL_compat_end",
+        "the syscall gap (ip_within_syscall_gap)",
+    ),
+    (
+        "entry_SYSENTER_compat",
+        "__end_entry_SYSENTER_compat",
+        "SYSENTER's single-step region, which #DB recognises by its address",
+    ),
+    (
+        "repeat_nmi",
+        "end_repeat_nmi",
+        "the NMI repeat region, which a nested NMI recognises by its address",
+    ),
+];
+
+/// Linux's entry text in a stock kernel. It may run on the user page tables (page-table
+/// isolation maps only the 2 MiB pages that hold it, [`EntryText::mapped`]), on the user's
+/// stack or with `rsp` as a scratch register: its sites are recorded `SITE_FLAG_NO_STACK` (no
+/// call, push or trap there), and a detour of one keeps its stub and trampoline inside
+/// `mapped`, moves no call, and leaves alone the code Linux recognises by address
+/// ([`EntryText::ip_checked`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EntryText {
+    /// `__entry_text_start`.
+    pub start: u64,
+    /// `__entry_text_end`.
+    pub end: u64,
+    /// The 2 MiB pages around `[start, end)`, which the user page tables map too.
+    pub mapped: (u64, u64),
+    /// `(start, end, why)` of each range Linux checks instruction pointers against.
+    pub ip_checked: Vec<(u64, u64, &'static str)>,
+}
+
+impl EntryText {
+    /// The entry text of `image`, if it has one.
+    pub fn of(image: &Image) -> Option<EntryText> {
+        let start = image.symbol_address("__entry_text_start")?;
+        let end = image.symbol_address("__entry_text_end")?;
+        if end <= start {
+            return None;
+        }
+        let mut ip_checked = Vec::new();
+        for (a, b, why) in IP_CHECKED {
+            match (image.symbol_address(a), image.symbol_address(b)) {
+                (Some(x), Some(y)) if start <= x && x < y && y <= end => {
+                    ip_checked.push((x, y, why))
+                }
+                (None, None) => {}
+                // Half a range, or one outside the entry text: nothing can be shown safe.
+                _ => ip_checked.push((
+                    start,
+                    end,
+                    "entry code whose address checks could not be located",
+                )),
+            }
+        }
+        let mapped = (
+            start & !(PMD_SIZE - 1),
+            end.checked_add(PMD_SIZE - 1)? & !(PMD_SIZE - 1),
+        );
+        Some(EntryText {
+            start,
+            end,
+            mapped,
+            ip_checked,
+        })
+    }
+
+    /// Whether `addr` is in the entry text.
+    pub fn contains(&self, addr: u64) -> bool {
+        (self.start..self.end).contains(&addr)
+    }
+
+    /// Why `[start, end)` must stay where it is, if it overlaps a range Linux checks
+    /// instruction pointers against.
+    pub fn ip_checked(&self, start: u64, end: u64) -> Option<&'static str> {
+        self.ip_checked
+            .iter()
+            .find(|r| r.0 < end && start < r.1)
+            .map(|r| r.2)
+    }
+}
+
 /// Analyses every site the sweep found.
 pub fn analyse(image: &Image, tables: &LinuxTables, sweep: &Sweep) -> Analysis {
     let guards = Guards::new(image, tables);
@@ -291,6 +400,7 @@ pub fn site_info(
         found: *f,
         covered_by,
         room,
+        no_stack: stock && in_entry_text(image, f.addr),
     }
 }
 
@@ -446,25 +556,27 @@ fn room(at: &Where<'_>, f: &Found, covered_by: Option<&Protected>) -> Room {
         };
     }
     let mut forms = vec![Outcome::Inline];
+    // Entry code may run on the user page tables, on the user's stack or with `rsp` as scratch:
+    // no call form (the record says `NO_STACK`), and a detour only where [`EntryText`] allows
+    // one (planned with the others, [`stock`]).
     if entry_text {
-        // Entry code may run on the user page tables (PTI clones only the 2 MiB regions of the
-        // entry text), on the user's stack, with the user's GS: a call pushes onto whatever
-        // stack is there, and a cave outside those regions is not mapped.
-        return Room {
-            in_place: in_place as u8,
-            detour: None,
-            forms,
-            reason: Some(
-                "entry text: it may run on the user page tables (PTI maps only the 2 MiB \
-                 around the entry text), before the switch to the kernel stack or `swapgs` \
-                 (a call would push onto the user's stack); the table cannot yet say which \
-                 sequences are safe there, so only rewrites in place"
-                    .into(),
-            ),
-            why: Some("entry text (PTI)".into()),
-        };
+        let checked = EntryText::of(image)
+            .map(|e| e.ip_checked(f.addr, f.addr + f.len as u64))
+            .unwrap_or(Some("entry code whose address checks could not be located"));
+        if let Some(why) = checked {
+            return Room {
+                in_place: in_place as u8,
+                detour: None,
+                forms,
+                reason: Some(format!(
+                    "entry text, in {why}: it must run at its own address; only rewrites in \
+                     place that use no stack"
+                )),
+                why: Some("entry text: address checked by Linux".into()),
+            };
+        }
     }
-    if in_place >= 5 {
+    if in_place >= 5 && !entry_text {
         forms.push(if control {
             Outcome::Jump
         } else {

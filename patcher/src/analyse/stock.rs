@@ -8,8 +8,10 @@
 //! nothing jumps into it ([`super::check_range`]).
 //!
 //! A range of at least 5 bytes becomes `jmp rel32 stub`. A shorter one (at least 2 bytes)
-//! becomes `jmp rel8` to a *trampoline*: 5 bytes of a nearby run of `int3` padding (too small
-//! for a cave, vouched for by an undefined ORC entry like a cave) that hold `jmp rel32 stub`.
+//! becomes `jmp rel8` to a *trampoline*: 5 bytes of nearby padding that hold `jmp rel32 stub`:
+//! a run of `int3` padding too small for a cave, or the NOP alignment padding compilers leave
+//! after a function's last jump (nothing falls into it or jumps to it). Either is vouched for by
+//! an undefined ORC entry like a cave, or by the very entry that covers the moved range.
 //! Direct detours are preferred, then the fewest bytes moved.
 //!
 //! Sites are planned in address order, stubs get cave space in that order, trampolines the
@@ -20,9 +22,12 @@ use patch_sites::Outcome;
 use super::caves::{Allocator, Orc};
 use super::detour::{self, Copy, Jump};
 use super::guard::Guards;
-use super::{Blocked, Direction, MAX_MOVED, Moved, SiteInfo, blocked, check_range, decode_at};
+use super::{
+    Blocked, Direction, EntryText, MAX_MOVED, Moved, SiteInfo, blocked, check_range, decode_at,
+};
 use crate::load::Image;
 use crate::sweep::Sweep;
+use iced_x86::{FlowControl, Mnemonic};
 
 /// A planned detour: a moved range, the sites it carries, its stub and jumps.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,12 +83,110 @@ fn after(image: &Image, at: u64, n: usize) -> Vec<u64> {
 /// Runs of `int3` padding that can hold trampolines: 5 to [`super::caves::MIN_CAVE`] bytes,
 /// inside `[_text, _etext)`, one ORC entry covering each, nothing protected or named in them.
 /// `(start, end)`, sorted; the free part of each shrinks as trampolines are placed.
-fn padding(image: &Image, guards: &Guards, sweep: &Sweep, orc: &Orc) -> Vec<(u64, u64)> {
-    super::caves::runs(image, guards, sweep, orc, 5, false)
+fn padding(image: &Image, guards: &Guards, sweep: &Sweep, orc: &Orc) -> Pads {
+    let free = super::caves::runs(image, guards, sweep, orc, 5, false)
         .into_iter()
         .filter(|c| c.len() < super::caves::MIN_CAVE)
-        .map(|c| (c.start, c.end))
-        .collect()
+        .map(|c| Pad {
+            start: c.start,
+            end: c.end,
+            nops: false,
+        })
+        .collect();
+    Pads {
+        free,
+        looked: std::collections::BTreeSet::new(),
+    }
+}
+
+/// A piece of padding that can hold trampolines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Pad {
+    /// Its free part's first byte.
+    start: u64,
+    /// One past its free part.
+    end: u64,
+    /// NOP padding: only its first byte is known to start an instruction, so it holds one
+    /// trampoline, there.
+    nops: bool,
+}
+
+/// The padding that can hold trampolines: `int3` runs found once, NOP padding found near the
+/// sites that need it.
+struct Pads {
+    /// Sorted by start, apart.
+    free: Vec<Pad>,
+    /// The sites whose neighbourhood has been searched for NOP padding.
+    looked: std::collections::BTreeSet<u64>,
+}
+
+/// How far from a site NOP padding is looked for: a `jmp rel8`'s reach from any moved range
+/// that contains the site.
+const NOP_REACH: u64 = 127 + 2 + MAX_MOVED as u64;
+
+impl Pads {
+    /// Adds the dead NOP padding within [`NOP_REACH`] of `at` (once per site): NOPs right after
+    /// an unconditional jump, return or `ud2`, up to the next other instruction, in `at`'s
+    /// section, where nothing is protected, named or a branch target; at least 5 bytes.
+    fn look_near(&mut self, image: &Image, sweep: &Sweep, guards: &Guards, at: u64) {
+        if !self.looked.insert(at) {
+            return;
+        }
+        let Some(sec) = image.section_at(at) else {
+            return;
+        };
+        let lo = at.saturating_sub(NOP_REACH).max(sec.addr);
+        let hi = at.saturating_add(NOP_REACH).min(sec.addr + sec.size);
+        for a in lo..hi {
+            if !sweep.is_insn_start(a) {
+                continue;
+            }
+            let Some(i) = decode_at(image, a) else {
+                continue;
+            };
+            let ends_flow = matches!(
+                i.flow_control(),
+                FlowControl::UnconditionalBranch
+                    | FlowControl::IndirectBranch
+                    | FlowControl::Return
+            ) || i.mnemonic() == Mnemonic::Ud2;
+            if !ends_flow {
+                continue;
+            }
+            let start = a + i.len() as u64;
+            let mut end = start;
+            while end < hi {
+                match decode_at(image, end) {
+                    Some(n) if n.mnemonic() == Mnemonic::Nop => end += n.len() as u64,
+                    _ => break,
+                }
+            }
+            if end - start < 5
+                || !sec.contains(end - 1)
+                || guards.first_overlap(start, end).is_some()
+                || guards.is_named(start)
+                || guards.start_inside(sweep, start, end).is_some()
+                || sweep.is_branch_target(start)
+            {
+                continue;
+            }
+            let k = self.free.partition_point(|p| p.start < start);
+            let clash = self.free[k.saturating_sub(1)..]
+                .iter()
+                .take(2)
+                .any(|p| p.start < end && start < p.end);
+            if !clash {
+                self.free.insert(
+                    k,
+                    Pad {
+                        start,
+                        end,
+                        nops: true,
+                    },
+                );
+            }
+        }
+    }
 }
 
 /// Plans the detours of every site of a stock kernel that needs one; fills in their rooms.
@@ -96,10 +199,14 @@ pub fn plan(
     alloc: &mut Allocator,
 ) -> Vec<DetourPlan> {
     let mut pads = padding(image, guards, sweep, orc);
+    let entry = EntryText::of(image);
+    let zone = Zone {
+        entry: entry.as_ref(),
+    };
     let mut plans = Vec::new();
     let addr_of: Vec<u64> = sites.iter().map(|s| s.found.addr).collect();
     let mut taken = vec![false; sites.len()];
-    // Moved ranges planned so far: no two may share a byte.
+    // Moved ranges and trampolines planned so far: no two may share a byte.
     let mut moved: std::collections::BTreeMap<u64, u64> = std::collections::BTreeMap::new();
     for i in 0..sites.len() {
         let s = &sites[i];
@@ -107,17 +214,38 @@ pub fn plan(
             || !s.rewritable()
             || s.room.in_place >= 5
             || !s.room.forms.contains(&Outcome::Inline)
-            || super::in_entry_text(image, s.found.addr)
+            || entry
+                .as_ref()
+                .is_some_and(|e| e.ip_checked(s.found.addr, s.found.addr + 1).is_some())
             || super::runs_elsewhere(image, s.found.addr).is_some()
         {
             continue;
         }
-        match plan_one(
-            image, sweep, guards, sites, &addr_of, &taken, &moved, i, &mut pads, orc, alloc,
-        ) {
-            Ok(p) => {
+        let planned = plan_one(
+            image, sweep, guards, sites, &addr_of, &taken, &moved, i, &mut pads, orc, zone, alloc,
+        )
+        .map(|p| (p, plans.len()))
+        .or_else(|b| {
+            // Hemmed in behind the previous detour: grow that one over this site instead.
+            let prev = plans
+                .last()
+                .filter(|_| b.kind.ends_with("backward: another detour"));
+            prev.and_then(|prev| {
+                merge(
+                    image, sweep, guards, sites, &addr_of, &mut taken, &mut moved, prev, i,
+                    &mut pads, orc, zone, alloc,
+                )
+            })
+            .map(|p| (p, plans.len() - 1))
+            .ok_or(b)
+        });
+        match planned {
+            Ok((p, k)) => {
                 moved.insert(p.start, p.start + p.len as u64);
-                let k = plans.len();
+                // A trampoline in NOP padding must not be moved by a later detour.
+                if let Some((t, _)) = &p.trampoline {
+                    moved.insert(*t, t + 5);
+                }
                 for (n, &m) in p.members.iter().enumerate() {
                     taken[m] = true;
                     let site = &mut sites[m];
@@ -143,7 +271,11 @@ pub fn plan(
                     site.room.reason = None;
                     site.room.why = None;
                 }
-                plans.push(p);
+                if k == plans.len() {
+                    plans.push(p);
+                } else {
+                    plans[k] = p;
+                }
             }
             Err(b) => {
                 let s = &mut sites[i];
@@ -153,6 +285,59 @@ pub fn plan(
         }
     }
     plans
+}
+
+/// Where a detour's pieces may go, by where its moved range is: Linux's entry text keeps its
+/// stubs and trampolines in the pages PTI maps with it, moves no call, never crosses its edges
+/// and leaves alone the code Linux recognises by address ([`EntryText`]).
+#[derive(Clone, Copy)]
+struct Zone<'a> {
+    entry: Option<&'a EntryText>,
+}
+
+impl Zone<'_> {
+    fn in_entry(&self, a: u64) -> bool {
+        self.entry.is_some_and(|e| e.contains(a))
+    }
+
+    /// Whether `[start, end)` may move as far as the entry text is concerned.
+    fn window(&self, start: u64, end: u64) -> Result<(), Blocked> {
+        let Some(e) = self.entry else {
+            return Ok(());
+        };
+        if self.in_entry(start) != self.in_entry(end - 1) || (start < e.start && end > e.end) {
+            return Err(blocked(
+                "entry text edge",
+                format!("[{start:#x}, {end:#x}) crosses the entry text's edge"),
+            ));
+        }
+        match e.ip_checked(start, end) {
+            Some(why) => Err(blocked(
+                "entry text: address checked by Linux",
+                format!("[{start:#x}, {end:#x}) overlaps {why}"),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether a trampoline at `t` may serve a moved range at `from`.
+    fn trampoline(&self, from: u64, t: u64) -> bool {
+        match self.entry {
+            None => true,
+            Some(e) => {
+                e.ip_checked(t, t + 5).is_none()
+                    && (!e.contains(from) || (e.mapped.0 <= t && t + 5 <= e.mapped.1))
+            }
+        }
+    }
+
+    /// Where the stub of a moved range at `from` may go.
+    fn stubs(&self, from: u64) -> (u64, u64) {
+        match self.entry {
+            Some(e) if e.contains(from) => e.mapped,
+            _ => (0, u64::MAX),
+        }
+    }
 }
 
 /// A window around site `i`: `[start, end)` with the sites it carries.
@@ -173,13 +358,15 @@ fn check_window(
     addr_of: &[u64],
     taken: &[bool],
     moved: &std::collections::BTreeMap<u64, u64>,
+    zone: Zone<'_>,
     start: u64,
     end: u64,
 ) -> Result<Window, Blocked> {
+    zone.window(start, end)?;
     if let Some((a, _)) = moved.range(..end).next_back().filter(|(_, e)| **e > start) {
         return Err(blocked(
             "another detour",
-            format!("{a:#x} is moved by another detour"),
+            format!("{a:#x} is used by another detour"),
         ));
     }
     let mut members = Vec::new();
@@ -199,6 +386,15 @@ fn check_window(
         }
         let i = super::unmovable(image, at)?;
         at += i.len() as u64;
+        if i.is_call_near() && zone.in_entry(start) {
+            return Err(blocked(
+                "call in entry text",
+                format!(
+                    "{:#x} is a call in the entry text (its stack may not be usable)",
+                    i.ip()
+                ),
+            ));
+        }
         if i.is_call_near() && at != end {
             return Err(blocked(
                 "call inside",
@@ -226,31 +422,50 @@ fn check_window(
 /// The nearest free trampoline slot reachable by a `jmp rel8` at `start`; taken from `pads`.
 /// The ORC entry that covers the slot must be undefined (an unwind from there stops) or the
 /// very entry that covers `start` (an unwind from there is the one from the site).
-fn trampoline(pads: &mut [(u64, u64)], orc: &Orc, start: u64) -> Option<u64> {
+fn trampoline(
+    pads: &mut Pads,
+    orc: &Orc,
+    moved: &std::collections::BTreeMap<u64, u64>,
+    zone: Zone<'_>,
+    start: u64,
+) -> Option<u64> {
     let site = orc.covering(start);
+    let free = |t: u64| {
+        moved
+            .range(..t + 5)
+            .next_back()
+            .is_none_or(|(_, e)| *e <= t)
+    };
     let sound = |t: u64| {
-        orc.covering(t)
-            .is_some_and(|e| Orc::undefined(&e) || Some(e) == site)
+        free(t)
+            && zone.trampoline(start, t)
+            && orc
+                .covering(t)
+                .is_some_and(|e| Orc::undefined(&e) || Some(e) == site)
     };
     let reach = |t: u64| (t as i128 - (start as i128 + 2)).unsigned_abs() <= 127 && sound(t);
-    let lo = pads.partition_point(|p| p.1 + 128 < start);
-    let best = pads[lo..]
+    let lo = pads.free.partition_point(|p| p.end + 128 < start);
+    let best = pads.free[lo..]
         .iter_mut()
-        .take_while(|p| p.0 <= start + 130)
-        .filter(|p| p.1 - p.0 >= 5)
+        .take_while(|p| p.start <= start + 130)
+        .filter(|p| p.end - p.start >= 5)
         .filter_map(|p| {
-            // The slot: the free part's start, or its end minus 5, whichever is reachable.
-            [p.0, p.1 - 5]
+            // The slot: the free part's start, or (in `int3`s) its end minus 5, whichever is
+            // reachable.
+            let last = if p.nops { p.start } else { p.end - 5 };
+            [p.start, last]
                 .into_iter()
                 .find(|&t| reach(t))
                 .map(|t| (t.abs_diff(start), t, p))
         })
         .min_by_key(|(d, t, _)| (*d, *t))?;
     let (_, t, p) = best;
-    if t == p.0 {
-        p.0 += 5;
+    if p.nops {
+        p.start = p.end;
+    } else if t == p.start {
+        p.start += 5;
     } else {
-        p.1 -= 5;
+        p.end -= 5;
     }
     Some(t)
 }
@@ -265,8 +480,9 @@ fn plan_one(
     taken: &[bool],
     moved: &std::collections::BTreeMap<u64, u64>,
     i: usize,
-    pads: &mut [(u64, u64)],
+    pads: &mut Pads,
     orc: &Orc,
+    zone: Zone<'_>,
     alloc: &mut Allocator,
 ) -> Result<DetourPlan, Blocked> {
     let f = &sites[i].found;
@@ -284,12 +500,15 @@ fn plan_one(
         }
     }
     candidates.sort_unstable();
+    if candidates.iter().any(|c| c.0) {
+        pads.look_near(image, sweep, guards, f.addr);
+    }
     let mut first_fwd: Option<Blocked> = None;
     let mut first_back: Option<Blocked> = None;
     for (needs_tramp, len, _, start) in candidates {
         let end = start + len;
         let w = match check_window(
-            image, sweep, guards, sites, addr_of, taken, moved, start, end,
+            image, sweep, guards, sites, addr_of, taken, moved, zone, start, end,
         ) {
             Ok(w) => w,
             Err(b) => {
@@ -302,13 +521,13 @@ fn plan_one(
             }
         };
         let jump = if needs_tramp {
-            match trampoline(pads, orc, start) {
+            match trampoline(pads, orc, moved, zone, start) {
                 Some(t) => Jump::Trampoline(t),
                 None => {
                     if first_fwd.is_none() && start == f.addr {
                         first_fwd = Some(blocked(
                             "no padding in reach",
-                            format!("no int3 padding within a jmp rel8 of {start:#x}"),
+                            format!("no padding within a jmp rel8 of {start:#x}"),
                         ));
                     }
                     continue;
@@ -317,7 +536,7 @@ fn plan_one(
         } else {
             Jump::Direct
         };
-        return build(image, sites, w, jump, alloc);
+        return build(image, sites, w, jump, zone, alloc);
     }
     let fwd = first_fwd.unwrap_or_else(|| blocked("too long", "no forward range".into()));
     let back = first_back.unwrap_or_else(|| blocked("too long", "no backward range".into()));
@@ -327,11 +546,77 @@ fn plan_one(
     })
 }
 
+/// Grows detour `prev` (planned before site `i`, ending before it) over site `i` and what
+/// lies between: one moved range, one stub, `prev`'s members and `i` sharing it. `prev`'s moved
+/// range and trampoline are released while the larger range is checked and restored if it
+/// fails; its stub's cave space is not reused.
+#[allow(clippy::too_many_arguments)]
+fn merge(
+    image: &Image,
+    sweep: &Sweep,
+    guards: &Guards,
+    sites: &[SiteInfo],
+    addr_of: &[u64],
+    taken: &mut [bool],
+    moved: &mut std::collections::BTreeMap<u64, u64>,
+    prev: &DetourPlan,
+    i: usize,
+    pads: &mut Pads,
+    orc: &Orc,
+    zone: Zone<'_>,
+    alloc: &mut Allocator,
+) -> Option<DetourPlan> {
+    let f = &sites[i].found;
+    let site_end = f.addr + f.len as u64;
+    if prev.start + prev.len as u64 > f.addr {
+        return None;
+    }
+    let release = |taken: &mut [bool], moved: &mut std::collections::BTreeMap<u64, u64>, on| {
+        for &m in &prev.members {
+            taken[m] = on;
+        }
+        if on {
+            moved.insert(prev.start, prev.start + prev.len as u64);
+            if let Some((t, _)) = &prev.trampoline {
+                moved.insert(*t, t + 5);
+            }
+        } else {
+            moved.remove(&prev.start);
+            if let Some((t, _)) = &prev.trampoline {
+                moved.remove(t);
+            }
+        }
+    };
+    release(taken, moved, false);
+    let ends = std::iter::once(site_end).chain(after(image, site_end, 6));
+    for end in ends.take_while(|&e| e - prev.start <= MAX_MOVED as u64) {
+        let Ok(w) = check_window(
+            image, sweep, guards, sites, addr_of, taken, moved, zone, prev.start, end,
+        ) else {
+            continue;
+        };
+        let jump = if end - prev.start >= 5 {
+            Jump::Direct
+        } else {
+            match trampoline(pads, orc, moved, zone, prev.start) {
+                Some(t) => Jump::Trampoline(t),
+                None => continue,
+            }
+        };
+        if let Ok(p) = build(image, sites, w, jump, zone, alloc) {
+            return Some(p);
+        }
+    }
+    release(taken, moved, true);
+    None
+}
+
 fn build(
     image: &Image,
     sites: &[SiteInfo],
     w: Window,
     jump: Jump,
+    zone: Zone<'_>,
     alloc: &mut Allocator,
 ) -> Result<DetourPlan, Blocked> {
     let len = (w.end - w.start) as usize;
@@ -359,9 +644,19 @@ fn build(
             format!("its stub would be {} bytes", probe.stub.len()),
         ));
     }
+    let (lo, hi) = zone.stubs(w.start);
     let at = alloc
-        .alloc(probe.stub.len() as u64)
-        .ok_or_else(|| blocked("no cave space", "no cave space left".into()))?;
+        .alloc_within(probe.stub.len() as u64, lo, hi)
+        .ok_or_else(|| {
+            if hi == u64::MAX {
+                blocked("no cave space", "no cave space left".into())
+            } else {
+                blocked(
+                    "no cave space in the entry text's pages",
+                    format!("no cave space left in [{lo:#x}, {hi:#x}), which PTI maps"),
+                )
+            }
+        })?;
     let g = detour::build_group(code, w.start, &copies, at, jump).map_err(fail)?;
     Ok(DetourPlan {
         start: w.start,
