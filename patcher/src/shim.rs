@@ -110,6 +110,12 @@ impl Shim {
                 "its parameters are not where its symbol says",
             ));
         }
+        if params_offset(&bytes) != Some(params_at) {
+            return Err(not_shim(
+                path,
+                "its parameters are not the last 8-aligned copy of their magic",
+            ));
+        }
         let report_at = sym("PVPATCH_SHIM_REPORT")?.wrapping_sub(vaddr);
         if report_at + 4096 > memsz || memsz < bytes.len() as u64 {
             return Err(not_shim(path, "its report page is outside its segment"));
@@ -122,6 +128,16 @@ impl Shim {
             report_at,
         })
     }
+}
+
+/// Where the parameters are in the bytes of a shim's segment: the last 8-aligned copy of
+/// their magic. They open the shim's `.data`, after its code and constants, which may hold the
+/// magic too (the shim compares it); [`Shim::load`] refuses a shim with a copy after them.
+pub fn params_offset(segment: &[u8]) -> Option<usize> {
+    (0..segment.len().checked_sub(7)?)
+        .step_by(8)
+        .rev()
+        .find(|&i| segment[i..i + 8] == PARAMS_MAGIC)
 }
 
 /// The kernel's PVH entry as linked: from the note, or, in an image that already has a shim,
@@ -247,6 +263,22 @@ pub fn point_pvh_note(data: &[u8], entry: u64) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_parameters_are_the_last_aligned_copy_of_their_magic() {
+        let mut seg = vec![0u8; 256];
+        assert_eq!(params_offset(&seg), None);
+        assert_eq!(params_offset(&seg[..5]), None);
+        // A constant holding the magic before the parameters (as the built shim has), and an
+        // unaligned one after them: the parameters.
+        seg[40..48].copy_from_slice(&PARAMS_MAGIC);
+        seg[128..136].copy_from_slice(&PARAMS_MAGIC);
+        seg[201..209].copy_from_slice(&PARAMS_MAGIC);
+        assert_eq!(params_offset(&seg), Some(128));
+        // At the very end.
+        seg[248..].copy_from_slice(&PARAMS_MAGIC);
+        assert_eq!(params_offset(&seg), Some(248));
+    }
 
     #[test]
     fn the_pvh_note_is_pointed_at_the_shim_and_nothing_else_changes() {

@@ -571,12 +571,9 @@ impl Image {
                 image.path.display()
             )));
         }
-        image.shim_params_at = image.section(".pvpatch_shim").and_then(|sec| {
-            let data = image.section_data(sec);
-            (0..data.len().saturating_sub(8))
-                .step_by(8)
-                .find(|&i| data[i..i + 8] == patch_sites::shim::PARAMS_MAGIC)
-        });
+        image.shim_params_at = image
+            .section(crate::shim::SHIM_SECTION)
+            .and_then(|sec| crate::shim::params_offset(image.section_data(sec)));
         Ok(image)
     }
 
