@@ -2,8 +2,10 @@
 //! sensitive instructions next to bytes Linux's tables name (`call __fentry__` in
 //! `__mcount_loc`, return thunks in `.return_sites`, lock prefixes in `.smp_locks`, jump labels
 //! in `__jump_table`, `endbr64` at function entries) and branch targets, an ORC table, and a
-//! cave. What is protected is known here from how each image was built, not from the tool's
-//! table reader; every in-place room, moved range and planned write is checked against it.
+//! cave. Functions end in `int3` padding or in NOP padding (with the undefined ORC entry objtool
+//! gives dead code), and bodies hold live NOPs: a trampoline may only ever land in the padding.
+//! What is protected is known here from how each image was built, not from the tool's table
+//! reader; every in-place room, moved range and planned write is checked against it.
 
 use pvpatch::rewrite::{BackendSpec, plan_image};
 use pvpatch::scan_image;
@@ -28,7 +30,7 @@ enum Piece {
 
 fn piece() -> impl Strategy<Value = Piece> {
     prop_oneof![
-        4 => (0u8..5).prop_map(Piece::Filler),
+        4 => (0u8..6).prop_map(Piece::Filler),
         3 => (0u8..6).prop_map(Piece::Sensitive),
         1 => Just(Piece::Branch),
         1 => Just(Piece::Lock),
@@ -44,6 +46,8 @@ struct Function {
     mcount: bool,
     body: Vec<Piece>,
     thunk_return: bool,
+    /// Padded with NOPs (16 bytes more than alignment needs) instead of `int3`s.
+    nop_pad: bool,
 }
 
 fn function() -> impl Strategy<Value = Function> {
@@ -52,12 +56,14 @@ fn function() -> impl Strategy<Value = Function> {
         any::<bool>(),
         proptest::collection::vec(piece(), 1..12),
         any::<bool>(),
+        any::<bool>(),
     )
-        .prop_map(|(endbr, mcount, body, thunk_return)| Function {
+        .prop_map(|(endbr, mcount, body, thunk_return, nop_pad)| Function {
             endbr,
             mcount,
             body,
             thunk_return,
+            nop_pad,
         })
 }
 
@@ -70,6 +76,8 @@ struct Built {
     targets: Vec<u64>,
     /// The cave.
     cave: (u64, u64),
+    /// The padding after each function, and whether it is NOPs.
+    padding: Vec<(u64, u64, bool)>,
 }
 
 const TABLES: u64 = 0xffff_ffff_8200_0000;
@@ -93,6 +101,8 @@ fn build_image(funcs: &[Function]) -> Built {
     let (mut mcount, mut returns, mut locks, mut jumps) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut orc = vec![(TEXT, true)];
+    // The int3s after `__fentry__`'s and the return thunk's `ret`s are padding too.
+    let mut padding = vec![(TEXT + 1, TEXT + 16, false), (TEXT + 17, TEXT + 32, false)];
     for (n, f) in funcs.iter().enumerate() {
         let start = code.len() as u64;
         let at = |code: &Vec<u8>| TEXT + code.len() as u64;
@@ -121,6 +131,8 @@ fn build_image(funcs: &[Function]) -> Built {
                     1 => &[0x48, 0x83, 0xc0, 0x07],
                     2 => &[0x90],
                     3 => &[0x48, 0x8d, 0x40, 0x10],
+                    // A live 8-byte NOP: room for a trampoline, were it dead.
+                    4 => &[0x0f, 0x1f, 0x84, 0x00, 0x00, 0x00, 0x00, 0x00],
                     _ => &[0x31, 0xc0],
                 }),
                 Piece::Sensitive(k) => code.extend_from_slice(match k {
@@ -160,10 +172,26 @@ fn build_image(funcs: &[Function]) -> Built {
         } else {
             code.push(0xc3);
         }
-        while !code.len().is_multiple_of(16) {
-            code.push(0xcc);
+        let pad = at(&code);
+        if f.nop_pad {
+            // As compilers pad: whole NOPs, the longest first, with an undefined ORC entry.
+            let end = (code.len() + 16).next_multiple_of(16);
+            while code.len() < end {
+                code.extend_from_slice(match end - code.len() {
+                    8.. => &[0x0f, 0x1f, 0x84, 0x00, 0x00, 0x00, 0x00, 0x00][..],
+                    4..=7 => &[0x0f, 0x1f, 0x40, 0x00],
+                    2..=3 => &[0x66, 0x90],
+                    _ => &[0x90],
+                });
+            }
+            orc.push((pad, false));
+        } else {
+            while !code.len().is_multiple_of(16) {
+                code.push(0xcc);
+            }
         }
-        symbols.push((format!("f{n}"), start, code.len() as u64 - start));
+        padding.push((pad, at(&code), f.nop_pad));
+        symbols.push((format!("f{n}"), start, pad - TEXT - start));
     }
     let cave = TEXT + code.len() as u64;
     orc.push((cave, false));
@@ -222,6 +250,7 @@ fn build_image(funcs: &[Function]) -> Built {
         protected,
         targets,
         cave: (cave, etext),
+        padding,
     }
 }
 
@@ -230,7 +259,7 @@ fn overlaps(ranges: &[(u64, u64)], a: u64, b: u64) -> Option<(u64, u64)> {
 }
 
 /// Checks one generated image; returns (detours planned, sites kept native by a neighbour).
-fn check(built: &Built) -> Result<(usize, usize), TestCaseError> {
+fn check(built: &Built) -> Result<(usize, usize, usize), TestCaseError> {
     let img = pvpatch::load::Image::from_bytes("stock.elf", built.bytes.clone())
         .map_err(|e| TestCaseError::fail(e.to_string()))?;
     let report = scan_image(&img, Default::default(), None);
@@ -259,9 +288,19 @@ fn check(built: &Built) -> Result<(usize, usize), TestCaseError> {
             refused += 1;
         }
     }
+    let mut in_nops = 0;
     for d in &report.analysis.detours {
         let (a, b) = (d.stub_addr, d.stub_addr + d.stub.len() as u64);
         prop_assert!(a >= built.cave.0 && b <= built.cave.1, "stub at {:#x}", a);
+        if let Some((t, _)) = &d.trampoline {
+            // Only dead padding; in NOP padding, only at its start (an instruction start).
+            let pad = built.padding.iter().find(|p| p.0 <= *t && t + 5 <= p.1);
+            prop_assert!(pad.is_some(), "trampoline at {:#x} is not in padding", t);
+            if let Some(&(start, _, true)) = pad {
+                prop_assert_eq!(*t, start, "trampoline inside NOP padding");
+                in_nops += 1;
+            }
+        }
     }
     let plan = plan_image(&report, &BackendSpec::new("outofline", None).unwrap())
         .map_err(|e| TestCaseError::fail(e.to_string()))?;
@@ -272,7 +311,7 @@ fn check(built: &Built) -> Result<(usize, usize), TestCaseError> {
     for c in &plan.plan.code {
         prop_assert!(c.addr >= built.cave.0 && c.addr + c.new.len() as u64 <= built.cave.1);
     }
-    Ok((report.analysis.detours.len(), refused))
+    Ok((report.analysis.detours.len(), refused, in_nops))
 }
 
 #[test]
@@ -282,19 +321,24 @@ fn the_planner_never_touches_a_protected_byte() {
         failure_persistence: None,
         ..ProptestConfig::default()
     });
-    let totals = std::cell::Cell::new((0usize, 0usize));
+    let totals = std::cell::Cell::new((0usize, 0usize, 0usize));
     runner
         .run(&proptest::collection::vec(function(), 1..8), |funcs| {
-            let (d, r) = check(&build_image(&funcs))?;
-            let (td, tr) = totals.get();
-            totals.set((td + d, tr + r));
+            let (d, r, n) = check(&build_image(&funcs))?;
+            let (td, tr, tn) = totals.get();
+            totals.set((td + d, tr + r, tn + n));
             Ok(())
         })
         .unwrap();
-    let (detours, refused) = totals.get();
+    let (detours, refused, in_nops) = totals.get();
     eprintln!(
-        "256 generated stock kernels: {detours} detours planned, {refused} sites refused one"
+        "256 generated stock kernels: {detours} detours planned ({in_nops} through a trampoline \
+         in NOP padding), {refused} sites refused one"
     );
     assert!(detours > 100, "too few detours to test anything: {detours}");
     assert!(refused > 20, "too few refusals to test anything: {refused}");
+    assert!(
+        in_nops > 10,
+        "too few NOP trampolines to test anything: {in_nops}"
+    );
 }
