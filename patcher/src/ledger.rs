@@ -334,6 +334,10 @@ pub struct Summary {
     pub stubs: usize,
     /// Why rewritable sites have no way out of line, with how many.
     pub native_reasons: BTreeMap<String, usize>,
+    /// The part of `native_reasons` that Linux's own design keeps in place, whatever the
+    /// rewriter: code Linux copies elsewhere to run, entry code whose address it checks, `sti`'s
+    /// interrupt shadow, one byte fenced by protected bytes or a named instruction start.
+    pub pinned_reasons: BTreeMap<String, usize>,
     /// Caves found (stock kernels).
     pub caves: usize,
     /// Bytes in caves.
@@ -734,6 +738,7 @@ pub(crate) fn summary(report: &ScanReport<'_>, c: &SiteCounts) -> Summary {
             .count(),
         stubs: report.analysis.detours.len(),
         native_reasons: c.native_reasons.clone(),
+        pinned_reasons: c.pinned_reasons.clone(),
         caves: report.analysis.caves.len(),
         cave_bytes: report.analysis.caves.iter().map(|c| c.len()).sum(),
         arena: report

@@ -342,6 +342,10 @@ pub struct PlanLedger {
     /// Why the rewritable sites that stay where they are do, with how many: the patcher's
     /// reason when it found no way out of line, else the planner's.
     pub native_reasons: std::collections::BTreeMap<String, usize>,
+    /// The part of `native_reasons` that Linux's own design keeps in place, whatever the
+    /// rewriter: code Linux copies elsewhere to run, entry code whose address it checks, `sti`'s
+    /// interrupt shadow, one byte fenced by protected bytes or a named instruction start.
+    pub pinned_reasons: std::collections::BTreeMap<String, usize>,
     /// Every site of the table.
     pub sites: Vec<PlannedSite>,
 }
@@ -396,6 +400,7 @@ impl PlanLedger {
         let by_addr: std::collections::HashMap<u64, &plan::Planned> =
             plan.plan.sites.iter().map(|p| (p.site.addr, p)).collect();
         let mut native_reasons = std::collections::BTreeMap::new();
+        let mut pinned_reasons = std::collections::BTreeMap::new();
         let mut rewritable = 0;
         for s in report.analysis.sites.iter().filter(|s| s.rewritable()) {
             rewritable += 1;
@@ -408,6 +413,9 @@ impl PlanLedger {
                 (None, Some(k)) => format!("on this backend: {}", keep_name(k)),
                 (None, None) => "not in the site table".into(),
             };
+            if s.room.pinned && s.room.why.is_some() {
+                *pinned_reasons.entry(why.clone()).or_default() += 1;
+            }
             *native_reasons.entry(why).or_default() += 1;
         }
         let out_of_line = plan
@@ -428,6 +436,7 @@ impl PlanLedger {
             rewritable,
             out_of_line,
             native_reasons,
+            pinned_reasons,
             sites,
         }
     }
@@ -463,22 +472,12 @@ impl PlanLedger {
             self.detours,
             self.code_bytes
         );
-        let _ = writeln!(
-            o,
-            "out of line (a call in place or through a detour): {} of {} rewritable sites \
-             ({:.1}%)",
+        o.push_str(&crate::sites::native_breakdown(
             self.out_of_line,
             self.rewritable,
-            100.0 * self.out_of_line as f64 / self.rewritable.max(1) as f64
-        );
-        if !self.native_reasons.is_empty() {
-            let _ = writeln!(o, "rewritable sites that stay where they are, by reason:");
-            let mut reasons: Vec<_> = self.native_reasons.iter().collect();
-            reasons.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
-            for (why, n) in reasons {
-                let _ = writeln!(o, "  {n:>5}  {why}");
-            }
-        }
+            &self.native_reasons,
+            &self.pinned_reasons,
+        ));
         for s in &self.sites {
             if s.outcome == "unchanged"
                 && s.why.as_deref() == Some(keep_name(plan::Keep::AlreadyThere))

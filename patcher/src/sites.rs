@@ -126,6 +126,9 @@ pub struct SiteCounts {
     pub detours: [usize; 3],
     /// Why rewritable sites have no way out of line, with how many.
     pub native_reasons: BTreeMap<String, usize>,
+    /// The part of `native_reasons` that is Linux's own design, whatever the rewriter
+    /// ([`crate::analyse::Room::pinned`]).
+    pub pinned_reasons: BTreeMap<String, usize>,
     /// Per class name.
     pub by_class: BTreeMap<&'static str, usize>,
     /// Per op id.
@@ -164,11 +167,9 @@ impl SiteCounts {
         }
         if rewritable && !reaches {
             let why = s.room.why.as_deref().unwrap_or("unknown");
-            match self.native_reasons.get_mut(why) {
-                Some(n) => *n += 1,
-                None => {
-                    self.native_reasons.insert(why.to_owned(), 1);
-                }
+            bump(&mut self.native_reasons, why);
+            if s.room.pinned {
+                bump(&mut self.pinned_reasons, why);
             }
         }
         *self.by_class.entry(op.name()).or_default() += 1;
@@ -200,6 +201,9 @@ impl SiteCounts {
         for (k, n) in other.native_reasons {
             *self.native_reasons.entry(k).or_default() += n;
         }
+        for (k, n) in other.pinned_reasons {
+            *self.pinned_reasons.entry(k).or_default() += n;
+        }
         for (k, n) in other.by_class {
             *self.by_class.entry(k).or_default() += n;
         }
@@ -208,6 +212,58 @@ impl SiteCounts {
         }
         for (a, b) in self.per_section.iter_mut().zip(other.per_section) {
             *a += b;
+        }
+    }
+}
+
+/// For people: the rewritable sites with no way out of line, by reason, those Linux's own
+/// design keeps in place first (`pinned`, a part of `native`), each group by count; with the
+/// share of the others out of line (`out` of `rewritable`) as a first line.
+pub fn native_breakdown(
+    out: usize,
+    rewritable: usize,
+    native: &BTreeMap<String, usize>,
+    pinned: &BTreeMap<String, usize>,
+) -> String {
+    use std::fmt::Write as _;
+    let pct = |a: usize, b: usize| 100.0 * a as f64 / b.max(1) as f64;
+    let held: usize = pinned.values().sum();
+    let mut o = format!(
+        "{out} of {rewritable} rewritable sites ({:.1}%) reach out-of-line code; {out} of {} \
+         ({:.1}%) leaving out the {held} that Linux's own design keeps in place\n",
+        pct(out, rewritable),
+        rewritable - held.min(rewritable),
+        pct(out, rewritable - held.min(rewritable)),
+    );
+    let ours: BTreeMap<&String, usize> = native
+        .iter()
+        .map(|(k, &n)| (k, n - pinned.get(k).copied().unwrap_or(0).min(n)))
+        .filter(|&(_, n)| n > 0)
+        .collect();
+    let theirs: BTreeMap<&String, usize> = pinned.iter().map(|(k, &n)| (k, n)).collect();
+    for (title, group) in [
+        ("kept in place by Linux's design", theirs),
+        ("kept in place by pvpatch's limits", ours),
+    ] {
+        if group.is_empty() {
+            continue;
+        }
+        let _ = writeln!(o, "  {title} ({}):", group.values().sum::<usize>());
+        let mut v: Vec<_> = group.into_iter().collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        for (why, n) in v {
+            let _ = writeln!(o, "    {n:>5}  {why}");
+        }
+    }
+    o
+}
+
+/// One more of `key` in `counts` (allocating the key only the first time).
+fn bump(counts: &mut BTreeMap<String, usize>, key: &str) {
+    match counts.get_mut(key) {
+        Some(n) => *n += 1,
+        None => {
+            counts.insert(key.to_owned(), 1);
         }
     }
 }
@@ -251,4 +307,33 @@ pub fn count(report: &ScanReport<'_>) -> SiteCounts {
         });
     }
     merged.into_inner().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_breakdown_puts_linux_s_reasons_first_and_leaves_them_out_of_the_second_share() {
+        let native: BTreeMap<String, usize> = [("copied", 3), ("branch target", 2), ("shadow", 1)]
+            .map(|(k, n)| (k.to_owned(), n))
+            .into();
+        let pinned: BTreeMap<String, usize> = [("copied", 3), ("shadow", 1)]
+            .map(|(k, n)| (k.to_owned(), n))
+            .into();
+        let text = native_breakdown(94, 100, &native, &pinned);
+        assert_eq!(
+            text,
+            "94 of 100 rewritable sites (94.0%) reach out-of-line code; 94 of 96 (97.9%) leaving \
+             out the 4 that Linux's own design keeps in place\n  \
+             kept in place by Linux's design (4):\n        3  copied\n        1  shadow\n  \
+             kept in place by pvpatch's limits (2):\n        2  branch target\n"
+        );
+        // Nothing pinned: one group, and both shares equal.
+        let text = native_breakdown(98, 100, &native, &BTreeMap::new());
+        assert!(text.starts_with(
+            "98 of 100 rewritable sites (98.0%) reach out-of-line code; 98 of 100 (98.0%)"
+        ));
+        assert!(!text.contains("Linux's design ("));
+    }
 }

@@ -142,9 +142,12 @@ pub fn human_summary_with_counts(report: &ScanReport<'_>, counts: &SiteCounts) -
             s.cave_bytes,
             s.arena.as_deref().unwrap_or("none")
         );
-        for (why, n) in &s.native_reasons {
-            let _ = writeln!(o, "  {n:>5} native: {why}");
-        }
+        o.push_str(&crate::sites::native_breakdown(
+            s.out_of_line,
+            s.rewritable,
+            &s.native_reasons,
+            &s.pinned_reasons,
+        ));
     } else {
         let _ = writeln!(
             o,

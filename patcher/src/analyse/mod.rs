@@ -99,6 +99,12 @@ pub struct Room {
     /// The same, as a kind without addresses (`forward: branch target; backward: protected
     /// (__mcount_loc)`), for counting.
     pub why: Option<String>,
+    /// Linux's own design keeps the site where it is, whatever the rewriter: code Linux copies
+    /// elsewhere to run, entry code whose address Linux checks, `sti`'s interrupt shadow, or one
+    /// byte with a protected byte after it and a protected byte or a named instruction start
+    /// before it (any jump written there overwrites the byte after it, none may start before
+    /// it, and a stock kernel has no trap form).
+    pub pinned: bool,
 }
 
 /// A sensitive instruction with everything known about it.
@@ -424,6 +430,7 @@ fn nothing(reason: String, why: &str) -> Room {
         forms: Vec::new(),
         reason: Some(reason),
         why: Some(why.to_owned()),
+        pinned: false,
     }
 }
 
@@ -502,10 +509,29 @@ fn room(at: &Where<'_>, f: &Found, covered_by: Option<&Protected>) -> Room {
             _ => None,
         }
     {
-        return nothing(
-            format!("sti's interrupt shadow: the {then} after it must follow it directly"),
-            "interrupt shadow (sti; mwait)",
-        );
+        return Room {
+            pinned: true,
+            ..nothing(
+                format!("sti's interrupt shadow: the {then} after it must follow it directly"),
+                &format!("interrupt shadow (sti; {then})"),
+            )
+        };
+    }
+    // The other half, in a stock kernel: the `hlt` in `sti`'s shadow may not move away from it,
+    // nor become a call. (Our own guest annotates `sti; hlt` as one idiom, `safe_halt`.)
+    if stock
+        && op == Op::Hlt
+        && let Some(before) = f.addr.checked_sub(1)
+        && sweep.is_insn_start(before)
+        && decode_at(image, before).is_some_and(|i| i.mnemonic() == Mnemonic::Sti)
+    {
+        return Room {
+            pinned: true,
+            ..nothing(
+                "sti's interrupt shadow: this hlt must follow the sti before it directly".into(),
+                "interrupt shadow (sti; hlt)",
+            )
+        };
     }
     let control = op.info().kind == Kind::ControlTransfer;
     let entry_text = stock && in_entry_text(image, f.addr);
@@ -553,6 +579,7 @@ fn room(at: &Where<'_>, f: &Found, covered_by: Option<&Protected>) -> Room {
             } else {
                 "copied elsewhere to run".into()
             }),
+            pinned: !not_even_in_place,
         };
     }
     let mut forms = vec![Outcome::Inline];
@@ -573,6 +600,7 @@ fn room(at: &Where<'_>, f: &Found, covered_by: Option<&Protected>) -> Room {
                      place that use no stack"
                 )),
                 why: Some("entry text: address checked by Linux".into()),
+                pinned: true,
             };
         }
     }
@@ -608,6 +636,7 @@ fn room(at: &Where<'_>, f: &Found, covered_by: Option<&Protected>) -> Room {
         forms,
         reason,
         why,
+        pinned: false,
     }
 }
 

@@ -24,6 +24,7 @@ use super::detour::{self, Copy, Jump};
 use super::guard::Guards;
 use super::{
     Blocked, Direction, EntryText, MAX_MOVED, Moved, SiteInfo, blocked, check_range, decode_at,
+    kind_of,
 };
 use crate::load::Image;
 use crate::sweep::Sweep;
@@ -153,11 +154,18 @@ impl Pads {
             if !ends_flow {
                 continue;
             }
+            // The dead NOPs up to the first protected byte or named start (6.12's pre-function
+            // NOPs, which Linux may rewrite, follow the padding after a function's last jump).
             let start = a + i.len() as u64;
             let mut end = start;
-            while end < hi {
+            while end < hi && (end == start || !guards.is_named(end)) {
                 match decode_at(image, end) {
-                    Some(n) if n.mnemonic() == Mnemonic::Nop => end += n.len() as u64,
+                    Some(n)
+                        if n.mnemonic() == Mnemonic::Nop
+                            && guards.first_overlap(end, end + n.len() as u64).is_none() =>
+                    {
+                        end += n.len() as u64
+                    }
                     _ => break,
                 }
             }
@@ -279,8 +287,34 @@ pub fn plan(
             }
             Err(b) => {
                 let s = &mut sites[i];
-                s.room.reason = Some(format!("no detour: {}", b.message));
-                s.room.why = Some(b.kind);
+                let (a, len) = (s.found.addr, s.found.len as u64);
+                // One byte fenced by what Linux names: no jump fits without overwriting the
+                // byte after it, and none may start before it (the byte before is protected,
+                // or the site is an instruction start Linux's symbols or tables name).
+                let fenced = |at: u64| {
+                    guards
+                        .first_overlap(at, at + 1)
+                        .map(|g| format!("protected ({})", kind_of(&g.why)))
+                };
+                let before = if guards.is_named(a) {
+                    Some("a named instruction start".to_owned())
+                } else {
+                    fenced(a.wrapping_sub(1))
+                };
+                match (len, before, fenced(a + len)) {
+                    (1, Some(before), Some(after)) => {
+                        s.room.reason = Some(format!(
+                            "one byte, fenced: {before} before it, {after} after it; any jump \
+                             written here overwrites the byte after it"
+                        ));
+                        s.room.why = Some(format!("one byte, fenced: {before}; {after}"));
+                        s.room.pinned = true;
+                    }
+                    _ => {
+                        s.room.reason = Some(format!("no detour: {}", b.message));
+                        s.room.why = Some(b.kind);
+                    }
+                }
             }
         }
     }
@@ -374,7 +408,7 @@ fn check_window(
     while at < end {
         if let Ok(k) = addr_of.binary_search(&at) {
             let s = &sites[k];
-            if taken[k] || !s.rewritable() {
+            if taken[k] || !s.rewritable() || s.room.pinned {
                 return Err(blocked(
                     "another site",
                     format!("{at:#x} is a site that cannot share a detour"),

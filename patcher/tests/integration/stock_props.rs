@@ -31,7 +31,7 @@ enum Piece {
 fn piece() -> impl Strategy<Value = Piece> {
     prop_oneof![
         4 => (0u8..6).prop_map(Piece::Filler),
-        3 => (0u8..6).prop_map(Piece::Sensitive),
+        3 => (0u8..7).prop_map(Piece::Sensitive),
         1 => Just(Piece::Branch),
         1 => Just(Piece::Lock),
         1 => Just(Piece::JumpLabel),
@@ -46,8 +46,11 @@ struct Function {
     mcount: bool,
     body: Vec<Piece>,
     thunk_return: bool,
-    /// Padded with NOPs (16 bytes more than alignment needs) instead of `int3`s.
+    /// Padded to alignment with NOPs instead of `int3`s.
     nop_pad: bool,
+    /// Preceded by 16 NOPs of pre-function padding (6.12's `__pfx_` symbols), which Linux may
+    /// rewrite: protected, never padding.
+    pfx: bool,
 }
 
 fn function() -> impl Strategy<Value = Function> {
@@ -57,14 +60,18 @@ fn function() -> impl Strategy<Value = Function> {
         proptest::collection::vec(piece(), 1..12),
         any::<bool>(),
         any::<bool>(),
+        any::<bool>(),
     )
-        .prop_map(|(endbr, mcount, body, thunk_return, nop_pad)| Function {
-            endbr,
-            mcount,
-            body,
-            thunk_return,
-            nop_pad,
-        })
+        .prop_map(
+            |(endbr, mcount, body, thunk_return, nop_pad, pfx)| Function {
+                endbr,
+                mcount,
+                body,
+                thunk_return,
+                nop_pad,
+                pfx,
+            },
+        )
 }
 
 /// A built image and what the generator knows about it.
@@ -78,6 +85,10 @@ struct Built {
     cave: (u64, u64),
     /// The padding after each function, and whether it is NOPs.
     padding: Vec<(u64, u64, bool)>,
+    /// Function entries (named by their symbols).
+    entries: Vec<u64>,
+    /// Each `sti; hlt`.
+    shadows: Vec<u64>,
 }
 
 const TABLES: u64 = 0xffff_ffff_8200_0000;
@@ -103,9 +114,16 @@ fn build_image(funcs: &[Function]) -> Built {
     let mut orc = vec![(TEXT, true)];
     // The int3s after `__fentry__`'s and the return thunk's `ret`s are padding too.
     let mut padding = vec![(TEXT + 1, TEXT + 16, false), (TEXT + 17, TEXT + 32, false)];
+    let mut shadows = Vec::new();
     for (n, f) in funcs.iter().enumerate() {
-        let start = code.len() as u64;
         let at = |code: &Vec<u8>| TEXT + code.len() as u64;
+        if f.pfx {
+            let p = at(&code);
+            protected.push((p, p + 16));
+            symbols.push((format!("__pfx_f{n}"), p - TEXT, 16));
+            code.resize(code.len() + 16, 0x90);
+        }
+        let start = code.len() as u64;
         targets.push(TEXT + start);
         orc.push((TEXT + start, true));
         if f.endbr {
@@ -135,6 +153,11 @@ fn build_image(funcs: &[Function]) -> Built {
                     4 => &[0x0f, 0x1f, 0x84, 0x00, 0x00, 0x00, 0x00, 0x00],
                     _ => &[0x31, 0xc0],
                 }),
+                Piece::Sensitive(6) => {
+                    // `sti; hlt`: the hlt in the sti's interrupt shadow.
+                    shadows.push(a);
+                    code.extend_from_slice(&[0xfb, 0xf4]);
+                }
                 Piece::Sensitive(k) => code.extend_from_slice(match k {
                     0 => &[0xfa][..],
                     1 => &[0x0f, 0x31],
@@ -175,7 +198,7 @@ fn build_image(funcs: &[Function]) -> Built {
         let pad = at(&code);
         if f.nop_pad {
             // As compilers pad: whole NOPs, the longest first, with an undefined ORC entry.
-            let end = (code.len() + 16).next_multiple_of(16);
+            let end = code.len().next_multiple_of(16);
             while code.len() < end {
                 code.extend_from_slice(match end - code.len() {
                     8.. => &[0x0f, 0x1f, 0x84, 0x00, 0x00, 0x00, 0x00, 0x00][..],
@@ -184,7 +207,9 @@ fn build_image(funcs: &[Function]) -> Built {
                     _ => &[0x90],
                 });
             }
-            orc.push((pad, false));
+            if at(&code) > pad {
+                orc.push((pad, false));
+            }
         } else {
             while !code.len().is_multiple_of(16) {
                 code.push(0xcc);
@@ -251,6 +276,8 @@ fn build_image(funcs: &[Function]) -> Built {
         targets,
         cave: (cave, etext),
         padding,
+        entries: symbols.iter().map(|s| TEXT + s.1).collect(),
+        shadows,
     }
 }
 
@@ -258,8 +285,9 @@ fn overlaps(ranges: &[(u64, u64)], a: u64, b: u64) -> Option<(u64, u64)> {
     ranges.iter().find(|r| r.0 < b && a < r.1).copied()
 }
 
-/// Checks one generated image; returns (detours planned, sites kept native by a neighbour).
-fn check(built: &Built) -> Result<(usize, usize, usize), TestCaseError> {
+/// Checks one generated image; returns how many detours were planned, sites refused one, of
+/// the refused the pinned, and trampolines in NOP padding.
+fn check(built: &Built) -> Result<[usize; 4], TestCaseError> {
     let img = pvpatch::load::Image::from_bytes("stock.elf", built.bytes.clone())
         .map_err(|e| TestCaseError::fail(e.to_string()))?;
     let report = scan_image(&img, Default::default(), None);
@@ -269,8 +297,28 @@ fn check(built: &Built) -> Result<(usize, usize, usize), TestCaseError> {
     );
     let inside = |a: u64, b: u64| built.targets.iter().find(|&&t| a < t && t < b).copied();
     let mut refused = 0;
+    let mut pinned = 0;
+    let protected = |x: u64| overlaps(&built.protected, x, x + 1).is_some();
     for s in &report.analysis.sites {
         let (a, room) = (s.found.addr, s.room.in_place as u64);
+        // Linux's design pins a one-byte site with a protected byte after it and a protected
+        // byte or a function entry at or before it, and `sti; hlt`; nothing else here.
+        let shadow = built.shadows.contains(&a) || built.shadows.contains(&(a - 1));
+        prop_assert!(
+            !shadow || (s.room.pinned && s.room.detour.is_none() && s.room.forms.is_empty()),
+            "the sti; hlt at {:#x} may move or become a call",
+            a
+        );
+        let fenced = s.found.len == 1
+            && protected(a + 1)
+            && (protected(a - 1) || built.entries.contains(&a))
+            || shadow;
+        if s.rewritable() && s.room.detour.is_none() && room < 5 {
+            prop_assert_eq!(s.room.pinned, fenced, "pinned: {:#x}", a);
+            pinned += usize::from(fenced);
+        } else {
+            prop_assert!(!s.room.pinned, "{:#x} has a way out and is pinned", a);
+        }
         if room > 0 {
             prop_assert_eq!(
                 overlaps(&built.protected, a, a + room),
@@ -311,7 +359,7 @@ fn check(built: &Built) -> Result<(usize, usize, usize), TestCaseError> {
     for c in &plan.plan.code {
         prop_assert!(c.addr >= built.cave.0 && c.addr + c.new.len() as u64 <= built.cave.1);
     }
-    Ok((report.analysis.detours.len(), refused, in_nops))
+    Ok([report.analysis.detours.len(), refused, pinned, in_nops])
 }
 
 #[test]
@@ -321,19 +369,26 @@ fn the_planner_never_touches_a_protected_byte() {
         failure_persistence: None,
         ..ProptestConfig::default()
     });
-    let totals = std::cell::Cell::new((0usize, 0usize, 0usize));
+    let totals = std::cell::Cell::new([0usize; 4]);
     runner
         .run(&proptest::collection::vec(function(), 1..8), |funcs| {
-            let (d, r, n) = check(&build_image(&funcs))?;
-            let (td, tr, tn) = totals.get();
-            totals.set((td + d, tr + r, tn + n));
+            let got = check(&build_image(&funcs))?;
+            let mut t = totals.get();
+            for (t, g) in t.iter_mut().zip(got) {
+                *t += g;
+            }
+            totals.set(t);
             Ok(())
         })
         .unwrap();
-    let (detours, refused, in_nops) = totals.get();
+    let [detours, refused, pinned, in_nops] = totals.get();
     eprintln!(
         "256 generated stock kernels: {detours} detours planned ({in_nops} through a trampoline \
-         in NOP padding), {refused} sites refused one"
+         in NOP padding), {refused} sites refused one ({pinned} pinned by Linux's layout)"
+    );
+    assert!(
+        pinned > 5,
+        "too few pinned sites to test anything: {pinned}"
     );
     assert!(detours > 100, "too few detours to test anything: {detours}");
     assert!(refused > 20, "too few refusals to test anything: {refused}");
