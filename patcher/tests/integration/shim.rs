@@ -314,11 +314,17 @@ fn every_backend(spec: KernelSpec) {
         eprintln!(
             "{} {backend}: {line}; {} sites rewritten, {seen} planned bytes changed in the text \
              read back and nothing else against the unshimmed boot but {theirs} bytes of Linux's \
-             own patching; shim {} cycles ({} a site)",
+             own patching; shim {} cycles ({} a site; preparing {}, planning {}, applying {}, \
+             the rest (page tables, start_info, the report) {})",
             spec.name,
             r.rewritten,
             r.cycles_total,
-            r.cycles_total / u64::from(r.sites.max(1))
+            r.cycles_total / u64::from(r.sites.max(1)),
+            r.cycles_prepare,
+            r.cycles_plan,
+            r.cycles_apply,
+            r.cycles_total
+                .saturating_sub(r.cycles_prepare + r.cycles_plan + r.cycles_apply)
         );
     }
 }
