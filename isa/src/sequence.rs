@@ -277,9 +277,10 @@ pub fn check_code(op: Op, code: &[u8], entry_point: bool) -> Result<(), BadInsn>
     Ok(())
 }
 
-/// Whether `code` (an inline sequence, placed at address 0) touches the stack: pushes, pops,
-/// calls, returns, traps or interrupts, or names `rsp` (as a register or an address's base or
-/// index). Such a sequence must not run where there may be no usable stack (a site with
+/// Whether `code` (an inline sequence, placed at address 0) touches the stack or the kernel's
+/// per-CPU segment: pushes, pops, `leave`, calls, returns, traps or interrupts, names `rsp` (as
+/// a register or an address's base or index), or addresses memory through `fs` or `gs`. Such a
+/// sequence must not run where there may be no usable stack and the user's `gs` (a site with
 /// `SITE_FLAG_NO_STACK`). Code that does not decode counts as touching it.
 pub fn uses_stack(code: &[u8]) -> bool {
     let mut at = 0;
@@ -289,6 +290,8 @@ pub fn uses_stack(code: &[u8]) -> bool {
         };
         let names_rsp = |r: Register| r != Register::None && r.full_register() == Register::RSP;
         let touches = i.stack_pointer_increment() != 0
+            || i.is_stack_instruction()
+            || matches!(i.segment_prefix(), Register::FS | Register::GS)
             || matches!(
                 i.flow_control(),
                 FlowControl::Call
@@ -477,19 +480,21 @@ mod tests {
             assert!(!uses_stack(code), "{code:02x?}");
         }
         for code in [
-            &[0x50][..],               // push rax
-            &[0x58],                   // pop rax
-            &[0x9c],                   // pushfq
-            &[0x9d],                   // popfq
-            &[0xe8, 0, 0, 0, 0],       // call
-            &[0xc3],                   // ret
-            &[0xcc],                   // int3
-            &[0x0f, 0x0b],             // ud2
-            &[0x48, 0x89, 0xe0],       // mov rax, rsp
-            &[0x48, 0x8b, 0x04, 0x24], // mov rax, [rsp]
+            &[0x50][..],                                    // push rax
+            &[0x58],                                        // pop rax
+            &[0x9c],                                        // pushfq
+            &[0x9d],                                        // popfq
+            &[0xe8, 0, 0, 0, 0],                            // call
+            &[0xc3],                                        // ret
+            &[0xcc],                                        // int3
+            &[0x0f, 0x0b],                                  // ud2
+            &[0x48, 0x89, 0xe0],                            // mov rax, rsp
+            &[0x48, 0x8b, 0x04, 0x24],                      // mov rax, [rsp]
             &[0x48, 0x8b, 0x04, 0x64], // mov rax, [rsp + riz*2]: not an index; base rsp
             &[0x48, 0x83, 0xec, 0x08], // sub rsp, 8
             &[0x0f, 0x20, 0xd8, 0x0f], // mov rax, cr3; then a truncated instruction
+            &[0xc9],                   // leave
+            &[0x65, 0x48, 0x8b, 0x04, 0x25, 0x10, 0, 0, 0], // mov rax, gs:[0x10]
         ] {
             assert!(uses_stack(code), "{code:02x?}");
         }

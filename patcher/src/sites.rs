@@ -226,7 +226,13 @@ pub fn native_breakdown(
     pinned: &BTreeMap<String, usize>,
 ) -> String {
     use std::fmt::Write as _;
-    let pct = |a: usize, b: usize| 100.0 * a as f64 / b.max(1) as f64;
+    let pct = |a: usize, b: usize| {
+        if b == 0 {
+            100.0
+        } else {
+            100.0 * a as f64 / b as f64
+        }
+    };
     let held: usize = pinned.values().sum();
     let mut o = format!(
         "{out} of {rewritable} rewritable sites ({:.1}%) reach out-of-line code; {out} of {} \

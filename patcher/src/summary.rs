@@ -119,20 +119,12 @@ pub fn human_summary_with_counts(report: &ScanReport<'_>, counts: &SiteCounts) -
             "  (in-place5: room for a call; in-place: less than 5 bytes; detour: can move \
              neighbouring code to a cave stub; native: no way out of line)"
         );
-        let pct = if s.rewritable == 0 {
-            100.0
-        } else {
-            100.0 * s.out_of_line as f64 / s.rewritable as f64
-        };
         let _ = writeln!(
             o,
-            "\nStock kernel ({} symbols from {}): {} of {} rewritable sites reach out-of-line \
-             code ({pct:.1}%): detours forward {}, backward {}, around {} ({} stubs, {} through \
-             trampolines); {} caves of {} bytes, arena {}",
+            "\nStock kernel ({} symbols from {}): detours forward {}, backward {}, around {} ({} \
+             stubs, {} through trampolines); {} caves of {} bytes, arena {}",
             report.image.symbols.len(),
             report.image.symbol_source.name(),
-            s.out_of_line,
-            s.rewritable,
             s.detours_forward,
             s.detours_backward,
             s.detours_around,

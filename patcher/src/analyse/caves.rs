@@ -214,7 +214,7 @@ impl Allocator {
         self.cur = k;
         let c = &mut self.free[k];
         let at = place(c)?;
-        c.start = ((at + len + 15) & !15).min(c.end);
+        c.start = (at.saturating_add(len).saturating_add(15) & !15).min(c.end);
         Some(at)
     }
 

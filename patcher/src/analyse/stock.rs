@@ -21,11 +21,12 @@ use patch_sites::Outcome;
 
 use super::caves::{Allocator, Orc};
 use super::detour::{self, Copy, Jump};
-use super::guard::Guards;
+use super::guard::{Guards, Why};
 use super::{
     Blocked, Direction, EntryText, MAX_MOVED, Moved, SiteInfo, blocked, check_range, decode_at,
     kind_of,
 };
+use crate::linux::TableKind;
 use crate::load::Image;
 use crate::sweep::Sweep;
 use iced_x86::{FlowControl, Mnemonic};
@@ -145,12 +146,20 @@ impl Pads {
             let Some(i) = decode_at(image, a) else {
                 continue;
             };
+            // Only a jump or return that stays one: Linux may turn a jump its tables name into
+            // a NOP (jump labels, alternatives) and fall into the padding, and a `ud2` may be a
+            // WARN that carries on after it. Return thunks and retpolines stay jumps or returns.
             let ends_flow = matches!(
                 i.flow_control(),
                 FlowControl::UnconditionalBranch
                     | FlowControl::IndirectBranch
                     | FlowControl::Return
-            ) || i.mnemonic() == Mnemonic::Ud2;
+            ) && guards.overlapping(a, a + i.len() as u64).all(|g| {
+                matches!(
+                    g.why,
+                    Why::Table(TableKind::ReturnSites | TableKind::RetpolineSites, _)
+                )
+            });
             if !ends_flow {
                 continue;
             }
@@ -220,11 +229,13 @@ pub fn plan(
         let s = &sites[i];
         if taken[i]
             || !s.rewritable()
-            || s.room.in_place >= 5
+            // In the entry text, room for a call is no use: no call is allowed there.
+            || (s.room.in_place >= 5 && !entry.as_ref().is_some_and(|e| e.contains(s.found.addr)))
             || !s.room.forms.contains(&Outcome::Inline)
-            || entry
-                .as_ref()
-                .is_some_and(|e| e.ip_checked(s.found.addr, s.found.addr + 1).is_some())
+            || entry.as_ref().is_some_and(|e| {
+                e.ip_checked(s.found.addr, s.found.addr + s.found.len as u64)
+                    .is_some()
+            })
             || super::runs_elsewhere(image, s.found.addr).is_some()
         {
             continue;

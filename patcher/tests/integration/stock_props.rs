@@ -45,7 +45,9 @@ struct Function {
     endbr: bool,
     mcount: bool,
     body: Vec<Piece>,
-    thunk_return: bool,
+    /// How it ends: `ret`, a return thunk's `jmp` (`.return_sites`), or a jump label's `jmp`
+    /// (`__jump_table`), which Linux may turn into a NOP: then what follows is not dead.
+    ending: u8,
     /// Padded to alignment with NOPs instead of `int3`s.
     nop_pad: bool,
     /// Preceded by 16 NOPs of pre-function padding (6.12's `__pfx_` symbols), which Linux may
@@ -58,20 +60,18 @@ fn function() -> impl Strategy<Value = Function> {
         any::<bool>(),
         any::<bool>(),
         proptest::collection::vec(piece(), 1..12),
-        any::<bool>(),
+        0u8..3,
         any::<bool>(),
         any::<bool>(),
     )
-        .prop_map(
-            |(endbr, mcount, body, thunk_return, nop_pad, pfx)| Function {
-                endbr,
-                mcount,
-                body,
-                thunk_return,
-                nop_pad,
-                pfx,
-            },
-        )
+        .prop_map(|(endbr, mcount, body, ending, nop_pad, pfx)| Function {
+            endbr,
+            mcount,
+            body,
+            ending,
+            nop_pad,
+            pfx,
+        })
 }
 
 /// A built image and what the generator knows about it.
@@ -187,13 +187,20 @@ fn build_image(funcs: &[Function]) -> Built {
         if target_next {
             targets.push(a);
         }
-        if f.thunk_return {
-            protected.push((a, a + 5));
-            returns.push(a);
-            code.push(0xe9);
-            code.extend_from_slice(&rel32(a + 5, thunk));
-        } else {
-            code.push(0xc3);
+        match f.ending {
+            1 => {
+                protected.push((a, a + 5));
+                returns.push(a);
+                code.push(0xe9);
+                code.extend_from_slice(&rel32(a + 5, thunk));
+            }
+            2 => {
+                protected.push((a, a + 5));
+                jumps.push((a, TEXT + start));
+                code.push(0xe9);
+                code.extend_from_slice(&rel32(a + 5, TEXT + start));
+            }
+            _ => code.push(0xc3),
         }
         let pad = at(&code);
         if f.nop_pad {
@@ -215,7 +222,10 @@ fn build_image(funcs: &[Function]) -> Built {
                 code.push(0xcc);
             }
         }
-        padding.push((pad, at(&code), f.nop_pad));
+        // NOPs after a jump label run once Linux turns the jump into a NOP: not padding.
+        if !(f.nop_pad && f.ending == 2) {
+            padding.push((pad, at(&code), f.nop_pad));
+        }
         symbols.push((format!("f{n}"), start, pad - TEXT - start));
     }
     let cave = TEXT + code.len() as u64;
