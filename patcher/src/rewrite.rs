@@ -413,7 +413,7 @@ impl PlanLedger {
                 (None, Some(k)) => format!("on this backend: {}", keep_name(k)),
                 (None, None) => "not in the site table".into(),
             };
-            if s.room.pinned && s.room.why.is_some() {
+            if s.room.pinned {
                 *pinned_reasons.entry(why.clone()).or_default() += 1;
             }
             *native_reasons.entry(why).or_default() += 1;
