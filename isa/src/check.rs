@@ -96,6 +96,26 @@ pub(crate) fn reg_is(r: Register, want: Gpr) -> bool {
 /// `site.insn_len` bytes long.
 pub fn native_insn(bytes: &[u8], addr: u64, site: &Site) -> Result<(), Mismatch> {
     let op = site.op().ok_or(Mismatch::Unknown)?;
+    if site.operand == Operand::MemOther
+        && site.flags & SITE_FLAG_REP == 0
+        && let Some(found) = mem_other_form(bytes)
+    {
+        // Certain without the decoder: the op, its memory operand and its length.
+        return if found.op != op {
+            Err(Mismatch::WrongOp { found: found.op })
+        } else if found.width != site.width {
+            Err(Mismatch::WrongOperand {
+                found: Operand::MemOther,
+                width: found.width,
+            })
+        } else if found.len != site.insn_len as usize {
+            Err(Mismatch::WrongLength {
+                found: found.len as u8,
+            })
+        } else {
+            Ok(())
+        };
+    }
     let first = decode_at(bytes, addr, 0)?;
     let len = match op {
         Op::SaveFl | Op::RestoreFl | Op::SafeHalt => {
@@ -150,6 +170,10 @@ pub fn native_insn(bytes: &[u8], addr: u64, site: &Site) -> Result<(), Mismatch>
 pub fn nops(bytes: &[u8], addr: u64, from: usize) -> Result<(), Mismatch> {
     let mut at = from;
     while at < bytes.len() {
+        if let Some(n) = recommended_nop(&bytes[at..]) {
+            at += n;
+            continue;
+        }
         let i = decode_at(bytes, addr, at).map_err(|_| Mismatch::NotPadding(addr + at as u64))?;
         if i.mnemonic() != Mnemonic::Nop || at + i.len() > bytes.len() {
             return Err(Mismatch::NotPadding(addr + at as u64));
@@ -235,12 +259,110 @@ pub fn original_encoded(
 }
 
 /// Checks that `bytes` start with `call rel32` to `target`; its length.
+///
+/// In 64-bit mode `e8` with no prefix is `call rel32` and nothing else, 5 bytes long, so this
+/// reads the bytes rather than decode them (the decoder agrees: the tests).
 pub fn call_to(bytes: &[u8], addr: u64, target: u64) -> Result<usize, Mismatch> {
-    let i = decode_at(bytes, addr, 0)?;
-    if i.mnemonic() != Mnemonic::Call || i.near_branch_target() != target || i.len() != 5 {
-        return Err(Mismatch::NotCall(target));
+    match bytes {
+        [0xe8, r0, r1, r2, r3, ..]
+            if addr
+                .wrapping_add(5)
+                .wrapping_add(i32::from_le_bytes([*r0, *r1, *r2, *r3]) as i64 as u64)
+                == target =>
+        {
+            Ok(5)
+        }
+        _ => Err(Mismatch::NotCall(target)),
     }
-    Ok(5)
+}
+
+/// The length of the recommended NOP ([`encode::NOPS`]) `bytes` start with, if they do: a NOP
+/// recognised by comparison, which at boot (where every instruction may be emulated, and the
+/// decoder's first use builds its tables) is far cheaper than decoding it.
+pub fn recommended_nop(bytes: &[u8]) -> Option<usize> {
+    encode::NOPS
+        .iter()
+        .skip(1)
+        .rev()
+        .find(|n| bytes.starts_with(n))
+        .map(|n| n.len())
+}
+
+/// What [`mem_other_form`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemOtherForm {
+    /// The op.
+    pub op: Op,
+    /// Its operand width, as [`classify`] gives it.
+    pub width: u8,
+    /// The instruction's length.
+    pub len: usize,
+}
+
+/// The descriptor-table and system-segment ops whose memory form the encoder cannot produce
+/// (`sgdt [rsp+6]`, `lgdt [rip+x]`, ...), recognised without the decoder when that is certain:
+/// an optional REX prefix with neither W nor R, `0f 01` or `0f 00`, a ModRM byte with a memory
+/// operand, and addressing that is not base-only (an index, a non-zero displacement, RIP-relative
+/// or absolute), which is what makes the ABI's operand `MemOther`. Anything else (other prefixes,
+/// base-only addressing, other opcodes) is `None`: the caller decodes.
+pub fn mem_other_form(bytes: &[u8]) -> Option<MemOtherForm> {
+    let (rex, rest) = match bytes.split_first()? {
+        (&b, rest) if (0x40..=0x4f).contains(&b) => (b, rest),
+        _ => (0, bytes),
+    };
+    if rex & 0b1100 != 0 {
+        return None;
+    }
+    let [0x0f, group, modrm, tail @ ..] = rest else {
+        return None;
+    };
+    let (md, reg, rm) = (modrm >> 6, (modrm >> 3) & 7, modrm & 7);
+    let (op, width) = match (group, reg) {
+        (0x01, 0) => (Op::Sgdt, 0),
+        (0x01, 1) => (Op::Sidt, 0),
+        (0x01, 2) => (Op::Lgdt, 0),
+        (0x01, 3) => (Op::Lidt, 0),
+        (0x01, 4) => (Op::Smsw, 2),
+        (0x01, 7) => (Op::Invlpg, 0),
+        (0x00, 0) => (Op::Sldt, 2),
+        (0x00, 1) => (Op::Str, 2),
+        (0x00, 2) => (Op::Lldt, 2),
+        (0x00, 3) => (Op::Ltr, 2),
+        _ => return None,
+    };
+    if md == 3 {
+        return None;
+    }
+    let head = bytes.len() - tail.len();
+    // (index present, base present, SIB bytes, displacement bytes)
+    let (index, base, sib, disp) = if rm == 4 {
+        let s = *tail.first()?;
+        let (idx, b) = ((s >> 3) & 7 | (rex & 0b10) << 2, s & 7);
+        let no_base = md == 0 && b == 5;
+        let disp = match md {
+            0 if no_base => 4,
+            0 => 0,
+            1 => 1,
+            _ => 4,
+        };
+        (idx != 4, !no_base, 1, disp)
+    } else {
+        match md {
+            // RIP-relative: not base-only.
+            0 if rm == 5 => (false, false, 0, 4),
+            0 => (false, true, 0, 0),
+            1 => (false, true, 0, 1),
+            _ => (false, true, 0, 4),
+        }
+    };
+    let len = head + sib + disp;
+    let d = bytes.get(head + sib..len)?;
+    let nonzero_disp = d.iter().any(|&b| b != 0);
+    if !index && base && !nonzero_disp {
+        // Base-only: the encoder's `MemBase`, not this form.
+        return None;
+    }
+    Some(MemOtherForm { op, width, len })
 }
 
 /// Checks that `bytes` start with whole instructions that end exactly at `len`.
