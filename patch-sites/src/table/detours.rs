@@ -132,12 +132,15 @@ pub struct Detour<'a> {
 impl Detour<'_> {
     /// The moved range.
     pub fn moved_range(&self) -> AddrRange {
-        AddrRange::new(self.moved, self.moved + self.moved_len as u64)
+        AddrRange::new(self.moved, self.moved.saturating_add(self.moved_len as u64))
     }
 
     /// Where the stub runs.
     pub fn stub_range(&self) -> AddrRange {
-        AddrRange::new(self.stub, self.stub + self.stub_bytes.len() as u64)
+        AddrRange::new(
+            self.stub,
+            self.stub.saturating_add(self.stub_bytes.len() as u64),
+        )
     }
 }
 
@@ -392,7 +395,11 @@ pub fn check(
     // Stubs come in address order (checked below), as do sites and moved ranges: one cursor
     // into each finds what a stub could overlap, for O(d + n) in all (at boot, where every
     // instruction may be emulated). Trampolines, few and only near their ranges, are searched.
+    // Each cursor keeps what it points at, decoded once (not once per test of it).
     let (mut site_cur, mut moved_cur) = (0u32, 0u16);
+    let mut site_at = if count > 0 { record(0) } else { None };
+    let moved_of = |k: u16| area.detour(k).ok().map(|e| e.moved_range());
+    let mut moved_at = if area.detours > 0 { moved_of(0) } else { None };
     for i in 0..area.detours {
         let d = area.detour(i)?;
         let tramp = d.tramp.map(|t| AddrRange::new(t, t.saturating_add(5)));
@@ -405,20 +412,24 @@ pub fn check(
         let sorted = prev_moved.is_none_or(|p| p.end <= d.moved)
             && prev_stub.is_none_or(|p| p.end <= d.stub);
         let st = d.stub_range();
-        while site_cur < count
-            && record(site_cur).is_some_and(|r| r.addr + r.site_len as u64 <= st.start)
-        {
+        while site_cur < count && site_at.is_some_and(|r| r.addr + r.site_len as u64 <= st.start) {
             site_cur += 1;
+            site_at = if site_cur < count {
+                record(site_cur)
+            } else {
+                None
+            };
         }
-        while moved_cur < area.detours
-            && area
-                .detour(moved_cur)
-                .is_ok_and(|e| e.moved + e.moved_len as u64 <= st.start)
-        {
+        while moved_cur < area.detours && moved_at.is_some_and(|e| e.end <= st.start) {
             moved_cur += 1;
+            moved_at = if moved_cur < area.detours {
+                moved_of(moved_cur)
+            } else {
+                None
+            };
         }
-        let stub_clash = (site_cur < count && record(site_cur).is_some_and(|r| r.addr < st.end))
-            || (moved_cur < area.detours && area.detour(moved_cur).is_ok_and(|e| e.moved < st.end))
+        let stub_clash = (site_cur < count && site_at.is_some_and(|r| r.addr < st.end))
+            || (moved_cur < area.detours && moved_at.is_some_and(|e| e.start < st.end))
             || arena.is_some_and(|a| overlaps(a, st));
         let clash = stub_clash
             || tramp.is_some_and(|t| {
@@ -452,6 +463,9 @@ pub fn check(
     }
     // Members: sorted, one per movable record, in place; every movable record has one.
     let mut next_record = 0u32;
+    // Members come in record order, so their detours in address order: the last one decoded
+    // is usually the next one's.
+    let mut last: Option<(u16, Detour<'_>)> = None;
     for k in 0..area.members {
         let m = area.member(k).ok_or(DetourError::Truncated)?;
         if m.record < next_record {
@@ -464,7 +478,14 @@ pub fn check(
         if r.form != Form::Movable {
             return Err(DetourError::BadMember(m.record));
         }
-        let d = area.detour(m.detour)?;
+        let d = match last {
+            Some((g, d)) if g == m.detour => d,
+            _ => {
+                let d = area.detour(m.detour)?;
+                last = Some((m.detour, d));
+                d
+            }
+        };
         let copy_end = m.copy_off as usize + m.copy_len as usize;
         if !d.moved_range().contains_span(r.addr, r.insn_len as u64)
             || r.stub != Some(d.stub)
