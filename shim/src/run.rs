@@ -147,7 +147,7 @@ fn refuse(r: &mut Report, why: &str) {
 fn patch(cmdline: &str, r: &mut Report) {
     let t0 = hw::rdtsc();
     let raw = report::params();
-    let Some(params) = Params::read(&raw) else {
+    let Some(params) = Params::read(raw) else {
         return refuse(
             r,
             "the shim's parameters are missing (not written by pvpatch)",
