@@ -1,5 +1,6 @@
 //! Arbitrary bytes as a site table: parsing never panics, and whatever parses re-serializes
-//! (when sealed) to the very same bytes.
+//! (when sealed) to the very same bytes. The boot shim's deferring parse, with its detour area
+//! checked afterwards, accepts exactly what the whole parse does.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -12,6 +13,10 @@ const IMAGE: [AddrRange; 2] = [
 ];
 
 fuzz_target!(|data: &[u8]| {
+    let whole = SiteTable::parse_contiguous(data, TABLE_ADDR, &IMAGE).map(|_| ());
+    let deferred = SiteTable::parse_contiguous_deferring_detours(data, TABLE_ADDR, &IMAGE)
+        .and_then(|t| t.check_detour_area());
+    assert_eq!(whole, deferred, "a deferred check accepts what the whole parse does");
     let Ok(t) = SiteTable::parse_contiguous(data, TABLE_ADDR, &IMAGE) else {
         return;
     };

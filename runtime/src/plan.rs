@@ -16,7 +16,9 @@ use alloc::vec::Vec;
 use core::fmt;
 
 use patch_sites::op::Kind;
-use patch_sites::table::{Detour, DetourArea, Form, Member, SITE_FLAG_NO_STACK, Site, SiteTable};
+use patch_sites::table::{
+    Detour, DetourArea, Form, Member, SITE_FLAG_NO_STACK, Site, SiteTable, TableError,
+};
 use patch_sites::{Op, Outcome, RegSet};
 use pvpatch_isa::asm::Asm;
 use pvpatch_isa::check::{self, Mismatch, StubCopy};
@@ -196,6 +198,8 @@ pub enum PlanError {
         /// What is wrong.
         problem: DetourProblem,
     },
+    /// The table's detour area, left unchecked by a deferring parse, fails its check.
+    Table(TableError),
     /// What the planner built for a site does not decode as intended (a bug, caught).
     BadSequence {
         /// Record index.
@@ -261,6 +265,7 @@ impl fmt::Display for PlanError {
                 )
             }
             PlanError::Detour { index, problem } => write!(f, "detour {index}: {problem}"),
+            PlanError::Table(e) => write!(f, "site table invalid: {e}"),
             PlanError::MustRewrite { index, addr, op } => write!(
                 f,
                 "record {index}: the {op} at {addr:#x} cannot take the backend's sequence, and \
@@ -292,6 +297,12 @@ pub fn plan(
     let mut sites = Vec::with_capacity(table.len());
     for (i, site) in table.sites().enumerate() {
         sites.push(plan_site(i as u32, site, backend, text, force, table)?);
+    }
+    // A deferring parse leaves the detour area unchecked: a plan that writes anything (a site,
+    // a detour, the arena's code, which goes in only with a changed site) checks it first; one
+    // that writes nothing needs nothing of it.
+    if backend.takes_every_detour() || sites.iter().any(|p| p.new != p.old) {
+        table.check_detour_area().map_err(PlanError::Table)?;
     }
     let detours = plan_detours(table, backend, text, force, &mut sites)?;
     Ok(Plan {

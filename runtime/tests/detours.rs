@@ -561,3 +561,41 @@ fn one_byte(addr: u64, op: Op, form: Form, site_len: u8, stub: Option<u64>) -> S
         stub,
     }
 }
+
+/// A table whose detour area fails its check (its arena lies outside the code ranges given):
+/// the whole parse refuses it; a deferring parse (the shim's) accepts it for a plan that writes
+/// nothing, and the planner refuses it as soon as the plan would write anything.
+#[test]
+fn a_deferred_detour_area_is_checked_before_anything_is_written() {
+    use patch_sites::table::{DetourError, TableError};
+    let bytes = table(false, &stub(false));
+    let short = [AddrRange::new(BASE, ARENA.start)];
+    let refused = Err(TableError::Detours(DetourError::BadArena));
+    assert_eq!(
+        SiteTable::parse_contiguous(&bytes, TABLE_ADDR, &short).map(|_| ()),
+        refused
+    );
+    let t = SiteTable::parse_contiguous_deferring_detours(&bytes, TABLE_ADDR, &short).unwrap();
+    assert!(!t.detour_area_checked());
+    assert_eq!(t.check_detour_area(), refused);
+    let text = Text::new(false);
+    let p = plan::plan(&t, &native(), &text, None).unwrap();
+    assert!(p.sites.iter().all(|s| s.new == s.old) && p.detours.is_empty());
+    let call = |_: u32, _: &Site| {
+        Some(Choice::Call {
+            target: ARENA.start,
+            clobbers: RegSet::EMPTY,
+        })
+    };
+    assert_eq!(
+        plan::plan(&t, &native(), &text, Some(&call)).map(|_| ()),
+        Err(PlanError::Table(TableError::Detours(DetourError::BadArena)))
+    );
+    // Checked against the whole text, the same table plans the call.
+    let full = SiteTable::parse_contiguous_deferring_detours(&bytes, TABLE_ADDR, &[TEXT]).unwrap();
+    assert!(plan::plan(&full, &native(), &text, Some(&call)).is_ok());
+    assert!(
+        SiteTable::parse_contiguous(&bytes, TABLE_ADDR, &[TEXT])
+            .is_ok_and(|t| t.detour_area_checked())
+    );
+}

@@ -347,6 +347,9 @@ pub struct SiteTable<'a> {
     records: &'a [u8],
     unknown_ops: u32,
     area: DetourArea<'a>,
+    /// The code ranges the detour area is still to be checked against, when a deferring parse
+    /// left that check for later ([`SiteTable::parse_contiguous_deferring_detours`]).
+    area_unchecked: Option<&'a [AddrRange]>,
 }
 
 impl<'a> SiteTable<'a> {
@@ -382,6 +385,18 @@ impl<'a> SiteTable<'a> {
         area: &'a [u8],
         image: &[AddrRange],
         scratch: &mut [Span],
+    ) -> Result<SiteTable<'a>, TableError> {
+        SiteTable::parse_inner(header, records, area, image, scratch, true)
+    }
+
+    /// [`SiteTable::parse_with_area`], the detour area's check included or not.
+    fn parse_inner(
+        header: Header,
+        records: &'a [u8],
+        area: &'a [u8],
+        image: &[AddrRange],
+        scratch: &mut [Span],
+        check_area: bool,
     ) -> Result<SiteTable<'a>, TableError> {
         let area = match header.detour_area() {
             Some((_, len)) => area
@@ -462,6 +477,7 @@ impl<'a> SiteTable<'a> {
                 detours,
                 members,
             },
+            area_unchecked: None,
         };
         if !sorted {
             match spans {
@@ -469,14 +485,55 @@ impl<'a> SiteTable<'a> {
                 None => table.check_overlaps_unsorted()?,
             }
         }
-        if let Some((_, _, arena)) = header.ext {
-            let view = |i: u32| table.view(i as usize);
-            detours::check(&table.area, table.len() as u32, &view, image, arena)
-                .map_err(TableError::Detours)?;
+        if header.ext.is_some() {
+            if check_area {
+                table.check_area_against(image)?;
+            }
         } else if table.sites().any(|s| s.form == super::Form::Movable) {
             return Err(TableError::Detours(DetourError::MissingMember(0)));
         }
         Ok(table)
+    }
+
+    /// The detour area's check ([`detours::check`]) against the code ranges `image`.
+    fn check_area_against(&self, image: &[AddrRange]) -> Result<(), TableError> {
+        let Some((_, _, arena)) = self.header.ext else {
+            return Ok(());
+        };
+        let view = |i: u32| self.view(i as usize);
+        detours::check(&self.area, self.len() as u32, &view, image, arena)
+            .map_err(TableError::Detours)
+    }
+
+    /// As [`SiteTable::parse_contiguous`], with every check but the detour area's (the header,
+    /// the checksum over the whole table, every record), which is left for
+    /// [`SiteTable::check_detour_area`]. For a caller that may write nothing at all (the boot
+    /// shim on a backend that keeps every site as it is), where checking how the area's stubs,
+    /// trampolines and arena lie against each other and the sites is work without a purpose:
+    /// it must call that before it writes anything.
+    pub fn parse_contiguous_deferring_detours(
+        bytes: &'a [u8],
+        addr: u64,
+        image: &'a [AddrRange],
+    ) -> Result<SiteTable<'a>, TableError> {
+        let mut table = SiteTable::contiguous(bytes, addr, image, false)?;
+        if table.header.ext.is_some() {
+            table.area_unchecked = Some(image);
+        }
+        Ok(table)
+    }
+
+    /// Whether the detour area has been checked (always, but after a deferring parse).
+    pub fn detour_area_checked(&self) -> bool {
+        self.area_unchecked.is_none()
+    }
+
+    /// Checks the detour area a deferring parse left unchecked (nothing to do otherwise).
+    pub fn check_detour_area(&self) -> Result<(), TableError> {
+        match self.area_unchecked {
+            Some(image) => self.check_area_against(image),
+            None => Ok(()),
+        }
     }
 
     /// Parses a table whose header and records lie together in `bytes`, which starts at `addr`
@@ -485,6 +542,16 @@ impl<'a> SiteTable<'a> {
         bytes: &'a [u8],
         addr: u64,
         image: &[AddrRange],
+    ) -> Result<SiteTable<'a>, TableError> {
+        SiteTable::contiguous(bytes, addr, image, true)
+    }
+
+    /// [`SiteTable::parse_contiguous`], the detour area's check included or not.
+    fn contiguous(
+        bytes: &'a [u8],
+        addr: u64,
+        image: &[AddrRange],
+        check_area: bool,
     ) -> Result<SiteTable<'a>, TableError> {
         let header = Header::parse(bytes, addr)?;
         let needed = header.records_len();
@@ -511,12 +578,13 @@ impl<'a> SiteTable<'a> {
             }
             None => &[],
         };
-        SiteTable::parse_with_area(
+        SiteTable::parse_inner(
             header,
             &bytes[start as usize..end as usize],
             area,
             image,
             &mut [],
+            check_area,
         )
     }
 
