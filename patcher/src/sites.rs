@@ -198,21 +198,23 @@ impl SiteCounts {
         for (a, b) in self.detours.iter_mut().zip(other.detours) {
             *a += b;
         }
-        for (k, n) in other.native_reasons {
-            *self.native_reasons.entry(k).or_default() += n;
-        }
-        for (k, n) in other.pinned_reasons {
-            *self.pinned_reasons.entry(k).or_default() += n;
-        }
-        for (k, n) in other.by_class {
-            *self.by_class.entry(k).or_default() += n;
-        }
-        for (k, o) in other.by_op {
-            *self.by_op.entry(k).or_default() += o;
-        }
+        add_counts(&mut self.native_reasons, other.native_reasons);
+        add_counts(&mut self.pinned_reasons, other.pinned_reasons);
+        add_counts(&mut self.by_class, other.by_class);
+        add_counts(&mut self.by_op, other.by_op);
         for (a, b) in self.per_section.iter_mut().zip(other.per_section) {
             *a += b;
         }
+    }
+}
+
+/// Adds every count of `from` to `into`'s under the same key.
+fn add_counts<K: Ord, V: Default + std::ops::AddAssign>(
+    into: &mut BTreeMap<K, V>,
+    from: BTreeMap<K, V>,
+) {
+    for (k, n) in from {
+        *into.entry(k).or_default() += n;
     }
 }
 

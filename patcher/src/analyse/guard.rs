@@ -67,6 +67,8 @@ pub struct Guards {
     named: Vec<u64>,
     /// ORC IPs (boundaries), sorted.
     orc: Vec<u64>,
+    /// The entry text and the code in it whose address Linux checks (found once).
+    entry: Option<super::EntryText>,
 }
 
 const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
@@ -126,7 +128,13 @@ impl Guards {
             longest,
             named,
             orc,
+            entry: super::EntryText::of(image),
         }
+    }
+
+    /// The image's entry text, if it has one.
+    pub fn entry_text(&self) -> Option<&super::EntryText> {
+        self.entry.as_ref()
     }
 
     /// The guards that overlap `[start, end)`.

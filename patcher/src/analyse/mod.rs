@@ -587,7 +587,8 @@ fn room(at: &Where<'_>, f: &Found, covered_by: Option<&Protected>) -> Room {
     // no call form (the record says `NO_STACK`), and a detour only where [`EntryText`] allows
     // one (planned with the others, [`stock`]).
     if entry_text {
-        let checked = EntryText::of(image)
+        let checked = guards
+            .entry_text()
             .map(|e| e.ip_checked(f.addr, f.addr + f.len as u64))
             .unwrap_or(Some("entry code whose address checks could not be located"));
         if let Some(why) = checked {

@@ -216,10 +216,8 @@ pub fn plan(
     alloc: &mut Allocator,
 ) -> Vec<DetourPlan> {
     let mut pads = padding(image, guards, sweep, orc);
-    let entry = EntryText::of(image);
-    let zone = Zone {
-        entry: entry.as_ref(),
-    };
+    let entry = guards.entry_text();
+    let zone = Zone { entry };
     let mut plans = Vec::new();
     let addr_of: Vec<u64> = sites.iter().map(|s| s.found.addr).collect();
     let mut taken = vec![false; sites.len()];
@@ -230,9 +228,9 @@ pub fn plan(
         if taken[i]
             || !s.rewritable()
             // In the entry text, room for a call is no use: no call is allowed there.
-            || (s.room.in_place >= 5 && !entry.as_ref().is_some_and(|e| e.contains(s.found.addr)))
+            || (s.room.in_place >= 5 && !entry.is_some_and(|e| e.contains(s.found.addr)))
             || !s.room.forms.contains(&Outcome::Inline)
-            || entry.as_ref().is_some_and(|e| {
+            || entry.is_some_and(|e| {
                 e.ip_checked(s.found.addr, s.found.addr + s.found.len as u64)
                     .is_some()
             })
@@ -464,16 +462,39 @@ fn check_window(
     })
 }
 
-/// The nearest free trampoline slot reachable by a `jmp rel8` at `start`; taken from `pads`.
-/// The ORC entry that covers the slot must be undefined (an unwind from there stops) or the
-/// very entry that covers `start` (an unwind from there is the one from the site).
+/// A trampoline slot [`trampoline`] found: its address, and the padding it comes out of.
+#[derive(Clone, Copy)]
+struct Slot {
+    at: u64,
+    pad: usize,
+}
+
+impl Slot {
+    /// Takes the slot out of `pads` (once the detour that uses it is built).
+    fn take(self, pads: &mut Pads) {
+        let Some(p) = pads.free.get_mut(self.pad) else {
+            return;
+        };
+        if p.nops {
+            p.start = p.end;
+        } else if self.at == p.start {
+            p.start += 5;
+        } else {
+            p.end -= 5;
+        }
+    }
+}
+
+/// The nearest free trampoline slot reachable by a `jmp rel8` at `start` (left in `pads`: see
+/// [`Slot::take`]). The ORC entry that covers the slot must be undefined (an unwind from there
+/// stops) or the very entry that covers `start` (an unwind from there is the one from the site).
 fn trampoline(
-    pads: &mut Pads,
+    pads: &Pads,
     orc: &Orc,
     moved: &std::collections::BTreeMap<u64, u64>,
     zone: Zone<'_>,
     start: u64,
-) -> Option<u64> {
+) -> Option<Slot> {
     let site = orc.covering(start);
     let free = |t: u64| {
         moved
@@ -490,29 +511,22 @@ fn trampoline(
     };
     let reach = |t: u64| (t as i128 - (start as i128 + 2)).unsigned_abs() <= 127 && sound(t);
     let lo = pads.free.partition_point(|p| p.end + 128 < start);
-    let best = pads.free[lo..]
-        .iter_mut()
-        .take_while(|p| p.start <= start + 130)
-        .filter(|p| p.end - p.start >= 5)
-        .filter_map(|p| {
+    pads.free[lo..]
+        .iter()
+        .enumerate()
+        .take_while(|(_, p)| p.start <= start + 130)
+        .filter(|(_, p)| p.end - p.start >= 5)
+        .filter_map(|(k, p)| {
             // The slot: the free part's start, or (in `int3`s) its end minus 5, whichever is
             // reachable.
             let last = if p.nops { p.start } else { p.end - 5 };
             [p.start, last]
                 .into_iter()
                 .find(|&t| reach(t))
-                .map(|t| (t.abs_diff(start), t, p))
+                .map(|t| (t.abs_diff(start), t, lo + k))
         })
-        .min_by_key(|(d, t, _)| (*d, *t))?;
-    let (_, t, p) = best;
-    if p.nops {
-        p.start = p.end;
-    } else if t == p.start {
-        p.start += 5;
-    } else {
-        p.end -= 5;
-    }
-    Some(t)
+        .min_by_key(|(d, t, _)| (*d, *t))
+        .map(|(_, at, pad)| Slot { at, pad })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -565,23 +579,21 @@ fn plan_one(
                 continue;
             }
         };
-        let jump = if needs_tramp {
-            match trampoline(pads, orc, moved, zone, start) {
-                Some(t) => Jump::Trampoline(t),
-                None => {
-                    if first_fwd.is_none() && start == f.addr {
-                        first_fwd = Some(blocked(
-                            "no padding in reach",
-                            format!("no padding within a jmp rel8 of {start:#x}"),
-                        ));
-                    }
-                    continue;
+        let slot = if needs_tramp {
+            let Some(t) = trampoline(pads, orc, moved, zone, start) else {
+                if first_fwd.is_none() && start == f.addr {
+                    first_fwd = Some(blocked(
+                        "no padding in reach",
+                        format!("no padding within a jmp rel8 of {start:#x}"),
+                    ));
                 }
-            }
+                continue;
+            };
+            Some(t)
         } else {
-            Jump::Direct
+            None
         };
-        return build(image, sites, w, jump, zone, alloc);
+        return build_taking(image, sites, w, slot, pads, zone, alloc);
     }
     let fwd = first_fwd.unwrap_or_else(|| blocked("too long", "no forward range".into()));
     let back = first_back.unwrap_or_else(|| blocked("too long", "no backward range".into()));
@@ -640,20 +652,39 @@ fn merge(
         ) else {
             continue;
         };
-        let jump = if end - prev.start >= 5 {
-            Jump::Direct
+        let slot = if end - prev.start >= 5 {
+            None
         } else {
-            match trampoline(pads, orc, moved, zone, prev.start) {
-                Some(t) => Jump::Trampoline(t),
-                None => continue,
-            }
+            let Some(t) = trampoline(pads, orc, moved, zone, prev.start) else {
+                continue;
+            };
+            Some(t)
         };
-        if let Ok(p) = build(image, sites, w, jump, zone, alloc) {
+        if let Ok(p) = build_taking(image, sites, w, slot, pads, zone, alloc) {
             return Some(p);
         }
     }
     release(taken, moved, true);
     None
+}
+
+/// [`build`], through the trampoline `slot` if there is one, which is taken from `pads` only
+/// if the detour is built (a failed build leaves the padding for another).
+fn build_taking(
+    image: &Image,
+    sites: &[SiteInfo],
+    w: Window,
+    slot: Option<Slot>,
+    pads: &mut Pads,
+    zone: Zone<'_>,
+    alloc: &mut Allocator,
+) -> Result<DetourPlan, Blocked> {
+    let jump = slot.map_or(Jump::Direct, |s| Jump::Trampoline(s.at));
+    let built = build(image, sites, w, jump, zone, alloc)?;
+    if let Some(s) = slot {
+        s.take(pads);
+    }
+    Ok(built)
 }
 
 fn build(
