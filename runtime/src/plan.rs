@@ -298,10 +298,16 @@ pub fn plan(
     for (i, site) in table.sites().enumerate() {
         sites.push(plan_site(i as u32, site, backend, text, force, table)?);
     }
-    // A deferring parse leaves the detour area unchecked: a plan that writes anything (a site,
-    // a detour, the arena's code, which goes in only with a changed site) checks it first; one
-    // that writes nothing needs nothing of it.
-    if backend.takes_every_detour() || sites.iter().any(|p| p.new != p.old) {
+    // A deferring parse leaves the detour area unchecked: a plan that uses any of it (a detour,
+    // or the arena for the backend's out-of-line code, which goes in with any changed site)
+    // checks it first. Sites rewritten in place need nothing of it (kvm's and vmware's port
+    // 0x80 delays), nor does a plan that writes nothing.
+    let has_code = backend.rom.is_some() || backend.pv.is_some() || backend.thunks.is_some();
+    if backend.takes_every_detour()
+        || sites
+            .iter()
+            .any(|p| p.new != p.old && (has_code || p.detour.is_some()))
+    {
         table.check_detour_area().map_err(PlanError::Table)?;
     }
     let detours = plan_detours(table, backend, text, force, &mut sites)?;

@@ -564,7 +564,8 @@ fn one_byte(addr: u64, op: Op, form: Form, site_len: u8, stub: Option<u64>) -> S
 
 /// A table whose detour area fails its check (its arena lies outside the code ranges given):
 /// the whole parse refuses it; a deferring parse (the shim's) accepts it for a plan that writes
-/// nothing, and the planner refuses it as soon as the plan would write anything.
+/// nothing or rewrites sites in place, and the planner refuses it as soon as the plan would use
+/// a detour.
 #[test]
 fn a_deferred_detour_area_is_checked_before_anything_is_written() {
     use patch_sites::table::{DetourError, TableError};
@@ -590,6 +591,12 @@ fn a_deferred_detour_area_is_checked_before_anything_is_written() {
     assert_eq!(
         plan::plan(&t, &native(), &text, Some(&call)).map(|_| ()),
         Err(PlanError::Table(TableError::Detours(DetourError::BadArena)))
+    );
+    // A site rewritten in place, with no out-of-line code, needs nothing of the area.
+    let nothing = |_: u32, _: &Site| Some(Choice::Nothing);
+    let p = plan::plan(&t, &native(), &text, Some(&nothing)).unwrap();
+    assert!(
+        p.detours.is_empty() && p.sites[0].new != p.sites[0].old && p.sites[0].detour.is_none()
     );
     // Checked against the whole text, the same table plans the call.
     let full = SiteTable::parse_contiguous_deferring_detours(&bytes, TABLE_ADDR, &[TEXT]).unwrap();
