@@ -12,10 +12,12 @@
 
 use core::fmt;
 
+use alloc::vec::Vec;
 use patch_sites::Op;
+use patch_sites::Operand;
 use patch_sites::op::Kind;
 use patch_sites::rom::{Rom, RomAction, RomEntry};
-use patch_sites::table::SiteTable;
+use patch_sites::table::{Site, SiteTable};
 pub use pvpatch_isa::sequence::CodeProblem;
 use pvpatch_isa::sequence::{self, BadInsn, check_code, effects, may_change};
 use pvpatch_isa::template::{SubstError, Template};
@@ -124,6 +126,46 @@ pub fn validate_code(rom: &Rom<'_>) -> Result<(), RomRefusal> {
     rom.entries().try_for_each(|e| validate_entry(&e))
 }
 
+/// A sort key for an operand (its kind, then its registers or port).
+fn operand_key(o: Operand) -> u32 {
+    match o {
+        Operand::None => 0,
+        Operand::Reg(r) => 1 << 16 | u32::from(r.number()),
+        Operand::PortImm(p) => 2 << 16 | u32::from(p),
+        Operand::PortDx => 3 << 16,
+        Operand::MemBase(r) => 4 << 16 | u32::from(r.number()),
+        Operand::MemOther => 5 << 16,
+        Operand::DebugReg { dr, reg } => 6 << 16 | u32::from(dr) << 8 | u32::from(reg.number()),
+        Operand::RegMemBase { reg, base } => {
+            7 << 16 | u32::from(reg.number()) << 8 | u32::from(base.number())
+        }
+    }
+}
+
+/// The first site of each distinct op, operand and width of `table`, in table order. A ROM's
+/// checks of a site depend on nothing else of it (the template's substitution, the operands its
+/// own instruction must act on, what it may change), so checking these is checking every site,
+/// and the first site that fails is the one the table order would have found: at boot, where
+/// every instruction may be emulated, the sequences are decoded once per kind of site instead
+/// of once per site, and the table is walked once instead of once per ROM entry.
+fn site_kinds(table: &SiteTable<'_>) -> Vec<Site> {
+    let mut keyed: Vec<(u64, u32, Site)> = table
+        .sites()
+        .enumerate()
+        .filter(|(_, s)| s.op().is_some())
+        .map(|(i, s)| {
+            let key = u64::from(s.op_id) << 40
+                | u64::from(s.width) << 32
+                | u64::from(operand_key(s.operand));
+            (key, i as u32, s)
+        })
+        .collect();
+    keyed.sort_unstable_by_key(|&(k, i, _)| (k, i));
+    keyed.dedup_by_key(|&mut (k, _, _)| k);
+    keyed.sort_unstable_by_key(|&(_, i, _)| i);
+    keyed.into_iter().map(|(_, _, s)| s).collect()
+}
+
 /// Validates `rom` for this kernel (`table`) on a hypervisor with CPUID signature `signature`.
 pub fn validate(
     rom: &Rom<'_>,
@@ -134,9 +176,10 @@ pub fn validate(
         return Err(RomRefusal::WrongSignature);
     }
     validate_code(rom)?;
+    let kinds = site_kinds(table);
     for e in rom.entries() {
         let Some(op) = e.op() else { continue };
-        for site in table.sites().filter(|s| s.op() == Some(op)) {
+        for site in kinds.iter().filter(|s| s.op() == Some(op)) {
             match e.action {
                 RomAction::Inline { template, slots } => {
                     let t = Template {
@@ -144,16 +187,16 @@ pub fn validate(
                         slots,
                         clobbers: e.clobbers,
                     };
-                    let seq = t.instantiate(&site).map_err(|error| RomRefusal::Operand {
+                    let seq = t.instantiate(site).map_err(|error| RomRefusal::Operand {
                         op,
                         addr: site.addr,
                         error,
                     })?;
                     check_code(op, seq.as_slice(), false).map_err(code(op))?;
-                    same_operands(op, &site, seq.as_slice())?;
+                    same_operands(op, site, seq.as_slice())?;
                     effects(
                         op,
-                        &site,
+                        site,
                         seq.as_slice(),
                         may_change(op, site.operand, e.clobbers),
                         false,
@@ -163,8 +206,8 @@ pub fn validate(
                 RomAction::Call { code: c, .. } => {
                     // The entry point runs with the site's registers: its own instruction must
                     // use the site's operand, and it may change only what the site allows.
-                    same_operands(op, &site, c)?;
-                    effects(op, &site, c, may_change(op, site.operand, e.clobbers), true)
+                    same_operands(op, site, c)?;
+                    effects(op, site, c, may_change(op, site.operand, e.clobbers), true)
                         .map_err(code(op))?;
                 }
                 _ => {}

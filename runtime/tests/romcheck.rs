@@ -214,3 +214,41 @@ fn refusals_say_what_is_wrong() {
         assert!(shown.contains(word), "{shown}");
     }
 }
+
+/// The checks run once per kind of site (op, operand, width), and a refusal still names the
+/// first site in table order that the ROM cannot serve: here `save_fl` into rbx twice, then into
+/// rcx twice, and a template fixed to rbx.
+#[test]
+fn each_kind_of_site_is_checked_and_the_first_that_fails_is_named() {
+    let sites = [
+        site(TEXT.start + 0x10, Op::SaveFl, Operand::Reg(Gpr::Rbx), 8, 2),
+        site(TEXT.start + 0x20, Op::SaveFl, Operand::Reg(Gpr::Rbx), 8, 2),
+        site(TEXT.start + 0x30, Op::SaveFl, Operand::Reg(Gpr::Rcx), 8, 2),
+        site(TEXT.start + 0x40, Op::SaveFl, Operand::Reg(Gpr::Rcx), 8, 2),
+    ];
+    let mut t = vec![0u8; patch_sites::table::sealed_table_size(sites.len())];
+    write_sealed_table(&sites, TABLE_ADDR, &mut t).unwrap();
+    let table = SiteTable::parse_contiguous(&t, TABLE_ADDR, &[TEXT]).unwrap();
+    let fixed = [RomEntrySpec {
+        clobbers: RegSet::of(&[Gpr::Rbx, Gpr::Rcx]),
+        // pushfq; pop rbx
+        ..RomEntrySpec::new(Op::SaveFl, RomKind::Inline, &[0x9c, 0x5b])
+    }];
+    let bytes = rom(KVM, &fixed);
+    let r = Rom::parse(&bytes).unwrap();
+    assert_eq!(
+        romcheck::validate(&r, &KVM, &table),
+        Err(RomRefusal::WrongOperand {
+            op: Op::SaveFl,
+            addr: TEXT.start + 0x30
+        })
+    );
+    // With the register put in, every kind passes.
+    let slotted = [RomEntrySpec {
+        slots: &SAVE_FL_SLOT,
+        ..RomEntrySpec::new(Op::SaveFl, RomKind::Inline, &[0x9c, 0x58])
+    }];
+    let bytes = rom(KVM, &slotted);
+    let r = Rom::parse(&bytes).unwrap();
+    assert_eq!(romcheck::validate(&r, &KVM, &table), Ok(()));
+}
