@@ -98,6 +98,11 @@ fn holds(t: &dyn TextPoke, addr: u64, bytes: &[u8]) -> bool {
 /// first, then each detour's stub and trampoline, then the sites in place, then each detour's
 /// `jmp` (so that nothing can reach a stub before it is whole); then everything is read back.
 pub fn apply(plan: &Plan, t: &mut dyn TextPoke) -> Result<Applied, ApplyError> {
+    // A plan that writes nothing (every site already what the backend wants) touches nothing:
+    // not even the text poke's open and close.
+    if plan.code.is_empty() && plan.writes().next().is_none() {
+        return Ok(Applied::default());
+    }
     for c in &plan.code {
         if !holds(t, c.addr, &c.old) {
             return Err(ApplyError::Changed {

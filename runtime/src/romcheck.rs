@@ -149,21 +149,18 @@ fn operand_key(o: Operand) -> u32 {
 /// every instruction may be emulated, the sequences are decoded once per kind of site instead
 /// of once per site, and the table is walked once instead of once per ROM entry.
 fn site_kinds(table: &SiteTable<'_>) -> Vec<Site> {
-    let mut keyed: Vec<(u64, u32, Site)> = table
-        .sites()
-        .enumerate()
-        .filter(|(_, s)| s.op().is_some())
-        .map(|(i, s)| {
-            let key = u64::from(s.op_id) << 40
-                | u64::from(s.width) << 32
-                | u64::from(operand_key(s.operand));
-            (key, i as u32, s)
-        })
-        .collect();
-    keyed.sort_unstable_by_key(|&(k, i, _)| (k, i));
-    keyed.dedup_by_key(|&mut (k, _, _)| k);
-    keyed.sort_unstable_by_key(|&(_, i, _)| i);
-    keyed.into_iter().map(|(_, _, s)| s).collect()
+    // The keys seen, sorted (a few hundred at most: one per port, register and op).
+    let mut seen: Vec<u64> = Vec::new();
+    let mut kinds = Vec::new();
+    for s in table.sites().filter(|s| s.op().is_some()) {
+        let key =
+            u64::from(s.op_id) << 40 | u64::from(s.width) << 32 | u64::from(operand_key(s.operand));
+        if let Err(at) = seen.binary_search(&key) {
+            seen.insert(at, key);
+            kinds.push(s);
+        }
+    }
+    kinds
 }
 
 /// Validates `rom` for this kernel (`table`) on a hypervisor with CPUID signature `signature`.

@@ -606,3 +606,40 @@ fn a_deferred_detour_area_is_checked_before_anything_is_written() {
             .is_ok_and(|t| t.detour_area_checked())
     );
 }
+
+/// A plan that writes nothing is applied without touching the text: no open, write, close or
+/// sync of the text poke (which, in a kernel, may remap pages or stop other CPUs).
+#[test]
+fn a_plan_that_writes_nothing_touches_nothing() {
+    use pvpatch_runtime::apply::{self, Applied, TextPoke};
+    struct Counting(Text, u32);
+    impl TextRead for Counting {
+        fn read(&self, addr: u64, out: &mut [u8]) -> bool {
+            self.0.read(addr, out)
+        }
+    }
+    impl TextPoke for Counting {
+        fn open(&mut self) {
+            self.1 += 1;
+        }
+        fn close(&mut self) {
+            self.1 += 1;
+        }
+        fn write(&mut self, _: u64, _: &[u8]) {
+            self.1 += 1;
+        }
+        fn sync(&mut self) {
+            self.1 += 1;
+        }
+    }
+    let bytes = table(false, &stub(false));
+    let t = SiteTable::parse_contiguous(&bytes, TABLE_ADDR, &[TEXT]).unwrap();
+    let mut text = Counting(Text::new(false), 0);
+    let p = plan::plan(&t, &native(), &text, None).unwrap();
+    assert_eq!(apply::apply(&p, &mut text), Ok(Applied::default()));
+    assert_eq!(text.1, 0);
+    // With a write, the poke is used (this one drops what it is given: the read-back fails).
+    let p = plan_call(&bytes, &text.0).unwrap();
+    assert!(apply::apply(&p, &mut text).is_err());
+    assert!(text.1 > 0);
+}
