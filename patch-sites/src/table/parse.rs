@@ -507,10 +507,11 @@ impl<'a> SiteTable<'a> {
 
     /// As [`SiteTable::parse_contiguous`], with every check but the detour area's (the header,
     /// the checksum over the whole table, every record), which is left for
-    /// [`SiteTable::check_detour_area`]. For a caller that may write nothing at all (the boot
-    /// shim on a backend that keeps every site as it is), where checking how the area's stubs,
-    /// trampolines and arena lie against each other and the sites is work without a purpose:
-    /// it must call that before it writes anything.
+    /// [`SiteTable::check_detour_area`]. For a caller that may use nothing of the area (the
+    /// boot shim on a backend that keeps every site as it is, or rewrites some in place), where
+    /// checking how the area's stubs, trampolines and arena lie against each other and the sites
+    /// is work without a purpose: it must call that before it installs a detour or writes into
+    /// the arena (the runtime's planner does).
     pub fn parse_contiguous_deferring_detours(
         bytes: &'a [u8],
         addr: u64,
