@@ -325,7 +325,8 @@ fn stub_copy(table: &SiteTable<'_>, index: u32) -> Option<(Member, u64, Seq)> {
     let d = area.detour(m.detour).ok()?;
     let off = m.copy_off as usize;
     let copy = Seq::from_slice(d.stub_bytes.get(off..off + m.copy_len as usize)?)?;
-    Some((m, d.stub + off as u64, copy))
+    // The area may not have been checked yet (a deferring parse): nothing here may overflow.
+    Some((m, d.stub.checked_add(off as u64)?, copy))
 }
 
 /// The members of each detour of `area`, by detour index.
