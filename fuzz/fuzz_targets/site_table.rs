@@ -34,7 +34,11 @@ impl Text {
 impl TextRead for Text {
     fn read(&self, addr: u64, out: &mut [u8]) -> bool {
         for (k, b) in out.iter_mut().enumerate() {
-            *b = self.0.get(&addr.wrapping_add(k as u64)).copied().unwrap_or(0xcc);
+            *b = self
+                .0
+                .get(&addr.wrapping_add(k as u64))
+                .copied()
+                .unwrap_or(0xcc);
         }
         true
     }
@@ -60,7 +64,10 @@ fn plan_deferred(t: &SiteTable<'_>) {
         if let Ok(p) = plan::plan(t, &backend, &text, force)
             && !p.detours.is_empty()
         {
-            assert!(t.check_detour_area().is_ok(), "a detour from an unchecked area");
+            assert!(
+                t.check_detour_area().is_ok(),
+                "a detour from an unchecked area"
+            );
         }
     }
 }
@@ -75,7 +82,10 @@ fuzz_target!(|data: &[u8]| {
     let whole = SiteTable::parse_contiguous(data, TABLE_ADDR, &IMAGE).map(|_| ());
     let deferred = SiteTable::parse_contiguous_deferring_detours(data, TABLE_ADDR, &IMAGE)
         .and_then(|t| t.check_detour_area());
-    assert_eq!(whole, deferred, "a deferred check accepts what the whole parse does");
+    assert_eq!(
+        whole, deferred,
+        "a deferred check accepts what the whole parse does"
+    );
     if let Ok(t) = SiteTable::parse_contiguous_deferring_detours(data, TABLE_ADDR, &IMAGE) {
         plan_deferred(&t);
     }
