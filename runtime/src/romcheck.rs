@@ -14,7 +14,6 @@ use core::fmt;
 
 use alloc::vec::Vec;
 use patch_sites::Op;
-use patch_sites::Operand;
 use patch_sites::op::Kind;
 use patch_sites::rom::{Rom, RomAction, RomEntry};
 use patch_sites::table::{Site, SiteTable};
@@ -126,22 +125,6 @@ pub fn validate_code(rom: &Rom<'_>) -> Result<(), RomRefusal> {
     rom.entries().try_for_each(|e| validate_entry(&e))
 }
 
-/// A sort key for an operand (its kind, then its registers or port).
-fn operand_key(o: Operand) -> u32 {
-    match o {
-        Operand::None => 0,
-        Operand::Reg(r) => 1 << 16 | u32::from(r.number()),
-        Operand::PortImm(p) => 2 << 16 | u32::from(p),
-        Operand::PortDx => 3 << 16,
-        Operand::MemBase(r) => 4 << 16 | u32::from(r.number()),
-        Operand::MemOther => 5 << 16,
-        Operand::DebugReg { dr, reg } => 6 << 16 | u32::from(dr) << 8 | u32::from(reg.number()),
-        Operand::RegMemBase { reg, base } => {
-            7 << 16 | u32::from(reg.number()) << 8 | u32::from(base.number())
-        }
-    }
-}
-
 /// The first site of each distinct op, operand and width of `table`, in table order. A ROM's
 /// checks of a site depend on nothing else of it (the template's substitution, the operands its
 /// own instruction must act on, what it may change), so checking these is checking every site,
@@ -153,8 +136,14 @@ fn site_kinds(table: &SiteTable<'_>) -> Vec<Site> {
     let mut seen: Vec<u64> = Vec::new();
     let mut kinds = Vec::new();
     for s in table.sites().filter(|s| s.op().is_some()) {
-        let key =
-            u64::from(s.op_id) << 40 | u64::from(s.width) << 32 | u64::from(operand_key(s.operand));
+        // The record's own fields name the operand exactly (its ABI encoding).
+        let o = s.operand;
+        let key = u64::from(s.op_id) << 48
+            | u64::from(s.width) << 40
+            | u64::from(o.code()) << 32
+            | u64::from(o.reg_byte()) << 24
+            | u64::from(o.reg2_byte()) << 16
+            | u64::from(o.port_field());
         if let Err(at) = seen.binary_search(&key) {
             seen.insert(at, key);
             kinds.push(s);

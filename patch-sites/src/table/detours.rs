@@ -412,7 +412,7 @@ pub fn check(
         let sorted = prev_moved.is_none_or(|p| p.end <= d.moved)
             && prev_stub.is_none_or(|p| p.end <= d.stub);
         let st = d.stub_range();
-        while site_cur < count && site_at.is_some_and(|r| r.addr + r.site_len as u64 <= st.start) {
+        while site_at.is_some_and(|r| r.addr + r.site_len as u64 <= st.start) {
             site_cur += 1;
             site_at = if site_cur < count {
                 record(site_cur)
@@ -420,7 +420,7 @@ pub fn check(
                 None
             };
         }
-        while moved_cur < area.detours && moved_at.is_some_and(|e| e.end <= st.start) {
+        while moved_at.is_some_and(|e| e.end <= st.start) {
             moved_cur += 1;
             moved_at = if moved_cur < area.detours {
                 moved_of(moved_cur)
@@ -428,8 +428,9 @@ pub fn check(
                 None
             };
         }
-        let stub_clash = (site_cur < count && site_at.is_some_and(|r| r.addr < st.end))
-            || (moved_cur < area.detours && moved_at.is_some_and(|e| e.start < st.end))
+        // Past the last site or moved range, a cursor points at nothing (`None`).
+        let stub_clash = site_at.is_some_and(|r| r.addr < st.end)
+            || moved_at.is_some_and(|e| e.start < st.end)
             || arena.is_some_and(|a| overlaps(a, st));
         let clash = stub_clash
             || tramp.is_some_and(|t| {
