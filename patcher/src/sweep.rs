@@ -140,6 +140,8 @@ pub struct SectionCode {
     pub starts: ByteMap,
     /// Targets of direct branches and calls decoded anywhere in the image.
     pub targets: ByteMap,
+    /// The targets of more than one of them (or of one decoded twice).
+    pub shared: ByteMap,
 }
 
 /// Everything the sweep produced.
@@ -192,6 +194,12 @@ impl Sweep {
         self.index
             .overlapping(addr, addr.saturating_add(1))
             .any(|i| self.code[i].targets.get(addr))
+    }
+
+    /// Whether exactly one direct branch or call decoded anywhere targets `addr`.
+    pub fn is_sole_target(&self, addr: u64) -> bool {
+        self.code_at(addr)
+            .is_some_and(|c| c.targets.get(addr) && !c.shared.get(addr))
     }
 
     /// The first branch target in `[from, to)`.
@@ -478,6 +486,7 @@ fn sweep_with(
             section: si,
             starts: ByteMap::new(s.addr, s.size),
             targets: ByteMap::new(s.addr, s.size),
+            shared: ByteMap::new(s.addr, s.size),
         });
     }
     // The code maps by section index, and the sections by address, for the merge: lookups
@@ -535,7 +544,12 @@ fn sweep_with(
         let scan = &mut *scan;
         for t in r.targets {
             for i in scan.index.overlapping(t, t.saturating_add(1)) {
-                scan.code[i].targets.set(t);
+                let c = &mut scan.code[i];
+                if c.targets.get(t) {
+                    c.shared.set(t);
+                } else {
+                    c.targets.set(t);
+                }
             }
         }
     };

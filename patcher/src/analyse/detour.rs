@@ -14,8 +14,9 @@
 //! branches are widened to rel32, so that every length is known before any address. The site's
 //! own instruction is copied byte for byte (re-encoded only if it is RIP-relative).
 //!
-//! Nothing may jump into `(start, start + len)`: the caller checks that (the analysis refuses a
-//! detour over a branch target or a named instruction start).
+//! Nothing outside the range may jump into `(start, start + len)`: the caller checks that (the
+//! analysis refuses a detour over a named instruction start, or over a branch target unless the
+//! only branch to it moves too).
 
 use iced_x86::{Code, Decoder, DecoderOptions, Encoder, FlowControl, Instruction};
 use thiserror::Error;

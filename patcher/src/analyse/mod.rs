@@ -666,13 +666,17 @@ pub(crate) fn unmovable(image: &Image, at: u64) -> Result<Instruction, Blocked> 
 }
 
 /// Checks a candidate moved range `[start, end)`: inside one section, nothing protected in it,
-/// nothing jumps into it.
+/// nothing jumps into it from outside. `internal` lists the targets of the direct `jmp`s and
+/// `jcc`s the range itself holds (they follow their targets into the stub): such a target may
+/// lie inside if no symbol or table names it and that branch is the only one in the image that
+/// targets it ([`Sweep::is_sole_target`]).
 pub(crate) fn check_range(
     image: &Image,
     sweep: &Sweep,
     guards: &Guards,
     start: u64,
     end: u64,
+    internal: &[u64],
 ) -> Result<(), Blocked> {
     let s = image
         .section_at(start)
@@ -686,15 +690,21 @@ pub(crate) fn check_range(
             format!("{:#x} is protected ({})", g.start.max(start), g.why),
         ));
     }
-    if let Some(a) = guards.start_inside(sweep, start, end) {
-        return Err(if guards.is_named(a) {
-            blocked(
+    let mut from = start;
+    while let Some(a) = guards.start_inside(sweep, from, end) {
+        if guards.is_named(a) {
+            return Err(blocked(
                 "named instruction start",
                 format!("{a:#x} is named as an instruction start (symbol or table)"),
-            )
-        } else {
-            blocked("branch target", format!("{a:#x} is a branch target"))
-        });
+            ));
+        }
+        if !(internal.contains(&a) && sweep.is_sole_target(a)) {
+            return Err(blocked(
+                "branch target",
+                format!("{a:#x} is a branch target"),
+            ));
+        }
+        from = a;
     }
     Ok(())
 }
@@ -722,7 +732,7 @@ fn moved_range(image: &Image, sweep: &Sweep, guards: &Guards, f: &Found) -> Resu
             format!("{} bytes would move", end - f.addr),
         ));
     }
-    check_range(image, sweep, guards, f.addr, end)?;
+    check_range(image, sweep, guards, f.addr, end, &[])?;
     Ok(Moved {
         start: f.addr,
         len: (end - f.addr) as u8,

@@ -5,7 +5,10 @@
 //! before it (backward), or both (around). Every instruction in it is movable (falls through, a
 //! direct `jmp`/`jcc`/`call`, a near `ret`) or another rewritable site, which then shares the
 //! detour (a *group*: one stub, a patchable copy per site). Nothing protected lies in it and
-//! nothing jumps into it ([`super::check_range`]).
+//! nothing jumps into it from outside ([`super::check_range`]): a branch target inside is
+//! allowed only when no symbol or table names it and the one direct branch in the image that
+//! targets it moves too (a loop moved whole: `1: hlt; jmp 1b`), and only when no range without
+//! one will do (the branch follows its target into the stub).
 //!
 //! A range of at least 5 bytes becomes `jmp rel32 stub`. A shorter one (at least 2 bytes)
 //! becomes `jmp rel8` to a *trampoline*: 5 bytes of nearby padding that hold `jmp rel32 stub`:
@@ -391,7 +394,8 @@ struct Window {
 }
 
 /// Checks a window: every instruction in it movable or a free rewritable site; nothing
-/// protected; nothing jumps in.
+/// protected; nothing jumps in, except (`internal`) from the window itself, to a target
+/// nothing else jumps to or names (a loop moved whole).
 #[allow(clippy::too_many_arguments)]
 fn check_window(
     image: &Image,
@@ -404,6 +408,7 @@ fn check_window(
     zone: Zone<'_>,
     start: u64,
     end: u64,
+    internal: bool,
 ) -> Result<Window, Blocked> {
     zone.window(start, end)?;
     if let Some((a, _)) = moved.range(..end).next_back().filter(|(_, e)| **e > start) {
@@ -413,6 +418,8 @@ fn check_window(
         ));
     }
     let mut members = Vec::new();
+    // Targets of the range's own branches: they may lie inside it (a loop moved whole).
+    let mut targets = Vec::new();
     let mut at = start;
     while at < end {
         if let Ok(k) = addr_of.binary_search(&at) {
@@ -429,6 +436,9 @@ fn check_window(
         }
         let i = super::unmovable(image, at)?;
         at += i.len() as u64;
+        if internal && (i.is_jcc_short_or_near() || i.is_jmp_short_or_near()) {
+            targets.push(i.near_branch_target());
+        }
         if i.is_call_near() && zone.in_entry(start) {
             return Err(blocked(
                 "call in entry text",
@@ -454,7 +464,7 @@ fn check_window(
             format!("{end:#x} is not an instruction boundary"),
         ));
     }
-    check_range(image, sweep, guards, start, end)?;
+    check_range(image, sweep, guards, start, end, &targets)?;
     Ok(Window {
         start,
         end,
@@ -564,36 +574,40 @@ fn plan_one(
     }
     let mut first_fwd: Option<Blocked> = None;
     let mut first_back: Option<Blocked> = None;
-    for (needs_tramp, len, _, start) in candidates {
-        let end = start + len;
-        let w = match check_window(
-            image, sweep, guards, sites, addr_of, taken, moved, zone, start, end,
-        ) {
-            Ok(w) => w,
-            Err(b) => {
-                if start == f.addr && first_fwd.is_none() {
-                    first_fwd = Some(b);
-                } else if end == site_end && first_back.is_none() {
-                    first_back = Some(b);
+    // A window that moves a branch target (with every branch to it) only when no other will:
+    // the fewer instructions a stub re-encodes, the better.
+    for internal in [false, true] {
+        for &(needs_tramp, len, _, start) in &candidates {
+            let end = start + len;
+            let w = match check_window(
+                image, sweep, guards, sites, addr_of, taken, moved, zone, start, end, internal,
+            ) {
+                Ok(w) => w,
+                Err(b) => {
+                    if start == f.addr && first_fwd.is_none() {
+                        first_fwd = Some(b);
+                    } else if end == site_end && first_back.is_none() {
+                        first_back = Some(b);
+                    }
+                    continue;
                 }
-                continue;
-            }
-        };
-        let slot = if needs_tramp {
-            let Some(t) = trampoline(pads, orc, moved, zone, start) else {
-                if first_fwd.is_none() && start == f.addr {
-                    first_fwd = Some(blocked(
-                        "no padding in reach",
-                        format!("no padding within a jmp rel8 of {start:#x}"),
-                    ));
-                }
-                continue;
             };
-            Some(t)
-        } else {
-            None
-        };
-        return build_taking(image, sites, w, slot, pads, zone, alloc);
+            let slot = if needs_tramp {
+                let Some(t) = trampoline(pads, orc, moved, zone, start) else {
+                    if first_fwd.is_none() && start == f.addr {
+                        first_fwd = Some(blocked(
+                            "no padding in reach",
+                            format!("no padding within a jmp rel8 of {start:#x}"),
+                        ));
+                    }
+                    continue;
+                };
+                Some(t)
+            } else {
+                None
+            };
+            return build_taking(image, sites, w, slot, pads, zone, alloc);
+        }
     }
     let fwd = first_fwd.unwrap_or_else(|| blocked("too long", "no forward range".into()));
     let back = first_back.unwrap_or_else(|| blocked("too long", "no backward range".into()));
@@ -648,7 +662,7 @@ fn merge(
     let ends = std::iter::once(site_end).chain(after(image, site_end, 6));
     for end in ends.take_while(|&e| e - prev.start <= MAX_MOVED as u64) {
         let Ok(w) = check_window(
-            image, sweep, guards, sites, addr_of, taken, moved, zone, prev.start, end,
+            image, sweep, guards, sites, addr_of, taken, moved, zone, prev.start, end, false,
         ) else {
             continue;
         };
