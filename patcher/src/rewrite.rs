@@ -248,10 +248,7 @@ pub fn plan_image(report: &ScanReport<'_>, spec: &BackendSpec) -> Result<ImagePl
     };
     let code_bytes = code.write.as_ref().map_or(0, |w| w.new.len());
     let mut plan = plan::plan(&table, &backend, &view, None).map_err(RewriteError::Plan)?;
-    // Out-of-line code only goes in if something calls it.
-    if plan.sites.iter().any(|p| p.new != p.old) {
-        plan.code = code.write.into_iter().collect();
-    }
+    plan.take_code(code.write);
     Ok(ImagePlan {
         backend: spec.kind.name(),
         table_addr,

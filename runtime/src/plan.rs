@@ -132,6 +132,20 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Whether any site changes.
+    pub fn changes_any(&self) -> bool {
+        self.sites.iter().any(|p| p.new != p.old)
+    }
+
+    /// Takes the backend's out-of-line code ([`crate::arena::prepare`]'s write) into the plan,
+    /// if any site changes: nothing calls it otherwise. The planner checks a deferred detour
+    /// area before any plan that will take code ([`plan`]).
+    pub fn take_code(&mut self, write: Option<CodeWrite>) {
+        if self.changes_any() {
+            self.code = write.into_iter().collect();
+        }
+    }
+
     /// The sites that will be written in place (a site rewritten in a detour's stub is written
     /// with the stub).
     pub fn changes(&self) -> impl Iterator<Item = &Planned> {
@@ -299,9 +313,9 @@ pub fn plan(
         sites.push(plan_site(i as u32, site, backend, text, force, table)?);
     }
     // A deferring parse leaves the detour area unchecked: a plan that uses any of it (a detour,
-    // or the arena for the backend's out-of-line code, which goes in with any changed site)
-    // checks it first. Sites rewritten in place need nothing of it (kvm's and vmware's port
-    // 0x80 delays), nor does a plan that writes nothing.
+    // or the arena for the backend's out-of-line code, which goes in with any changed site:
+    // [`Plan::take_code`]) checks it first. Sites rewritten in place need nothing of it (kvm's
+    // and vmware's port 0x80 delays), nor does a plan that writes nothing.
     let has_code = backend.rom.is_some() || backend.pv.is_some() || backend.thunks.is_some();
     if backend.takes_every_detour()
         || sites

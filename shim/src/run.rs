@@ -228,9 +228,7 @@ fn patch(cmdline: &str, r: &mut Report) {
         Ok(p) => p,
         Err(e) => return refuse(r, &format!("{e}")),
     };
-    if planned.sites.iter().any(|p| p.new != p.old) {
-        planned.code = arena_code.write.into_iter().collect();
-    }
+    planned.take_code(arena_code.write);
     let t2 = hw::rdtsc();
     r.cycles_plan = t2 - t1;
     let mut poke = KernelText::new(&params, delta);

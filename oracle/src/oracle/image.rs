@@ -76,11 +76,7 @@ pub fn units(plan: &Plan) -> Vec<Unit> {
             rewrite,
         });
     }
-    for p in plan
-        .sites
-        .iter()
-        .filter(|p| p.detour.is_none() && p.new != p.old)
-    {
+    for p in plan.changes() {
         let mut rewrite = vec![(p.addr, p.new.as_slice().to_vec())];
         rewrite.extend(code.iter().cloned());
         out.push(Unit {

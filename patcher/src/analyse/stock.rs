@@ -767,3 +767,45 @@ fn build(
         },
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pvpatch_testkit::elf::{TEXT, build as elf};
+
+    /// A trampoline slot found for a range whose detour then fails to build stays free for the
+    /// next site (it used to be taken before the build).
+    #[test]
+    fn a_failed_build_leaves_its_trampoline_slot_free() {
+        let mut code = vec![0xfa, 0x90];
+        code.resize(48, 0xcc);
+        let img = Image::from_bytes("t.elf", elf(&code, &[("f", 0, 2)], &[])).unwrap();
+        let pad = Pad {
+            start: TEXT + 16,
+            end: TEXT + 32,
+            nops: false,
+        };
+        let mut pads = Pads {
+            free: vec![pad],
+            looked: Default::default(),
+        };
+        let slot = Slot {
+            at: TEXT + 16,
+            pad: 0,
+        };
+        // No member: there is no site to copy, and the build fails.
+        let w = Window {
+            start: TEXT,
+            end: TEXT + 2,
+            members: Vec::new(),
+        };
+        let mut alloc = Allocator::new(Vec::new());
+        let zone = Zone { entry: None };
+        let built = build_taking(&img, &[], w, Some(slot), &mut pads, zone, &mut alloc);
+        assert!(built.is_err_and(|b| b.kind == "stub not encodable"));
+        assert_eq!(pads.free, vec![pad], "the failed build took the slot");
+        // The slot is one that taking changes.
+        slot.take(&mut pads);
+        assert_eq!(pads.free[0].start, TEXT + 21);
+    }
+}
