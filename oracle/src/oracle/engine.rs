@@ -1067,6 +1067,24 @@ fn model(uc: &mut Uc<'_>, insn: &Instruction, rflags: u64) -> Result<Step, Strin
             write_gpr(uc, 2, t >> 32);
             write_gpr(uc, 1, aux);
         }
+        Mnemonic::Rdrand | Mnemonic::Rdseed => {
+            let r = reg(0);
+            let i = gpr_index(r).ok_or("not a general register")?;
+            let v = uc.get_data_mut().vcpu.random();
+            let old = read_gpr(uc, i);
+            write_gpr(
+                uc,
+                i,
+                match r.size() {
+                    2 => (old & !0xffff) | (v & 0xffff),
+                    4 => v & 0xffff_ffff,
+                    _ => v,
+                },
+            );
+            // A value was ready: CF set; OF, SF, ZF, AF and PF clear.
+            const CLEAR: u64 = (1 << 11) | (1 << 7) | (1 << 6) | (1 << 4) | (1 << 2);
+            let _ = uc.reg_write(RegisterX86::RFLAGS, (rflags & !CLEAR) | 1);
+        }
         Mnemonic::Swapgs => uc.get_data_mut().vcpu.swapgs(),
         Mnemonic::Lgdt | Mnemonic::Lidt => {
             let which = u8::from(insn.mnemonic() == Mnemonic::Lidt);

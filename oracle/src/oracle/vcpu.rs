@@ -228,6 +228,8 @@ pub struct Vcpu {
     pub tsc: u64,
     /// Reads of each port so far (a port's value depends on how often it was read).
     pub port_reads: BTreeMap<u16, u32>,
+    /// Values `rdrand` and `rdseed` gave so far.
+    pub draws: u64,
     /// The seed of every derived value.
     pub seed: u64,
     /// The trace.
@@ -268,6 +270,7 @@ impl Vcpu {
             msrs: BTreeMap::new(),
             tsc: r(20) >> 8,
             port_reads: BTreeMap::new(),
+            draws: 0,
             seed,
             trace: Vec::new(),
             interrupts,
@@ -370,6 +373,14 @@ impl Vcpu {
     pub fn rdtsc(&mut self) -> u64 {
         self.tsc = self.tsc.wrapping_add(1000);
         self.tsc
+    }
+
+    /// `rdrand` and `rdseed`: a sequence derived from the seed, the same in every run from one
+    /// state (the hardware's values differ from run to run, and would make a native run and
+    /// its rewrite differ where both did the same).
+    pub fn random(&mut self) -> u64 {
+        self.draws += 1;
+        mix(self.seed ^ 0x5244_5241_4e44_0000 ^ self.draws)
     }
 
     /// `hlt`. A halt with interrupts enabled means IF is set at that point, whatever path set
