@@ -179,7 +179,7 @@ pub fn scan_image<'a>(
     report
 }
 
-/// As [`scan_image`], keeping no site: the sweep keeps its maps of the code (two bits a byte)
+/// As [`scan_image`], keeping no site: the sweep keeps its maps of the code (four bits a byte)
 /// and counts, and [`sites::for_each_site`] decodes and analyses each site again when visited,
 /// in address order. [`Analysis::sites`] and [`sweep::Sweep::found`] are empty. A stock
 /// kernel's sites are planned together, so kept (at most [`MAX_STOCK_SITES`]).

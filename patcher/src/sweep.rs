@@ -140,7 +140,10 @@ pub struct SectionCode {
     pub starts: ByteMap,
     /// Targets of direct branches and calls decoded anywhere in the image.
     pub targets: ByteMap,
-    /// The targets of more than one of them (or of one decoded twice).
+    /// Code addresses reached in more than one way, so far as the sweep can tell: the targets
+    /// of more than one branch (or of one decoded twice), and addresses something takes (a
+    /// RIP-relative operand or an immediate in the code, an aligned 8-byte word in a data
+    /// section), which an indirect branch may reach.
     pub shared: ByteMap,
 }
 
@@ -196,7 +199,8 @@ impl Sweep {
             .any(|i| self.code[i].targets.get(addr))
     }
 
-    /// Whether exactly one direct branch or call decoded anywhere targets `addr`.
+    /// Whether exactly one direct branch or call decoded anywhere targets `addr`, and nothing
+    /// takes its address.
     pub fn is_sole_target(&self, addr: u64) -> bool {
         self.code_at(addr)
             .is_some_and(|c| c.targets.get(addr) && !c.shared.get(addr))
@@ -330,7 +334,17 @@ struct ChunkResult<'k> {
     /// Near-branch targets, wherever they point (sorted into sections when merged): memory
     /// linear in the branches, whatever the number of sections.
     targets: Vec<u64>,
+    /// The executable sections' ranges, sorted.
+    code: &'k [(u64, u64)],
+    /// Code addresses the chunk's instructions take (RIP-relative operands, immediates).
+    taken: Vec<u64>,
     instructions: u64,
+}
+
+/// Whether `a` lies in one of `code`'s ranges (sorted, apart).
+fn in_code(code: &[(u64, u64)], a: u64) -> bool {
+    let k = code.partition_point(|r| r.1 <= a);
+    code.get(k).is_some_and(|r| r.0 <= a)
 }
 
 impl Visitor for ChunkResult<'_> {
@@ -339,6 +353,17 @@ impl Visitor for ChunkResult<'_> {
         self.starts.set(ip);
         if matches!(insn.op0_kind(), OpKind::NearBranch64) {
             self.targets.push(insn.near_branch64());
+        }
+        for k in 0..insn.op_count() {
+            let a = match insn.op_kind(k) {
+                OpKind::Memory if insn.is_ip_rel_memory_operand() => insn.ip_rel_memory_address(),
+                OpKind::Immediate32to64 => insn.immediate32to64() as u64,
+                OpKind::Immediate64 => insn.immediate64(),
+                _ => continue,
+            };
+            if in_code(self.code, a) {
+                self.taken.push(a);
+            }
         }
     }
 
@@ -406,7 +431,8 @@ pub fn sweep_at_most(
 }
 
 /// As [`sweep`], but only counting the sensitive instructions and resynchronisations: memory
-/// in the code's bytes (two bits a byte, and the known starts), whatever the sites.
+/// in the code's bytes (four bits a byte: instruction starts, branch targets, targets reached more
+/// than one way, site starts; and the known starts), whatever the sites.
 /// [`Sweep::replay`] finds them again.
 pub fn sweep_counting(
     image: &Image,
@@ -440,6 +466,16 @@ fn sweep_with(
     let room = matches!(keep, Keep::AtMost(_)).then_some(&room);
     let keep = !matches!(keep, Keep::None);
     let exec: Vec<usize> = image.exec_sections().map(|s| s.index).collect();
+    let mut code_ranges: Vec<(u64, u64)> = exec
+        .iter()
+        .map(|&i| {
+            (
+                image.sections[i].addr,
+                image.sections[i].addr + image.sections[i].size,
+            )
+        })
+        .collect();
+    code_ranges.sort_unstable();
     let total: u64 = exec.iter().map(|&i| image.sections[i].size).sum();
     let threads = opts.threads.max(1);
     // Chunks of about total/(4*threads) bytes, cut at known starts, so that workers balance.
@@ -542,6 +578,11 @@ fn sweep_with(
             m.set_all_from(&r.site_starts);
         }
         let scan = &mut *scan;
+        for t in r.taken {
+            for i in scan.index.overlapping(t, t.saturating_add(1)) {
+                scan.code[i].shared.set(t);
+            }
+        }
         for t in r.targets {
             for i in scan.index.overlapping(t, t.saturating_add(1)) {
                 let c = &mut scan.code[i];
@@ -573,6 +614,8 @@ fn sweep_with(
             },
             index,
             targets: Vec::new(),
+            code: &code_ranges,
+            taken: Vec::new(),
             instructions: 0,
         };
         decode_chunk(image, *chunk, known_starts, &mut r);
@@ -600,11 +643,33 @@ fn sweep_with(
         });
     }
     let mut scan = merged.into_inner().unwrap_or_else(|p| p.into_inner());
+    taken_by_data(image, &code_ranges, &mut scan);
     scan.found.sort_by_key(|f| f.addr);
     scan.resyncs.sort_by_key(|r| r.addr);
     scan.chunks = chunks;
     scan.known = known_starts.to_vec();
     scan
+}
+
+/// Marks the code addresses that aligned 8-byte words of the data sections hold (tables of
+/// labels, `&&label`) as [`SectionCode::shared`].
+fn taken_by_data(image: &Image, code: &[(u64, u64)], scan: &mut Sweep) {
+    for s in image
+        .sections
+        .iter()
+        .filter(|s| s.is_alloc() && !s.is_exec() && s.has_file_data())
+    {
+        let data = image.section_data(s);
+        let skip = (s.addr.wrapping_neg() % 8) as usize;
+        for w in data.get(skip..).unwrap_or_default().chunks_exact(8) {
+            let a = u64::from_le_bytes(w.try_into().unwrap_or_default());
+            if in_code(code, a) {
+                for i in scan.index.overlapping(a, a + 1) {
+                    scan.code[i].shared.set(a);
+                }
+            }
+        }
+    }
 }
 
 fn decode_chunk(image: &Image, chunk: Chunk, known: &[u64], out: &mut dyn Visitor) {
@@ -698,6 +763,30 @@ mod tests {
         assert_eq!(s.resyncs[0].resumed_at, crate::testing::TEXT + 5);
         assert!(s.is_insn_start(crate::testing::TEXT + 5));
         assert!(!s.is_insn_start(crate::testing::TEXT + 2));
+    }
+
+    /// A label is the sole target of a branch only if nothing else branches to it or takes
+    /// its address (in code or in data).
+    #[test]
+    fn sole_targets_are_those_of_one_branch_whose_address_nothing_takes() {
+        use crate::testing::TEXT;
+        // 0: 1: hlt; jmp 1b; 3: 2: hlt; jmp 2b; 6: lea rax, [rip + 2b]; 13: 3: hlt; jmp 3b;
+        // 16: jmp 3b; 18: 4: hlt; jmp 4b; ret
+        let code = [
+            0xf4, 0xeb, 0xfd, 0xf4, 0xeb, 0xfd, 0x48, 0x8d, 0x05, 0xf6, 0xff, 0xff, 0xff, 0xf4,
+            0xeb, 0xfd, 0xeb, 0xfb, 0xf4, 0xeb, 0xfd, 0xc3,
+        ];
+        let sole = |extra: &[pvpatch_testkit::elf::Extra]| {
+            let bytes = pvpatch_testkit::elf::build(&code, &[], extra);
+            let img = Image::from_bytes("t.elf", bytes).unwrap();
+            let s = sweep(&img, &[], Options { threads: 1 }, None);
+            [0, 3, 13, 18].map(|o| s.is_sole_target(TEXT + o))
+        };
+        assert_eq!(sole(&[]), [true, false, false, true]);
+        // An aligned word of a data section holding the last label: taken too.
+        let table = (TEXT + 18).to_le_bytes().to_vec();
+        let data = pvpatch_testkit::elf::Extra::data(".rodata", TEXT + 0x10_0000, table);
+        assert_eq!(sole(&[data]), [true, false, false, false]);
     }
 
     #[test]

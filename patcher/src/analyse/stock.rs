@@ -436,7 +436,11 @@ fn check_window(
         }
         let i = super::unmovable(image, at)?;
         at += i.len() as u64;
-        if internal && (i.is_jcc_short_or_near() || i.is_jmp_short_or_near()) {
+        // Only a branch the sweep decoded there is the one it counted.
+        if internal
+            && (i.is_jcc_short_or_near() || i.is_jmp_short_or_near())
+            && sweep.is_insn_start(i.ip())
+        {
             targets.push(i.near_branch_target());
         }
         if i.is_call_near() && zone.in_entry(start) {
