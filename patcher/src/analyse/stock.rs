@@ -6,9 +6,9 @@
 //! direct `jmp`/`jcc`/`call`, a near `ret`) or another rewritable site, which then shares the
 //! detour (a *group*: one stub, a patchable copy per site). Nothing protected lies in it and
 //! nothing jumps into it from outside ([`super::check_range`]): a branch target inside is
-//! allowed only when no symbol or table names it and the one direct branch in the image that
-//! targets it moves too (a loop moved whole: `1: hlt; jmp 1b`), and only when no range without
-//! one will do (the branch follows its target into the stub).
+//! allowed only when no symbol or table names it, nothing takes its address, and the one direct
+//! branch in the image that targets it moves too (a loop moved whole: `1: hlt; jmp 1b`), and
+//! only when no range without one will do (the branch follows its target into the stub).
 //!
 //! A range of at least 5 bytes becomes `jmp rel32 stub`. A shorter one (at least 2 bytes)
 //! becomes `jmp rel8` to a *trampoline*: 5 bytes of nearby padding that hold `jmp rel32 stub`:
