@@ -675,23 +675,6 @@ fn read_runtime_consts(ctx: &Ctx<'_>, report: &mut TableReport, out: &mut LinuxT
     }
 }
 
-/// Two sorted lists of starts merged; at one address, `first`'s come first.
-fn merge_starts(first: &[(u64, TableKind)], then: &[(u64, TableKind)]) -> Vec<(u64, TableKind)> {
-    let mut out = Vec::with_capacity(first.len() + then.len());
-    let (mut i, mut j) = (0, 0);
-    while i < first.len() || j < then.len() {
-        let take_first = j == then.len() || (i < first.len() && first[i].0 <= then[j].0);
-        if take_first {
-            out.push(first[i]);
-            i += 1;
-        } else {
-            out.push(then[j]);
-            j += 1;
-        }
-    }
-    out
-}
-
 /// Reads every table the image has.
 pub fn read(image: &Image) -> LinuxTables {
     let ctx = Ctx {
@@ -820,17 +803,32 @@ pub fn read(image: &Image) -> LinuxTables {
         .unwrap_or(0);
     // One kind per address: any table's but ORC's where several name it (an ORC IP is only a
     // boundary; a fixup or a jump target is something that jumps there).
-    // ORC's IPs are most of them (400,000 in a Debian kernel) and Linux's build sorts them:
-    // only the others are sorted, then merged (a sort of them all took 60 ms).
-    let (mut orc, mut others): (Vec<_>, Vec<_>) = std::mem::take(&mut out.starts)
-        .into_iter()
-        .partition(|s| s.1 == TableKind::OrcUnwindIp);
-    if !orc.is_sorted_by_key(|s| s.0) {
+    // ORC's IPs are most of them (400,000 in a Debian kernel), read in one run, and Linux's
+    // build sorts them: only the others are sorted (a sort of them all took 60 ms), then both
+    // are merged in one pass that also drops repeats and what the next rule drops.
+    let all = std::mem::take(&mut out.starts);
+    let is_orc = |s: &(u64, TableKind)| s.1 == TableKind::OrcUnwindIp;
+    let lo = all.iter().position(is_orc).unwrap_or(all.len());
+    let hi = lo + all[lo..].iter().take_while(|s| is_orc(s)).count();
+    let (mut orc, mut others): (Vec<_>, Vec<_>) = if all[hi..].iter().any(is_orc) {
+        all.iter().partition(|s| is_orc(s))
+    } else {
+        (
+            Vec::new(),
+            all[..lo].iter().chain(&all[hi..]).copied().collect(),
+        )
+    };
+    let orc: &[(u64, TableKind)] = if !orc.is_empty() {
         orc.sort_unstable_by_key(|s| s.0);
-    }
+        &orc
+    } else if all[lo..hi].is_sorted_by_key(|s| s.0) {
+        &all[lo..hi]
+    } else {
+        orc = all[lo..hi].to_vec();
+        orc.sort_unstable_by_key(|s| s.0);
+        &orc
+    };
     others.sort_unstable_by_key(|s| (s.0, s.1));
-    out.starts = merge_starts(&others, &orc);
-    out.starts.dedup_by_key(|s| s.0);
     // ORC describes the code as it runs, after Linux has patched its paravirt and alternative
     // sites: an ORC IP strictly inside such a site (e.g. after the `pushf` of a `pushf; pop
     // %rax` that replaces a 6-byte call) is not an instruction start of the image's bytes.
@@ -845,17 +843,41 @@ pub fn read(image: &Image) -> LinuxTables {
         })
         .map(|p| (p.start, p.end))
         .collect();
-    let inside_patched = |a: u64| {
-        let i = patched.partition_point(|r| r.0 < a);
-        patched[..i]
+    // The ORC IPs come in address order: where the patched sites before one start is found
+    // by moving forward, not searched for.
+    let mut next = 0;
+    let mut inside_patched = |a: u64| {
+        while next < patched.len() && patched[next].0 < a {
+            next += 1;
+        }
+        patched[..next]
             .iter()
             .rev()
             .take_while(|r| a - r.0 < 64)
             .any(|r| a < r.1)
     };
-    let before = out.starts.len();
-    out.starts
-        .retain(|&(a, k)| k != TableKind::OrcUnwindIp || !inside_patched(a));
-    out.orc_inside_patch_sites = before - out.starts.len();
+    let mut starts = Vec::with_capacity(others.len() + orc.len());
+    let (mut dropped, mut last) = (0, None);
+    let (mut i, mut j) = (0, 0);
+    while i < others.len() || j < orc.len() {
+        // On a tie the other table's start comes first, and is the one kept.
+        let s = if j == orc.len() || (i < others.len() && others[i].0 <= orc[j].0) {
+            i += 1;
+            others[i - 1]
+        } else {
+            j += 1;
+            orc[j - 1]
+        };
+        if last.replace(s.0) == Some(s.0) {
+            continue;
+        }
+        if is_orc(&s) && inside_patched(s.0) {
+            dropped += 1;
+            continue;
+        }
+        starts.push(s);
+    }
+    out.starts = starts;
+    out.orc_inside_patch_sites = dropped;
     out
 }

@@ -115,6 +115,25 @@ impl ByteMap {
     /// Sets every bit set in `other` (a map over a part of this one's bytes, or any bytes:
     /// what lies outside this map is ignored).
     fn set_all_from(&mut self, other: &ByteMap) {
+        // A part of this map: a word at a time, shifted into place.
+        if let Some(shift) = other.base.checked_sub(self.base)
+            && shift
+                .checked_add(other.len)
+                .is_some_and(|end| end <= self.len)
+        {
+            let (w0, b) = ((shift / 64) as usize, shift % 64);
+            for (i, &word) in other.words.iter().enumerate() {
+                if word == 0 {
+                    continue;
+                }
+                self.words[w0 + i] |= word << b;
+                let high = if b == 0 { 0 } else { word >> (64 - b) };
+                if high != 0 {
+                    self.words[w0 + i + 1] |= high;
+                }
+            }
+            return;
+        }
         for (w, &word) in other.words.iter().enumerate() {
             let mut bits = word;
             while bits != 0 {
@@ -342,9 +361,25 @@ struct ChunkResult<'k> {
 }
 
 /// Whether `a` lies in one of `code`'s ranges (sorted, apart).
+#[inline]
 fn in_code(code: &[(u64, u64)], a: u64) -> bool {
-    let k = code.partition_point(|r| r.1 <= a);
-    code.get(k).is_some_and(|r| r.0 <= a)
+    match (code.first(), code.last()) {
+        (Some(lo), Some(hi)) if lo.0 <= a && a < hi.1 => {
+            let k = code.partition_point(|r| r.1 <= a);
+            code.get(k).is_some_and(|r| r.0 <= a)
+        }
+        _ => false,
+    }
+}
+
+impl ChunkResult<'_> {
+    /// Notes that an instruction takes address `a`, if it is code.
+    #[inline]
+    fn take(&mut self, a: u64) {
+        if in_code(self.code, a) {
+            self.taken.push(a);
+        }
+    }
 }
 
 impl Visitor for ChunkResult<'_> {
@@ -354,16 +389,14 @@ impl Visitor for ChunkResult<'_> {
         if matches!(insn.op0_kind(), OpKind::NearBranch64) {
             self.targets.push(insn.near_branch64());
         }
-        for k in 0..insn.op_count() {
-            let a = match insn.op_kind(k) {
-                OpKind::Memory if insn.is_ip_rel_memory_operand() => insn.ip_rel_memory_address(),
-                OpKind::Immediate32to64 => insn.immediate32to64() as u64,
-                OpKind::Immediate64 => insn.immediate64(),
-                _ => continue,
-            };
-            if in_code(self.code, a) {
-                self.taken.push(a);
-            }
+        // An address an operand takes: RIP-relative, or an immediate (always the last operand).
+        if insn.is_ip_rel_memory_operand() {
+            self.take(insn.ip_rel_memory_address());
+        }
+        match insn.op_count().checked_sub(1).map(|k| insn.op_kind(k)) {
+            Some(OpKind::Immediate32to64) => self.take(insn.immediate32to64() as u64),
+            Some(OpKind::Immediate64) => self.take(insn.immediate64()),
+            _ => {}
         }
     }
 
@@ -538,6 +571,15 @@ fn sweep_with(
             .enumerate()
             .map(|(i, c)| (c.starts.base, c.starts.base.saturating_add(c.starts.len), i)),
     );
+    // The code map holding an address, for the merge's millions of targets: a binary search
+    // (executable sections do not overlap).
+    let mut by_addr: Vec<(u64, u64, usize)> = scan
+        .code
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.starts.base, c.starts.base.saturating_add(c.starts.len), i))
+        .collect();
+    by_addr.sort_unstable();
 
     // Each chunk's result is merged as soon as it is done: what is held at once is the merged
     // maps and one chunk's result per worker.
@@ -550,6 +592,10 @@ fn sweep_with(
     }
     scan.chunk_resyncs = vec![0; chunks.len()];
     let merged = std::sync::Mutex::new(scan);
+    let code_of = |t: u64| {
+        let k = by_addr.partition_point(|r| r.1 <= t);
+        by_addr.get(k).filter(|r| r.0 <= t).map(|r| r.2)
+    };
     let merge = |r: ChunkResult| {
         let mut scan = merged.lock().unwrap_or_else(|p| p.into_inner());
         scan.instructions += r.instructions;
@@ -579,12 +625,12 @@ fn sweep_with(
         }
         let scan = &mut *scan;
         for t in r.taken {
-            for i in scan.index.overlapping(t, t.saturating_add(1)) {
+            if let Some(i) = code_of(t) {
                 scan.code[i].shared.set(t);
             }
         }
         for t in r.targets {
-            for i in scan.index.overlapping(t, t.saturating_add(1)) {
+            if let Some(i) = code_of(t) {
                 let c = &mut scan.code[i];
                 if c.targets.get(t) {
                     c.shared.set(t);
@@ -594,8 +640,37 @@ fn sweep_with(
             }
         }
     };
+    // Pieces of the data sections, scanned for the code addresses they hold by the same
+    // workers, after the code.
+    let data_chunks: Vec<(usize, usize, usize)> = image
+        .sections
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.is_alloc() && !s.is_exec() && s.has_file_data())
+        .flat_map(|(i, s)| {
+            let len = image.section_data(s).len();
+            let skip = (s.addr.wrapping_neg() % 8) as usize;
+            (skip..len)
+                .step_by(DATA_CHUNK)
+                .map(move |a| (i, a, (a + DATA_CHUNK).min(len)))
+        })
+        .collect();
     let work = |index: usize| {
         let Some(chunk) = chunks.get(index) else {
+            if let Some(&(si, lo, hi)) = data_chunks.get(index - chunks.len()) {
+                let taken = taken_by_data(
+                    image.section_data(&image.sections[si]),
+                    lo,
+                    hi,
+                    &code_ranges,
+                );
+                let mut scan = merged.lock().unwrap_or_else(|p| p.into_inner());
+                for a in taken {
+                    if let Some(i) = code_of(a) {
+                        scan.code[i].shared.set(a);
+                    }
+                }
+            }
             return;
         };
         let mut r = ChunkResult {
@@ -624,16 +699,17 @@ fn sweep_with(
             p(chunk.end - chunk.start);
         }
     };
+    let jobs = chunks.len() + data_chunks.len();
     if threads == 1 {
-        (0..chunks.len()).for_each(work);
+        (0..jobs).for_each(work);
     } else {
         let next = AtomicU64::new(0);
         std::thread::scope(|scope| {
-            for _ in 0..threads.min(chunks.len()).max(1) {
+            for _ in 0..threads.min(jobs).max(1) {
                 scope.spawn(|| {
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                        if i >= chunks.len() {
+                        if i >= jobs {
                             break;
                         }
                         work(i);
@@ -643,7 +719,6 @@ fn sweep_with(
         });
     }
     let mut scan = merged.into_inner().unwrap_or_else(|p| p.into_inner());
-    taken_by_data(image, &code_ranges, &mut scan);
     scan.found.sort_by_key(|f| f.addr);
     scan.resyncs.sort_by_key(|r| r.addr);
     scan.chunks = chunks;
@@ -651,25 +726,18 @@ fn sweep_with(
     scan
 }
 
-/// Marks the code addresses that aligned 8-byte words of the data sections hold (tables of
-/// labels, `&&label`) as [`SectionCode::shared`].
-fn taken_by_data(image: &Image, code: &[(u64, u64)], scan: &mut Sweep) {
-    for s in image
-        .sections
-        .iter()
-        .filter(|s| s.is_alloc() && !s.is_exec() && s.has_file_data())
-    {
-        let data = image.section_data(s);
-        let skip = (s.addr.wrapping_neg() % 8) as usize;
-        for w in data.get(skip..).unwrap_or_default().chunks_exact(8) {
-            let a = u64::from_le_bytes(w.try_into().unwrap_or_default());
-            if in_code(code, a) {
-                for i in scan.index.overlapping(a, a + 1) {
-                    scan.code[i].shared.set(a);
-                }
-            }
-        }
-    }
+/// Bytes of a data section one worker scans at a time.
+const DATA_CHUNK: usize = 1 << 20;
+
+/// The code addresses that the 8-byte words at `data[lo..hi]` hold (`lo` aligned to the
+/// section's address: tables of labels, `&&label`, which an indirect branch may reach).
+fn taken_by_data(data: &[u8], lo: usize, hi: usize, code: &[(u64, u64)]) -> Vec<u64> {
+    data.get(lo..hi)
+        .unwrap_or_default()
+        .chunks_exact(8)
+        .map(|w| u64::from_le_bytes(w.try_into().unwrap_or_default()))
+        .filter(|&a| in_code(code, a))
+        .collect()
 }
 
 fn decode_chunk(image: &Image, chunk: Chunk, known: &[u64], out: &mut dyn Visitor) {
@@ -763,6 +831,32 @@ mod tests {
         assert_eq!(s.resyncs[0].resumed_at, crate::testing::TEXT + 5);
         assert!(s.is_insn_start(crate::testing::TEXT + 5));
         assert!(!s.is_insn_start(crate::testing::TEXT + 2));
+    }
+
+    proptest::proptest! {
+        /// Merging a chunk's map a word at a time sets exactly the bits one at a time would.
+        #[test]
+        fn set_all_from_sets_each_bit_of_the_part(
+            off in 0u64..300,
+            len in 0u64..300,
+            extra in 0u64..100,
+            bits in proptest::collection::vec(0u64..300, 0..60),
+        ) {
+            let base = 0x1000;
+            let mut whole = ByteMap::new(base, off + len + extra);
+            let mut part = ByteMap::new(base + off, len);
+            for b in bits.iter().filter(|&&b| b < len) {
+                part.set(base + off + b);
+            }
+            let mut want = whole.clone();
+            for a in base + off..base + off + len {
+                if part.get(a) {
+                    want.set(a);
+                }
+            }
+            whole.set_all_from(&part);
+            proptest::prop_assert_eq!(whole.words, want.words);
+        }
     }
 
     /// A label is the sole target of a branch only if nothing else branches to it or takes

@@ -91,20 +91,42 @@ impl Orc {
 /// Every cave of a stock kernel, by address. Empty if the image has no `_text`/`_etext` or no
 /// ORC table (nothing could vouch for an unwind from inside).
 pub fn find(image: &Image, guards: &Guards, sweep: &Sweep, orc: &Orc) -> Vec<Cave> {
-    runs(image, guards, sweep, orc, MIN_CAVE, true)
+    runs_near(image, guards, sweep, orc, MIN_CAVE, true, 0, u64::MAX)
+        .into_iter()
+        .flat_map(|(_, pieces)| pieces)
+        .collect()
 }
 
-/// Every piece of `int3` padding of at least `min` bytes inside `[_text, _etext)` that one ORC
-/// entry covers (an undefined one if `undefined`) and that nothing protects or names, by address
-/// (pieces that can hold stubs start 16-byte aligned when `min` is [`MIN_CAVE`]).
-pub fn runs(
+/// The pieces of `int3` padding of at least `min` bytes inside `[_text, _etext)` that one ORC
+/// entry covers (an undefined one if `undefined`) and that nothing protects or names (those
+/// that can hold stubs start 16-byte aligned when `min` is [`MIN_CAVE`]), in the maximal runs
+/// that meet `[lo, hi)` (each whole, wherever it ends): each run's start, and its pieces, by
+/// address.
+#[allow(clippy::too_many_arguments)]
+pub fn runs_near(
     image: &Image,
     guards: &Guards,
     sweep: &Sweep,
     orc: &Orc,
     min: u64,
     undefined: bool,
-) -> Vec<Cave> {
+    lo: u64,
+    hi: u64,
+) -> Vec<(u64, Vec<Cave>)> {
+    int3_runs_in(image, orc, min, lo, hi)
+        .into_iter()
+        .map(|(start, end)| {
+            let mut out = Vec::new();
+            pieces(guards, sweep, orc, min, undefined, start, end, &mut out);
+            (start, out)
+        })
+        .collect()
+}
+
+/// The maximal `int3` runs of at least `min` bytes inside `[_text, _etext)` (cut at section
+/// ends) that meet `[lo, hi)`: (start, end), by address. None without an ORC table (nothing
+/// could vouch for an unwind from them).
+fn int3_runs_in(image: &Image, orc: &Orc, min: u64, lo: u64, hi: u64) -> Vec<(u64, u64)> {
     let (Some(text), Some(etext)) = (
         image.symbol_address("_text"),
         image.symbol_address("_etext"),
@@ -114,66 +136,101 @@ pub fn runs(
     if orc.entries.is_empty() {
         return Vec::new();
     }
-    let mut caves = Vec::new();
+    let mut out = Vec::new();
     for s in image.exec_sections() {
-        let lo = s.addr.max(text);
-        let hi = (s.addr + s.size).min(etext);
-        if lo >= hi {
+        let (first, last) = (s.addr.max(text), (s.addr + s.size).min(etext));
+        let (mut from, mut to) = (lo.max(first), hi.min(last));
+        if from >= to {
             continue;
         }
         let data = image.section_data(s);
         let base = s.addr;
-        let mut at = lo;
-        while at < hi {
-            let off = (at - base) as usize;
-            let Some(p) = data[off..(hi - base) as usize]
-                .iter()
-                .position(|&b| b == 0xcc)
-            else {
-                break;
-            };
-            let start = at + p as u64;
-            let len = data[(start - base) as usize..(hi - base) as usize]
-                .iter()
-                .take_while(|&&b| b == 0xcc)
-                .count() as u64;
-            let end = start + len;
-            at = end;
-            if len < min {
-                continue;
-            }
-            // Cut the run at every ORC IP, symbol or table start inside it; keep the pieces an
-            // undefined ORC entry covers and nothing protects.
-            let mut cuts: Vec<u64> = orc.ips_in(start + 1, end).collect();
-            let mut a = start;
-            while let Some(n) = guards.start_inside(sweep, a, end) {
-                cuts.push(n);
-                a = n;
-            }
-            cuts.sort_unstable();
-            cuts.dedup();
-            let mut from = start;
-            for to in cuts.into_iter().chain(std::iter::once(end)) {
-                let align = if min >= MIN_CAVE { 15 } else { 0 };
-                let piece = Cave {
-                    start: (from + align) & !align,
-                    end: to,
-                };
-                let covered = orc
-                    .covering(from)
-                    .is_some_and(|e| !undefined || Orc::undefined(&e));
-                if piece.end > piece.start
-                    && piece.len() >= min
-                    && covered
-                    && guards.first_overlap(from, to).is_none()
-                {
-                    caves.push(piece);
-                }
-                from = to;
-            }
+        let byte = |a: u64| data.get((a - base) as usize).copied();
+        // Whole runs: grow the window over the runs at its edges.
+        while from > first && byte(from - 1) == Some(0xcc) {
+            from -= 1;
+        }
+        while to < last && byte(to) == Some(0xcc) {
+            to += 1;
+        }
+        for (a, b) in int3_runs(data, (from - base) as usize, (to - base) as usize, min) {
+            out.push((base + a as u64, base + b as u64));
         }
     }
-    caves
+    out
+}
+
+/// The pieces of the `int3` run `[start, end)` that [`runs_near`] keeps: cut at every ORC IP,
+/// symbol or table start inside it, those an ORC entry (undefined, if `undefined`) covers and
+/// nothing protects, of at least `min` bytes (16-byte aligned for caves).
+#[allow(clippy::too_many_arguments)]
+fn pieces(
+    guards: &Guards,
+    sweep: &Sweep,
+    orc: &Orc,
+    min: u64,
+    undefined: bool,
+    start: u64,
+    end: u64,
+    caves: &mut Vec<Cave>,
+) {
+    let mut cuts: Vec<u64> = orc.ips_in(start + 1, end).collect();
+    let mut a = start;
+    while let Some(n) = guards.start_inside(sweep, a, end) {
+        cuts.push(n);
+        a = n;
+    }
+    cuts.sort_unstable();
+    cuts.dedup();
+    let mut from = start;
+    for to in cuts.into_iter().chain(std::iter::once(end)) {
+        let align = if min >= MIN_CAVE { 15 } else { 0 };
+        let piece = Cave {
+            start: (from + align) & !align,
+            end: to,
+        };
+        let covered = orc
+            .covering(from)
+            .is_some_and(|e| !undefined || Orc::undefined(&e));
+        if piece.end > piece.start
+            && piece.len() >= min
+            && covered
+            && guards.first_overlap(from, to).is_none()
+        {
+            caves.push(piece);
+        }
+        from = to;
+    }
+}
+
+/// The maximal runs of `int3` (`0xcc`) of at least `min` bytes in `data[lo..hi]` (a run is cut
+/// at `lo` and `hi`), as offsets. Any such run holds the byte `min - 1` after each position it
+/// starts from, so the scan looks at one byte in `min` until it finds an `int3`, then grows
+/// the run both ways.
+fn int3_runs(data: &[u8], lo: usize, hi: usize, min: u64) -> Vec<(usize, usize)> {
+    let hi = hi.min(data.len());
+    let min = usize::try_from(min).unwrap_or(usize::MAX).max(1);
+    let mut out = Vec::new();
+    let mut i = lo;
+    while let Some(probe) = i.checked_add(min - 1).filter(|&p| p < hi) {
+        if data[probe] != 0xcc {
+            i = probe + 1;
+            continue;
+        }
+        let mut start = probe;
+        while start > i && data[start - 1] == 0xcc {
+            start -= 1;
+        }
+        let mut end = probe + 1;
+        while end < hi && data[end] == 0xcc {
+            end += 1;
+        }
+        if end - start >= min {
+            out.push((start, end));
+        }
+        i = end;
+    }
+    out
 }
 
 /// Hands out cave space, 16-byte aligned, in increasing address order (the ABI wants stubs
@@ -230,5 +287,45 @@ impl Allocator {
     /// What is left.
     pub fn remaining(&self) -> u64 {
         self.free.iter().map(Cave::len).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Every maximal run, one byte at a time.
+    fn naive(data: &[u8], lo: usize, hi: usize, min: u64) -> Vec<(usize, usize)> {
+        let mut out = Vec::new();
+        let mut i = lo;
+        while i < hi {
+            if data[i] != 0xcc {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i < hi && data[i] == 0xcc {
+                i += 1;
+            }
+            if (i - start) as u64 >= min {
+                out.push((start, i));
+            }
+        }
+        out
+    }
+
+    proptest! {
+        #[test]
+        fn int3_runs_are_the_maximal_runs(
+            data in proptest::collection::vec(prop_oneof![3 => Just(0xccu8), 1 => any::<u8>()], 0..400),
+            lo in 0usize..50,
+            cut in 0usize..50,
+            min in 1u64..70,
+        ) {
+            let hi = data.len().saturating_sub(cut);
+            let lo = lo.min(hi);
+            prop_assert_eq!(int3_runs(&data, lo, hi, min), naive(&data, lo, hi, min));
+        }
     }
 }

@@ -85,25 +85,6 @@ fn after(image: &Image, at: u64, n: usize) -> Vec<u64> {
     out
 }
 
-/// Runs of `int3` padding that can hold trampolines: 5 to [`super::caves::MIN_CAVE`] bytes,
-/// inside `[_text, _etext)`, one ORC entry covering each, nothing protected or named in them.
-/// `(start, end)`, sorted; the free part of each shrinks as trampolines are placed.
-fn padding(image: &Image, guards: &Guards, sweep: &Sweep, orc: &Orc) -> Pads {
-    let free = super::caves::runs(image, guards, sweep, orc, 5, false)
-        .into_iter()
-        .filter(|c| c.len() < super::caves::MIN_CAVE)
-        .map(|c| Pad {
-            start: c.start,
-            end: c.end,
-            nops: false,
-        })
-        .collect();
-    Pads {
-        free,
-        looked: std::collections::BTreeSet::new(),
-    }
-}
-
 /// A piece of padding that can hold trampolines.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Pad {
@@ -116,13 +97,19 @@ struct Pad {
     nops: bool,
 }
 
-/// The padding that can hold trampolines: `int3` runs found once, NOP padding found near the
-/// sites that need it.
+/// The padding that can hold trampolines, found near the sites that need it: runs of `int3`
+/// padding of 5 to [`super::caves::MIN_CAVE`] bytes inside `[_text, _etext)`, one ORC entry
+/// covering each, nothing protected or named in them ([`super::caves::runs_near`]); and dead
+/// NOP padding. The free part of each shrinks as trampolines are placed.
+#[derive(Default)]
 struct Pads {
     /// Sorted by start, apart.
     free: Vec<Pad>,
-    /// The sites whose neighbourhood has been searched for NOP padding.
+    /// The sites whose neighbourhood has been searched.
     looked: std::collections::BTreeSet<u64>,
+    /// The `int3` runs whose pieces are in `free` (by start): each is added once, however
+    /// many neighbourhoods it lies in.
+    runs: std::collections::BTreeSet<u64>,
 }
 
 /// How far from a site NOP padding is looked for: a `jmp rel8`'s reach from any moved range
@@ -130,18 +117,41 @@ struct Pads {
 const NOP_REACH: u64 = 127 + 2 + MAX_MOVED as u64;
 
 impl Pads {
-    /// Adds the dead NOP padding within [`NOP_REACH`] of `at` (once per site): NOPs right after
-    /// an unconditional jump, return or `ud2`, up to the next other instruction, in `at`'s
-    /// section, where nothing is protected, named or a branch target; at least 5 bytes.
-    fn look_near(&mut self, image: &Image, sweep: &Sweep, guards: &Guards, at: u64) {
+    /// Adds the padding within [`NOP_REACH`] of `at` (once per site): the `int3` runs, and
+    /// dead NOPs right after an unconditional jump, return or `ud2`, up to the next other
+    /// instruction, in `at`'s section, where nothing is protected, named or a branch target; at
+    /// least 5 bytes.
+    fn look_near(&mut self, image: &Image, sweep: &Sweep, guards: &Guards, orc: &Orc, at: u64) {
         if !self.looked.insert(at) {
             return;
+        }
+        let (near_lo, near_hi) = (at.saturating_sub(NOP_REACH), at.saturating_add(NOP_REACH));
+        for (run, pieces) in
+            super::caves::runs_near(image, guards, sweep, orc, 5, false, near_lo, near_hi)
+        {
+            if !self.runs.insert(run) {
+                continue;
+            }
+            for c in pieces
+                .into_iter()
+                .filter(|c| c.len() < super::caves::MIN_CAVE)
+            {
+                let k = self.free.partition_point(|p| p.start < c.start);
+                self.free.insert(
+                    k,
+                    Pad {
+                        start: c.start,
+                        end: c.end,
+                        nops: false,
+                    },
+                );
+            }
         }
         let Some(sec) = image.section_at(at) else {
             return;
         };
-        let lo = at.saturating_sub(NOP_REACH).max(sec.addr);
-        let hi = at.saturating_add(NOP_REACH).min(sec.addr + sec.size);
+        let lo = near_lo.max(sec.addr);
+        let hi = near_hi.min(sec.addr + sec.size);
         for a in lo..hi {
             if !sweep.is_insn_start(a) {
                 continue;
@@ -218,7 +228,7 @@ pub fn plan(
     orc: &Orc,
     alloc: &mut Allocator,
 ) -> Vec<DetourPlan> {
-    let mut pads = padding(image, guards, sweep, orc);
+    let mut pads = Pads::default();
     let entry = guards.entry_text();
     let zone = Zone { entry };
     let mut plans = Vec::new();
@@ -574,7 +584,7 @@ fn plan_one(
     }
     candidates.sort_unstable();
     if candidates.iter().any(|c| c.0) {
-        pads.look_near(image, sweep, guards, f.addr);
+        pads.look_near(image, sweep, guards, orc, f.addr);
     }
     let mut first_fwd: Option<Blocked> = None;
     let mut first_back: Option<Blocked> = None;
@@ -673,6 +683,7 @@ fn merge(
         let slot = if end - prev.start >= 5 {
             None
         } else {
+            pads.look_near(image, sweep, guards, orc, f.addr);
             let Some(t) = trampoline(pads, orc, moved, zone, prev.start) else {
                 continue;
             };
@@ -791,7 +802,7 @@ mod tests {
         };
         let mut pads = Pads {
             free: vec![pad],
-            looked: Default::default(),
+            ..Pads::default()
         };
         let slot = Slot {
             at: TEXT + 16,
