@@ -107,22 +107,39 @@ impl Guards {
         }
         ranges.sort_by_key(|g| (g.start, g.end));
         let longest = ranges.iter().map(|g| g.end - g.start).max().unwrap_or(0);
-        let mut named: Vec<u64> = tables
-            .starts
-            .iter()
-            .filter(|s| s.1 != TableKind::OrcUnwindIp)
-            .map(|s| s.0)
-            .collect();
-        let mut orc: Vec<u64> = tables
-            .starts
-            .iter()
-            .filter(|s| s.1 == TableKind::OrcUnwindIp)
-            .map(|s| s.0)
-            .collect();
-        orc.sort_unstable();
-        named.extend(image.symbols.iter().map(|s| s.addr));
-        named.sort_unstable();
-        named.dedup();
+        // The tables' starts are sorted, and so are the symbols: merged, not sorted again.
+        let (mut orc, mut from_tables) = (Vec::new(), Vec::new());
+        for &(a, k) in &tables.starts {
+            if k == TableKind::OrcUnwindIp {
+                orc.push(a);
+            } else {
+                from_tables.push(a);
+            }
+        }
+        let sorted = |v: &mut Vec<u64>| {
+            if !v.is_sorted() {
+                v.sort_unstable();
+            }
+        };
+        sorted(&mut orc);
+        sorted(&mut from_tables);
+        let mut symbols: Vec<u64> = image.symbols.iter().map(|s| s.addr).collect();
+        sorted(&mut symbols);
+        let mut named = Vec::with_capacity(from_tables.len() + symbols.len());
+        let (mut i, mut j) = (0, 0);
+        while i < from_tables.len() || j < symbols.len() {
+            let a = if j == symbols.len() || (i < from_tables.len() && from_tables[i] <= symbols[j])
+            {
+                i += 1;
+                from_tables[i - 1]
+            } else {
+                j += 1;
+                symbols[j - 1]
+            };
+            if named.last() != Some(&a) {
+                named.push(a);
+            }
+        }
         Guards {
             ranges,
             longest,
