@@ -810,23 +810,20 @@ pub fn read(image: &Image) -> LinuxTables {
     let is_orc = |s: &(u64, TableKind)| s.1 == TableKind::OrcUnwindIp;
     let lo = all.iter().position(is_orc).unwrap_or(all.len());
     let hi = lo + all[lo..].iter().take_while(|s| is_orc(s)).count();
-    let (mut orc, mut others): (Vec<_>, Vec<_>) = if all[hi..].iter().any(is_orc) {
-        all.iter().partition(|s| is_orc(s))
-    } else {
+    let owned: Vec<_>;
+    // One sorted run (Linux's): used in place; else gathered and sorted.
+    let (orc, mut others): (&[_], Vec<_>) = if !all[hi..].iter().any(is_orc)
+        && all[lo..hi].is_sorted_by_key(|s| s.0)
+    {
         (
-            Vec::new(),
+            &all[lo..hi],
             all[..lo].iter().chain(&all[hi..]).copied().collect(),
         )
-    };
-    let orc: &[(u64, TableKind)] = if !orc.is_empty() {
-        orc.sort_unstable_by_key(|s| s.0);
-        &orc
-    } else if all[lo..hi].is_sorted_by_key(|s| s.0) {
-        &all[lo..hi]
     } else {
-        orc = all[lo..hi].to_vec();
-        orc.sort_unstable_by_key(|s| s.0);
-        &orc
+        let (mut o, rest): (Vec<(u64, TableKind)>, Vec<_>) = all.iter().partition(|s| is_orc(s));
+        o.sort_unstable_by_key(|s| s.0);
+        owned = o;
+        (&owned, rest)
     };
     others.sort_unstable_by_key(|s| (s.0, s.1));
     // ORC describes the code as it runs, after Linux has patched its paravirt and alternative
@@ -858,16 +855,8 @@ pub fn read(image: &Image) -> LinuxTables {
     };
     let mut starts = Vec::with_capacity(others.len() + orc.len());
     let (mut dropped, mut last) = (0, None);
-    let (mut i, mut j) = (0, 0);
-    while i < others.len() || j < orc.len() {
-        // On a tie the other table's start comes first, and is the one kept.
-        let s = if j == orc.len() || (i < others.len() && others[i].0 <= orc[j].0) {
-            i += 1;
-            others[i - 1]
-        } else {
-            j += 1;
-            orc[j - 1]
-        };
+    // On a tie the other table's start comes first, and is the one kept.
+    for s in crate::spans::merge_sorted(&others, orc, |s| s.0) {
         if last.replace(s.0) == Some(s.0) {
             continue;
         }

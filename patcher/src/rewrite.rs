@@ -185,7 +185,7 @@ impl ImagePlan {
 /// What a planned site becomes: a site moved into its stub runs out of line even when it
 /// stays native there.
 fn outcome_of(p: &plan::Planned) -> Outcome {
-    match (p.new != p.old, p.detour) {
+    match (p.changed(), p.detour) {
         (_, Some(_)) => Outcome::Detour,
         (false, None) => Outcome::Unchanged,
         (true, None) => p.outcome,
@@ -375,7 +375,7 @@ impl PlanLedger {
             .sites
             .iter()
             .map(|p| {
-                let changed = p.new != p.old;
+                let changed = p.changed();
                 let outcome = outcome_of(p);
                 PlannedSite {
                     address: crate::ledger::hex(p.site.addr),

@@ -49,9 +49,50 @@ impl SpanIndex {
     }
 }
 
+/// Two lists sorted by `key` merged, in order; at one key, `first`'s come first.
+pub fn merge_sorted<'a, T: Copy>(
+    first: &'a [T],
+    then: &'a [T],
+    key: impl Fn(&T) -> u64 + 'a,
+) -> impl Iterator<Item = T> + 'a {
+    let (mut i, mut j) = (0, 0);
+    std::iter::from_fn(move || {
+        let take_first = match (first.get(i), then.get(j)) {
+            (None, None) => return None,
+            (Some(a), Some(b)) => key(a) <= key(b),
+            (a, _) => a.is_some(),
+        };
+        if take_first {
+            i += 1;
+            Some(first[i - 1])
+        } else {
+            j += 1;
+            Some(then[j - 1])
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// Merging is a stable sort of the two lists by key, `first`'s before `then`'s.
+        #[test]
+        fn merge_sorted_is_a_stable_sort(
+            mut a in proptest::collection::vec(0u64..50, 0..30),
+            mut b in proptest::collection::vec(0u64..50, 0..30),
+        ) {
+            a.sort_unstable();
+            b.sort_unstable();
+            let tagged = |v: &[u64], t: u8| v.iter().map(|&k| (k, t)).collect::<Vec<_>>();
+            let (a, b) = (tagged(&a, 0), tagged(&b, 1));
+            let mut want: Vec<(u64, u8)> = a.iter().chain(&b).copied().collect();
+            want.sort_by_key(|x| x.0);
+            let got: Vec<(u64, u8)> = merge_sorted(&a, &b, |x| x.0).collect();
+            proptest::prop_assert_eq!(got, want);
+        }
+    }
 
     #[test]
     fn finds_what_a_linear_search_finds() {

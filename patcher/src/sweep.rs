@@ -353,22 +353,33 @@ struct ChunkResult<'k> {
     /// Near-branch targets, wherever they point (sorted into sections when merged): memory
     /// linear in the branches, whatever the number of sections.
     targets: Vec<u64>,
-    /// The executable sections' ranges, sorted.
-    code: &'k [(u64, u64)],
+    /// The code maps' ranges ([`code_of`]).
+    code: &'k [(u64, u64, usize)],
     /// Code addresses the chunk's instructions take (RIP-relative operands, immediates).
     taken: Vec<u64>,
     instructions: u64,
 }
 
-/// Whether `a` lies in one of `code`'s ranges (sorted, apart).
+/// The code map holding `a`, of `code`: each map's `(start, end, index)`, sorted, apart (the
+/// executable sections do not overlap). A binary search, for the sweep's millions of targets
+/// and taken addresses; most of those are not code, and fail the bounds first.
 #[inline]
-fn in_code(code: &[(u64, u64)], a: u64) -> bool {
+fn code_of(code: &[(u64, u64, usize)], a: u64) -> Option<usize> {
     match (code.first(), code.last()) {
         (Some(lo), Some(hi)) if lo.0 <= a && a < hi.1 => {
             let k = code.partition_point(|r| r.1 <= a);
-            code.get(k).is_some_and(|r| r.0 <= a)
+            code.get(k).filter(|r| r.0 <= a).map(|r| r.2)
         }
-        _ => false,
+        _ => None,
+    }
+}
+
+/// Marks the code addresses in `taken` as reached more than one way.
+fn mark_shared(scan: &mut Sweep, code: &[(u64, u64, usize)], taken: Vec<u64>) {
+    for a in taken {
+        if let Some(i) = code_of(code, a) {
+            scan.code[i].shared.set(a);
+        }
     }
 }
 
@@ -376,7 +387,7 @@ impl ChunkResult<'_> {
     /// Notes that an instruction takes address `a`, if it is code.
     #[inline]
     fn take(&mut self, a: u64) {
-        if in_code(self.code, a) {
+        if code_of(self.code, a).is_some() {
             self.taken.push(a);
         }
     }
@@ -499,16 +510,6 @@ fn sweep_with(
     let room = matches!(keep, Keep::AtMost(_)).then_some(&room);
     let keep = !matches!(keep, Keep::None);
     let exec: Vec<usize> = image.exec_sections().map(|s| s.index).collect();
-    let mut code_ranges: Vec<(u64, u64)> = exec
-        .iter()
-        .map(|&i| {
-            (
-                image.sections[i].addr,
-                image.sections[i].addr + image.sections[i].size,
-            )
-        })
-        .collect();
-    code_ranges.sort_unstable();
     let total: u64 = exec.iter().map(|&i| image.sections[i].size).sum();
     let threads = opts.threads.max(1);
     // Chunks of about total/(4*threads) bytes, cut at known starts, so that workers balance.
@@ -565,14 +566,7 @@ fn sweep_with(
     for (i, c) in scan.code.iter().enumerate() {
         by_section[c.section] = i;
     }
-    scan.index = crate::spans::SpanIndex::new(
-        scan.code
-            .iter()
-            .enumerate()
-            .map(|(i, c)| (c.starts.base, c.starts.base.saturating_add(c.starts.len), i)),
-    );
-    // The code map holding an address, for the merge's millions of targets: a binary search
-    // (executable sections do not overlap).
+    // The code maps by address ([`code_of`]).
     let mut by_addr: Vec<(u64, u64, usize)> = scan
         .code
         .iter()
@@ -580,6 +574,7 @@ fn sweep_with(
         .map(|(i, c)| (c.starts.base, c.starts.base.saturating_add(c.starts.len), i))
         .collect();
     by_addr.sort_unstable();
+    scan.index = crate::spans::SpanIndex::new(by_addr.iter().copied());
 
     // Each chunk's result is merged as soon as it is done: what is held at once is the merged
     // maps and one chunk's result per worker.
@@ -592,10 +587,6 @@ fn sweep_with(
     }
     scan.chunk_resyncs = vec![0; chunks.len()];
     let merged = std::sync::Mutex::new(scan);
-    let code_of = |t: u64| {
-        let k = by_addr.partition_point(|r| r.1 <= t);
-        by_addr.get(k).filter(|r| r.0 <= t).map(|r| r.2)
-    };
     let merge = |r: ChunkResult| {
         let mut scan = merged.lock().unwrap_or_else(|p| p.into_inner());
         scan.instructions += r.instructions;
@@ -624,13 +615,9 @@ fn sweep_with(
             m.set_all_from(&r.site_starts);
         }
         let scan = &mut *scan;
-        for t in r.taken {
-            if let Some(i) = code_of(t) {
-                scan.code[i].shared.set(t);
-            }
-        }
+        mark_shared(scan, &by_addr, r.taken);
         for t in r.targets {
-            if let Some(i) = code_of(t) {
+            if let Some(i) = code_of(&by_addr, t) {
                 let c = &mut scan.code[i];
                 if c.targets.get(t) {
                     c.shared.set(t);
@@ -658,18 +645,10 @@ fn sweep_with(
     let work = |index: usize| {
         let Some(chunk) = chunks.get(index) else {
             if let Some(&(si, lo, hi)) = data_chunks.get(index - chunks.len()) {
-                let taken = taken_by_data(
-                    image.section_data(&image.sections[si]),
-                    lo,
-                    hi,
-                    &code_ranges,
-                );
+                let data = image.section_data(&image.sections[si]);
+                let taken = taken_by_data(data, lo, hi, &by_addr);
                 let mut scan = merged.lock().unwrap_or_else(|p| p.into_inner());
-                for a in taken {
-                    if let Some(i) = code_of(a) {
-                        scan.code[i].shared.set(a);
-                    }
-                }
+                mark_shared(&mut scan, &by_addr, taken);
             }
             return;
         };
@@ -689,7 +668,7 @@ fn sweep_with(
             },
             index,
             targets: Vec::new(),
-            code: &code_ranges,
+            code: &by_addr,
             taken: Vec::new(),
             instructions: 0,
         };
@@ -731,12 +710,12 @@ const DATA_CHUNK: usize = 1 << 20;
 
 /// The code addresses that the 8-byte words at `data[lo..hi]` hold (`lo` aligned to the
 /// section's address: tables of labels, `&&label`, which an indirect branch may reach).
-fn taken_by_data(data: &[u8], lo: usize, hi: usize, code: &[(u64, u64)]) -> Vec<u64> {
+fn taken_by_data(data: &[u8], lo: usize, hi: usize, code: &[(u64, u64, usize)]) -> Vec<u64> {
     data.get(lo..hi)
         .unwrap_or_default()
         .chunks_exact(8)
         .map(|w| u64::from_le_bytes(w.try_into().unwrap_or_default()))
-        .filter(|&a| in_code(code, a))
+        .filter(|&a| code_of(code, a).is_some())
         .collect()
 }
 

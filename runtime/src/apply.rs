@@ -129,7 +129,7 @@ pub fn apply(plan: &Plan, t: &mut dyn TextPoke) -> Result<Applied, ApplyError> {
         t.write(w.addr, w.new.as_slice());
         applied.bytes += w.new.len() as u64;
     }
-    applied.sites = plan.sites.iter().filter(|p| p.new != p.old).count() as u32;
+    applied.sites = plan.sites.iter().filter(|p| p.changed()).count() as u32;
     applied.detours = plan.detours.len() as u32;
     t.close();
     t.sync();

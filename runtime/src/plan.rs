@@ -99,6 +99,13 @@ pub struct PlannedDetour {
     pub moved: Write,
 }
 
+impl Planned {
+    /// Whether the site changes.
+    pub fn changed(&self) -> bool {
+        self.new != self.old
+    }
+}
+
 impl PlannedDetour {
     /// Its writes, in the order they are made (the moved range last: it activates the detour).
     pub fn writes(&self) -> impl Iterator<Item = &Write> {
@@ -134,7 +141,7 @@ pub struct Plan {
 impl Plan {
     /// Whether any site changes.
     pub fn changes_any(&self) -> bool {
-        self.sites.iter().any(|p| p.new != p.old)
+        self.sites.iter().any(Planned::changed)
     }
 
     /// Takes the backend's out-of-line code ([`crate::arena::prepare`]'s write) into the plan,
@@ -151,7 +158,7 @@ impl Plan {
     pub fn changes(&self) -> impl Iterator<Item = &Planned> {
         self.sites
             .iter()
-            .filter(|p| p.new != p.old && p.detour.is_none())
+            .filter(|p| p.changed() && p.detour.is_none())
     }
 
     /// Every write of the plan, in the order they are made: code, then each detour's stub and
@@ -320,7 +327,7 @@ pub fn plan(
     if backend.takes_every_detour()
         || sites
             .iter()
-            .any(|p| p.new != p.old && (has_code || p.detour.is_some()))
+            .any(|p| p.changed() && (has_code || p.detour.is_some()))
     {
         table.check_detour_area().map_err(PlanError::Table)?;
     }
@@ -474,7 +481,7 @@ fn plan_detours(
     } else {
         sites
             .iter()
-            .filter(|p| p.new != p.old)
+            .filter(|p| p.changed())
             .filter_map(|p| p.detour)
             .collect()
     };

@@ -328,51 +328,46 @@ mod tests {
     #[test]
     fn a_loop_moved_whole_branches_within_its_stub() {
         let (addr, stub) = (0x40_0000u64, 0x50_0000u64);
-        // 1: hlt; jmp 1b; xor eax, eax: the target is the site, the range's first byte.
-        let code = [0xf4, 0xeb, 0xfd, 0x31, 0xc0];
-        let copy = Copy {
-            off: 0,
-            insn_len: 1,
-            len: 5,
+        // The site at the range's start, copied into a 5-byte room; the builder's stub, which
+        // the load-time check accepts.
+        let copies = |insn_len: usize| {
+            [pvpatch_isa::check::StubCopy {
+                site_off: 0,
+                insn_len,
+                copy_off: 0,
+                copy_len: 5,
+            }]
         };
-        let g = build_group(&code, addr, &[copy], stub, Jump::Direct).unwrap();
-        let jmp = Decoder::with_ip(64, &g.stub[5..], stub + 5, DecoderOptions::NONE).decode();
+        let built = |code: &[u8], insn_len: usize| {
+            let copy = Copy {
+                off: 0,
+                insn_len,
+                len: 5,
+            };
+            let g = build_group(code, addr, &[copy], stub, Jump::Direct).unwrap();
+            pvpatch_isa::check::stub(code, addr, &g.stub, stub, &copies(insn_len)).unwrap();
+            g.stub
+        };
+        // 1: hlt; jmp 1b; xor eax, eax: the target is the site, the range's first byte.
+        let g = built(&[0xf4, 0xeb, 0xfd, 0x31, 0xc0], 1);
+        let jmp = Decoder::with_ip(64, &g[5..], stub + 5, DecoderOptions::NONE).decode();
         assert_eq!(jmp.near_branch_target(), stub, "to the site's copy");
-        let copies = [pvpatch_isa::check::StubCopy {
-            site_off: 0,
-            insn_len: 1,
-            copy_off: 0,
-            copy_len: 5,
-        }];
-        pvpatch_isa::check::stub(&code, addr, &g.stub, stub, &copies).unwrap();
         // mov cr4, rdx; 1: rdrand rdx; jnc 1b: the target is inside the range.
         let code = [0x0f, 0x22, 0xe2, 0x48, 0x0f, 0xc7, 0xf2, 0x73, 0xfa];
-        let copy = Copy {
-            off: 0,
-            insn_len: 3,
-            len: 5,
-        };
-        let g = build_group(&code, addr, &[copy], stub, Jump::Direct).unwrap();
-        let mut dec = Decoder::with_ip(64, &g.stub[5..], stub + 5, DecoderOptions::NONE);
+        let g = built(&code, 3);
+        let mut dec = Decoder::with_ip(64, &g[5..], stub + 5, DecoderOptions::NONE);
         assert_eq!(dec.decode().mnemonic(), iced_x86::Mnemonic::Rdrand);
         assert_eq!(
             dec.decode().near_branch_target(),
             stub + 5,
             "to the moved rdrand"
         );
-        let copies = [pvpatch_isa::check::StubCopy {
-            site_off: 0,
-            insn_len: 3,
-            copy_off: 0,
-            copy_len: 5,
-        }];
-        pvpatch_isa::check::stub(&code, addr, &g.stub, stub, &copies).unwrap();
         // The check refuses a stub whose loop still branches to the original address.
-        let mut kept = g.stub.clone();
+        let mut kept = g.clone();
         let at = 5 + 4;
         let orig = (addr + 3) as i64 - (stub + at as u64 + 6) as i64;
         kept[at + 2..at + 6].copy_from_slice(&(orig as i32).to_le_bytes());
-        assert!(pvpatch_isa::check::stub(&code, addr, &kept, stub, &copies).is_err());
+        assert!(pvpatch_isa::check::stub(&code, addr, &kept, stub, &copies(3)).is_err());
     }
 
     #[test]

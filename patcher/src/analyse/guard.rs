@@ -125,21 +125,9 @@ impl Guards {
         sorted(&mut from_tables);
         let mut symbols: Vec<u64> = image.symbols.iter().map(|s| s.addr).collect();
         sorted(&mut symbols);
-        let mut named = Vec::with_capacity(from_tables.len() + symbols.len());
-        let (mut i, mut j) = (0, 0);
-        while i < from_tables.len() || j < symbols.len() {
-            let a = if j == symbols.len() || (i < from_tables.len() && from_tables[i] <= symbols[j])
-            {
-                i += 1;
-                from_tables[i - 1]
-            } else {
-                j += 1;
-                symbols[j - 1]
-            };
-            if named.last() != Some(&a) {
-                named.push(a);
-            }
-        }
+        let mut named: Vec<u64> =
+            crate::spans::merge_sorted(&from_tables, &symbols, |&a| a).collect();
+        named.dedup();
         Guards {
             ranges,
             longest,
