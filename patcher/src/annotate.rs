@@ -216,23 +216,24 @@ pub fn plan_sites<'r>(
             in_table[*g] += 1;
         }
     }
-    let carried = |g: usize| analysis.detours[g].members.len() == in_table[g];
+    // A hosted detour needs its host written too: a host that carries sites only if it carries
+    // them all; one that carries none (an eviction) whenever a detour it hosts is written.
+    let carried = |g: usize| {
+        let p = &analysis.detours[g];
+        p.members.len() == in_table[g]
+            && p.host.is_none_or(|h| {
+                let members = analysis.detours[h].members.len();
+                members == 0 || members == in_table[h]
+            })
+    };
     let mut index_of = std::collections::BTreeMap::new();
     let mut detours = Vec::new();
     let mut members = Vec::new();
-    for (k, (site, d)) in all.iter_mut().enumerate() {
-        let Some((g, (copy_off, copy_len))) = *d else {
-            continue;
-        };
-        if !carried(g) {
-            site.form = Form::Native;
-            site.stub = None;
-            *d = None;
-            continue;
-        }
+    // Descriptors in the order of their moved ranges: a host (before its detours) first.
+    let mut describe = |g: usize, detours: &mut Vec<DetourSpec<'r>>| -> usize {
         let plan = &analysis.detours[g];
         let next = index_of.len();
-        let i = *index_of.entry(g).or_insert_with(|| {
+        *index_of.entry(g).or_insert_with(|| {
             detours.push(DetourSpec {
                 moved: plan.start,
                 moved_len: plan.len,
@@ -244,7 +245,22 @@ pub fn plan_sites<'r>(
                     .map_or(0, patch_sites::crc32::crc32),
             });
             next
-        });
+        })
+    };
+    for (k, (site, d)) in all.iter_mut().enumerate() {
+        let Some((g, (copy_off, copy_len))) = *d else {
+            continue;
+        };
+        if !carried(g) {
+            site.form = Form::Native;
+            site.stub = None;
+            *d = None;
+            continue;
+        }
+        if let Some(h) = analysis.detours[g].host {
+            describe(h, &mut detours);
+        }
+        let i = describe(g, &mut detours);
         members.push(MemberSpec {
             record: k as u32,
             detour: i as u16,

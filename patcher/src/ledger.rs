@@ -328,8 +328,13 @@ pub struct Summary {
     pub detours_backward: usize,
     /// Sites whose detour moves instructions on both sides, or shares a stub with other sites.
     pub detours_around: usize,
-    /// Detours reached through a trampoline in nearby padding.
+    /// Detours reached through a trampoline (in nearby padding, or in a host's dead tail).
     pub trampolines: usize,
+    /// Of those, the trampolines in another detour's moved range (its dead tail, after the
+    /// `jmp rel32`): that detour, the host, is installed with them.
+    pub hosted: usize,
+    /// Detours that carry no site: ranges moved only to make room for a trampoline (eviction).
+    pub evicted: usize,
     /// Stubs planned (one per detour; sites may share one).
     pub stubs: usize,
     /// Why rewritable sites have no way out of line, with how many.
@@ -456,6 +461,10 @@ pub struct DetourInfo {
     /// The trampoline the moved range jumps through (a `jmp rel8` to nearby padding), if any.
     #[schemars(with = "Option<Address>")]
     pub trampoline: Option<String>,
+    /// The first byte of the other detour's moved range that holds the trampoline in its dead
+    /// tail (installed with this one), or null (the trampoline is in padding, or there is none).
+    #[schemars(with = "Option<Address>")]
+    pub trampoline_host: Option<String>,
     /// The other sites that share the detour.
     #[schemars(with = "Vec<Address>")]
     pub shared_with: Vec<String>,
@@ -600,6 +609,10 @@ fn site_entry(report: &ScanReport<'_>, s: &SiteInfo) -> SiteEntry {
                     stub_length: plan.map(|p| p.stub.len()),
                     copy_offset: m.copy.map(|c| c.0),
                     trampoline: plan.and_then(|p| p.trampoline.as_ref()).map(|t| hex(t.0)),
+                    trampoline_host: plan
+                        .and_then(|p| p.host)
+                        .and_then(|h| report.analysis.detours.get(h))
+                        .map(|h| hex(h.start)),
                     shared_with: plan
                         .map(|p| {
                             p.members
@@ -735,6 +748,18 @@ pub(crate) fn summary(report: &ScanReport<'_>, c: &SiteCounts) -> Summary {
             .detours
             .iter()
             .filter(|d| d.trampoline.is_some())
+            .count(),
+        hosted: report
+            .analysis
+            .detours
+            .iter()
+            .filter(|d| d.host.is_some())
+            .count(),
+        evicted: report
+            .analysis
+            .detours
+            .iter()
+            .filter(|d| d.members.is_empty())
             .count(),
         stubs: report.analysis.detours.len(),
         native_reasons: c.native_reasons.clone(),

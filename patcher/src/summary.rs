@@ -122,7 +122,8 @@ pub fn human_summary_with_counts(report: &ScanReport<'_>, counts: &SiteCounts) -
         let _ = writeln!(
             o,
             "\nStock kernel ({} symbols from {}): detours forward {}, backward {}, around {} ({} \
-             stubs, {} through trampolines); {} caves of {} bytes, arena {}",
+             stubs, {} through trampolines, {} of them in another detour's moved range; {} \
+             ranges moved only to make room); {} caves of {} bytes, arena {}",
             report.image.symbols.len(),
             report.image.symbol_source.name(),
             s.detours_forward,
@@ -130,6 +131,8 @@ pub fn human_summary_with_counts(report: &ScanReport<'_>, counts: &SiteCounts) -
             s.detours_around,
             s.stubs,
             s.trampolines,
+            s.hosted,
+            s.evicted,
             s.caves,
             s.cave_bytes,
             s.arena.as_deref().unwrap_or("none")

@@ -93,10 +93,13 @@ pub struct PlannedDetour {
     pub index: u16,
     /// The stub.
     pub stub: Write,
-    /// The trampoline, if any.
+    /// The trampoline, if any, unless it lies in a host's moved range (whose write holds it).
     pub tramp: Option<Write>,
     /// The moved range.
     pub moved: Write,
+    /// The detour whose moved range holds the trampoline (its dead tail), installed with this
+    /// one and before it.
+    pub host: Option<u16>,
 }
 
 impl Planned {
@@ -438,7 +441,8 @@ pub fn check_detour<'a>(
         return Err(problem(DetourProblem::MovedChanged));
     }
     let stub_old = free_padding(text, d.stub, d.stub_bytes.len()).map_err(problem)?;
-    if let Some(t) = d.tramp {
+    // A trampoline in a host's dead tail is checked with the host (its moved range's checksum).
+    if let Some(t) = d.tramp.filter(|_| table.detour_area().host_of(g).is_none()) {
         free_trampoline(text, t).map_err(problem)?;
     }
     let mut copies = Vec::with_capacity(members.len());
@@ -488,6 +492,9 @@ fn plan_detours(
     if used.is_empty() {
         return Ok(Vec::new());
     }
+    // A hosted detour's trampoline exists only once its host is installed.
+    let hosts: Vec<u16> = used.iter().filter_map(|&g| area.host_of(g)).collect();
+    used.extend(hosts);
     used.sort_unstable();
     used.dedup();
     // Members of used detours that were planned in place move into their copies.
@@ -560,6 +567,7 @@ fn plan_detours(
         }
         let (moved_old, stub_old) = (checked.moved_old, checked.stub_old);
         let mut a = Asm::new(d.moved, Seq::new());
+        let host = area.host_of(g);
         let tramp = match d.tramp {
             Some(t) => {
                 let rel = i8::try_from(t as i128 - (d.moved as i128 + 2))
@@ -569,12 +577,30 @@ fn plan_detours(
                 let mut ta = Asm::new(t, Seq::new());
                 ta.jmp(d.stub)
                     .map_err(|_| problem(DetourProblem::Unreachable))?;
-                Some(Write {
-                    index: first,
-                    addr: t,
-                    old: free_trampoline(text, t).map_err(problem)?,
-                    new: ta.out,
-                })
+                match host {
+                    // The host comes first (`check` orders them): its moved range's write,
+                    // already built, gets the trampoline in its dead tail.
+                    Some(h) => {
+                        let w = out
+                            .iter_mut()
+                            .find(|p: &&mut PlannedDetour| p.index == h)
+                            .map(|p| &mut p.moved)
+                            .ok_or(problem(DetourProblem::Unreachable))?;
+                        let off = (t - w.addr) as usize;
+                        w.new
+                            .as_mut_slice()
+                            .get_mut(off..off + ta.out.len())
+                            .ok_or(problem(DetourProblem::Unreachable))?
+                            .copy_from_slice(ta.out.as_slice());
+                        None
+                    }
+                    None => Some(Write {
+                        index: first,
+                        addr: t,
+                        old: free_trampoline(text, t).map_err(problem)?,
+                        new: ta.out,
+                    }),
+                }
             }
             None => {
                 a.jmp(d.stub)
@@ -601,6 +627,7 @@ fn plan_detours(
                 old: moved_old,
                 new: a.out,
             },
+            host,
         });
     }
     Ok(out)

@@ -58,18 +58,36 @@ pub struct Unit {
 pub fn units(plan: &Plan) -> Vec<Unit> {
     let code: Vec<(u64, Vec<u8>)> = plan.code.iter().map(|c| (c.addr, c.new.clone())).collect();
     let mut out = Vec::new();
+    let site_of = |g: u16| {
+        plan.sites
+            .iter()
+            .find(|p| p.detour == Some(g))
+            .map(|p| p.site)
+    };
+    let detour = |g: u16| plan.detours.iter().find(|e| e.index == g);
     for d in &plan.detours {
-        let Some(first) = plan.sites.iter().find(|p| p.detour == Some(d.index)) else {
+        // A host that carries no site (moved only to make room for trampolines) runs from the
+        // state of a site whose detour it hosts: its own code has no sensitive instruction.
+        let Some(site) = site_of(d.index).or_else(|| {
+            plan.detours
+                .iter()
+                .filter(|e| e.host == Some(d.index))
+                .find_map(|e| site_of(e.index))
+        }) else {
             continue;
         };
         let mut rewrite: Vec<(u64, Vec<u8>)> = d
             .writes()
             .map(|w| (w.addr, w.new.as_slice().to_vec()))
             .collect();
+        // A hosted detour's trampoline is in its host's moved range, installed with it.
+        if let Some(h) = d.host.and_then(detour) {
+            rewrite.extend(h.writes().map(|w| (w.addr, w.new.as_slice().to_vec())));
+        }
         rewrite.extend(code.iter().cloned());
         out.push(Unit {
             what: format!("detour {} at {:#x}", d.index, d.moved.addr),
-            site: first.site,
+            site,
             start: d.moved.addr,
             end: d.moved.addr + d.moved.new.len() as u64,
             reference: vec![(d.moved.addr, d.moved.old.as_slice().to_vec())],

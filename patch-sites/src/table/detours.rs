@@ -351,8 +351,9 @@ fn covers_site(count: u32, record: &dyn Fn(u32) -> Option<RecordView>, r: AddrRa
     i < count && record(i).is_some_and(|s| s.addr < r.end)
 }
 
-/// Whether `r` overlaps a moved range (descriptors sorted by moved range).
-fn covers_moved(area: &DetourArea<'_>, r: AddrRange) -> bool {
+/// The first descriptor whose moved range overlaps `r`, if any (descriptors sorted by moved
+/// range).
+fn moved_over<'a>(area: &DetourArea<'a>, r: AddrRange) -> Option<(u16, Detour<'a>)> {
     let (mut lo, mut hi) = (0u16, area.detours);
     while lo < hi {
         let mid = lo + (hi - lo) / 2;
@@ -361,7 +362,33 @@ fn covers_moved(area: &DetourArea<'_>, r: AddrRange) -> bool {
             _ => hi = mid,
         }
     }
-    lo < area.detours && area.detour(lo).is_ok_and(|d| d.moved < r.end)
+    let d = area.detour(lo).ok()?;
+    (lo < area.detours && d.moved < r.end).then_some((lo, d))
+}
+
+/// The shortest moved range that may host a trampoline: the `jmp rel32` its installation
+/// writes, then the trampoline's 5 bytes.
+pub const MIN_HOST_LEN: u8 = 10;
+
+impl Detour<'_> {
+    /// Whether the 5 bytes at `t` lie in this range's *dead tail*: after the `jmp rel32` that
+    /// installing it writes, inside the range (this range has no trampoline of its own).
+    pub fn hosts(&self, t: u64) -> bool {
+        self.tramp.is_none()
+            && self.moved_len >= MIN_HOST_LEN
+            && t >= self.moved.saturating_add(5)
+            && t.saturating_add(5) <= self.moved.saturating_add(self.moved_len as u64)
+    }
+}
+
+impl DetourArea<'_> {
+    /// The *host* of detour `i`'s trampoline: the descriptor whose moved range holds it (in
+    /// its dead tail, checked by [`check`]), if any. A runtime that installs detour `i`
+    /// installs its host too, and writes the trampoline as part of the host's moved range.
+    pub fn host_of(&self, i: u16) -> Option<u16> {
+        let t = self.detour(i).ok()?.tramp?;
+        moved_over(self, AddrRange::new(t, t.saturating_add(5))).map(|(h, _)| h)
+    }
 }
 
 /// How far a trampoline may lie from its moved range (a `jmp rel8`).
@@ -369,8 +396,9 @@ const TRAMP_REACH: u64 = 136;
 
 /// Checks the whole area against the records (`record(i)` for `i < count`, sorted by address,
 /// as a sealed table's are) and the kernel's code ranges: every descriptor in range; moved
-/// ranges and stubs each sorted and apart; no stub or trampoline over a moved range, a site, the
-/// arena or another trampoline; every member names a movable record whose site lies in its
+/// ranges and stubs each sorted and apart; no stub over a moved range, no trampoline over one
+/// except in an earlier range's dead tail ([`Detour::hosts`]), neither over a site, the arena or
+/// another trampoline; every member names a movable record whose site lies in its
 /// detour's moved range and whose copy lies in the stub; one member per movable record, sorted.
 /// `O((d + m) log n)` for `d` detours, `m` members and `n` records: it runs at boot.
 pub fn check(
@@ -432,9 +460,10 @@ pub fn check(
         let stub_clash = site_at.is_some_and(|r| r.addr < st.end)
             || moved_at.is_some_and(|e| e.start < st.end)
             || arena.is_some_and(|a| overlaps(a, st));
+        // A trampoline may lie in a moved range only in an earlier range's dead tail.
         let clash = stub_clash
             || tramp.is_some_and(|t| {
-                covers_moved(area, t)
+                moved_over(area, t).is_some_and(|(h, e)| h >= i || !e.hosts(t.start))
                     || covers_site(count, record, t)
                     || arena.is_some_and(|a| overlaps(a, t))
                     || overlaps(t, st)

@@ -274,3 +274,68 @@ fn errors_say_what_is_wrong() {
     }
     assert!(shown[1].contains("truncated"), "{}", shown[1]);
 }
+
+/// A table of two detours: a host that carries no site (`host_len` bytes at `host`, stub at
+/// `STUB`) and a `cli`'s two-byte range at `guest` whose trampoline is at `tramp`.
+fn hosted(host: u64, host_len: u8, guest: u64, tramp: u64) -> Result<(), TableError> {
+    let host_d = DetourSpec {
+        moved: host,
+        moved_len: host_len,
+        stub: STUB,
+        stub_bytes: &STUB_BYTES,
+        tramp: None,
+        moved_crc: 1,
+    };
+    let guest_d = DetourSpec {
+        moved: guest,
+        moved_len: 2,
+        stub: STUB + 0x20,
+        stub_bytes: &STUB_BYTES,
+        tramp: Some(tramp),
+        moved_crc: 2,
+    };
+    // Descriptors in the order of their moved ranges (and stubs: a guest first swaps them).
+    let mut d = [host_d, guest_d];
+    if guest < host {
+        d[0].stub = STUB + 0x20;
+        d[1].stub = STUB;
+        d.swap(0, 1);
+    }
+    let g = d.iter().position(|d| d.moved == guest).unwrap() as u16;
+    let site = Site {
+        stub: Some(d[g as usize].stub),
+        ..movable(guest)
+    };
+    let member = MemberSpec {
+        detour: g,
+        ..MEMBER
+    };
+    let mut buf = vec![0u8; sealed_table_size_with(1, &d, 1, false)];
+    write_sealed_table_with(&[site], &d, &[member], None, TABLE_ADDR, &mut buf).expect("written");
+    let t = parse(&buf)?;
+    let a = t.detour_area();
+    assert_eq!(a.host_of(g), Some(1 - g), "the guest's host");
+    assert_eq!(a.host_of(1 - g), None, "a host has no host");
+    Ok(())
+}
+
+/// A trampoline may lie in another detour's moved range only in its *dead tail*: after the
+/// `jmp rel32` its installation writes, inside it, in a range before its own.
+#[test]
+fn a_trampoline_lies_in_a_moved_range_only_in_an_earlier_ones_dead_tail() {
+    let (host, guest) = (TEXT.start + 0x40, TEXT.start + 0x60);
+    assert_eq!(hosted(host, 12, guest, host + 5), Ok(()));
+    assert_eq!(hosted(host, 12, guest, host + 7), Ok(()));
+    let overlap = Err(TableError::Detours(DetourError::Overlap(1)));
+    // Over the `jmp rel32`, or past the range's end.
+    assert_eq!(hosted(host, 12, guest, host + 4), overlap);
+    assert_eq!(hosted(host, 12, guest, host + 8), overlap);
+    // A range too short to host one.
+    assert_eq!(hosted(host, 9, guest, host + 4), overlap);
+    // A later range: its installation comes after the detour's.
+    let (host, guest) = (TEXT.start + 0x60, TEXT.start + 0x40);
+    assert_eq!(
+        hosted(host, 12, guest, host + 5),
+        Err(TableError::Detours(DetourError::Overlap(0)))
+    );
+}

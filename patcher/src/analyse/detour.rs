@@ -163,7 +163,8 @@ pub fn build_group(
         Jump::Direct => 5,
         Jump::Trampoline(_) => 2,
     };
-    if len < min || copies.is_empty() || u8::try_from(len).is_err() {
+    // No copies: a range moved only to make room for another's trampoline (a host).
+    if len < min || u8::try_from(len).is_err() {
         return Err(DetourError::TooShort);
     }
     for c in copies {

@@ -53,6 +53,9 @@ pub struct DetourPlan {
     pub jump: Vec<u8>,
     /// The trampoline, if the range is reached through one: its address and bytes.
     pub trampoline: Option<(u64, Vec<u8>)>,
+    /// The detour (an index into the plans) whose moved range holds the trampoline, after its
+    /// `jmp rel32`: the *host*, installed whenever this detour is ([`plan_hosted`]).
+    pub host: Option<usize>,
 }
 
 /// The instruction starts before `at` (nearest first), up to `n`.
@@ -236,6 +239,8 @@ pub fn plan(
     let mut taken = vec![false; sites.len()];
     // Moved ranges and trampolines planned so far: no two may share a byte.
     let mut moved: std::collections::BTreeMap<u64, u64> = std::collections::BTreeMap::new();
+    // Hosts' dead tails: by host start, the first byte free for the next trampoline.
+    let mut tails: std::collections::BTreeMap<u64, u64> = std::collections::BTreeMap::new();
     for i in 0..sites.len() {
         let s = &sites[i];
         if taken[i]
@@ -251,7 +256,7 @@ pub fn plan(
         {
             continue;
         }
-        let planned = plan_one(
+        let planned: Result<(DetourPlan, usize), Blocked> = plan_one(
             image, sweep, guards, sites, &addr_of, &taken, &moved, i, &mut pads, orc, zone, alloc,
         )
         .map(|p| (p, plans.len()))
@@ -268,13 +273,33 @@ pub fn plan(
             })
             .map(|p| (p, plans.len() - 1))
             .ok_or(b)
+        })
+        .or_else(|b: Blocked| {
+            // No padding in reach: a trampoline in another detour's moved range.
+            let (host, p) = plan_hosted(
+                image, sweep, guards, sites, &addr_of, &taken, &moved, i, orc, zone, alloc, &plans,
+                &tails,
+            )
+            .ok_or(b)?;
+            if let Some(h) = host {
+                moved.insert(h.start, h.start + h.len as u64);
+                plans.push(h);
+            }
+            Ok((p, plans.len()))
         });
         match planned {
             Ok((p, k)) => {
                 moved.insert(p.start, p.start + p.len as u64);
-                // A trampoline in NOP padding must not be moved by a later detour.
-                if let Some((t, _)) = &p.trampoline {
-                    moved.insert(*t, t + 5);
+                match (&p.trampoline, p.host) {
+                    // The host's dead tail: its next trampoline goes after this one.
+                    (Some((t, _)), Some(h)) => {
+                        tails.insert(plans[h].start, t + 5);
+                    }
+                    // A trampoline in NOP padding must not be moved by a later detour.
+                    (Some((t, _)), None) => {
+                        moved.insert(*t, t + 5);
+                    }
+                    _ => {}
                 }
                 for (n, &m) in p.members.iter().enumerate() {
                     taken[m] = true;
@@ -553,6 +578,26 @@ fn trampoline(
         .map(|(_, at, pad)| Slot { at, pad })
 }
 
+/// Every range of whole instructions around site `f` that could move, by preference: direct
+/// (at least 5 bytes) before through a trampoline, then fewest bytes, then fewest before the
+/// site: `(needs a trampoline, length, bytes before the site, start)`.
+fn windows(image: &Image, sweep: &Sweep, f: &crate::sweep::Found) -> Vec<(bool, u64, u64, u64)> {
+    let site_end = f.addr + f.len as u64;
+    let befores = before(image, sweep, f.addr, 4);
+    let afters = after(image, site_end, 6);
+    let mut out = Vec::new();
+    for b in std::iter::once(f.addr).chain(befores.iter().copied()) {
+        for e in std::iter::once(site_end).chain(afters.iter().copied()) {
+            let len = e - b;
+            if (2..=MAX_MOVED as u64).contains(&len) {
+                out.push((len < 5, len, f.addr - b, b));
+            }
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
 #[allow(clippy::too_many_arguments)]
 fn plan_one(
     image: &Image,
@@ -570,19 +615,7 @@ fn plan_one(
 ) -> Result<DetourPlan, Blocked> {
     let f = &sites[i].found;
     let site_end = f.addr + f.len as u64;
-    let befores = before(image, sweep, f.addr, 4);
-    let afters = after(image, site_end, 6);
-    // Every window, by preference: direct before trampoline, then fewest bytes.
-    let mut candidates: Vec<(bool, u64, u64, u64)> = Vec::new();
-    for b in std::iter::once(f.addr).chain(befores.iter().copied()) {
-        for e in std::iter::once(site_end).chain(afters.iter().copied()) {
-            let len = e - b;
-            if (2..=MAX_MOVED as u64).contains(&len) {
-                candidates.push((len < 5, len, f.addr - b, b));
-            }
-        }
-    }
-    candidates.sort_unstable();
+    let candidates = windows(image, sweep, f);
     if candidates.iter().any(|c| c.0) {
         pads.look_near(image, sweep, guards, orc, f.addr);
     }
@@ -631,6 +664,111 @@ fn plan_one(
     })
 }
 
+/// The shortest moved range a host may have: the `jmp rel32` its installation writes, then a
+/// trampoline's 5 bytes.
+const MIN_HOST: u64 = 10;
+
+/// A detour for site `i` when every range that could move needs a trampoline and no padding is
+/// in reach: through a trampoline in the dead tail of a *host*, another detour's moved range
+/// after the `jmp rel32` its installation writes (nothing runs those bytes once it is
+/// installed, and a runtime installs the host whenever it installs this detour). The host is a
+/// detour planned already, or a new one that carries no site (*eviction*, in E9Patch's terms:
+/// instructions moved only to make room), made only before the site's range and after every
+/// range planned so far, so that moved ranges and stubs stay in the same order. The trampoline
+/// is vouched for by ORC as in padding: the entry that covers it is undefined or equal to the
+/// one that covers the moved range. Returns the new host, if one was made, and the detour.
+#[allow(clippy::too_many_arguments)]
+fn plan_hosted(
+    image: &Image,
+    sweep: &Sweep,
+    guards: &Guards,
+    sites: &[SiteInfo],
+    addr_of: &[u64],
+    taken: &[bool],
+    moved: &std::collections::BTreeMap<u64, u64>,
+    i: usize,
+    orc: &Orc,
+    zone: Zone<'_>,
+    alloc: &mut Allocator,
+    plans: &[DetourPlan],
+    tails: &std::collections::BTreeMap<u64, u64>,
+) -> Option<(Option<DetourPlan>, DetourPlan)> {
+    let f = &sites[i].found;
+    let last_end = plans.last().map_or(0, |p| p.start + p.len as u64);
+    let short = windows(image, sweep, f).into_iter().filter(|w| w.0);
+    for (_, len, _, start) in short {
+        let Ok(w) = check_window(
+            image,
+            sweep,
+            guards,
+            sites,
+            addr_of,
+            taken,
+            moved,
+            zone,
+            start,
+            start + len,
+            false,
+        ) else {
+            continue;
+        };
+        let site_orc = orc.covering(start);
+        let slot_ok = |t: u64| {
+            (t as i128 - (start as i128 + 2)).unsigned_abs() <= 127
+                && zone.trampoline(start, t)
+                && orc
+                    .covering(t)
+                    .is_some_and(|e| Orc::undefined(&e) || Some(e) == site_orc)
+        };
+        // A detour planned already, the nearest first.
+        let lo = plans.partition_point(|p| p.start + 140 < start);
+        let existing = plans[lo..]
+            .iter()
+            .enumerate()
+            .take_while(|(_, p)| p.start <= start + 140)
+            .filter(|(_, p)| p.len as u64 >= MIN_HOST && p.trampoline.is_none())
+            .filter_map(|(k, p)| {
+                let t = tails.get(&p.start).copied().unwrap_or(p.start + 5);
+                // Not over a site's record (its room in place included).
+                let on_site = sites.iter().any(|s| {
+                    let len = s.found.len.max(s.room.in_place);
+                    s.found.addr < t + 5 && s.found.addr + len as u64 > t
+                });
+                (t + 5 <= p.start + p.len as u64 && slot_ok(t) && !on_site).then_some((lo + k, t))
+            })
+            .min_by_key(|(_, t)| t.abs_diff(start));
+        if let Some((k, t)) = existing {
+            let mut p = build(image, sites, w, Jump::Trampoline(t), zone, alloc).ok()?;
+            p.host = Some(k);
+            return Some((None, p));
+        }
+        // A new host: a range of whole instructions before this one, carrying no site.
+        for h in start.saturating_sub(130).max(last_end)..start {
+            if !sweep.is_insn_start(h) || !slot_ok(h + 5) {
+                continue;
+            }
+            let ends = after(image, h, 8)
+                .into_iter()
+                .filter(|&e| e - h >= MIN_HOST && e - h <= MAX_MOVED as u64 && e <= start);
+            for e in ends {
+                let Ok(hw) = check_window(
+                    image, sweep, guards, sites, addr_of, taken, moved, zone, h, e, false,
+                ) else {
+                    continue;
+                };
+                if !hw.members.is_empty() {
+                    continue;
+                }
+                let host = build(image, sites, hw, Jump::Direct, zone, alloc).ok()?;
+                let mut p = build(image, sites, w, Jump::Trampoline(h + 5), zone, alloc).ok()?;
+                p.host = Some(plans.len());
+                return Some((Some(host), p));
+            }
+        }
+    }
+    None
+}
+
 /// Grows detour `prev` (planned before site `i`, ending before it) over site `i` and what
 /// lies between: one moved range, one stub, `prev`'s members and `i` sharing it. `prev`'s moved
 /// range and trampoline are released while the larger range is checked and restored if it
@@ -653,7 +791,9 @@ fn merge(
 ) -> Option<DetourPlan> {
     let f = &sites[i].found;
     let site_end = f.addr + f.len as u64;
-    if prev.start + prev.len as u64 > f.addr {
+    // A hosted trampoline stays with the range it was found for (its host's tail is not in
+    // `moved` apart from the host).
+    if prev.start + prev.len as u64 > f.addr || prev.host.is_some() {
         return None;
     }
     let release = |taken: &mut [bool], moved: &mut std::collections::BTreeMap<u64, u64>, on| {
@@ -780,6 +920,7 @@ fn build(
             (Jump::Trampoline(t), Some(b)) => Some((t, b)),
             _ => None,
         },
+        host: None,
     })
 }
 
@@ -808,7 +949,7 @@ mod tests {
             at: TEXT + 16,
             pad: 0,
         };
-        // No member: there is no site to copy, and the build fails.
+        // No cave space: the build fails.
         let w = Window {
             start: TEXT,
             end: TEXT + 2,
@@ -817,7 +958,7 @@ mod tests {
         let mut alloc = Allocator::new(Vec::new());
         let zone = Zone { entry: None };
         let built = build_taking(&img, &[], w, Some(slot), &mut pads, zone, &mut alloc);
-        assert!(built.is_err_and(|b| b.kind == "stub not encodable"));
+        assert!(built.is_err_and(|b| b.kind == "no cave space"));
         assert_eq!(pads.free, vec![pad], "the failed build took the slot");
         // The slot is one that taking changes.
         slot.take(&mut pads);

@@ -319,7 +319,11 @@ fn overlaps(ranges: &[(u64, u64)], a: u64, b: u64) -> Option<(u64, u64)> {
 /// Checks one generated image; returns how many detours were planned, sites refused one, of
 /// the refused the pinned, trampolines in NOP padding, and sites whose detour moves a branch
 /// target with the branch to it.
-fn check(built: &Built) -> Result<[usize; 5], TestCaseError> {
+fn e_of(d: &pvpatch::analyse::stock::DetourPlan) -> u64 {
+    d.start + d.len as u64
+}
+
+fn check(built: &Built) -> Result<[usize; 6], TestCaseError> {
     let img = pvpatch::load::Image::from_bytes("stock.elf", built.bytes.clone())
         .map_err(|e| TestCaseError::fail(e.to_string()))?;
     let report = scan_image(&img, Default::default(), None);
@@ -384,10 +388,29 @@ fn check(built: &Built) -> Result<[usize; 5], TestCaseError> {
         }
     }
     let mut in_nops = 0;
+    let mut hosted = 0;
     for d in &report.analysis.detours {
         let (a, b) = (d.stub_addr, d.stub_addr + d.stub.len() as u64);
         prop_assert!(a >= built.cave.0 && b <= built.cave.1, "stub at {:#x}", a);
-        if let Some((t, _)) = &d.trampoline {
+        // Every moved range, a host that carries no site too.
+        let (m, e) = (d.start, d.start + d.len as u64);
+        prop_assert_eq!(
+            overlaps(&built.protected, m, e),
+            None,
+            "moved range {:#x}",
+            m
+        );
+        prop_assert_eq!(jumped_into(m, e), None, "moved range {:#x}", m);
+        if let (Some((t, _)), Some(h)) = (&d.trampoline, d.host) {
+            // In an earlier range's dead tail: after its `jmp rel32`, inside it.
+            let h = &report.analysis.detours[h];
+            prop_assert!(
+                h.start + h.len as u64 <= d.start && h.start + 5 <= *t && t + 5 <= e_of(h),
+                "trampoline at {:#x} is not in its host's dead tail",
+                t
+            );
+            hosted += 1;
+        } else if let Some((t, _)) = &d.trampoline {
             // Only dead padding; in NOP padding, only at its start (an instruction start).
             let pad = built.padding.iter().find(|p| p.0 <= *t && t + 5 <= p.1);
             prop_assert!(pad.is_some(), "trampoline at {:#x} is not in padding", t);
@@ -397,8 +420,10 @@ fn check(built: &Built) -> Result<[usize; 5], TestCaseError> {
             }
         }
     }
-    let plan = plan_image(&report, &BackendSpec::new("outofline", None).unwrap())
-        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let plan = plan_image(&report, &BackendSpec::new("outofline", None).unwrap()).map_err(|e| {
+        let cause = std::error::Error::source(&e).map(|c| c.to_string());
+        TestCaseError::fail(format!("{e}: {}", cause.unwrap_or_default()))
+    })?;
     for w in plan.plan.writes() {
         let (a, b) = (w.addr, w.addr + w.new.len() as u64);
         prop_assert_eq!(overlaps(&built.protected, a, b), None, "write at {:#x}", a);
@@ -412,6 +437,7 @@ fn check(built: &Built) -> Result<[usize; 5], TestCaseError> {
         pinned,
         in_nops,
         internal,
+        hosted,
     ])
 }
 
@@ -422,7 +448,7 @@ fn the_planner_never_touches_a_protected_byte() {
         failure_persistence: None,
         ..ProptestConfig::default()
     });
-    let totals = std::cell::Cell::new([0usize; 5]);
+    let totals = std::cell::Cell::new([0usize; 6]);
     runner
         .run(&proptest::collection::vec(function(), 1..8), |funcs| {
             let got = check(&build_image(&funcs))?;
@@ -434,11 +460,12 @@ fn the_planner_never_touches_a_protected_byte() {
             Ok(())
         })
         .unwrap();
-    let [detours, refused, pinned, in_nops, internal] = totals.get();
+    let [detours, refused, pinned, in_nops, internal, hosted] = totals.get();
     eprintln!(
         "256 generated stock kernels: {detours} detours planned ({in_nops} through a trampoline \
-         in NOP padding, {internal} sites' moving a branch target with its branch), {refused} \
-         sites refused one ({pinned} pinned by Linux's layout)"
+         in NOP padding, {hosted} in another range's dead tail, {internal} sites' moving a \
+         branch target with its branch), {refused} sites refused one ({pinned} pinned by \
+         Linux's layout)"
     );
     assert!(
         pinned > 5,
@@ -449,6 +476,10 @@ fn the_planner_never_touches_a_protected_byte() {
     assert!(
         in_nops > 10,
         "too few NOP trampolines to test anything: {in_nops}"
+    );
+    assert!(
+        hosted > 5,
+        "too few trampolines in a host's dead tail to test anything: {hosted}"
     );
     assert!(
         internal > 10,
