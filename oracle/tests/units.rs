@@ -46,6 +46,7 @@ fn a_moved_rdrand_loop_draws_the_same_values_in_both_runs() {
             clobbers: RegSet::EMPTY,
             stub: Some(STUB),
         },
+        borrowed_site: false,
         start: SITE,
         end,
         reference: vec![(SITE, moved.to_vec())],

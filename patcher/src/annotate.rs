@@ -226,29 +226,11 @@ pub fn plan_sites<'r>(
                 members == 0 || members == in_table[h]
             })
     };
-    let mut index_of = std::collections::BTreeMap::new();
-    let mut detours = Vec::new();
-    let mut members = Vec::new();
-    // Descriptors in the order of their moved ranges: a host (before its detours) first.
-    let mut describe = |g: usize, detours: &mut Vec<DetourSpec<'r>>| -> usize {
-        let plan = &analysis.detours[g];
-        let next = index_of.len();
-        *index_of.entry(g).or_insert_with(|| {
-            detours.push(DetourSpec {
-                moved: plan.start,
-                moved_len: plan.len,
-                stub: plan.stub_addr,
-                stub_bytes: &plan.stub,
-                tramp: plan.trampoline.as_ref().map(|t| t.0),
-                moved_crc: image
-                    .read(plan.start, plan.len as usize)
-                    .map_or(0, patch_sites::crc32::crc32),
-            });
-            next
-        })
-    };
-    for (k, (site, d)) in all.iter_mut().enumerate() {
-        let Some((g, (copy_off, copy_len))) = *d else {
+    // The detours written: those whose sites are all in the table, and their hosts; their
+    // descriptors in the order of their moved ranges (a host may lie on either side).
+    let mut written: Vec<usize> = Vec::new();
+    for (site, d) in all.iter_mut() {
+        let Some((g, _)) = *d else {
             continue;
         };
         if !carried(g) {
@@ -257,10 +239,37 @@ pub fn plan_sites<'r>(
             *d = None;
             continue;
         }
-        if let Some(h) = analysis.detours[g].host {
-            describe(h, &mut detours);
-        }
-        let i = describe(g, &mut detours);
+        written.push(g);
+        written.extend(analysis.detours[g].host);
+    }
+    written.sort_by_key(|&g| analysis.detours[g].start);
+    written.dedup();
+    let detours: Vec<DetourSpec<'r>> = written
+        .iter()
+        .map(|&g| {
+            let plan = &analysis.detours[g];
+            DetourSpec {
+                moved: plan.start,
+                moved_len: plan.len,
+                stub: plan.stub_addr,
+                stub_bytes: &plan.stub,
+                tramp: plan.trampoline.as_ref().map(|t| t.0),
+                moved_crc: image
+                    .read(plan.start, plan.len as usize)
+                    .map_or(0, patch_sites::crc32::crc32),
+            }
+        })
+        .collect();
+    let mut members = Vec::new();
+    for (k, (_, d)) in all.iter().enumerate() {
+        let Some((g, (copy_off, copy_len))) = *d else {
+            continue;
+        };
+        let i = written
+            .binary_search_by_key(&analysis.detours[g].start, |&w| analysis.detours[w].start);
+        let Ok(i) = i else {
+            continue;
+        };
         members.push(MemberSpec {
             record: k as u32,
             detour: i as u16,

@@ -164,10 +164,12 @@ pub fn apply(plan: &Plan, t: &mut dyn TextPoke) -> Result<Applied, ApplyError> {
 }
 
 /// Writes back the old bytes of everything `plan` changed (the `jmp`s over moved ranges first,
-/// so that nothing reaches a stub while it is being taken away).
+/// so that nothing reaches a stub while it is being taken away; a host's last, so that no `jmp`
+/// reaches its trampolines once they are gone).
 pub fn revert(plan: &Plan, t: &mut dyn TextPoke) {
     t.open();
-    for d in &plan.detours {
+    let others = plan.detours.iter().filter(|d| !d.is_host);
+    for d in others.chain(plan.detours.iter().filter(|d| d.is_host)) {
         t.write(d.moved.addr, d.moved.old.as_slice());
     }
     for w in plan.writes() {

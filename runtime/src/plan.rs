@@ -100,6 +100,9 @@ pub struct PlannedDetour {
     /// The detour whose moved range holds the trampoline (its dead tail), installed with this
     /// one and before it.
     pub host: Option<u16>,
+    /// Whether its moved range holds another detour's trampoline (its `jmp` is written before
+    /// the other detours' `jmp`s).
+    pub is_host: bool,
 }
 
 impl Planned {
@@ -165,7 +168,7 @@ impl Plan {
     }
 
     /// Every write of the plan, in the order they are made: code, then each detour's stub and
-    /// trampoline, then the sites in place, then each detour's `jmp`. (Code writes are
+    /// trampoline, then the sites in place, then each detour's `jmp`, hosts' first. (Code writes are
     /// separate: they are not [`Seq`]s.)
     pub fn writes(&self) -> impl Iterator<Item = Write> + '_ {
         let stubs = self
@@ -178,9 +181,12 @@ impl Plan {
             old: p.old,
             new: p.new,
         });
+        // Hosts' moved ranges (with the trampolines they hold) before the jumps to them.
+        let hosts = self.detours.iter().filter(|d| d.is_host);
+        let others = self.detours.iter().filter(|d| !d.is_host);
         stubs
             .chain(sites)
-            .chain(self.detours.iter().map(|d| d.moved))
+            .chain(hosts.chain(others).map(|d| d.moved))
     }
 }
 
@@ -551,7 +557,9 @@ fn plan_detours(
             v.push(k);
         }
     }
-    let mut out = Vec::with_capacity(used.len());
+    let mut out: Vec<PlannedDetour> = Vec::with_capacity(used.len());
+    // Trampolines in hosts' dead tails: (detour, host, address, bytes).
+    let mut hosted = Vec::new();
     for &g in &used {
         let problem = |problem| PlanError::Detour { index: g, problem };
         let checked = check_detour(table, text, g, &by_detour[g as usize])?;
@@ -578,20 +586,9 @@ fn plan_detours(
                 ta.jmp(d.stub)
                     .map_err(|_| problem(DetourProblem::Unreachable))?;
                 match host {
-                    // The host comes first (`check` orders them): its moved range's write,
-                    // already built, gets the trampoline in its dead tail.
+                    // Written with the host's moved range, once that write is built.
                     Some(h) => {
-                        let w = out
-                            .iter_mut()
-                            .find(|p: &&mut PlannedDetour| p.index == h)
-                            .map(|p| &mut p.moved)
-                            .ok_or(problem(DetourProblem::Unreachable))?;
-                        let off = (t - w.addr) as usize;
-                        w.new
-                            .as_mut_slice()
-                            .get_mut(off..off + ta.out.len())
-                            .ok_or(problem(DetourProblem::Unreachable))?
-                            .copy_from_slice(ta.out.as_slice());
+                        hosted.push((g, h, t, ta.out));
                         None
                     }
                     None => Some(Write {
@@ -628,7 +625,25 @@ fn plan_detours(
                 new: a.out,
             },
             host,
+            is_host: false,
         });
+    }
+    for (g, h, t, bytes) in hosted {
+        let unreachable = PlanError::Detour {
+            index: g,
+            problem: DetourProblem::Unreachable,
+        };
+        let k = out
+            .binary_search_by_key(&h, |p| p.index)
+            .map_err(|_| unreachable)?;
+        let w = &mut out[k].moved;
+        let off = t.checked_sub(w.addr).ok_or(unreachable)? as usize;
+        w.new
+            .as_mut_slice()
+            .get_mut(off..off + bytes.len())
+            .ok_or(unreachable)?
+            .copy_from_slice(bytes.as_slice());
+        out[k].is_host = true;
     }
     Ok(out)
 }

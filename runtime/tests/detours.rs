@@ -643,3 +643,115 @@ fn a_plan_that_writes_nothing_touches_nothing() {
     assert!(apply::apply(&p, &mut text).is_err());
     assert!(text.1 > 0);
 }
+
+/// A text that records where each write went, in order.
+struct Recording(Text, Vec<u64>);
+
+impl TextRead for Recording {
+    fn read(&self, addr: u64, out: &mut [u8]) -> bool {
+        self.0.read(addr, out)
+    }
+}
+
+impl pvpatch_runtime::apply::TextPoke for Recording {
+    fn write(&mut self, addr: u64, bytes: &[u8]) {
+        self.1.push(addr);
+        for (k, &b) in bytes.iter().enumerate() {
+            self.0.poke(addr + k as u64, b);
+        }
+    }
+    fn sync(&mut self) {}
+}
+
+/// A site's 2-byte range (`cli; nop`) whose trampoline lies in the dead tail of a *host*: a
+/// 12-byte range (three 4-byte NOPs) that carries no site, before or after it. The host is
+/// installed with it, its moved range's write holds the trampoline after its own `jmp rel32`,
+/// and that write comes before the site's `jmp rel8` (and is undone after it).
+#[test]
+fn a_trampoline_in_a_hosts_dead_tail_is_written_with_the_host_on_either_side() {
+    let nops = [0x0f, 0x1f, 0x40, 0x00].repeat(3);
+    for host in [BASE, SITE + 0x20] {
+        let site_first = SITE < host;
+        let (site_stub, host_stub) = if site_first {
+            (STUB, STUB + 0x40)
+        } else {
+            (STUB + 0x40, STUB)
+        };
+        // The site's stub: its copy (`cli` in 5 bytes), the `nop`, `jmp` back past the range.
+        let mut s = vec![0xfa, 0x0f, 0x1f, 0x40, 0x00, 0x90, 0xe9];
+        s.extend_from_slice(&rel32(site_stub + 11, SITE + 2));
+        // The host's: its three NOPs, `jmp` back.
+        let mut h = nops.clone();
+        h.push(0xe9);
+        h.extend_from_slice(&rel32(host_stub + 17, host + 12));
+        let guest = DetourSpec {
+            moved: SITE,
+            moved_len: 2,
+            stub: site_stub,
+            stub_bytes: &s,
+            tramp: Some(host + 5),
+            moved_crc: crc32(&[0xfa, 0x90]),
+        };
+        let hosting = DetourSpec {
+            moved: host,
+            moved_len: 12,
+            stub: host_stub,
+            stub_bytes: &h,
+            tramp: None,
+            moved_crc: crc32(&nops),
+        };
+        let d = if site_first {
+            [guest, hosting]
+        } else {
+            [hosting, guest]
+        };
+        let (g, hi) = if site_first { (0u16, 1u16) } else { (1, 0) };
+        let member = MemberSpec {
+            record: 0,
+            detour: g,
+            copy_off: 0,
+            copy_len: 5,
+        };
+        let site = one_byte(SITE, Op::Cli, Form::Movable, 1, Some(site_stub));
+        let mut bytes = vec![0u8; sealed_table_size_with(1, &d, 1, true)];
+        write_sealed_table_with(&[site], &d, &[member], Some(ARENA), TABLE_ADDR, &mut bytes)
+            .expect("a valid table");
+        let mut text = Text::new(true);
+        for (k, &b) in nops.iter().enumerate() {
+            text.poke(host + k as u64, b);
+        }
+        let p = plan_call(&bytes, &text).expect("planned");
+        assert_eq!(
+            p.detours.len(),
+            2,
+            "the host is installed with the site's detour"
+        );
+        let pd = |i: u16| p.detours.iter().find(|d| d.index == i).unwrap();
+        let (gd, hd) = (pd(g), pd(hi));
+        assert_eq!((gd.host, gd.tramp, gd.is_host), (Some(hi), None, false));
+        assert_eq!((hd.host, hd.is_host), (None, true));
+        // The host's range: `jmp rel32` to its stub, `int3`s, the trampoline at +5.
+        let mut want = vec![0xe9];
+        want.extend_from_slice(&rel32(host + 5, host_stub));
+        want.push(0xe9);
+        want.extend_from_slice(&rel32(host + 10, site_stub));
+        want.extend_from_slice(&[0xcc, 0xcc]);
+        assert_eq!(hd.moved.new.as_slice(), &want[..]);
+        assert_eq!(hd.moved.old.as_slice(), &nops[..]);
+        assert_eq!(
+            gd.moved.new.as_slice(),
+            &[0xeb, (host + 5).wrapping_sub(SITE + 2) as u8]
+        );
+        // Written: the host's range before the site's jump; undone in the other order.
+        let mut rec = Recording(text, Vec::new());
+        pvpatch_runtime::apply::apply(&p, &mut rec).expect("applied");
+        let at = |a: u64, v: &[u64]| v.iter().position(|&x| x == a).unwrap();
+        assert!(at(host, &rec.1) < at(SITE, &rec.1), "{:x?}", rec.1);
+        rec.1.clear();
+        pvpatch_runtime::apply::revert(&p, &mut rec);
+        assert!(at(SITE, &rec.1) < at(host, &rec.1), "{:x?}", rec.1);
+        let mut back = [0u8; 12];
+        assert!(rec.read(host, &mut back));
+        assert_eq!(back, nops[..]);
+    }
+}

@@ -44,6 +44,10 @@ pub struct Unit {
     pub what: String,
     /// The first site it rewrites (its record shapes the starting state).
     pub site: Site,
+    /// `site` is not in the range: the unit is a host that carries no site (moved only to
+    /// make room for trampolines), run from the state of a site it hosts. Its code calls no
+    /// out-of-line code of its own.
+    pub borrowed_site: bool,
     /// The range it replaces, in kernel addresses.
     pub start: u64,
     /// Its end.
@@ -68,7 +72,8 @@ pub fn units(plan: &Plan) -> Vec<Unit> {
     for d in &plan.detours {
         // A host that carries no site (moved only to make room for trampolines) runs from the
         // state of a site whose detour it hosts: its own code has no sensitive instruction.
-        let Some(site) = site_of(d.index).or_else(|| {
+        let own = site_of(d.index);
+        let Some(site) = own.or_else(|| {
             plan.detours
                 .iter()
                 .filter(|e| e.host == Some(d.index))
@@ -88,6 +93,7 @@ pub fn units(plan: &Plan) -> Vec<Unit> {
         out.push(Unit {
             what: format!("detour {} at {:#x}", d.index, d.moved.addr),
             site,
+            borrowed_site: own.is_none(),
             start: d.moved.addr,
             end: d.moved.addr + d.moved.new.len() as u64,
             reference: vec![(d.moved.addr, d.moved.old.as_slice().to_vec())],
@@ -100,6 +106,7 @@ pub fn units(plan: &Plan) -> Vec<Unit> {
         out.push(Unit {
             what: format!("site {:#x} in place", p.addr),
             site: p.site,
+            borrowed_site: false,
             start: p.addr,
             end: p.addr + p.new.len() as u64,
             reference: vec![(p.addr, p.old.as_slice().to_vec())],

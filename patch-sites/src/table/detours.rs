@@ -358,12 +358,15 @@ fn moved_over<'a>(area: &DetourArea<'a>, r: AddrRange) -> Option<(u16, Detour<'a
     while lo < hi {
         let mid = lo + (hi - lo) / 2;
         match area.detour(mid) {
-            Ok(d) if d.moved + d.moved_len as u64 <= r.start => lo = mid + 1,
+            Ok(d) if d.moved_range().end <= r.start => lo = mid + 1,
             _ => hi = mid,
         }
     }
+    if lo >= area.detours {
+        return None;
+    }
     let d = area.detour(lo).ok()?;
-    (lo < area.detours && d.moved < r.end).then_some((lo, d))
+    (d.moved < r.end).then_some((lo, d))
 }
 
 /// The shortest moved range that may host a trampoline: the `jmp rel32` its installation
@@ -387,7 +390,9 @@ impl DetourArea<'_> {
     /// installs its host too, and writes the trampoline as part of the host's moved range.
     pub fn host_of(&self, i: u16) -> Option<u16> {
         let t = self.detour(i).ok()?.tramp?;
-        moved_over(self, AddrRange::new(t, t.saturating_add(5))).map(|(h, _)| h)
+        moved_over(self, AddrRange::new(t, t.saturating_add(5)))
+            .filter(|(h, e)| *h != i && e.hosts(t))
+            .map(|(h, _)| h)
     }
 }
 
@@ -397,7 +402,7 @@ const TRAMP_REACH: u64 = 136;
 /// Checks the whole area against the records (`record(i)` for `i < count`, sorted by address,
 /// as a sealed table's are) and the kernel's code ranges: every descriptor in range; moved
 /// ranges and stubs each sorted and apart; no stub over a moved range, no trampoline over one
-/// except in an earlier range's dead tail ([`Detour::hosts`]), neither over a site, the arena or
+/// except in another range's dead tail ([`Detour::hosts`]), neither over a site, the arena or
 /// another trampoline; every member names a movable record whose site lies in its
 /// detour's moved range and whose copy lies in the stub; one member per movable record, sorted.
 /// `O((d + m) log n)` for `d` detours, `m` members and `n` records: it runs at boot.
@@ -460,10 +465,10 @@ pub fn check(
         let stub_clash = site_at.is_some_and(|r| r.addr < st.end)
             || moved_at.is_some_and(|e| e.start < st.end)
             || arena.is_some_and(|a| overlaps(a, st));
-        // A trampoline may lie in a moved range only in an earlier range's dead tail.
+        // A trampoline may lie in a moved range only in another range's dead tail.
         let clash = stub_clash
             || tramp.is_some_and(|t| {
-                moved_over(area, t).is_some_and(|(h, e)| h >= i || !e.hosts(t.start))
+                moved_over(area, t).is_some_and(|(h, e)| h == i || !e.hosts(t.start))
                     || covers_site(count, record, t)
                     || arena.is_some_and(|a| overlaps(a, t))
                     || overlaps(t, st)

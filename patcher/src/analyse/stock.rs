@@ -104,7 +104,7 @@ struct Pad {
 /// padding of 5 to [`super::caves::MIN_CAVE`] bytes inside `[_text, _etext)`, one ORC entry
 /// covering each, nothing protected or named in them ([`super::caves::runs_near`]); and dead
 /// NOP padding. The free part of each shrinks as trampolines are placed.
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct Pads {
     /// Sorted by start, apart.
     free: Vec<Pad>,
@@ -231,141 +231,250 @@ pub fn plan(
     orc: &Orc,
     alloc: &mut Allocator,
 ) -> Vec<DetourPlan> {
-    let mut pads = Pads::default();
-    let entry = guards.entry_text();
-    let zone = Zone { entry };
-    let mut plans = Vec::new();
-    let addr_of: Vec<u64> = sites.iter().map(|s| s.found.addr).collect();
-    let mut taken = vec![false; sites.len()];
-    // Moved ranges and trampolines planned so far: no two may share a byte.
-    let mut moved: std::collections::BTreeMap<u64, u64> = std::collections::BTreeMap::new();
-    // Hosts' dead tails: by host start, the first byte free for the next trampoline.
-    let mut tails: std::collections::BTreeMap<u64, u64> = std::collections::BTreeMap::new();
+    let fresh = alloc.clone();
+    let mut st = State {
+        pads: Pads::default(),
+        zone: Zone {
+            entry: guards.entry_text(),
+        },
+        plans: Vec::new(),
+        addr_of: sites.iter().map(|s| s.found.addr).collect(),
+        taken: vec![false; sites.len()],
+        moved: std::collections::BTreeMap::new(),
+        tails: std::collections::BTreeMap::new(),
+    };
+    let mut failed = Vec::new();
     for i in 0..sites.len() {
-        let s = &sites[i];
-        if taken[i]
-            || !s.rewritable()
-            // In the entry text, room for a call is no use: no call is allowed there.
-            || (s.room.in_place >= 5 && !entry.is_some_and(|e| e.contains(s.found.addr)))
-            || !s.room.forms.contains(&Outcome::Inline)
-            || entry.is_some_and(|e| {
-                e.ip_checked(s.found.addr, s.found.addr + s.found.len as u64)
-                    .is_some()
-            })
-            || super::runs_elsewhere(image, s.found.addr).is_some()
-        {
+        if !wants_detour(image, guards, &sites[i]) || st.taken[i] {
             continue;
         }
         let planned: Result<(DetourPlan, usize), Blocked> = plan_one(
-            image, sweep, guards, sites, &addr_of, &taken, &moved, i, &mut pads, orc, zone, alloc,
+            image,
+            sweep,
+            guards,
+            sites,
+            &st.addr_of,
+            &st.taken,
+            &st.moved,
+            i,
+            &mut st.pads,
+            orc,
+            st.zone,
+            alloc,
         )
-        .map(|p| (p, plans.len()))
+        .map(|p| (p, st.plans.len()))
         .or_else(|b| {
             // Hemmed in behind the previous detour: grow that one over this site instead.
-            let prev = plans
+            let prev = st
+                .plans
                 .last()
                 .filter(|_| b.kind.ends_with("backward: another detour"));
             prev.and_then(|prev| {
                 merge(
-                    image, sweep, guards, sites, &addr_of, &mut taken, &mut moved, prev, i,
-                    &mut pads, orc, zone, alloc,
+                    image,
+                    sweep,
+                    guards,
+                    sites,
+                    &st.addr_of,
+                    &mut st.taken,
+                    &mut st.moved,
+                    prev,
+                    i,
+                    &mut st.pads,
+                    orc,
+                    st.zone,
+                    alloc,
                 )
             })
-            .map(|p| (p, plans.len() - 1))
+            .map(|p| (p, st.plans.len() - 1))
             .ok_or(b)
-        })
-        .or_else(|b: Blocked| {
-            // No padding in reach: a trampoline in another detour's moved range.
-            let (host, p) = plan_hosted(
-                image, sweep, guards, sites, &addr_of, &taken, &moved, i, orc, zone, alloc, &plans,
-                &tails,
-            )
-            .ok_or(b)?;
-            if let Some(h) = host {
-                moved.insert(h.start, h.start + h.len as u64);
-                plans.push(h);
-            }
-            Ok((p, plans.len()))
         });
         match planned {
-            Ok((p, k)) => {
-                moved.insert(p.start, p.start + p.len as u64);
-                match (&p.trampoline, p.host) {
-                    // The host's dead tail: its next trampoline goes after this one.
-                    (Some((t, _)), Some(h)) => {
-                        tails.insert(plans[h].start, t + 5);
-                    }
-                    // A trampoline in NOP padding must not be moved by a later detour.
-                    (Some((t, _)), None) => {
-                        moved.insert(*t, t + 5);
-                    }
-                    _ => {}
-                }
-                for (n, &m) in p.members.iter().enumerate() {
-                    taken[m] = true;
-                    let site = &mut sites[m];
-                    let off = (site.found.addr - p.start) as u8;
-                    let direction = if p.members.len() == 1 && off == 0 {
-                        Direction::Forward
-                    } else if site.found.addr + site.found.len as u64 == p.start + p.len as u64 {
-                        Direction::Backward
-                    } else {
-                        Direction::Around
-                    };
-                    site.room.detour = Some(Moved {
-                        start: p.start,
-                        len: p.len,
-                        site_off: off,
-                        direction,
-                        group: Some(k),
-                        copy: Some(p.copies[n]),
-                    });
-                    if !site.room.forms.contains(&Outcome::Detour) {
-                        site.room.forms.push(Outcome::Detour);
-                    }
-                    site.room.reason = None;
-                    site.room.why = None;
-                }
-                if k == plans.len() {
-                    plans.push(p);
-                } else {
-                    plans[k] = p;
-                }
-            }
+            Ok((p, k)) => st.record(sites, p, k),
             Err(b) => {
-                let s = &mut sites[i];
-                let (a, len) = (s.found.addr, s.found.len as u64);
-                // One byte fenced by what Linux names: no jump fits without overwriting the
-                // byte after it, and none may start before it (the byte before is protected,
-                // or the site is an instruction start Linux's symbols or tables name).
-                let fenced = |at: u64| {
-                    guards
-                        .first_overlap(at, at + 1)
-                        .map(|g| format!("protected ({})", kind_of(&g.why)))
-                };
-                let before = if guards.is_named(a) {
-                    Some("a named instruction start".to_owned())
-                } else {
-                    fenced(a.wrapping_sub(1))
-                };
-                match (len, before, fenced(a + len)) {
-                    (1, Some(before), Some(after)) => {
-                        s.room.reason = Some(format!(
-                            "one byte, fenced: {before} before it, {after} after it; any jump \
-                             written here overwrites the byte after it"
-                        ));
-                        s.room.why = Some(format!("one byte, fenced: {before}; {after}"));
-                        s.room.pinned = true;
-                    }
-                    _ => {
-                        s.room.reason = Some(format!("no detour: {}", b.message));
-                        s.room.why = Some(b.kind);
-                    }
-                }
+                refuse(guards, &mut sites[i], b);
+                failed.push(i);
             }
         }
     }
-    plans
+    // Second pass, once every other site has its range: the sites with no padding in reach
+    // take a trampoline in a host's dead tail. Planned on copies, kept only if every stub can
+    // then be laid out again in the order of the moved ranges (hosts on either side of their
+    // sites break the order the first pass gave).
+    let mut hosted = st.clone();
+    let mut sites2 = sites.to_vec();
+    let mut probe = alloc.clone();
+    for i in failed {
+        if sites2[i].room.pinned || hosted.taken[i] {
+            continue;
+        }
+        let Some((host, p)) =
+            plan_hosted(image, sweep, guards, &sites2, &hosted, i, orc, &mut probe)
+        else {
+            continue;
+        };
+        if let Some(h) = host {
+            hosted.moved.insert(h.start, h.start + h.len as u64);
+            hosted.plans.push(h);
+        }
+        let k = hosted.plans.len();
+        hosted.record(&mut sites2, p, k);
+    }
+    if hosted.plans.len() > st.plans.len() {
+        let mut again = fresh.clone();
+        if let Some(laid) = lay_out(image, &sites2, &hosted.plans, hosted.zone, &mut again) {
+            sites.clone_from_slice(&sites2);
+            *alloc = again;
+            return laid;
+        }
+    }
+    st.plans
+}
+
+/// Whether site `s` is one to plan a detour for: rewritable, too small for a call (or in the
+/// entry text, where no call is allowed), not in code Linux checks by address or copies.
+fn wants_detour(image: &Image, guards: &Guards, s: &SiteInfo) -> bool {
+    let entry = guards.entry_text();
+    let in_entry = entry.is_some_and(|e| e.contains(s.found.addr));
+    s.rewritable()
+        && (s.room.in_place < 5 || in_entry)
+        && s.room.forms.contains(&Outcome::Inline)
+        && !entry.is_some_and(|e| {
+            e.ip_checked(s.found.addr, s.found.addr + s.found.len as u64)
+                .is_some()
+        })
+        && super::runs_elsewhere(image, s.found.addr).is_none()
+}
+
+/// What the planner has placed so far.
+#[derive(Clone)]
+struct State<'a> {
+    pads: Pads,
+    zone: Zone<'a>,
+    plans: Vec<DetourPlan>,
+    /// Every site's address, by index.
+    addr_of: Vec<u64>,
+    /// Sites carried by a detour.
+    taken: Vec<bool>,
+    /// Moved ranges and trampolines planned so far: no two may share a byte.
+    moved: std::collections::BTreeMap<u64, u64>,
+    /// Hosts' dead tails: by host start, the first byte free for the next trampoline.
+    tails: std::collections::BTreeMap<u64, u64>,
+}
+
+impl State<'_> {
+    /// Records detour `p` as plan `k` (a new one, or the one it grew) and gives its sites their
+    /// room.
+    fn record(&mut self, sites: &mut [SiteInfo], p: DetourPlan, k: usize) {
+        self.moved.insert(p.start, p.start + p.len as u64);
+        match (&p.trampoline, p.host) {
+            // The host's dead tail: its next trampoline goes after this one.
+            (Some((t, _)), Some(h)) => {
+                self.tails.insert(self.plans[h].start, t + 5);
+            }
+            // A trampoline in NOP padding must not be moved by a later detour.
+            (Some((t, _)), None) => {
+                self.moved.insert(*t, t + 5);
+            }
+            _ => {}
+        }
+        for (n, &m) in p.members.iter().enumerate() {
+            self.taken[m] = true;
+            let site = &mut sites[m];
+            let off = (site.found.addr - p.start) as u8;
+            let direction = if p.members.len() == 1 && off == 0 {
+                Direction::Forward
+            } else if site.found.addr + site.found.len as u64 == p.start + p.len as u64 {
+                Direction::Backward
+            } else {
+                Direction::Around
+            };
+            site.room.detour = Some(Moved {
+                start: p.start,
+                len: p.len,
+                site_off: off,
+                direction,
+                group: Some(k),
+                copy: Some(p.copies[n]),
+            });
+            if !site.room.forms.contains(&Outcome::Detour) {
+                site.room.forms.push(Outcome::Detour);
+            }
+            site.room.reason = None;
+            site.room.why = None;
+        }
+        if k == self.plans.len() {
+            self.plans.push(p);
+        } else {
+            self.plans[k] = p;
+        }
+    }
+}
+
+/// Says why site `s` has no detour (`b`), and whether Linux's own layout is the reason.
+fn refuse(guards: &Guards, s: &mut SiteInfo, b: Blocked) {
+    let (a, len) = (s.found.addr, s.found.len as u64);
+    // One byte fenced by what Linux names: no jump fits without overwriting the byte after
+    // it, and none may start before it (the byte before is protected, or the site is an
+    // instruction start Linux's symbols or tables name).
+    let fenced = |at: u64| {
+        guards
+            .first_overlap(at, at + 1)
+            .map(|g| format!("protected ({})", kind_of(&g.why)))
+    };
+    let before = if guards.is_named(a) {
+        Some("a named instruction start".to_owned())
+    } else {
+        fenced(a.wrapping_sub(1))
+    };
+    match (len, before, fenced(a + len)) {
+        (1, Some(before), Some(after)) => {
+            s.room.reason = Some(format!(
+                "one byte, fenced: {before} before it, {after} after it; any jump written \
+                 here overwrites the byte after it"
+            ));
+            s.room.why = Some(format!("one byte, fenced: {before}; {after}"));
+            s.room.pinned = true;
+        }
+        _ => {
+            s.room.reason = Some(format!("no detour: {}", b.message));
+            s.room.why = Some(b.kind);
+        }
+    }
+}
+
+/// The plans again, each stub built anew in a fresh `alloc` in the order of the moved ranges
+/// (the ABI's), with the same ranges, members, trampolines and hosts; `None` if one no longer
+/// fits (it cannot, with the same stubs in the same caves, but the planner does not assume it).
+fn lay_out(
+    image: &Image,
+    sites: &[SiteInfo],
+    plans: &[DetourPlan],
+    zone: Zone<'_>,
+    alloc: &mut Allocator,
+) -> Option<Vec<DetourPlan>> {
+    let mut order: Vec<usize> = (0..plans.len()).collect();
+    order.sort_by_key(|&k| plans[k].start);
+    let mut out = plans.to_vec();
+    for k in order {
+        let p = &plans[k];
+        let w = Window {
+            start: p.start,
+            end: p.start + p.len as u64,
+            members: p.members.clone(),
+        };
+        let jump = p
+            .trampoline
+            .as_ref()
+            .map_or(Jump::Direct, |t| Jump::Trampoline(t.0));
+        let mut again = build(image, sites, w, jump, zone, alloc).ok()?;
+        again.host = p.host;
+        if again.copies != p.copies || again.stub.len() != p.stub.len() {
+            return None;
+        }
+        out[k] = again;
+    }
+    Some(out)
 }
 
 /// Where a detour's pieces may go, by where its moved range is: Linux's entry text keeps its
@@ -422,6 +531,7 @@ impl Zone<'_> {
 }
 
 /// A window around site `i`: `[start, end)` with the sites it carries.
+#[derive(Clone)]
 struct Window {
     start: u64,
     end: u64,
@@ -668,47 +778,44 @@ fn plan_one(
 /// trampoline's 5 bytes.
 const MIN_HOST: u64 = 10;
 
+/// Whether `[a, b)` overlaps a site's record (the site and its room in place).
+fn over_site(sites: &[SiteInfo], addr_of: &[u64], a: u64, b: u64) -> bool {
+    // Sites are sorted by address, and a record is at most 255 bytes.
+    let from = addr_of.partition_point(|&x| x + 256 <= a);
+    sites[from..]
+        .iter()
+        .take_while(|s| s.found.addr < b)
+        .any(|s| s.found.addr + s.found.len.max(s.room.in_place) as u64 > a)
+}
+
 /// A detour for site `i` when every range that could move needs a trampoline and no padding is
 /// in reach: through a trampoline in the dead tail of a *host*, another detour's moved range
 /// after the `jmp rel32` its installation writes (nothing runs those bytes once it is
 /// installed, and a runtime installs the host whenever it installs this detour). The host is a
 /// detour planned already, or a new one that carries no site (*eviction*, in E9Patch's terms:
-/// instructions moved only to make room), made only before the site's range and after every
-/// range planned so far, so that moved ranges and stubs stay in the same order. The trampoline
-/// is vouched for by ORC as in padding: the entry that covers it is undefined or equal to the
-/// one that covers the moved range. Returns the new host, if one was made, and the detour.
+/// instructions moved only to make room) on either side of the site's range; it runs once every
+/// other site has its range, so that a host takes no range a site could have had. The
+/// trampoline is vouched for by ORC as in padding: the entry that covers it is undefined or
+/// equal to the one that covers the moved range. Returns the new host, if one was made, and the
+/// detour.
 #[allow(clippy::too_many_arguments)]
 fn plan_hosted(
     image: &Image,
     sweep: &Sweep,
     guards: &Guards,
     sites: &[SiteInfo],
-    addr_of: &[u64],
-    taken: &[bool],
-    moved: &std::collections::BTreeMap<u64, u64>,
+    st: &State<'_>,
     i: usize,
     orc: &Orc,
-    zone: Zone<'_>,
     alloc: &mut Allocator,
-    plans: &[DetourPlan],
-    tails: &std::collections::BTreeMap<u64, u64>,
 ) -> Option<(Option<DetourPlan>, DetourPlan)> {
     let f = &sites[i].found;
-    let last_end = plans.last().map_or(0, |p| p.start + p.len as u64);
+    let (zone, addr_of, taken, moved) = (st.zone, &st.addr_of, &st.taken, &st.moved);
     let short = windows(image, sweep, f).into_iter().filter(|w| w.0);
     for (_, len, _, start) in short {
+        let end = start + len;
         let Ok(w) = check_window(
-            image,
-            sweep,
-            guards,
-            sites,
-            addr_of,
-            taken,
-            moved,
-            zone,
-            start,
-            start + len,
-            false,
+            image, sweep, guards, sites, addr_of, taken, moved, zone, start, end, false,
         ) else {
             continue;
         };
@@ -719,38 +826,43 @@ fn plan_hosted(
                 && orc
                     .covering(t)
                     .is_some_and(|e| Orc::undefined(&e) || Some(e) == site_orc)
+                && !over_site(sites, addr_of, t, t + 5)
         };
-        // A detour planned already, the nearest first.
-        let lo = plans.partition_point(|p| p.start + 140 < start);
-        let existing = plans[lo..]
+        // A detour planned already, the nearest first (the second pass appends to the plans:
+        // they are not in address order).
+        let existing = st
+            .plans
             .iter()
             .enumerate()
-            .take_while(|(_, p)| p.start <= start + 140)
+            .filter(|(_, p)| p.start.abs_diff(start) <= 140)
             .filter(|(_, p)| p.len as u64 >= MIN_HOST && p.trampoline.is_none())
             .filter_map(|(k, p)| {
-                let t = tails.get(&p.start).copied().unwrap_or(p.start + 5);
-                // Not over a site's record (its room in place included).
-                let on_site = sites.iter().any(|s| {
-                    let len = s.found.len.max(s.room.in_place);
-                    s.found.addr < t + 5 && s.found.addr + len as u64 > t
-                });
-                (t + 5 <= p.start + p.len as u64 && slot_ok(t) && !on_site).then_some((lo + k, t))
+                let t = st.tails.get(&p.start).copied().unwrap_or(p.start + 5);
+                (t + 5 <= p.start + p.len as u64 && slot_ok(t)).then_some((k, t))
             })
             .min_by_key(|(_, t)| t.abs_diff(start));
-        if let Some((k, t)) = existing {
-            let mut p = build(image, sites, w, Jump::Trampoline(t), zone, alloc).ok()?;
+        if let Some((k, t)) = existing
+            && let Ok(mut p) = build(image, sites, w.clone(), Jump::Trampoline(t), zone, alloc)
+        {
             p.host = Some(k);
             return Some((None, p));
         }
-        // A new host: a range of whole instructions before this one, carrying no site.
-        for h in start.saturating_sub(130).max(last_end)..start {
-            if !sweep.is_insn_start(h) || !slot_ok(h + 5) {
+        // A new host: a range of whole instructions that carries no site, the nearest first.
+        let mut hosts: Vec<u64> = (start.saturating_sub(130)..start + 125)
+            .filter(|&h| (h + MIN_HOST <= start || h >= end) && sweep.is_insn_start(h))
+            .collect();
+        hosts.sort_by_key(|&h| (h.abs_diff(start), h));
+        for h in hosts {
+            if !slot_ok(h + 5) {
                 continue;
             }
-            let ends = after(image, h, 8)
-                .into_iter()
-                .filter(|&e| e - h >= MIN_HOST && e - h <= MAX_MOVED as u64 && e <= start);
+            let ends = after(image, h, 8).into_iter().filter(|&e| {
+                e - h >= MIN_HOST && e - h <= MAX_MOVED as u64 && (e <= start || h >= end)
+            });
             for e in ends {
+                if over_site(sites, addr_of, h, e) {
+                    break;
+                }
                 let Ok(hw) = check_window(
                     image, sweep, guards, sites, addr_of, taken, moved, zone, h, e, false,
                 ) else {
@@ -759,9 +871,14 @@ fn plan_hosted(
                 if !hw.members.is_empty() {
                     continue;
                 }
-                let host = build(image, sites, hw, Jump::Direct, zone, alloc).ok()?;
-                let mut p = build(image, sites, w, Jump::Trampoline(h + 5), zone, alloc).ok()?;
-                p.host = Some(plans.len());
+                let Ok(host) = build(image, sites, hw, Jump::Direct, zone, alloc) else {
+                    continue;
+                };
+                let jump = Jump::Trampoline(h + 5);
+                let Ok(mut p) = build(image, sites, w.clone(), jump, zone, alloc) else {
+                    continue;
+                };
+                p.host = Some(st.plans.len());
                 return Some((Some(host), p));
             }
         }
