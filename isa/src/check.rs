@@ -10,6 +10,7 @@ use patch_sites::{Gpr, Op, Operand};
 
 use crate::classify::{classify, gpr, reg_width};
 use crate::encode::{self, Seq};
+use crate::names::Name;
 
 /// How a site's bytes differ from its record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,7 +56,9 @@ impl fmt::Display for Mismatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Mismatch::Undecodable(a) => write!(f, "bytes at {a:#x} do not decode"),
-            Mismatch::NotSensitive(m) => write!(f, "holds {m:?}, not a sensitive instruction"),
+            Mismatch::NotSensitive(m) => {
+                write!(f, "holds {}, not a sensitive instruction", Name(*m))
+            }
             Mismatch::WrongOp { found } => {
                 write!(f, "holds {found} where the record says otherwise")
             }

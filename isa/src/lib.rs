@@ -19,6 +19,7 @@ pub mod asm;
 pub mod check;
 pub mod classify;
 pub mod encode;
+mod names;
 pub mod sequence;
 pub mod template;
 

@@ -21,6 +21,7 @@ use patch_sites::{Gpr, Op, Operand, RegSet};
 
 use crate::check::{decode_at, reg_is};
 use crate::classify::{classify, gpr};
+use crate::names::Name;
 
 /// One instruction of a sequence that is not allowed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,10 +71,16 @@ impl fmt::Display for CodeProblem {
             CodeProblem::Undecodable => f.write_str("does not decode"),
             CodeProblem::LeavesItself => f.write_str("branches outside its own bytes"),
             CodeProblem::IndirectBranch => f.write_str("is an indirect branch"),
-            CodeProblem::ControlTransfer(m) => write!(f, "is a control transfer ({m:?})"),
-            CodeProblem::HypervisorCall(m) => write!(f, "is a hypervisor call ({m:?})"),
+            CodeProblem::ControlTransfer(m) => {
+                write!(f, "is a control transfer ({})", Name(*m))
+            }
+            CodeProblem::HypervisorCall(m) => {
+                write!(f, "is a hypervisor call ({})", Name(*m))
+            }
             CodeProblem::OtherSensitive(op) => write!(f, "is {op}, which this op does not allow"),
-            CodeProblem::Forbidden(m) => write!(f, "is a forbidden system instruction ({m:?})"),
+            CodeProblem::Forbidden(m) => {
+                write!(f, "is a forbidden system instruction ({})", Name(*m))
+            }
             CodeProblem::FallsOffTheEnd => f.write_str("can run off its end"),
             CodeProblem::Clobbers(r) => write!(
                 f,
@@ -83,7 +90,7 @@ impl fmt::Display for CodeProblem {
             CodeProblem::ClobbersFlags => {
                 f.write_str("changes flags the entry neither defines nor declares clobbered")
             }
-            CodeProblem::WritesRegister(r) => write!(f, "writes {r:?}"),
+            CodeProblem::WritesRegister(r) => write!(f, "writes {}", Name(*r)),
             CodeProblem::WritesMemory => f.write_str("writes memory other than the stack"),
             CodeProblem::MovesTheStack => {
                 f.write_str("moves the stack pointer other than by push, pop, call or ret")

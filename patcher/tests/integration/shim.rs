@@ -339,8 +339,9 @@ fn shimmed_6_12_boots_on_every_backend() {
     every_backend(kernels::BACKPORTS);
 }
 
-/// ROMs that parse but that the runtime must refuse.
-fn hostile_roms() -> Vec<(&'static str, Vec<u8>)> {
+/// ROMs that parse but that the runtime must refuse, and what the refusal says (a kernel build
+/// names an instruction by iced-x86's number: its name tables are left out of the shim).
+fn hostile_roms() -> Vec<(&'static str, Vec<u8>, String)> {
     let rom = |entries: &[RomEntrySpec<'_>]| {
         let mut b = vec![0u8; rom_size(entries)];
         let n = write_rom("hostile", *b"\0\0\0\0\0\0\0\0\0\0\0\0", entries, &mut b).unwrap();
@@ -359,11 +360,16 @@ fn hostile_roms() -> Vec<(&'static str, Vec<u8>)> {
         (
             "a call entry that makes a hypercall",
             rom(&[spec(Op::Wbinvd, RomKind::Call, &[0x0f, 0x01, 0xc1, 0xc3])]),
+            format!(
+                "the wbinvd code: the instruction at +0 is a hypervisor call (mnemonic {})",
+                pvpatch_isa::iced_x86::Mnemonic::Vmcall as u16
+            ),
         ),
         // Its rdtsc template enables interrupts and returns nothing.
         (
             "an inline template that does something else",
             rom(&[spec(Op::Rdtsc, RomKind::Inline, &[0xfb])]),
+            "the rdtsc code: the instruction at +0 is sti, which this op does not allow".into(),
         ),
     ]
 }
@@ -382,13 +388,14 @@ fn corrupted_tables_hostile_roms_and_off_write_nothing() {
     let t = shimmed_img.section(".pvpatch_sites").unwrap();
     bytes[(t.offset + 64 + 24 * 7 + 10) as usize] ^= 0x01;
     std::fs::write(&corrupted, &bytes).unwrap();
-    let mut cases: Vec<(String, PathBuf, String, Vec<String>, Status)> = vec![
+    let mut cases: Vec<(String, PathBuf, String, Vec<String>, Status, String)> = vec![
         (
             "a corrupted table".into(),
             corrupted,
             String::new(),
             vec![],
             Status::Refused,
+            "site table invalid: bad checksum".into(),
         ),
         (
             "pvpatch=off".into(),
@@ -396,9 +403,10 @@ fn corrupted_tables_hostile_roms_and_off_write_nothing() {
             "pvpatch=off".into(),
             vec![],
             Status::Off,
+            "pvpatch=off".into(),
         ),
     ];
-    for (what, rom) in hostile_roms() {
+    for (what, rom, says) in hostile_roms() {
         let f = dir.path().join(what.replace(' ', "_"));
         std::fs::write(&f, rom).unwrap();
         cases.push((
@@ -410,10 +418,11 @@ fn corrupted_tables_hostile_roms_and_off_write_nothing() {
                 format!("name={FW_CFG_NAME},file={}", f.display()),
             ],
             Status::Refused,
+            says,
         ));
     }
     let reference = reference(img, initrd, Machine::Microvm);
-    for (what, kernel, append, extra, status) in cases {
+    for (what, kernel, append, extra, status, says) in cases {
         let booted = boot(&kernel, img, initrd, Machine::Microvm, &append, &extra);
         assert_eq!(
             booted.report.status,
@@ -421,6 +430,11 @@ fn corrupted_tables_hostile_roms_and_off_write_nothing() {
             "{what}: {}\n{}",
             booted.report.reason(),
             booted.serial
+        );
+        assert!(
+            booted.report.reason().contains(&says),
+            "{what}: {:?} does not say {says:?}",
+            booted.report.reason()
         );
         assert_eq!(check_text(img, &reference, &booted, &[]).0, 0);
         eprintln!(
