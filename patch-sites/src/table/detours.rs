@@ -354,11 +354,22 @@ fn covers_site(count: u32, record: &dyn Fn(u32) -> Option<RecordView>, r: AddrRa
 /// The first descriptor whose moved range overlaps `r`, if any (descriptors sorted by moved
 /// range).
 fn moved_over<'a>(area: &DetourArea<'a>, r: AddrRange) -> Option<(u16, Detour<'a>)> {
+    over(area, r, Detour::moved_range)
+}
+
+/// The descriptor whose range `of` (its moved range or its stub, each sorted and apart across
+/// descriptors) overlaps `r`, if any: a binary search. A descriptor that does not decode ends
+/// the search (the check reports it in its own turn).
+fn over<'a>(
+    area: &DetourArea<'a>,
+    r: AddrRange,
+    of: fn(&Detour<'a>) -> AddrRange,
+) -> Option<(u16, Detour<'a>)> {
     let (mut lo, mut hi) = (0u16, area.detours);
     while lo < hi {
         let mid = lo + (hi - lo) / 2;
         match area.detour(mid) {
-            Ok(d) if d.moved_range().end <= r.start => lo = mid + 1,
+            Ok(d) if of(&d).end <= r.start => lo = mid + 1,
             _ => hi = mid,
         }
     }
@@ -366,7 +377,7 @@ fn moved_over<'a>(area: &DetourArea<'a>, r: AddrRange) -> Option<(u16, Detour<'a
         return None;
     }
     let d = area.detour(lo).ok()?;
-    (d.moved < r.end).then_some((lo, d))
+    (of(&d).start < r.end).then_some((lo, d))
 }
 
 /// The shortest moved range that may host a trampoline: the `jmp rel32` its installation
@@ -399,11 +410,38 @@ impl DetourArea<'_> {
 /// How far a trampoline may lie from its moved range (a `jmp rel8`).
 const TRAMP_REACH: u64 = 136;
 
+/// A cursor into the records (sorted by address): the `k`th, decoded once.
+#[derive(Clone, Copy)]
+struct Sites {
+    k: u32,
+    at: Option<RecordView>,
+}
+
+impl Sites {
+    /// Where record `r`'s bytes end: its room in place, or its instruction if longer.
+    fn end(r: &RecordView) -> u64 {
+        r.addr + r.site_len.max(r.insn_len) as u64
+    }
+
+    fn step(&mut self, next: &dyn Fn(u32) -> Option<RecordView>) {
+        self.k += 1;
+        self.at = next(self.k);
+    }
+
+    /// Moves to the first record that ends after `start` (past the last, at `None`).
+    fn skip_to(&mut self, start: u64, next: &dyn Fn(u32) -> Option<RecordView>) {
+        while self.at.is_some_and(|r| Sites::end(&r) <= start) {
+            self.step(next);
+        }
+    }
+}
+
 /// Checks the whole area against the records (`record(i)` for `i < count`, sorted by address,
 /// as a sealed table's are) and the kernel's code ranges: every descriptor in range; moved
 /// ranges and stubs each sorted and apart; no stub over a moved range, no trampoline over one
 /// except in another range's dead tail ([`Detour::hosts`]), neither over a site, the arena or
-/// another trampoline; every member names a movable record whose site lies in its
+/// another trampoline, no trampoline over a stub, no moved range over a site but its own
+/// members'; every member names a movable record whose site lies in its
 /// detour's moved range and whose copy lies in the stub; one member per movable record, sorted.
 /// `O((d + m) log n)` for `d` detours, `m` members and `n` records: it runs at boot.
 pub fn check(
@@ -429,8 +467,11 @@ pub fn check(
     // into each finds what a stub could overlap, for O(d + n) in all (at boot, where every
     // instruction may be emulated). Trampolines, few and only near their ranges, are searched.
     // Each cursor keeps what it points at, decoded once (not once per test of it).
-    let (mut site_cur, mut moved_cur) = (0u32, 0u16);
-    let mut site_at = if count > 0 { record(0) } else { None };
+    let next = |k: u32| if k < count { record(k) } else { None };
+    let mut stub_sites = Sites { k: 0, at: next(0) };
+    // A second cursor into the sites, for the moved ranges.
+    let mut moved_sites = stub_sites;
+    let mut moved_cur = 0u16;
     let moved_of = |k: u16| area.detour(k).ok().map(|e| e.moved_range());
     let mut moved_at = if area.detours > 0 { moved_of(0) } else { None };
     for i in 0..area.detours {
@@ -445,14 +486,7 @@ pub fn check(
         let sorted = prev_moved.is_none_or(|p| p.end <= d.moved)
             && prev_stub.is_none_or(|p| p.end <= d.stub);
         let st = d.stub_range();
-        while site_at.is_some_and(|r| r.addr + r.site_len as u64 <= st.start) {
-            site_cur += 1;
-            site_at = if site_cur < count {
-                record(site_cur)
-            } else {
-                None
-            };
-        }
+        stub_sites.skip_to(st.start, &next);
         while moved_at.is_some_and(|e| e.end <= st.start) {
             moved_cur += 1;
             moved_at = if moved_cur < area.detours {
@@ -462,16 +496,32 @@ pub fn check(
             };
         }
         // Past the last site or moved range, a cursor points at nothing (`None`).
-        let stub_clash = site_at.is_some_and(|r| r.addr < st.end)
+        let stub_clash = stub_sites.at.is_some_and(|r| r.addr < st.end)
             || moved_at.is_some_and(|e| e.start < st.end)
             || arena.is_some_and(|a| overlaps(a, st));
+        // The sites a moved range overlaps are its own members' (records that name its stub):
+        // any other would be written in place under the range's `jmp`, or moved with it.
+        let mv = d.moved_range();
+        moved_sites.skip_to(mv.start, &next);
+        let mut over_mv = moved_sites;
+        let mut moved_clash = false;
+        while let Some(r) = over_mv.at
+            && r.addr < mv.end
+        {
+            if Sites::end(&r) > mv.start && (r.form != Form::Movable || r.stub != Some(d.stub)) {
+                moved_clash = true;
+                break;
+            }
+            over_mv.step(&next);
+        }
         // A trampoline may lie in a moved range only in another range's dead tail.
         let clash = stub_clash
+            || moved_clash
             || tramp.is_some_and(|t| {
                 moved_over(area, t).is_some_and(|(h, e)| h == i || !e.hosts(t.start))
                     || covers_site(count, record, t)
                     || arena.is_some_and(|a| overlaps(a, t))
-                    || overlaps(t, st)
+                    || over(area, t, Detour::stub_range).is_some()
                     || t.start.abs_diff(d.moved) > TRAMP_REACH
             });
         if !sorted || clash {

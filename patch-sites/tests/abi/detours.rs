@@ -340,3 +340,80 @@ fn a_trampoline_lies_in_a_moved_range_only_in_its_dead_tail() {
         Err(TableError::Detours(DetourError::Overlap(0)))
     );
 }
+
+/// Two `cli` detours: a 5-byte range at `SITE` (stub at `STUB`) and a 2-byte range near the
+/// stubs whose trampoline is at `tramp`.
+fn two_detours(tramp: u64) -> Result<(), TableError> {
+    let far = STUB + 0x40;
+    let d = [
+        detour(),
+        DetourSpec {
+            moved: far,
+            moved_len: 2,
+            stub: STUB + 0x100,
+            stub_bytes: &STUB_BYTES,
+            tramp: Some(tramp),
+            moved_crc: 2,
+        },
+    ];
+    let sites = [
+        movable(SITE),
+        Site {
+            stub: Some(STUB + 0x100),
+            ..movable(far)
+        },
+    ];
+    let members = [
+        MEMBER,
+        MemberSpec {
+            record: 1,
+            detour: 1,
+            ..MEMBER
+        },
+    ];
+    let mut buf = vec![0u8; sealed_table_size_with(2, &d, 2, false)];
+    write_sealed_table_with(&sites, &d, &members, None, TABLE_ADDR, &mut buf).expect("written");
+    parse(&buf).map(|_| ())
+}
+
+/// A trampoline never lies over a stub, its own or another detour's: writing it would change
+/// code a detour runs.
+#[test]
+fn a_trampoline_never_lies_over_a_stub() {
+    assert_eq!(two_detours(STUB + 0x10), Ok(()));
+    let overlap = Err(TableError::Detours(DetourError::Overlap(1)));
+    assert_eq!(two_detours(STUB + 2), overlap);
+    assert_eq!(two_detours(STUB + 0x100 - 4), overlap);
+}
+
+/// A moved range covers no site but its own members': another record there would be written
+/// in place under the range's `jmp`, or moved with it unchecked.
+#[test]
+fn a_moved_range_covers_only_its_own_sites() {
+    let with = |other: Site| {
+        let d = [detour()];
+        let mut buf = vec![0u8; sealed_table_size_with(2, &d, 1, false)];
+        write_sealed_table_with(
+            &[movable(SITE), other],
+            &d,
+            &[MEMBER],
+            None,
+            TABLE_ADDR,
+            &mut buf,
+        )
+        .expect("written");
+        parse(&buf).map(|_| ())
+    };
+    let native = |addr| Site {
+        form: Form::Native,
+        stub: None,
+        ..movable(addr)
+    };
+    // Just past the range: fine.
+    assert_eq!(with(native(SITE + 5)), Ok(()));
+    // Inside it.
+    assert_eq!(
+        with(native(SITE + 2)),
+        Err(TableError::Detours(DetourError::Overlap(0)))
+    );
+}

@@ -556,6 +556,21 @@ fn check_window(
     internal: bool,
 ) -> Result<Window, Blocked> {
     zone.window(start, end)?;
+    // A site before the range whose room in place reaches into it (its record covers those
+    // bytes: a rewrite in place would write them). Records do not overlap, so only the last
+    // one before the range can.
+    if let Some(s) = sites[..addr_of.partition_point(|&a| a < start)].last() {
+        let f = &s.found;
+        if f.addr + f.len.max(s.room.in_place) as u64 > start {
+            return Err(blocked(
+                "another site's room",
+                format!(
+                    "{start:#x} is in the room in place of the site at {:#x}",
+                    f.addr
+                ),
+            ));
+        }
+    }
     if let Some((a, _)) = moved.range(..end).next_back().filter(|(_, e)| **e > start) {
         return Err(blocked(
             "another detour",
