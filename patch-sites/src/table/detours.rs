@@ -441,7 +441,7 @@ impl Sites {
 /// ranges and stubs each sorted and apart; no stub over a moved range, no trampoline over one
 /// except in another range's dead tail ([`Detour::hosts`]), neither over a site, the arena or
 /// another trampoline, no trampoline over a stub, no moved range over a site but its own
-/// members'; every member names a movable record whose site lies in its
+/// members' or over the arena; every member names a movable record whose site lies in its
 /// detour's moved range and whose copy lies in the stub; one member per movable record, sorted.
 /// `O((d + m) log n)` for `d` detours, `m` members and `n` records: it runs at boot.
 pub fn check(
@@ -517,6 +517,7 @@ pub fn check(
         // A trampoline may lie in a moved range only in another range's dead tail.
         let clash = stub_clash
             || moved_clash
+            || arena.is_some_and(|a| overlaps(a, mv))
             || tramp.is_some_and(|t| {
                 moved_over(area, t).is_some_and(|(h, e)| h == i || !e.hosts(t.start))
                     || covers_site(count, record, t)
@@ -537,7 +538,7 @@ pub fn check(
                     break;
                 }
                 if e.tramp
-                    .is_some_and(|u| overlaps(t, AddrRange::new(u, u + 5)))
+                    .is_some_and(|u| overlaps(t, AddrRange::new(u, u.saturating_add(5))))
                 {
                     return Err(DetourError::Overlap(i));
                 }

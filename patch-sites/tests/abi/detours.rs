@@ -386,24 +386,19 @@ fn a_trampoline_never_lies_over_a_stub() {
     assert_eq!(two_detours(STUB + 0x100 - 4), overlap);
 }
 
+/// The table of [`detour()`] and its member (record 0), with `sites` and `arena`.
+fn one_detour(sites: &[Site], arena: Option<AddrRange>) -> Result<(), TableError> {
+    let d = [detour()];
+    let mut buf = vec![0u8; sealed_table_size_with(sites.len(), &d, 1, arena.is_some())];
+    write_sealed_table_with(sites, &d, &[MEMBER], arena, TABLE_ADDR, &mut buf).expect("written");
+    parse(&buf).map(|_| ())
+}
+
 /// A moved range covers no site but its own members': another record there would be written
 /// in place under the range's `jmp`, or moved with it unchecked.
 #[test]
 fn a_moved_range_covers_only_its_own_sites() {
-    let with = |other: Site| {
-        let d = [detour()];
-        let mut buf = vec![0u8; sealed_table_size_with(2, &d, 1, false)];
-        write_sealed_table_with(
-            &[movable(SITE), other],
-            &d,
-            &[MEMBER],
-            None,
-            TABLE_ADDR,
-            &mut buf,
-        )
-        .expect("written");
-        parse(&buf).map(|_| ())
-    };
+    let with = |other: Site| one_detour(&[movable(SITE), other], None);
     let native = |addr| Site {
         form: Form::Native,
         stub: None,
@@ -414,6 +409,18 @@ fn a_moved_range_covers_only_its_own_sites() {
     // Inside it.
     assert_eq!(
         with(native(SITE + 2)),
+        Err(TableError::Detours(DetourError::Overlap(0)))
+    );
+}
+
+/// A moved range never covers the arena: its `jmp` would be written into the backend's code.
+#[test]
+fn a_moved_range_never_covers_the_arena() {
+    let with = |arena: AddrRange| one_detour(&[movable(SITE)], Some(arena));
+    assert_eq!(with(ARENA), Ok(()));
+    // Over the range's last bytes (and none of the site's).
+    assert_eq!(
+        with(AddrRange::new(SITE + 3, SITE + 0x100)),
         Err(TableError::Detours(DetourError::Overlap(0)))
     );
 }
