@@ -168,8 +168,7 @@ pub fn apply(plan: &Plan, t: &mut dyn TextPoke) -> Result<Applied, ApplyError> {
 /// reaches its trampolines once they are gone).
 pub fn revert(plan: &Plan, t: &mut dyn TextPoke) {
     t.open();
-    let others = plan.detours.iter().filter(|d| !d.is_host);
-    for d in others.chain(plan.detours.iter().filter(|d| d.is_host)) {
+    for d in plan.detours_by_host(false) {
         t.write(d.moved.addr, d.moved.old.as_slice());
     }
     for w in plan.writes() {

@@ -182,11 +182,23 @@ impl Plan {
             new: p.new,
         });
         // Hosts' moved ranges (with the trampolines they hold) before the jumps to them.
-        let hosts = self.detours.iter().filter(|d| d.is_host);
-        let others = self.detours.iter().filter(|d| !d.is_host);
         stubs
             .chain(sites)
-            .chain(hosts.chain(others).map(|d| d.moved))
+            .chain(self.detours_by_host(true).map(|d| d.moved))
+    }
+
+    /// The detours, hosts first (`true`: the order they are installed in) or last (`false`:
+    /// the order they are taken away in).
+    pub fn detours_by_host(&self, hosts_first: bool) -> impl Iterator<Item = &PlannedDetour> {
+        let first = self
+            .detours
+            .iter()
+            .filter(move |d| d.is_host == hosts_first);
+        first.chain(
+            self.detours
+                .iter()
+                .filter(move |d| d.is_host != hosts_first),
+        )
     }
 }
 

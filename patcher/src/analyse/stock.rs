@@ -321,7 +321,7 @@ pub fn plan(
         hosted.record(&mut sites2, p, k);
     }
     if hosted.plans.len() > st.plans.len() {
-        let mut again = fresh.clone();
+        let mut again = fresh;
         if let Some(laid) = lay_out(image, &sites2, &hosted.plans, hosted.zone, &mut again) {
             sites.clone_from_slice(&sites2);
             *alloc = again;
@@ -559,17 +559,16 @@ fn check_window(
     // A site before the range whose room in place reaches into it (its record covers those
     // bytes: a rewrite in place would write them). Records do not overlap, so only the last
     // one before the range can.
-    if let Some(s) = sites[..addr_of.partition_point(|&a| a < start)].last() {
-        let f = &s.found;
-        if f.addr + f.len.max(s.room.in_place) as u64 > start {
-            return Err(blocked(
-                "another site's room",
-                format!(
-                    "{start:#x} is in the room in place of the site at {:#x}",
-                    f.addr
-                ),
-            ));
-        }
+    if let Some(s) = sites[..addr_of.partition_point(|&a| a < start)].last()
+        && record_end(s) > start
+    {
+        return Err(blocked(
+            "another site's room",
+            format!(
+                "{start:#x} is in the room in place of the site at {:#x}",
+                s.found.addr
+            ),
+        ));
     }
     if let Some((a, _)) = moved.range(..end).next_back().filter(|(_, e)| **e > start) {
         return Err(blocked(
@@ -793,6 +792,11 @@ fn plan_one(
 /// trampoline's 5 bytes.
 const MIN_HOST: u64 = 10;
 
+/// Where site `s`'s record ends: its room in place, or its instruction if longer.
+fn record_end(s: &SiteInfo) -> u64 {
+    s.found.addr + s.found.len.max(s.room.in_place) as u64
+}
+
 /// Whether `[a, b)` overlaps a site's record (the site and its room in place).
 fn over_site(sites: &[SiteInfo], addr_of: &[u64], a: u64, b: u64) -> bool {
     // Sites are sorted by address, and a record is at most 255 bytes.
@@ -800,7 +804,7 @@ fn over_site(sites: &[SiteInfo], addr_of: &[u64], a: u64, b: u64) -> bool {
     sites[from..]
         .iter()
         .take_while(|s| s.found.addr < b)
-        .any(|s| s.found.addr + s.found.len.max(s.room.in_place) as u64 > a)
+        .any(|s| record_end(s) > a)
 }
 
 /// A detour for site `i` when every range that could move needs a trampoline and no padding is
