@@ -10,6 +10,7 @@
 //! * [`rom`]: the backend-ROM format, version 1, parsed and written;
 //! * [`outcome`]: what a site becomes, the vocabulary every report uses;
 //! * [`shim`]: the boot shim's parameters and report, and its edit of the PVH memory map;
+//! * [`prepared`]: plans prepared at link time for the boot shim, as lists of changes;
 //! * [`macros`]: source-level annotation macros that emit a patchable site and its record;
 //! * [`regs`]: registers and register/flag sets; [`crc32`]: the checksum both formats use.
 //!
@@ -22,6 +23,7 @@ mod le;
 pub mod macros;
 pub mod op;
 pub mod outcome;
+pub mod prepared;
 pub mod regs;
 pub mod rom;
 pub mod shim;

@@ -6,15 +6,19 @@
 use crate::le::{put, u32_at, u64_at};
 
 /// The parameters' magic (the first 8 bytes of the shim's `PVPATCH_SHIM_PARAMS`).
-pub const PARAMS_MAGIC: [u8; 8] = *b"PVPSHIM1";
+pub const PARAMS_MAGIC: [u8; 8] = *b"PVPSHIM2";
 /// The report's magic.
 pub const REPORT_MAGIC: [u8; 8] = *b"PVPSHRPT";
 /// The most kernel segments the parameters describe.
 pub const MAX_SEGMENTS: usize = 8;
 /// The most code ranges the parameters describe.
 pub const MAX_CODE: usize = 8;
-/// Bytes of the parameters: magic, then 6 u64 fields, two counts, the segments, the code.
-pub const PARAMS_SIZE: usize = 8 + 6 * 8 + 8 + MAX_SEGMENTS * 24 + MAX_CODE * 16;
+/// Bytes of the parameters: magic, then 6 u64 fields, two counts, the segments, the code, and
+/// the prepared plans' place and length.
+pub const PARAMS_SIZE: usize = 8 + 6 * 8 + 8 + MAX_SEGMENTS * 24 + MAX_CODE * 16 + 16;
+/// Offset of the prepared plans' fields in the parameters.
+const PLANS_AT: usize = 64 + 24 * MAX_SEGMENTS + 16 * MAX_CODE;
+const _: () = assert!(PARAMS_SIZE.is_multiple_of(8) && PLANS_AT + 16 == PARAMS_SIZE);
 /// Bytes of the report's fixed part (the page holds the memory map's copy after it).
 pub const REPORT_SIZE: usize = 256;
 /// Bytes of the report's reason text.
@@ -55,40 +59,52 @@ pub struct Params {
     pub code: [(u64, u64); MAX_CODE],
     /// How many code ranges.
     pub ncode: u32,
+    /// Where the plans prepared at link time load (physical, as linked; zero: none), a blob
+    /// [`crate::prepared::Plans`] reads.
+    pub plans_phys: u64,
+    /// Their length.
+    pub plans_len: u64,
 }
 
 impl Params {
-    /// Reads parameters; `None` if the magic is wrong or a count is out of range.
+    /// Reads parameters; `None` if the magic is wrong or a count is out of range. (Every field
+    /// after the magic is read by one loop of 64-bit words: the shim reads them where every
+    /// block of code costs its translation.)
     pub fn read(b: &[u8]) -> Option<Params> {
         if b.get(..8)? != PARAMS_MAGIC {
             return None;
         }
-        let q = |i: usize| u64_at(b, 8 + 8 * i);
+        let mut w = [0u64; (PARAMS_SIZE - 8) / 8];
+        for (i, x) in w.iter_mut().enumerate() {
+            *x = u64_at(b, 8 + 8 * i)?;
+        }
         let mut p = Params {
-            linux_entry: q(0)?,
-            shim_phys: q(1)?,
-            table_vaddr: q(2)?,
-            table_len: q(3)?,
-            report_offset: q(4)?,
-            flags: q(5)?,
-            nsegments: u32_at(b, 56)?,
-            ncode: u32_at(b, 60)?,
+            linux_entry: w[0],
+            shim_phys: w[1],
+            table_vaddr: w[2],
+            table_len: w[3],
+            report_offset: w[4],
+            flags: w[5],
+            nsegments: w[6] as u32,
+            ncode: (w[6] >> 32) as u32,
+            plans_phys: w[(PLANS_AT - 8) / 8],
+            plans_len: w[(PLANS_AT - 8) / 8 + 1],
             ..Params::default()
         };
         if p.nsegments as usize > MAX_SEGMENTS || p.ncode as usize > MAX_CODE || p.flags != 0 {
             return None;
         }
         for (i, s) in p.segments.iter_mut().enumerate() {
-            let at = 64 + 24 * i;
+            let at = 7 + 3 * i;
             *s = Segment {
-                vaddr: u64_at(b, at)?,
-                paddr: u64_at(b, at + 8)?,
-                memsz: u64_at(b, at + 16)?,
+                vaddr: w[at],
+                paddr: w[at + 1],
+                memsz: w[at + 2],
             };
         }
         for (i, c) in p.code.iter_mut().enumerate() {
-            let at = 64 + 24 * MAX_SEGMENTS + 16 * i;
-            *c = (u64_at(b, at)?, u64_at(b, at + 8)?);
+            let at = 7 + 3 * MAX_SEGMENTS + 2 * i;
+            *c = (w[at], w[at + 1]);
         }
         Some(p)
     }
@@ -122,6 +138,8 @@ impl Params {
             put(b, at, &c.0.to_le_bytes())?;
             put(b, at + 8, &c.1.to_le_bytes())?;
         }
+        put(b, PLANS_AT, &self.plans_phys.to_le_bytes())?;
+        put(b, PLANS_AT + 8, &self.plans_len.to_le_bytes())?;
         Some(())
     }
 
@@ -179,6 +197,42 @@ impl Status {
     }
 }
 
+/// Where the plan the shim applied was made.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(u32)]
+pub enum PlanSource {
+    /// At boot: the image holds no plan prepared for this backend (or the shim did not plan).
+    #[default]
+    Boot = 0,
+    /// At link time (`annotate --boot-shim`): the prepared plan was applied.
+    Link = 1,
+    /// At boot, because the command line said `pvpatch.plan=boot`.
+    BootAsked = 2,
+    /// At boot, because the prepared plans did not check out (the reason says why).
+    BootRefused = 3,
+}
+
+impl PlanSource {
+    /// From its code.
+    pub fn from_code(c: u32) -> Option<PlanSource> {
+        Some(match c {
+            0 => PlanSource::Boot,
+            1 => PlanSource::Link,
+            2 => PlanSource::BootAsked,
+            3 => PlanSource::BootRefused,
+            _ => return None,
+        })
+    }
+
+    /// How reports say it.
+    pub fn name(self) -> &'static str {
+        match self {
+            PlanSource::Link => "planned at link time",
+            _ => "planned at boot",
+        }
+    }
+}
+
 /// The report the shim leaves in its reserved page.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Report {
@@ -208,10 +262,13 @@ pub struct Report {
     pub cycles_apply: u64,
     /// The physical address of the load as the loader placed it, minus as linked.
     pub load_delta: u64,
-    /// Why nothing was rewritten, NUL-padded.
+    /// Why nothing was rewritten (or, when something was, why a prepared plan was not used),
+    /// NUL-padded.
     pub reason: [u8; REASON_LEN],
     /// Bytes of heap the shim used.
     pub heap_used: u32,
+    /// Where the plan was made.
+    pub planned: PlanSource,
 }
 
 impl Default for Report {
@@ -232,6 +289,7 @@ impl Default for Report {
             load_delta: 0,
             reason: [0; REASON_LEN],
             heap_used: 0,
+            planned: PlanSource::Boot,
         }
     }
 }
@@ -278,6 +336,7 @@ impl Report {
             cycles_apply: u64_at(b, 80)?,
             load_delta: u64_at(b, 88)?,
             heap_used: u32_at(b, 96 + REASON_LEN)?,
+            planned: PlanSource::from_code(u32_at(b, 100 + REASON_LEN)?)?,
             ..Report::default()
         };
         r.backend.copy_from_slice(b.get(12..28)?);
@@ -317,6 +376,7 @@ impl Report {
         }
         put(b, 96, &self.reason)?;
         put(b, 96 + REASON_LEN, &self.heap_used.to_le_bytes())?;
+        put(b, 100 + REASON_LEN, &(self.planned as u32).to_le_bytes())?;
         Some(())
     }
 }
@@ -335,6 +395,8 @@ mod tests {
             report_offset: 0x3000,
             nsegments: 2,
             ncode: 1,
+            plans_phys: 0x500_0000,
+            plans_len: 0x2345,
             ..Params::default()
         };
         p.segments[1] = Segment {
@@ -357,6 +419,7 @@ mod tests {
             rewritten: 3,
             cycles_total: 123_456,
             heap_used: 4096,
+            planned: PlanSource::Link,
             ..Report::default()
         };
         set_text(&mut r.backend, "kvm");

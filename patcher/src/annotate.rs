@@ -30,6 +30,8 @@ use crate::output::{OutputError, write_atomic};
 
 /// The section holding a linker-gathered table's header.
 pub const LINKED_HEADER_SECTION: &str = patch_sites::table::HEADER_SECTION;
+/// The prepared plans are placed on this boundary after the shim's memory.
+const PLANS_ALIGN: u64 = 4096;
 
 /// Why an image cannot be annotated.
 #[derive(Debug, Error)]
@@ -87,6 +89,8 @@ pub struct Annotation {
     pub table_addr: u64,
     /// The boot shim's physical address, and its report page's, if one was added.
     pub shim: Option<(u64, u64)>,
+    /// The plans prepared for the shim at link time (empty without a shim).
+    pub prepared: Vec<crate::shim::PreparedNote>,
     /// Its size in bytes.
     pub table_size: usize,
     /// Sites recorded, in all.
@@ -298,6 +302,7 @@ pub fn table_address(image: &Image) -> Option<u64> {
     let ours = [
         image.section(SEALED_SECTION),
         image.section(crate::shim::SHIM_SECTION),
+        image.section(crate::shim::PLANS_SECTION),
     ];
     let is_existing = |p: &crate::load::image::Segment| {
         ours.iter()
@@ -317,6 +322,7 @@ pub fn table_address(image: &Image) -> Option<u64> {
                 && s.size > 0
                 && s.name != SEALED_SECTION
                 && s.name != crate::shim::SHIM_SECTION
+                && s.name != crate::shim::PLANS_SECTION
         })
         .filter_map(|s| s.addr.checked_add(s.size));
     segments
@@ -671,7 +677,10 @@ fn write_annotated(
     let mut old = Vec::new();
     for s in b.sections.iter_mut() {
         let n = s.name.as_slice();
-        if n == SEALED_SECTION.as_bytes() || n == crate::shim::SHIM_SECTION.as_bytes() {
+        if n == SEALED_SECTION.as_bytes()
+            || n == crate::shim::SHIM_SECTION.as_bytes()
+            || n == crate::shim::PLANS_SECTION.as_bytes()
+        {
             s.delete = true;
             old.push(s.id());
         }
@@ -706,39 +715,26 @@ fn write_annotated(
         .checked_next_multiple_of(SEALED_ALIGN)
         .ok_or_else(|| AnnotateError::Elf("file offsets overflow".into()))?;
     let size = table.len() as u64;
-    let section_id = {
-        let s = b.sections.add();
-        s.name = SEALED_SECTION.as_bytes().to_vec().into();
-        s.sh_type = elf::SHT_PROGBITS;
-        s.sh_flags = elf::SHF_ALLOC as u64;
-        s.sh_addr = table_addr;
-        s.sh_offset = offset;
-        s.sh_size = size;
-        s.sh_addralign = 8;
-        s.data = SectionData::Data(table.clone().into());
-        s.id()
-    };
-    {
-        let seg = b.segments.add();
-        seg.p_type = elf::PT_LOAD;
-        seg.p_flags = elf::PF_R;
-        seg.p_offset = offset;
-        seg.p_vaddr = table_addr;
-        seg.p_paddr = table_addr.wrapping_sub(delta);
-        seg.p_filesz = size;
-        seg.p_memsz = size;
-        seg.p_align = SEALED_ALIGN;
-        seg.sections.push(section_id);
-    }
-    let shim = match &p.shim {
-        Some(sh) => Some(add_shim(
-            &mut b,
-            image,
-            sh,
-            (table_addr, size),
-            offset + size,
-        )?),
-        None => None,
+    add_loaded(
+        &mut b,
+        Loaded {
+            name: SEALED_SECTION,
+            data: table.clone(),
+            sh_flags: elf::SHF_ALLOC,
+            p_flags: elf::PF_R,
+            vaddr: table_addr,
+            paddr: table_addr.wrapping_sub(delta),
+            offset,
+            memsz: size,
+            align: 8,
+        },
+    );
+    let (shim, prepared) = match &p.shim {
+        Some(sh) => {
+            let (at, notes) = add_shim(&mut b, image, sh, (table_addr, table), offset + size)?;
+            (Some(at), notes)
+        }
+        None => (None, Vec::new()),
     };
     let io = |source| {
         AnnotateError::Output(OutputError::Io {
@@ -753,6 +749,7 @@ fn write_annotated(
     Ok(Annotation {
         table_addr,
         shim,
+        prepared,
         table_size: table.len(),
         sites: p.sites,
         from_macros: p.from_macros,
@@ -762,51 +759,100 @@ fn write_annotated(
     })
 }
 
+/// A section of pvpatch's own, loaded by a segment of its own.
+struct Loaded {
+    name: &'static str,
+    data: Vec<u8>,
+    sh_flags: u32,
+    p_flags: u32,
+    vaddr: u64,
+    paddr: u64,
+    /// Its file offset.
+    offset: u64,
+    /// Bytes in memory (at least its data's).
+    memsz: u64,
+    /// The section's alignment.
+    align: u64,
+}
+
+/// Adds `l`'s section and the segment that loads it.
+fn add_loaded(b: &mut Builder<'_>, l: Loaded) {
+    let size = l.data.len() as u64;
+    let id = {
+        let s = b.sections.add();
+        s.name = l.name.as_bytes().to_vec().into();
+        s.sh_type = elf::SHT_PROGBITS;
+        s.sh_flags = u64::from(l.sh_flags);
+        s.sh_addr = l.vaddr;
+        s.sh_offset = l.offset;
+        s.sh_size = size;
+        s.sh_addralign = l.align;
+        s.data = SectionData::Data(l.data.into());
+        s.id()
+    };
+    let seg = b.segments.add();
+    seg.p_type = elf::PT_LOAD;
+    seg.p_flags = l.p_flags;
+    seg.p_offset = l.offset;
+    seg.p_vaddr = l.vaddr;
+    seg.p_paddr = l.paddr;
+    seg.p_filesz = size;
+    seg.p_memsz = l.memsz;
+    seg.p_align = SEALED_ALIGN;
+    seg.sections.push(id);
+}
+
 /// Adds the boot shim's section and segment after the table's (file offset `after`), with its
-/// parameters, and points the PVH entry note at it. Returns the shim's physical address and its
-/// report page's.
+/// parameters, and the plans prepared for it at link time in a segment of their own after the
+/// shim's memory; points the PVH entry note at the shim. Returns the shim's physical address
+/// and its report page's, and what was prepared.
 fn add_shim(
     b: &mut Builder<'_>,
     image: &Image,
     sh: &crate::shim::Shim,
-    table: (u64, u64),
+    (table_addr, table): (u64, &[u8]),
     after: u64,
-) -> Result<(u64, u64), AnnotateError> {
+) -> Result<((u64, u64), Vec<crate::shim::PreparedNote>), AnnotateError> {
     let loads: Vec<(u64, u64, u64)> = b
         .segments
         .iter()
         .filter(|s| s.is_load() && !s.delete)
         .map(|s| (s.p_vaddr, s.p_paddr, s.p_memsz))
         .collect();
-    let (params, phys) = crate::shim::params(image, sh, &loads, table)?;
+    let (mut params, phys) =
+        crate::shim::params(image, sh, &loads, (table_addr, table.len() as u64))?;
+    let (plans, notes) = crate::shim::prepare_plans(image, table, table_addr)?;
+    let plans_at = sh.memsz.next_multiple_of(PLANS_ALIGN);
+    params.plans_phys = phys + plans_at;
+    params.plans_len = plans.len() as u64;
+    if params.plans_phys + params.plans_len > 1 << 32 {
+        return Err(crate::shim::ShimError::Layout(format!(
+            "the shim's prepared plans ({} bytes) would end above 4 GiB",
+            plans.len()
+        ))
+        .into());
+    }
     let bytes = crate::shim::with_params(sh, &params);
     let offset = after
         .checked_next_multiple_of(SEALED_ALIGN)
         .ok_or_else(|| AnnotateError::Elf("file offsets overflow".into()))?;
-    let id = {
-        let s = b.sections.add();
-        s.name = crate::shim::SHIM_SECTION.as_bytes().to_vec().into();
-        s.sh_type = elf::SHT_PROGBITS;
-        s.sh_flags = (elf::SHF_ALLOC | elf::SHF_EXECINSTR | elf::SHF_WRITE) as u64;
-        s.sh_addr = sh.vaddr;
-        s.sh_offset = offset;
-        s.sh_size = bytes.len() as u64;
-        s.sh_addralign = 16;
-        s.data = SectionData::Data(bytes.into());
-        s.id()
-    };
-    {
-        let seg = b.segments.add();
-        seg.p_type = elf::PT_LOAD;
-        seg.p_flags = elf::PF_R | elf::PF_W | elf::PF_X;
-        seg.p_offset = offset;
-        seg.p_vaddr = sh.vaddr;
-        seg.p_paddr = phys;
-        seg.p_filesz = sh.bytes.len() as u64;
-        seg.p_memsz = sh.memsz;
-        seg.p_align = SEALED_ALIGN;
-        seg.sections.push(id);
-    }
+    let plans_offset = (offset + bytes.len() as u64)
+        .checked_next_multiple_of(SEALED_ALIGN)
+        .ok_or_else(|| AnnotateError::Elf("file offsets overflow".into()))?;
+    add_loaded(
+        b,
+        Loaded {
+            name: crate::shim::SHIM_SECTION,
+            data: bytes,
+            sh_flags: elf::SHF_ALLOC | elf::SHF_EXECINSTR | elf::SHF_WRITE,
+            p_flags: elf::PF_R | elf::PF_W | elf::PF_X,
+            vaddr: sh.vaddr,
+            paddr: phys,
+            offset,
+            memsz: sh.memsz,
+            align: 16,
+        },
+    );
     // The PVH entry note, wherever a note section holds it.
     let mut pointed = false;
     for s in b
@@ -824,7 +870,22 @@ fn add_shim(
     if !pointed {
         return Err(crate::shim::ShimError::NoPvhEntry.into());
     }
-    Ok((phys, phys + sh.report_at))
+    let plans_len = plans.len() as u64;
+    add_loaded(
+        b,
+        Loaded {
+            name: crate::shim::PLANS_SECTION,
+            data: plans,
+            sh_flags: elf::SHF_ALLOC,
+            p_flags: elf::PF_R,
+            vaddr: sh.vaddr + plans_at,
+            paddr: params.plans_phys,
+            offset: plans_offset,
+            memsz: plans_len,
+            align: 8,
+        },
+    );
+    Ok(((phys, phys + sh.report_at), notes))
 }
 
 /// The sealed table of an annotated image: its address and bytes, found by section name.

@@ -685,6 +685,17 @@ fn run(command: Command) -> Result<(), Failure> {
                         "boot_shim": a.shim.map(|(shim, report)| json!({
                             "address": hex(shim),
                             "report_page": hex(report),
+                            "prepared_plans": a.prepared.iter().map(|n| match &n.outcome {
+                                Ok((sites, bytes)) => json!({
+                                    "backend": n.backend,
+                                    "sites_rewritten": sites,
+                                    "bytes_changed": bytes,
+                                }),
+                                Err(why) => json!({
+                                    "backend": n.backend,
+                                    "planned_at_boot_because": why,
+                                }),
+                            }).collect::<Vec<_>>(),
                         })),
                         "trailing_bytes": a.trailing,
                         "ledger": ledger.as_ref().map(|l| l.display().to_string()),
@@ -710,6 +721,24 @@ fn run(command: Command) -> Result<(), Failure> {
                     hex(shim),
                     hex(report)
                 );
+                let made: Vec<String> = a
+                    .prepared
+                    .iter()
+                    .filter_map(|n| {
+                        let (sites, bytes) = n.outcome.as_ref().ok()?;
+                        Some(format!("{} ({sites} sites, {bytes} bytes)", n.backend))
+                    })
+                    .collect();
+                say!(
+                    "  plans prepared at link time: {}; any other backend (a ROM) is planned at \
+                     boot",
+                    made.join(", ")
+                );
+                for n in &a.prepared {
+                    if let Err(why) = &n.outcome {
+                        say!("  {}: planned at boot ({why})", n.backend);
+                    }
+                }
             }
             if a.trailing > 0 {
                 say!(
@@ -880,6 +909,7 @@ fn verify_command(kernel: &KernelArg, json: bool) -> Result<(), Failure> {
                     "address": hex(s.phys),
                     "linux_entry": hex(s.linux_entry),
                     "report_page": hex(s.report),
+                    "prepared_plans": s.prepared,
                     "problems": s.problems,
                 })),
             }),
@@ -934,6 +964,12 @@ fn verify_command(kernel: &KernelArg, json: bool) -> Result<(), Failure> {
                     paint(c, bad, "does not check")
                 }
             );
+            if !s.prepared.is_empty() {
+                outln!(
+                    "boot shim: plans prepared at link time for {}",
+                    s.prepared.join(", ")
+                );
+            }
         }
         let do_not = format!("{} do not", v.mismatches.len());
         outln!(

@@ -205,17 +205,38 @@ pub fn site_table(report: &ScanReport<'_>) -> Result<(Vec<u8>, u64, bool), Rewri
 
 /// Plans `spec` for the image of `report` with the runtime's planner. Nothing is written.
 pub fn plan_image(report: &ScanReport<'_>, spec: &BackendSpec) -> Result<ImagePlan, RewriteError> {
-    let image = report.image;
     let (bytes, table_addr, in_memory) = site_table(report)?;
-    let table = SiteTable::parse_contiguous(&bytes, table_addr, &image.code_ranges())
-        .map_err(RewriteError::Table)?;
-    // Reads go to the image itself (a copy is only made for writing).
-    let view = ImageView(image);
+    // Offline, KVM is taken to say that port-0x80 delays are unnecessary (as it does).
     let features = if spec.kind == BackendKind::Kvm {
         KVM_FEATURE_NOP_IO_DELAY
     } else {
         0
     };
+    let (plan, code_bytes) = plan_table(report.image, &bytes, table_addr, spec, features)?;
+    Ok(ImagePlan {
+        backend: spec.kind.name(),
+        table_addr,
+        table_in_memory: in_memory,
+        plan,
+        code_bytes,
+    })
+}
+
+/// Plans `spec`, with the detected feature bits `features`, for `image` and the site table
+/// `bytes` at `table_addr` (in the image or not), exactly as the runtime would at boot: the
+/// table parsed and validated, the backend's code prepared, every site planned. Returns the
+/// plan and the bytes of out-of-line code it places.
+pub fn plan_table(
+    image: &Image,
+    bytes: &[u8],
+    table_addr: u64,
+    spec: &BackendSpec,
+    features: u32,
+) -> Result<(Plan, usize), RewriteError> {
+    let table = SiteTable::parse_contiguous(bytes, table_addr, &image.code_ranges())
+        .map_err(RewriteError::Table)?;
+    // Reads go to the image itself (a copy is only made for writing).
+    let view = ImageView(image);
     // Offline, the hypervisor a ROM serves is the one it says it serves.
     let rom_signature = spec
         .rom
@@ -249,13 +270,7 @@ pub fn plan_image(report: &ScanReport<'_>, spec: &BackendSpec) -> Result<ImagePl
     let code_bytes = code.write.as_ref().map_or(0, |w| w.new.len());
     let mut plan = plan::plan(&table, &backend, &view, None).map_err(RewriteError::Plan)?;
     plan.take_code(code.write);
-    Ok(ImagePlan {
-        backend: spec.kind.name(),
-        table_addr,
-        table_in_memory: in_memory,
-        plan,
-        code_bytes,
-    })
+    Ok((plan, code_bytes))
 }
 
 /// The image's bytes, read-only, as kernel text.

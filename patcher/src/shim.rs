@@ -11,11 +11,20 @@ use object::{Endianness, Object, ObjectSymbol};
 use patch_sites::shim::{MAX_CODE, MAX_SEGMENTS, PARAMS_MAGIC, PARAMS_SIZE, Params, Segment};
 use thiserror::Error;
 
+use patch_sites::prepared::{PlanSpec, PlanSummary, plans_size, write_plans};
+use patch_sites::table::SiteTable;
+use pvpatch_runtime::apply;
+use pvpatch_runtime::detect::{BackendKind, KVM_FEATURE_NOP_IO_DELAY};
+use pvpatch_runtime::plan::Write;
+
 use crate::load::Image;
 use crate::load::image::XEN_ELFNOTE_PHYS32_ENTRY;
+use crate::rewrite::{BackendSpec, plan_table};
 
 /// The section that holds the shim in an annotated image.
 pub const SHIM_SECTION: &str = ".pvpatch_shim";
+/// The section that holds the plans prepared for the shim at link time.
+pub const PLANS_SECTION: &str = ".pvpatch_plans";
 /// The shim's segment is placed on this boundary (a loader that relocates the kernel moves it
 /// by a multiple of 2 MiB, and the shim maps itself with 2 MiB pages).
 pub const SHIM_ALIGN: u64 = 0x20_0000;
@@ -227,6 +236,101 @@ pub fn with_params(shim: &Shim, params: &Params) -> Vec<u8> {
     let mut b = shim.bytes.clone();
     let _ = params.write(&mut b[shim.params_at..shim.params_at + PARAMS_SIZE]);
     b
+}
+
+/// A plan prepared at link time, or why there is none.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PreparedNote {
+    /// The backend, as the report names it (with the feature it depends on, if any).
+    pub backend: String,
+    /// Sites the plan rewrites and bytes it changes, or why it could not be prepared (the
+    /// shim then plans at boot, and refuses there for the same reason).
+    pub outcome: Result<(u32, usize), String>,
+}
+
+/// The backends whose plans are known at link time: name, the runtime's kind, the feature bits
+/// the plan depends on (mask, value), and how a report names it.
+const PREPARED: [(BackendKind, u32, u32, &str); 7] = [
+    (BackendKind::Native, 0, 0, "native"),
+    (BackendKind::Tcg, 0, 0, "tcg"),
+    (
+        BackendKind::Kvm,
+        KVM_FEATURE_NOP_IO_DELAY,
+        KVM_FEATURE_NOP_IO_DELAY,
+        "kvm",
+    ),
+    (
+        BackendKind::Kvm,
+        KVM_FEATURE_NOP_IO_DELAY,
+        0,
+        "kvm (port-0x80 delays needed)",
+    ),
+    (BackendKind::Vmware, 0, 0, "vmware"),
+    (BackendKind::Unknown, 0, 0, "unknown"),
+    (BackendKind::OutOfLine, 0, 0, "outofline"),
+];
+
+/// The plans of every backend known at link time for `image` with the site table `table` at
+/// `table_addr` (`patch_sites::prepared`), made by the runtime's own validation and planner
+/// exactly as it would plan at boot; and a note for each. A backend whose plan fails is left
+/// out (the shim plans it at boot, and refuses there with the same reason).
+pub fn prepare_plans(
+    image: &Image,
+    table: &[u8],
+    table_addr: u64,
+) -> Result<(Vec<u8>, Vec<PreparedNote>), ShimError> {
+    let sites = SiteTable::parse_contiguous(table, table_addr, &image.code_ranges())
+        .map_or(0, |t| t.len() as u32);
+    let mut made = Vec::new();
+    let mut notes = Vec::new();
+    for (kind, mask, value, name) in PREPARED {
+        let spec = BackendSpec { kind, rom: None };
+        match plan_table(image, table, table_addr, &spec, value) {
+            Ok((plan, code_bytes)) => {
+                let mut s = PlanSummary::new(kind.name());
+                s.features_mask = mask;
+                s.features_value = value;
+                s.sites = sites;
+                s.rewritten = plan.sites.iter().filter(|p| p.changed()).count() as u32;
+                s.detours = plan.detours.len() as u32;
+                s.code_bytes = code_bytes as u32;
+                let bytes: usize = plan
+                    .code
+                    .iter()
+                    .map(|c| c.new.len())
+                    .chain(plan.writes().map(|w| w.new.len()))
+                    .sum();
+                notes.push(PreparedNote {
+                    backend: name.to_owned(),
+                    outcome: Ok((s.rewritten, bytes)),
+                });
+                made.push((s, plan));
+            }
+            Err(e) => notes.push(PreparedNote {
+                backend: name.to_owned(),
+                outcome: Err(e.to_string()),
+            }),
+        }
+    }
+    let writes: Vec<Vec<Write>> = made.iter().map(|(_, p)| p.writes().collect()).collect();
+    let changes: Vec<_> = made
+        .iter()
+        .zip(&writes)
+        .map(|((_, p), w)| apply::changes(p, w))
+        .collect();
+    let specs: Vec<PlanSpec<'_, '_>> = made
+        .iter()
+        .zip(&changes)
+        .map(|((summary, _), c)| PlanSpec {
+            summary: *summary,
+            changes: c,
+        })
+        .collect();
+    let mut blob = vec![0u8; plans_size(&specs)];
+    write_plans(table, &specs, &mut blob).ok_or_else(|| {
+        ShimError::Layout("a prepared plan does not fit the plans' format".into())
+    })?;
+    Ok((blob, notes))
 }
 
 /// `data` (the bytes of a note section) with the descriptor of the Xen PVH entry note set to

@@ -1,6 +1,8 @@
 //! `pvpatch verify`: re-read an annotated image and check that every record of its table lands on
 //! the instruction it names, with the operand it names, followed by the padding it claims.
 
+use patch_sites::prepared::Plans;
+use patch_sites::shim::Params;
 use patch_sites::table::{Form, SEALED_SECTION, Site, SiteTable, TableError};
 use pvpatch_isa::check;
 use thiserror::Error;
@@ -71,6 +73,10 @@ pub struct ShimCheck {
     pub report: u64,
     /// The kernel's own PVH entry it hands over to.
     pub linux_entry: u64,
+    /// The backends it has plans prepared at link time for (each checked: framing,
+    /// checksums, made from this table, every change inside the kernel's code and its old bytes
+    /// the image's).
+    pub prepared: Vec<String>,
     /// What is wrong (empty when nothing is).
     pub problems: Vec<String>,
 }
@@ -87,7 +93,7 @@ impl Verified {
 
 /// Checks an image's boot shim: its parameters there, naming the sealed table and the kernel's
 /// segments; the PVH entry note pointing at it; the kernel's entry inside a segment.
-fn check_shim(image: &Image, table: (u64, usize)) -> Option<ShimCheck> {
+fn check_shim(image: &Image, table: (u64, &[u8])) -> Option<ShimCheck> {
     let section = image.section(crate::shim::SHIM_SECTION)?;
     let seg = image
         .segments
@@ -117,7 +123,7 @@ fn check_shim(image: &Image, table: (u64, usize)) -> Option<ShimCheck> {
         c.problems
             .push("the PVH entry note does not point at it: the loader would not enter it".into());
     }
-    if (p.table_vaddr, p.table_len as usize) != table {
+    if (p.table_vaddr, p.table_len as usize) != (table.0, table.1.len()) {
         c.problems
             .push("its parameters name another site table".into());
     }
@@ -131,10 +137,15 @@ fn check_shim(image: &Image, table: (u64, usize)) -> Option<ShimCheck> {
             p.linux_entry
         ));
     }
+    let plans = image.section(crate::shim::PLANS_SECTION);
     let kernel_loads = image
         .segments
         .iter()
-        .filter(|g| g.kind == object::elf::PT_LOAD && g.vaddr != section.addr)
+        .filter(|g| {
+            g.kind == object::elf::PT_LOAD
+                && g.vaddr != section.addr
+                && plans.is_none_or(|s| g.vaddr != s.addr)
+        })
         .count();
     if p.segments().len() != kernel_loads {
         c.problems.push(format!(
@@ -142,7 +153,75 @@ fn check_shim(image: &Image, table: (u64, usize)) -> Option<ShimCheck> {
             p.segments().len()
         ));
     }
+    check_plans(image, &p, table.1, &mut c);
     Some(c)
+}
+
+/// Checks the plans prepared for the shim: where its parameters say, whole, made from this
+/// table, each change inside the kernel's code and finding its old bytes in the image.
+fn check_plans(image: &Image, p: &Params, table: &[u8], c: &mut ShimCheck) {
+    if p.plans_len == 0 {
+        return;
+    }
+    let Some(s) = image.section(crate::shim::PLANS_SECTION) else {
+        return c.problems.push(format!(
+            "its parameters name {} bytes of prepared plans, and there is no {} section",
+            p.plans_len,
+            crate::shim::PLANS_SECTION
+        ));
+    };
+    let at_phys = image
+        .segments
+        .iter()
+        .any(|g| g.kind == object::elf::PT_LOAD && g.vaddr == s.addr && g.paddr == p.plans_phys);
+    if !at_phys || s.size != p.plans_len {
+        c.problems.push(format!(
+            "its prepared plans are not where its parameters say ({:#x}, {} bytes)",
+            p.plans_phys, p.plans_len
+        ));
+    }
+    let plans = match Plans::read(image.section_data(s)) {
+        Ok(plans) => plans,
+        Err(e) => return c.problems.push(format!("its prepared plans: {e}")),
+    };
+    if !plans.matches_table(table) {
+        c.problems
+            .push("its prepared plans were made from another site table".into());
+    }
+    let code = image.code_ranges();
+    for entry in plans.entries() {
+        let plan = match plans.plan(&entry) {
+            Ok(plan) => plan,
+            Err(e) => {
+                c.problems.push(format!("its prepared plans: {e}"));
+                continue;
+            }
+        };
+        let sm = plan.summary;
+        let name = match sm.features_mask {
+            0 => sm.backend().to_owned(),
+            m => format!(
+                "{} (features & {m:#x} = {:#x})",
+                sm.backend(),
+                sm.features_value
+            ),
+        };
+        for ch in plan.changes() {
+            let end = ch.addr.saturating_add(ch.old.len() as u64);
+            if !code.iter().any(|r| r.start <= ch.addr && end <= r.end) {
+                c.problems.push(format!(
+                    "the {name} plan changes {:#x}, outside the kernel's code",
+                    ch.addr
+                ));
+            } else if image.read(ch.addr, ch.old.len()) != Some(ch.old) {
+                c.problems.push(format!(
+                    "the {name} plan expects other bytes at {:#x} than the image holds",
+                    ch.addr
+                ));
+            }
+        }
+        c.prepared.push(name);
+    }
 }
 
 /// The image's bytes, as the runtime reads kernel text.
@@ -194,7 +273,7 @@ pub fn verify(image: &Image) -> Result<Verified, VerifyError> {
         mismatches: Vec::new(),
         detours: t.detour_area().detours as usize,
         detour_mismatches: Vec::new(),
-        shim: check_shim(image, (addr, bytes.len())),
+        shim: check_shim(image, (addr, bytes)),
     };
     // Every load-time detour, as the runtime checks it before installing it: the moved bytes
     // by checksum, the cave and trampoline free, the stub against the moved instructions.

@@ -7,7 +7,11 @@
 
 use core::fmt;
 
-use crate::plan::{Plan, TextRead};
+use alloc::vec::Vec;
+
+use patch_sites::prepared::Change;
+
+use crate::plan::{Plan, TextRead, Write};
 use pvpatch_isa::encode::{MAX_SEQ, Seq};
 
 /// Writes kernel text.
@@ -94,88 +98,87 @@ fn holds(t: &dyn TextPoke, addr: u64, bytes: &[u8]) -> bool {
     })
 }
 
-/// Applies `plan`: all of it, or (on any failure) none of it. The backend's code goes in
-/// first, then each detour's stub and trampoline, then the sites in place, then each detour's
-/// `jmp` (so that nothing can reach a stub before it is whole); then everything is read back.
-pub fn apply(plan: &Plan, t: &mut dyn TextPoke) -> Result<Applied, ApplyError> {
-    // A plan that writes nothing (every site already what the backend wants) touches nothing:
-    // not even the text poke's open and close.
-    if plan.code.is_empty() && plan.writes().next().is_none() {
-        return Ok(Applied::default());
-    }
-    for c in &plan.code {
-        if !holds(t, c.addr, &c.old) {
-            return Err(ApplyError::Changed {
-                index: u32::MAX,
-                addr: c.addr,
-            });
-        }
-    }
-    for w in plan.writes() {
-        if !holds(t, w.addr, w.old.as_slice()) {
-            return Err(ApplyError::Changed {
-                index: w.index,
-                addr: w.addr,
-            });
-        }
-    }
-    let mut applied = Applied::default();
-    t.open();
-    for c in &plan.code {
-        t.write(c.addr, &c.new);
-        applied.bytes += c.new.len() as u64;
-    }
-    for w in plan.writes() {
-        t.write(w.addr, w.new.as_slice());
-        applied.bytes += w.new.len() as u64;
-    }
-    applied.sites = plan.sites.iter().filter(|p| p.changed()).count() as u32;
-    applied.detours = plan.detours.len() as u32;
-    t.close();
-    t.sync();
-    let failed = plan
-        .code
-        .iter()
-        .find(|c| !holds(t, c.addr, &c.new))
-        .map(|c| (u32::MAX, c.addr))
-        .or_else(|| {
-            plan.writes()
-                .find(|w| !holds(t, w.addr, w.new.as_slice()))
-                .map(|w| (w.index, w.addr))
-        });
-    if let Some((index, addr)) = failed {
-        revert(plan, t);
-        let stuck = plan
-            .code
-            .iter()
-            .find(|c| !holds(t, c.addr, &c.old))
-            .map(|c| (u32::MAX, c.addr))
-            .or_else(|| {
-                plan.writes()
-                    .find(|w| !holds(t, w.addr, w.old.as_slice()))
-                    .map(|w| (w.index, w.addr))
-            });
-        return Err(match stuck {
-            Some((index, addr)) => ApplyError::NotRestored { index, addr },
-            None => ApplyError::ReadBack { index, addr },
-        });
-    }
-    Ok(applied)
+/// Every change `plan` makes, in the order they are made: the backend's code first, then
+/// each detour's stub and trampoline, then the sites in place, then each detour's `jmp` (so
+/// that nothing can reach a stub before it is whole). `writes` holds the plan's [`Write`]s the
+/// changes borrow (`plan.writes()`, collected).
+pub fn changes<'a>(plan: &'a Plan, writes: &'a [Write]) -> Vec<Change<'a>> {
+    let code = plan.code.iter().map(|c| Change {
+        index: u32::MAX,
+        addr: c.addr,
+        old: &c.old,
+        new: &c.new,
+    });
+    let sites = writes.iter().map(|w| Change {
+        index: w.index,
+        addr: w.addr,
+        old: w.old.as_slice(),
+        new: w.new.as_slice(),
+    });
+    code.chain(sites).collect()
 }
 
-/// Writes back the old bytes of everything `plan` changed (the `jmp`s over moved ranges first,
-/// so that nothing reaches a stub while it is being taken away; a host's last, so that no `jmp`
-/// reaches its trampolines once they are gone).
-pub fn revert(plan: &Plan, t: &mut dyn TextPoke) {
+/// Applies `plan`: all of it, or (on any failure) none of it (see [`apply_changes`]).
+pub fn apply(plan: &Plan, t: &mut dyn TextPoke) -> Result<Applied, ApplyError> {
+    let writes: Vec<Write> = plan.writes().collect();
+    let bytes = apply_changes(&changes(plan, &writes), t)?;
+    Ok(Applied {
+        sites: plan.sites.iter().filter(|p| p.changed()).count() as u32,
+        bytes,
+        detours: plan.detours.len() as u32,
+    })
+}
+
+/// Applies `changes` in their order: all of them, or (on any failure) none. Every change's old
+/// bytes are checked first (nothing may have changed since planning); then everything is
+/// written, serialized once, and read back; if any read-back differs, every change is taken
+/// back, in the reverse order. A list that changes nothing touches nothing: not even the text
+/// poke's open and close. Returns the bytes written.
+pub fn apply_changes(changes: &[Change<'_>], t: &mut dyn TextPoke) -> Result<u64, ApplyError> {
+    if changes.is_empty() {
+        return Ok(0);
+    }
+    if let Some(c) = changes.iter().find(|c| !holds(t, c.addr, c.old)) {
+        return Err(ApplyError::Changed {
+            index: c.index,
+            addr: c.addr,
+        });
+    }
     t.open();
-    for d in plan.detours_by_host(false) {
-        t.write(d.moved.addr, d.moved.old.as_slice());
+    for c in changes {
+        t.write(c.addr, c.new);
     }
-    for w in plan.writes() {
-        t.write(w.addr, w.old.as_slice());
+    t.close();
+    t.sync();
+    if let Some(bad) = changes.iter().find(|c| !holds(t, c.addr, c.new)) {
+        revert_changes(changes, t);
+        return Err(match changes.iter().find(|c| !holds(t, c.addr, c.old)) {
+            Some(c) => ApplyError::NotRestored {
+                index: c.index,
+                addr: c.addr,
+            },
+            None => ApplyError::ReadBack {
+                index: bad.index,
+                addr: bad.addr,
+            },
+        });
     }
-    for c in &plan.code {
-        t.write(c.addr, &c.old);
+    Ok(changes.iter().map(|c| c.new.len() as u64).sum())
+}
+
+/// Writes back the old bytes of everything `plan` changed (see [`revert_changes`]).
+pub fn revert(plan: &Plan, t: &mut dyn TextPoke) {
+    let writes: Vec<Write> = plan.writes().collect();
+    revert_changes(&changes(plan, &writes), t);
+}
+
+/// Writes back the old bytes of `changes` in the reverse of the order they were made: each
+/// detour's `jmp` first (a host's last, so that no `jmp` reaches its trampolines once they are
+/// gone), so that nothing reaches a stub while it is being taken away; the backend's code last.
+pub fn revert_changes(changes: &[Change<'_>], t: &mut dyn TextPoke) {
+    t.open();
+    for c in changes.iter().rev() {
+        t.write(c.addr, c.old);
     }
     t.close();
     t.sync();

@@ -154,11 +154,41 @@ impl Detected {
     }
 }
 
-/// The value of `key=` in a command line.
+/// The value of `key=` in a command line (the first word that starts with it).
 pub fn cmdline_value<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
-    cmdline
-        .split_ascii_whitespace()
-        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+    cmdline_word(cmdline, key, true)
+}
+
+/// Whether `word` is on a command line by itself.
+pub fn cmdline_has(cmdline: &str, word: &str) -> bool {
+    cmdline_word(cmdline, word, false).is_some()
+}
+
+/// The first word of `cmdline` (split at ASCII whitespace) that is `key` (`value`: false; then
+/// `""`) or starts with `key=` (`value`: true; then what follows the `=`). One plain loop, never
+/// inlined: at boot under an emulator each copy of a function costs its translation, and the
+/// iterator adaptors of `split_ascii_whitespace` made one copy a call site.
+#[inline(never)]
+fn cmdline_word<'a>(cmdline: &'a str, key: &str, value: bool) -> Option<&'a str> {
+    let (b, k) = (cmdline.as_bytes(), key.as_bytes());
+    let mut i = 0;
+    while i < b.len() {
+        while i < b.len() && b[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        let start = i;
+        while i < b.len() && !b[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        let w = &b[start..i];
+        let rest = w.strip_prefix(k);
+        match (rest, value) {
+            (Some([]), false) => return Some(""),
+            (Some([b'=', ..]), true) => return cmdline.get(start + k.len() + 1..i),
+            _ => {}
+        }
+    }
+    None
 }
 
 fn signature(r: [u32; 4]) -> [u8; 12] {
@@ -430,5 +460,22 @@ mod tests {
             cmdline_value("pvpatch.backendx=rom", "pvpatch.backend"),
             None
         );
+        assert_eq!(
+            cmdline_value(
+                "pvpatch.backendx=rom\tpvpatch.backend=kvm ",
+                "pvpatch.backend"
+            ),
+            Some("kvm")
+        );
+        assert_eq!(
+            cmdline_value("pvpatch.backend=", "pvpatch.backend"),
+            Some("")
+        );
+        assert!(cmdline_has("  quiet\npvpatch.verbose", "pvpatch.verbose"));
+        assert!(!cmdline_has(
+            "pvpatch.verbosex pvpatch.verbose=1",
+            "pvpatch.verbose"
+        ));
+        assert!(!cmdline_has("", "pvpatch.verbose"));
     }
 }

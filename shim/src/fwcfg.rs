@@ -19,32 +19,37 @@ const DMA_SELECT: u32 = 8;
 /// The largest file read (a ROM is far smaller).
 const MAX_FILE: u32 = 1 << 20;
 
-fn read_bytes<const N: usize>(item: u16) -> [u8; N] {
+fn read4(item: u16) -> [u8; 4] {
     hw::outw(SELECTOR, item);
-    let mut b = [0u8; N];
-    for x in &mut b {
-        *x = hw::inb(DATA);
-    }
+    let mut b = [0u8; 4];
+    hw::insb(DATA, &mut b);
     b
 }
 
 /// The selector and size of the file named `name`, if the device is there and publishes one.
 pub fn find(name: &str) -> Option<(u16, u32)> {
-    if read_bytes::<4>(SIGNATURE) != *b"QEMU" || u32::from_le_bytes(read_bytes(FEATURES)) & 2 == 0 {
+    if read4(SIGNATURE) != *b"QEMU" || u32::from_le_bytes(read4(FEATURES)) & 2 == 0 {
         return None;
     }
     let n = read(FILE_DIR, 4)?;
-    let count = u32::from_be_bytes([n[0], n[1], n[2], n[3]]).min(4096);
-    let dir = read(FILE_DIR, 4 + 64 * count)?;
-    dir[4..].chunks_exact(64).find_map(|e| {
-        let end = e[8..].iter().position(|&b| b == 0).unwrap_or(56);
-        (&e[8..8 + end] == name.as_bytes()).then(|| {
-            (
+    let count = u32::from_be_bytes([n[0], n[1], n[2], n[3]]).min(4096) as usize;
+    let dir = read(FILE_DIR, 4 + 64 * count as u32)?;
+    // A plain loop over the entries (size, selector, reserved, a NUL-padded name of 56 bytes):
+    // each block of code the shim runs costs its translation under an emulator.
+    let name = name.as_bytes();
+    if name.len() >= 56 {
+        return None;
+    }
+    for i in 0..count {
+        let e = &dir[4 + 64 * i..4 + 64 * (i + 1)];
+        if e[8..8 + name.len()] == *name && e[8 + name.len()] == 0 {
+            return Some((
                 u16::from_be_bytes([e[4], e[5]]),
                 u32::from_be_bytes([e[0], e[1], e[2], e[3]]),
-            )
-        })
-    })
+            ));
+        }
+    }
+    None
 }
 
 #[repr(C, align(16))]

@@ -6,13 +6,14 @@ use alloc::format;
 use alloc::string::String;
 use core::fmt::Write as _;
 
+use patch_sites::prepared::{Change, Plans, PreparedPlan};
 use patch_sites::rom::FW_CFG_NAME;
-use patch_sites::shim::{Params, REPORT_SIZE, Report, Status, set_text};
+use patch_sites::shim::{Params, PlanSource, REPORT_SIZE, Report, Status, set_text};
 use patch_sites::table::{AddrRange, SiteTable};
 use pvpatch_runtime::apply::{self, ApplyError};
 use pvpatch_runtime::arena;
 use pvpatch_runtime::backend::{Backend, LoadedRom};
-use pvpatch_runtime::detect::{self, BackendKind, Platform, cmdline_value};
+use pvpatch_runtime::detect::{self, BackendKind, Platform, cmdline_has, cmdline_value};
 use pvpatch_runtime::plan;
 
 use crate::console::Serial;
@@ -33,11 +34,6 @@ impl Platform for ShimPlatform<'_> {
     fn cmdline(&self) -> Option<&str> {
         Some(self.cmdline)
     }
-}
-
-/// Whether `word` is on the command line by itself.
-fn has_word(cmdline: &str, word: &str) -> bool {
-    cmdline.split_ascii_whitespace().any(|w| w == word)
 }
 
 /// The TSC's rate in kHz, if something says: `tsc_early_khz=` (what the tests pass Linux),
@@ -66,8 +62,8 @@ pub fn main(entry: u64) -> u64 {
     };
     let si = start_info::read(hw::start_info());
     let cmdline = si.map_or("", |s| s.cmdline);
-    let verbose = has_word(cmdline, "pvpatch.verbose");
-    if has_word(cmdline, "pvpatch=off") {
+    let verbose = cmdline_has(cmdline, "pvpatch.verbose");
+    if cmdline_has(cmdline, "pvpatch=off") {
         r.status = Status::Off;
         set_text(&mut r.reason, "pvpatch=off");
     } else {
@@ -103,15 +99,21 @@ fn line(r: &Report, cmdline: &str, not_reserved: Option<&str>) {
         _ => format!("{} cycles", r.cycles_total),
     };
     let _ = match r.status {
-        Status::Patched => writeln!(
-            out,
-            "pvpatch: backend {}: {} sites, {} rewritten ({} detours), {}",
-            r.backend(),
-            group(r.sites),
-            group(r.rewritten),
-            r.detours,
-            time
-        ),
+        Status::Patched => {
+            if r.planned == PlanSource::BootRefused {
+                let _ = writeln!(out, "pvpatch: {}", r.reason());
+            }
+            writeln!(
+                out,
+                "pvpatch: backend {}: {} sites, {} rewritten ({} detours, {}), {}",
+                r.backend(),
+                group(r.sites),
+                group(r.rewritten),
+                r.detours,
+                r.planned.name(),
+                time
+            )
+        }
         s => writeln!(
             out,
             "pvpatch: {}: {}; Linux boots as it is, {}",
@@ -169,23 +171,9 @@ fn patch(cmdline: &str, r: &mut Report) {
         );
     }
     let text = KernelText::new(&params, delta);
-    let code: alloc::vec::Vec<AddrRange> = params
-        .code()
-        .iter()
-        .map(|&(s, e)| AddrRange::new(s, e))
-        .collect();
     let Some(bytes) = text.bytes(params.table_vaddr, params.table_len as usize) else {
         return refuse(r, "the site table is outside the kernel's segments");
     };
-    // The detour area is checked by the planner, and only if the plan uses it: on backends
-    // that keep every site as it is or rewrite some in place, that check was about a fifth of
-    // the shim's time.
-    let table =
-        match SiteTable::parse_contiguous_deferring_detours(bytes, params.table_vaddr, &code) {
-            Ok(t) => t,
-            Err(e) => return refuse(r, &format!("site table invalid: {e}")),
-        };
-    r.sites = table.len() as u32;
     // A ROM is looked for only under QEMU (fw_cfg is QEMU's), or when asked for.
     let qemu = detected.hypervisor_bit
         && matches!(
@@ -207,6 +195,38 @@ fn patch(cmdline: &str, r: &mut Report) {
         return refuse(r, "the rom backend, and no ROM published");
     }
     set_text(&mut r.backend, kind.name());
+    if cmdline_has(cmdline, "pvpatch.plan=boot") {
+        r.planned = PlanSource::BootAsked;
+    } else if kind != BackendKind::Rom {
+        match prepared(&params, delta, &text, bytes, kind, detected.features) {
+            Ok(Some(plan)) => match apply_prepared(&plan, &params, delta, t0, r) {
+                Ok(()) => return,
+                Err(why) => {
+                    r.planned = PlanSource::BootRefused;
+                    set_text(&mut r.reason, &why);
+                }
+            },
+            Ok(None) => {}
+            Err(why) => {
+                r.planned = PlanSource::BootRefused;
+                set_text(&mut r.reason, &why);
+            }
+        }
+    }
+    let code: alloc::vec::Vec<AddrRange> = params
+        .code()
+        .iter()
+        .map(|&(s, e)| AddrRange::new(s, e))
+        .collect();
+    // The detour area is checked by the planner, and only if the plan uses it: on backends
+    // that keep every site as it is or rewrite some in place, that check was about a fifth of
+    // the shim's time.
+    let table =
+        match SiteTable::parse_contiguous_deferring_detours(bytes, params.table_vaddr, &code) {
+            Ok(t) => t,
+            Err(e) => return refuse(r, &format!("site table invalid: {e}")),
+        };
+    r.sites = table.len() as u32;
     let arena_code = match arena::prepare(&table, kind, rom, &detected.signature, &text) {
         Ok(c) => c,
         Err(e) => return refuse(r, &format!("{e}")),
@@ -245,4 +265,81 @@ fn patch(cmdline: &str, r: &mut Report) {
         Err(e @ ApplyError::NotRestored { .. }) => refuse(r, &format!("{e}: the text is damaged")),
         Err(e) => refuse(r, &format!("{e}; every byte put back")),
     }
+}
+
+/// The plan prepared at link time for `kind` with the detected feature bits `features`, if the
+/// image has one: `Ok(None)` if it has none for this backend, `Err` (why) if the plans do not
+/// check out: their own checksum, the site table's (they must have been made from this very
+/// table), and every change inside the kernel's code.
+fn prepared(
+    params: &Params,
+    delta: u64,
+    text: &KernelText<'_>,
+    table: &[u8],
+    kind: BackendKind,
+    features: u32,
+) -> Result<Option<PreparedPlan<'static>>, String> {
+    let Some(blob) = crate::text::plans(params, delta) else {
+        return if params.plans_len == 0 {
+            Ok(None)
+        } else {
+            Err("prepared plans not used: they are outside memory".into())
+        };
+    };
+    let plans = Plans::read(blob).map_err(|e| format!("prepared plans not used: {e}"))?;
+    if !plans.matches_table(table) {
+        return Err(
+            "prepared plans not used: the site table is not the one they were made from".into(),
+        );
+    }
+    let Some(entry) = plans.find(kind.name(), features) else {
+        return Ok(None);
+    };
+    let plan = plans
+        .plan(&entry)
+        .map_err(|e| format!("prepared plans not used: {e}"))?;
+    if let Some(c) = plan.changes().find(|c| !text.in_code(c.addr, c.new.len())) {
+        return Err(format!(
+            "prepared plans not used: a change at {:#x} is outside the kernel's code",
+            c.addr
+        ));
+    }
+    Ok(Some(plan))
+}
+
+/// Applies a plan prepared at link time: every change's old bytes checked, then written and
+/// read back, all or nothing. A change whose old bytes are not in the text means the text is
+/// not what the plan was made from: nothing is written, and the shim plans at boot instead
+/// (which refuses if the text does not match the table).
+fn apply_prepared(
+    plan: &PreparedPlan<'_>,
+    params: &Params,
+    delta: u64,
+    t0: u64,
+    r: &mut Report,
+) -> Result<(), String> {
+    let s = plan.summary;
+    r.sites = s.sites;
+    let changes: alloc::vec::Vec<Change<'_>> = plan.changes().collect();
+    let t1 = hw::rdtsc();
+    r.cycles_prepare = t1 - t0;
+    let mut poke = KernelText::new(params, delta);
+    let applied = apply::apply_changes(&changes, &mut poke);
+    r.cycles_apply = hw::rdtsc() - t1;
+    match applied {
+        Ok(bytes) => {
+            r.status = Status::Patched;
+            r.planned = PlanSource::Link;
+            r.rewritten = s.rewritten;
+            r.detours = s.detours;
+            r.code_bytes = s.code_bytes;
+            r.bytes_written = bytes as u32;
+        }
+        Err(e @ ApplyError::Changed { .. }) => {
+            return Err(format!("prepared plan not used: {e}"));
+        }
+        Err(e @ ApplyError::NotRestored { .. }) => refuse(r, &format!("{e}: the text is damaged")),
+        Err(e) => refuse(r, &format!("{e}; every byte put back")),
+    }
+    Ok(())
 }

@@ -24,18 +24,21 @@ impl<'p> KernelText<'p> {
     /// Where `[addr, addr + len)` lies in physical memory, if one segment holds it.
     pub fn phys(&self, addr: u64, len: usize) -> Option<u64> {
         let end = addr.checked_add(len as u64)?;
-        self.params
-            .segments()
-            .iter()
-            .find(|s| s.vaddr <= addr && s.vaddr.checked_add(s.memsz).is_some_and(|e| end <= e))
-            .map(|s| {
-                s.paddr
-                    .wrapping_add(addr - s.vaddr)
-                    .wrapping_add(self.delta)
-            })
+        // A plain loop: under an emulator every block of code costs its translation.
+        for s in self.params.segments() {
+            if s.vaddr <= addr && end - s.vaddr <= s.memsz {
+                return Some(
+                    s.paddr
+                        .wrapping_add(addr - s.vaddr)
+                        .wrapping_add(self.delta),
+                );
+            }
+        }
+        None
     }
 
-    fn in_code(&self, addr: u64, len: usize) -> bool {
+    /// Whether `[addr, addr + len)` lies in one of the kernel's code ranges.
+    pub fn in_code(&self, addr: u64, len: usize) -> bool {
         let end = addr.saturating_add(len as u64);
         self.params
             .code()
@@ -50,6 +53,19 @@ impl<'p> KernelText<'p> {
         // runs while the shim does.
         unsafe { hw::phys(p, len) }
     }
+}
+
+/// The plans prepared at link time, as loaded (the parameters' place plus the load's
+/// displacement), if the image has them.
+pub fn plans(params: &Params, delta: u64) -> Option<&'static [u8]> {
+    if params.plans_len == 0 {
+        return None;
+    }
+    let len = usize::try_from(params.plans_len).ok()?;
+    // SAFETY: the plans' own segment, which the loader filled from the file and which nothing
+    // writes (they are read before the shim writes anything, and only the kernel's code
+    // ranges are ever written).
+    unsafe { hw::phys(params.plans_phys.wrapping_add(delta), len) }
 }
 
 impl TextRead for KernelText<'_> {

@@ -1,7 +1,7 @@
 //! The seed corpora of the cargo-fuzz targets (`fuzz/corpus/`) are this crate's fixtures,
 //! written by the ABI's own writers: the documented example table and ROM ([`super::doc`]),
 //! the sample sites and ROM the other tests corrupt ([`super::table`], [`super::rom`]), the
-//! sample sites in every form, and an unsealed table. This test fails when a seed is not what
+//! sample sites in every form, an unsealed table, and prepared plans for the boot shim. This test fails when a seed is not what
 //! the fixtures write; `cargo xtask test-update` (which sets `PVPATCH_UPDATE=1`) rewrites them.
 
 use std::path::{Path, PathBuf};
@@ -43,6 +43,41 @@ fn unsealed(sites: &[Site]) -> Vec<u8> {
     buf
 }
 
+/// Prepared plans for the sample table: one that changes nothing, and kvm's with a site and a
+/// piece of code.
+fn plans() -> Vec<u8> {
+    use patch_sites::prepared::{Change, PlanSpec, PlanSummary, plans_size, write_plans};
+    let changes = [
+        Change {
+            index: 1,
+            addr: TEXT.start + 0x10,
+            old: &[0xe6, 0x80],
+            new: &[0x66, 0x90],
+        },
+        Change {
+            index: u32::MAX,
+            addr: TEXT.start + 0x4000,
+            old: &[0xcc; 4],
+            new: &[0x0f, 0x01, 0xc1, 0xc3],
+        },
+    ];
+    let mut kvm = PlanSummary::new("kvm");
+    (kvm.features_mask, kvm.features_value, kvm.rewritten) = (2, 2, 1);
+    let specs = [
+        PlanSpec {
+            summary: PlanSummary::new("native"),
+            changes: &[],
+        },
+        PlanSpec {
+            summary: kvm,
+            changes: &changes,
+        },
+    ];
+    let mut out = vec![0u8; plans_size(&specs)];
+    write_plans(&sealed(&sample_sites()), &specs, &mut out).expect("the plans fit");
+    out
+}
+
 fn corpus() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus")
 }
@@ -57,6 +92,7 @@ fn the_fuzz_seeds_are_the_fixtures() {
         ("rom/seed-example", super::doc::example_rom()),
         ("rom/seed-sample", super::rom::sample()),
         ("rom_validator/seed-sample", super::rom::sample()),
+        ("prepared_plans/seed-sample", plans()),
     ];
     let update = std::env::var_os("PVPATCH_UPDATE").is_some();
     for (name, bytes) in seeds {

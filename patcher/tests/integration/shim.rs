@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 use patch_sites::Op;
 use patch_sites::regs::RegSet;
 use patch_sites::rom::{FW_CFG_NAME, RomEntrySpec, RomKind, rom_size, write_rom};
-use patch_sites::shim::{REPORT_SIZE, Report, Status};
+use patch_sites::shim::{PlanSource, REPORT_SIZE, Report, Status};
 use pvpatch::load::Image;
 use pvpatch::rewrite::{BackendSpec, plan_image};
 use pvpatch::scan_image;
@@ -233,6 +233,17 @@ fn stock_rom(shimmed: &Path) -> Vec<u8> {
     pvpatch::rom::build::build_for(&toml, &img).unwrap()
 }
 
+/// A boot of `every_backend`: the backend, the machine, what the command line adds, QEMU's
+/// extra arguments, the backend as planned offline, and where the shim must make its plan.
+type Case = (
+    &'static str,
+    Machine,
+    &'static str,
+    Vec<String>,
+    BackendSpec,
+    PlanSource,
+);
+
 fn every_backend(spec: KernelSpec) {
     let test = format!("shimmed_{}_boots_on_every_backend", spec.name);
     let Some((shimmed, img, initrd)) = shimmed(&test, spec) else {
@@ -251,13 +262,18 @@ fn every_backend(spec: KernelSpec) {
         reference(img, initrd, Machine::Microvm),
         reference(img, initrd, pc),
     );
-    let cases: [(&str, Machine, &str, Vec<String>, BackendSpec); 5] = [
+    // The backends known at link time apply the plan prepared then; the ROM's is made at boot,
+    // as is the out-of-line backend's when the command line asks (the whole boot-time pass:
+    // validation, planning, the detour area).
+    let link = PlanSource::Link;
+    let cases: [Case; 6] = [
         (
             "native",
             Machine::Microvm,
             "pvpatch.backend=native",
             vec![],
             BackendSpec::new("native", None).unwrap(),
+            link,
         ),
         (
             "tcg",
@@ -265,6 +281,7 @@ fn every_backend(spec: KernelSpec) {
             "",
             vec![],
             BackendSpec::new("tcg", None).unwrap(),
+            link,
         ),
         (
             "vmware",
@@ -272,6 +289,7 @@ fn every_backend(spec: KernelSpec) {
             "",
             vec![],
             BackendSpec::new("vmware", None).unwrap(),
+            link,
         ),
         (
             "rom",
@@ -279,6 +297,7 @@ fn every_backend(spec: KernelSpec) {
             "",
             fw_cfg,
             BackendSpec::new("rom", Some(rom_bytes.clone())).unwrap(),
+            PlanSource::Boot,
         ),
         (
             "outofline",
@@ -286,14 +305,23 @@ fn every_backend(spec: KernelSpec) {
             "pvpatch.backend=outofline",
             vec![],
             BackendSpec::new("outofline", None).unwrap(),
+            link,
+        ),
+        (
+            "outofline",
+            Machine::Microvm,
+            "pvpatch.backend=outofline pvpatch.plan=boot",
+            vec![],
+            BackendSpec::new("outofline", None).unwrap(),
+            PlanSource::BootAsked,
         ),
     ];
-    for (backend, machine, append, extra, spec_b) in cases {
+    for (backend, machine, append, extra, spec_b, source) in cases {
         let booted = boot(shimmed, img, initrd, machine, append, &extra);
         let r = booted.report;
         assert_eq!(
-            (r.status, r.backend()),
-            (Status::Patched, backend),
+            (r.status, r.backend(), r.planned),
+            (Status::Patched, backend, source),
             "{backend}: {}\n{}",
             r.reason(),
             booted.serial
@@ -311,12 +339,14 @@ fn every_backend(spec: KernelSpec) {
             .find(|l| l.starts_with("pvpatch: backend"))
             .unwrap_or_else(|| panic!("{backend}: no shim line:\n{}", booted.serial));
         assert!(line.contains(&format!("backend {backend}:")), "{line}");
+        assert!(line.contains(source.name()), "{line}");
         eprintln!(
-            "{} {backend}: {line}; {} sites rewritten, {seen} planned bytes changed in the text \
+            "{} {backend} ({}): {line}; {} sites rewritten, {seen} planned bytes changed in the text \
              read back and nothing else against the unshimmed boot but {theirs} bytes of Linux's \
              own patching; shim {} cycles ({} a site; preparing {}, planning {}, applying {}, \
              the rest (page tables, start_info, the report) {})",
             spec.name,
+            source.name(),
             r.rewritten,
             r.cycles_total,
             r.cycles_total / u64::from(r.sites.max(1)),
@@ -388,6 +418,13 @@ fn corrupted_tables_hostile_roms_and_off_write_nothing() {
     let t = shimmed_img.section(".pvpatch_sites").unwrap();
     bytes[(t.offset + 64 + 24 * 7 + 10) as usize] ^= 0x01;
     std::fs::write(&corrupted, &bytes).unwrap();
+    // Prepared plans with one byte of the directory changed: not used, the shim plans at
+    // boot (and rewrites nothing under tcg).
+    let bad_plans = dir.path().join("bad-plans");
+    let mut bytes = std::fs::read(shimmed).unwrap();
+    let p = shimmed_img.section(pvpatch::shim::PLANS_SECTION).unwrap();
+    bytes[(p.offset + 48 + 20) as usize] ^= 0x01;
+    std::fs::write(&bad_plans, &bytes).unwrap();
     let mut cases: Vec<(String, PathBuf, String, Vec<String>, Status, String)> = vec![
         (
             "a corrupted table".into(),
@@ -396,6 +433,14 @@ fn corrupted_tables_hostile_roms_and_off_write_nothing() {
             vec![],
             Status::Refused,
             "site table invalid: bad checksum".into(),
+        ),
+        (
+            "corrupted prepared plans".into(),
+            bad_plans,
+            String::new(),
+            vec![],
+            Status::Patched,
+            "prepared plans not used: the directory's digest does not hold".into(),
         ),
         (
             "pvpatch=off".into(),
@@ -437,6 +482,13 @@ fn corrupted_tables_hostile_roms_and_off_write_nothing() {
             booted.report.reason()
         );
         assert_eq!(check_text(img, &reference, &booted, &[]).0, 0);
+        if status == Status::Patched {
+            assert_eq!(booted.report.planned, PlanSource::BootRefused);
+            assert!(
+                booted.serial.contains(&says),
+                "{what}: the console does not say {says:?}"
+            );
+        }
         eprintln!(
             "{what}: {} ({}); Linux booted to init",
             status.name(),
@@ -507,6 +559,21 @@ fn shimming_changes_only_the_pvh_note_and_is_reproducible() {
     let s = v.shim.as_ref().unwrap();
     assert!(v.ok() && s.problems.is_empty(), "{:?}", s.problems);
     assert_eq!(Some(s.linux_entry), img.pvh_entry());
+    // Plans for every backend known at link time, kvm's with and without its delay feature.
+    assert_eq!(s.prepared.len(), 7, "plans prepared for {:?}", s.prepared);
+    // A byte of a plan's old bytes changed (its digest made to hold would still leave the
+    // image's bytes unmatched; unchanged, the digest catches it): verify says so.
+    let mut bytes = std::fs::read(shimmed).unwrap();
+    let p = out.section(pvpatch::shim::PLANS_SECTION).unwrap();
+    let last = (p.offset + p.size - 1) as usize;
+    bytes[last] ^= 0x40;
+    let damaged = Image::from_bytes("damaged", bytes).unwrap();
+    let v = pvpatch::verify::verify(&damaged).unwrap();
+    let problems = &v.shim.as_ref().unwrap().problems;
+    assert!(
+        !v.ok() && problems.iter().any(|p| p.contains("its prepared plans")),
+        "{problems:?}"
+    );
     // Again, from the shimmed kernel.
     let again = tempfile::NamedTempFile::new().unwrap();
     let shim = harness::shim::build_shim().unwrap();
