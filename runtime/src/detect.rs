@@ -164,20 +164,21 @@ pub fn cmdline_has(cmdline: &str, word: &str) -> bool {
     cmdline_word(cmdline, word, false).is_some()
 }
 
-/// The first word of `cmdline` (split at ASCII whitespace) that is `key` (`value`: false; then
-/// `""`) or starts with `key=` (`value`: true; then what follows the `=`). One plain loop, never
-/// inlined: at boot under an emulator each copy of a function costs its translation, and the
-/// iterator adaptors of `split_ascii_whitespace` made one copy a call site.
+/// The first word of `cmdline` (split at spaces and control characters, as Linux splits at
+/// `isspace`) that is `key` (`value`: false; then `""`) or starts with `key=` (`value`: true;
+/// then what follows the `=`). One plain loop, never inlined: at boot under an emulator each
+/// copy of a function costs its translation, and the iterator adaptors of
+/// `split_ascii_whitespace` made one copy a call site.
 #[inline(never)]
 fn cmdline_word<'a>(cmdline: &'a str, key: &str, value: bool) -> Option<&'a str> {
     let (b, k) = (cmdline.as_bytes(), key.as_bytes());
     let mut i = 0;
     while i < b.len() {
-        while i < b.len() && b[i].is_ascii_whitespace() {
+        while i < b.len() && b[i] <= b' ' {
             i += 1;
         }
         let start = i;
-        while i < b.len() && !b[i].is_ascii_whitespace() {
+        while i < b.len() && b[i] > b' ' {
             i += 1;
         }
         let w = &b[start..i];
