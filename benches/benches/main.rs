@@ -253,11 +253,16 @@ fn shim_side_by_side(vmlinux: &Path) {
     let initrd = dir.path().join("initrd.cpio");
     std::fs::write(&initrd, initramfs::initramfs()).unwrap();
     let shim_bytes = pvpatch::shim::Shim::load(&shim).unwrap();
+    let lean = pvpatch_testkit::shim::build_lean_shim().unwrap();
+    let lean_bytes = pvpatch::shim::Shim::load(&lean).unwrap();
     println!(
-        "\nThe boot shim ({} bytes of code and data, {} in memory with its .bss), QEMU TCG \
-         microvm, best of 5 boots to init, alternating:",
+        "\nThe boot shim ({} bytes of code and data, {} in memory with its .bss; the lean one, \
+         which plans nothing at boot, {} and {}), QEMU TCG microvm, best of 5 boots to init, \
+         alternating:",
         shim_bytes.bytes.len(),
-        shim_bytes.memsz
+        shim_bytes.memsz,
+        lean_bytes.bytes.len(),
+        lean_bytes.memsz
     );
     // The backends' plans prepared at link time, and the out-of-line one made at boot (the
     // whole boot-time pass) for comparison.

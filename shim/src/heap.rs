@@ -6,7 +6,12 @@ use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
 /// Bytes of heap (a Debian kernel's plan of 1,100 sites and 870 detours takes about 1 MiB).
+#[cfg(feature = "boot-planning")]
 pub const HEAP: usize = 3 << 20;
+/// Bytes of heap of the lean shim (a prepared plan's list of changes, 3,000 of them for a
+/// Debian kernel out of line: about 150 KB).
+#[cfg(not(feature = "boot-planning"))]
+pub const HEAP: usize = 512 << 10;
 
 #[repr(align(4096))]
 struct Arena(UnsafeCell<[u8; HEAP]>);

@@ -9,12 +9,8 @@ use core::fmt::Write as _;
 use patch_sites::prepared::{Change, Plans, PreparedPlan};
 use patch_sites::rom::FW_CFG_NAME;
 use patch_sites::shim::{Params, PlanSource, REPORT_SIZE, Report, Status, set_text};
-use patch_sites::table::{AddrRange, SiteTable};
 use pvpatch_runtime::apply::{self, ApplyError};
-use pvpatch_runtime::arena;
-use pvpatch_runtime::backend::{Backend, LoadedRom};
 use pvpatch_runtime::detect::{self, BackendKind, Platform, cmdline_has, cmdline_value};
-use pvpatch_runtime::plan;
 
 use crate::console::Serial;
 use crate::text::KernelText;
@@ -181,9 +177,7 @@ fn patch(cmdline: &str, r: &mut Report) {
             BackendKind::Tcg | BackendKind::Kvm | BackendKind::Vmware | BackendKind::Rom
         );
     let rom: Option<&'static [u8]> = if qemu || detected.kind == BackendKind::Rom {
-        fwcfg::find(FW_CFG_NAME)
-            .and_then(|(sel, size)| fwcfg::read(sel, size))
-            .map(|v| &*v.leak())
+        fwcfg::find(FW_CFG_NAME).and_then(|(sel, size)| read_rom(sel, size))
     } else {
         None
     };
@@ -213,6 +207,68 @@ fn patch(cmdline: &str, r: &mut Report) {
             }
         }
     }
+    let found = Found {
+        params: &params,
+        delta,
+        text: &text,
+        table: bytes,
+        rom,
+        detected,
+        kind,
+        t0,
+    };
+    plan_at_boot(&found, r);
+}
+
+/// The published ROM's bytes (item `sel`, `size` bytes).
+#[cfg(feature = "boot-planning")]
+fn read_rom(sel: u16, size: u32) -> Option<&'static [u8]> {
+    fwcfg::read(sel, size).map(|v| &*v.leak())
+}
+
+/// The lean shim cannot use a ROM (it plans nothing at boot): it notes that one is published,
+/// and does not read it.
+#[cfg(not(feature = "boot-planning"))]
+fn read_rom(_: u16, _: u32) -> Option<&'static [u8]> {
+    Some(&[])
+}
+
+/// What the shim found before it plans at boot.
+#[cfg_attr(not(feature = "boot-planning"), allow(dead_code))]
+struct Found<'a> {
+    params: &'a Params,
+    /// The load's displacement.
+    delta: u64,
+    text: &'a KernelText<'a>,
+    /// The site table's bytes.
+    table: &'a [u8],
+    rom: Option<&'static [u8]>,
+    detected: detect::Detected,
+    /// The backend (`rom` when a ROM was published).
+    kind: BackendKind,
+    /// The TSC when the shim began.
+    t0: u64,
+}
+
+/// Validates the table (and a ROM), plans for the backend and applies the plan: what the shim
+/// does for a ROM, when asked (`pvpatch.plan=boot`), or when the prepared plans do not check out.
+#[cfg(feature = "boot-planning")]
+fn plan_at_boot(f: &Found<'_>, r: &mut Report) {
+    use patch_sites::table::{AddrRange, SiteTable};
+    use pvpatch_runtime::arena;
+    use pvpatch_runtime::backend::{Backend, LoadedRom};
+    use pvpatch_runtime::plan;
+
+    let Found {
+        params,
+        delta,
+        text,
+        table: bytes,
+        rom,
+        detected,
+        kind,
+        t0,
+    } = *f;
     let code: alloc::vec::Vec<AddrRange> = params
         .code()
         .iter()
@@ -227,7 +283,7 @@ fn patch(cmdline: &str, r: &mut Report) {
             Err(e) => return refuse(r, &format!("site table invalid: {e}")),
         };
     r.sites = table.len() as u32;
-    let arena_code = match arena::prepare(&table, kind, rom, &detected.signature, &text) {
+    let arena_code = match arena::prepare(&table, kind, rom, &detected.signature, text) {
         Ok(c) => c,
         Err(e) => return refuse(r, &format!("{e}")),
     };
@@ -244,14 +300,14 @@ fn patch(cmdline: &str, r: &mut Report) {
     };
     let t1 = hw::rdtsc();
     r.cycles_prepare = t1 - t0;
-    let mut planned = match plan::plan(&table, &backend, &text, None) {
+    let mut planned = match plan::plan(&table, &backend, text, None) {
         Ok(p) => p,
         Err(e) => return refuse(r, &format!("{e}")),
     };
     planned.take_code(arena_code.write);
     let t2 = hw::rdtsc();
     r.cycles_plan = t2 - t1;
-    let mut poke = KernelText::new(&params, delta);
+    let mut poke = KernelText::new(params, delta);
     let applied = apply::apply(&planned, &mut poke);
     r.cycles_apply = hw::rdtsc() - t2;
     match applied {
@@ -267,9 +323,20 @@ fn patch(cmdline: &str, r: &mut Report) {
     }
 }
 
+/// Built without boot-time planning (`--no-default-features`, the lean shim): only plans
+/// prepared at link time are applied; anything else leaves Linux as it is, and says why.
+#[cfg(not(feature = "boot-planning"))]
+fn plan_at_boot(f: &Found<'_>, r: &mut Report) {
+    let why = match r.planned {
+        PlanSource::BootRefused => String::from(r.reason()),
+        _ => format!("no plan prepared for {}", f.kind.name()),
+    };
+    refuse(r, &format!("{why} (the lean shim plans nothing at boot)"));
+}
+
 /// The plan prepared at link time for `kind` with the detected feature bits `features`, if the
 /// image has one: `Ok(None)` if it has none for this backend, `Err` (why) if the plans do not
-/// check out: their own checksum, the site table's (they must have been made from this very
+/// check out: their own digests, the site table's (they must have been made from this very
 /// table), and every change inside the kernel's code.
 fn prepared(
     params: &Params,

@@ -10,15 +10,41 @@ use crate::HarnessError;
 /// for its address in the top 2 GiB), in place of the workspace's flags for the guest.
 pub const RUSTFLAGS: &str = "-C relocation-model=static -C code-model=kernel";
 
+/// Which shim: the whole one, or the lean one that only applies plans prepared at link time
+/// (built without the `boot-planning` feature: no decoder, no planner).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flavour {
+    /// Plans prepared at link time, and planning at boot (a ROM, damaged plans, on request).
+    Whole,
+    /// Plans prepared at link time only.
+    Lean,
+}
+
 /// The shim's own target directory (it builds while an outer `cargo test` holds the
-/// workspace's, and with other flags than the guest).
+/// workspace's, and with other flags than the guest); the lean one has its own.
+pub fn target_dir_of(f: Flavour) -> PathBuf {
+    crate::workspace_root().join(match f {
+        Flavour::Whole => "target/shim",
+        Flavour::Lean => "target/shim-lean",
+    })
+}
+
+/// The whole shim's target directory.
 pub fn target_dir() -> PathBuf {
-    crate::workspace_root().join("target/shim")
+    target_dir_of(Flavour::Whole)
 }
 
 /// The command that builds the shim; `quiet` leaves out cargo's progress.
 pub fn build_command(quiet: bool) -> Command {
-    let mut c = crate::bare_metal_build("pvpatch-shim", &target_dir(), quiet);
+    build_command_of(Flavour::Whole, quiet)
+}
+
+/// The command that builds the shim of flavour `f`.
+pub fn build_command_of(f: Flavour, quiet: bool) -> Command {
+    let mut c = crate::bare_metal_build("pvpatch-shim", &target_dir_of(f), quiet);
+    if f == Flavour::Lean {
+        c.arg("--no-default-features");
+    }
     c.env("RUSTFLAGS", RUSTFLAGS);
     c.env_remove("CARGO_ENCODED_RUSTFLAGS");
     // Size first (iced-x86's decoder is most of the shim), speed for the runtime's planner:
@@ -49,7 +75,12 @@ pub fn build_command(quiet: bool) -> Command {
 
 /// The built shim's ELF.
 pub fn path() -> PathBuf {
-    target_dir().join("x86_64-unknown-none/release/pvpatch-shim")
+    path_of(Flavour::Whole)
+}
+
+/// The built ELF of the shim of flavour `f`.
+pub fn path_of(f: Flavour) -> PathBuf {
+    target_dir_of(f).join("x86_64-unknown-none/release/pvpatch-shim")
 }
 
 /// Builds the shim (quietly); returns its ELF. `PVPATCH_SHIM` names a prebuilt one instead.
@@ -58,6 +89,15 @@ pub fn build_shim() -> Result<PathBuf, HarnessError> {
         return Ok(PathBuf::from(p));
     }
     crate::run_build(build_command(true), "shim", path())
+}
+
+/// Builds the lean shim (quietly); returns its ELF.
+pub fn build_lean_shim() -> Result<PathBuf, HarnessError> {
+    crate::run_build(
+        build_command_of(Flavour::Lean, true),
+        "lean shim",
+        path_of(Flavour::Lean),
+    )
 }
 
 /// `vmlinux` annotated with the shim `shim` in front of it, written to `out`.

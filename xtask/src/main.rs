@@ -49,8 +49,9 @@ commands:
   dist [--out DIR]           the release binary, shell completions (bash, zsh, fish, elvish,
                              PowerShell) and man pages, from pvpatch's clap definition, in
                              target/dist (or DIR)
-  shim                       build the boot shim for x86_64-unknown-none (installing the target
+  shim [--lean]              build the boot shim for x86_64-unknown-none (installing the target
                              if missing) and print its path, for pvpatch annotate --boot-shim
+                             (--lean: the shim that only applies plans prepared at link time)
   mutants                    cargo-mutants (installed if missing) over table parsing and
                              validation, ROM parsing and validation, the planner's checks and
                              trap emulation; fails on a survivor docs/mutants.md does not
@@ -71,6 +72,9 @@ fn main() {
         Some("demo") => demo::demo(),
         Some("report") => report::command(&args[1..]),
         Some("dist") => dist::command(&args[1..]),
+        Some("shim") if args.get(1).map(String::as_str) == Some("--lean") => {
+            shim_of(pvpatch_testkit::shim::Flavour::Lean).map(|p| println!("{}", p.display()))
+        }
         Some("shim") => shim().map(|p| println!("{}", p.display())),
         Some("mutants") => mutants::command(),
         Some("help") | Some("--help") | Some("-h") | None => {
@@ -87,11 +91,20 @@ fn main() {
 
 /// Builds the boot shim (cargo's progress shown); returns its ELF.
 fn shim() -> Result<std::path::PathBuf> {
+    shim_of(pvpatch_testkit::shim::Flavour::Whole)
+}
+
+/// Builds the boot shim of flavour `f` (cargo's progress shown); returns its ELF.
+fn shim_of(f: pvpatch_testkit::shim::Flavour) -> Result<std::path::PathBuf> {
     setup::rust_target()?;
-    run(&mut pvpatch_testkit::shim::build_command(false))?;
-    let p = pvpatch_testkit::shim::path();
+    run(&mut pvpatch_testkit::shim::build_command_of(f, false))?;
+    let p = pvpatch_testkit::shim::path_of(f);
     let size = std::fs::metadata(&p)?.len();
-    eprintln!("the boot shim: {} ({size} bytes of ELF)", p.display());
+    let name = match f {
+        pvpatch_testkit::shim::Flavour::Whole => "the boot shim",
+        pvpatch_testkit::shim::Flavour::Lean => "the lean boot shim",
+    };
+    eprintln!("{name}: {} ({size} bytes of ELF)", p.display());
     Ok(p)
 }
 
@@ -150,6 +163,23 @@ fn test() -> Result<()> {
                 "pvguest",
                 "-p",
                 "pvpatch-shim",
+                "--",
+                "-D",
+                "warnings",
+            ]))
+        },
+    )?;
+    report.step(
+        "clippy (x86_64-unknown-none: the lean shim, without boot-time planning)",
+        |_| {
+            run(cargo().args([
+                "clippy",
+                "--locked",
+                "--target",
+                "x86_64-unknown-none",
+                "-p",
+                "pvpatch-shim",
+                "--no-default-features",
                 "--",
                 "-D",
                 "warnings",

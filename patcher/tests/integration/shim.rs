@@ -497,6 +497,100 @@ fn corrupted_tables_hostile_roms_and_off_write_nothing() {
     }
 }
 
+/// The lean shim (built without boot-time planning, `cargo xtask shim --lean`) in front of
+/// Debian's 6.1: its segment is a fraction of the whole shim's; it applies the plans prepared at
+/// link time (tcg, and every site out of line), exactly as planned; a published ROM, which it
+/// cannot plan for, and a corrupted table: nothing written, and it says why.
+#[test]
+fn the_lean_shim_applies_prepared_plans_and_nothing_else() {
+    let test = "the_lean_shim_applies_prepared_plans_and_nothing_else";
+    let Some((whole, img, initrd)) = shimmed(test, kernels::BOOKWORM) else {
+        return;
+    };
+    let k = kernels::cached(kernels::BOOKWORM).unwrap();
+    let lean = harness::shim::build_lean_shim().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let shimmed = dir.path().join("vmlinux-lean.shim");
+    harness::shim::shimmed(&k.vmlinux, &lean, &shimmed).unwrap();
+    let segment = |f: &Path| {
+        let i = Image::open_with(f, false).unwrap();
+        let s = i.section(pvpatch::shim::SHIM_SECTION).unwrap().addr;
+        let g = i.segments.iter().find(|g| g.vaddr == s).unwrap();
+        (g.filesz, g.memsz)
+    };
+    let (lean_size, whole_size) = (segment(&shimmed), segment(whole));
+    assert!(
+        lean_size.0 < whole_size.0 / 4,
+        "{lean_size:?} against {whole_size:?}"
+    );
+    let reference = reference(img, initrd, Machine::Microvm);
+    for (backend, append) in [("tcg", ""), ("outofline", "pvpatch.backend=outofline")] {
+        let booted = boot(&shimmed, img, initrd, Machine::Microvm, append, &[]);
+        let r = booted.report;
+        assert_eq!(
+            (r.status, r.backend(), r.planned),
+            (Status::Patched, backend, PlanSource::Link),
+            "{}\n{}",
+            r.reason(),
+            booted.serial
+        );
+        let (planned, changed) = planned_in_text(img, &BackendSpec::new(backend, None).unwrap());
+        assert_eq!(r.rewritten, changed);
+        let (seen, _) = check_text(img, &reference, &booted, &planned);
+        eprintln!(
+            "lean shim ({} bytes of segment, {} in memory; the whole shim {} and {}), \
+             {backend}: {seen} planned bytes changed, {} cycles ({} a site)",
+            lean_size.0,
+            lean_size.1,
+            whole_size.0,
+            whole_size.1,
+            r.cycles_total,
+            r.cycles_total / u64::from(r.sites.max(1))
+        );
+    }
+    // A ROM published: the lean shim cannot plan for it.
+    let rom = dir.path().join("stock.rom");
+    std::fs::write(&rom, stock_rom(&shimmed)).unwrap();
+    let fw_cfg = [
+        "-fw_cfg".to_owned(),
+        format!("name={FW_CFG_NAME},file={}", rom.display()),
+    ];
+    // A corrupted table: its digest no longer holds, and nothing is planned at boot.
+    let corrupted = dir.path().join("corrupted");
+    let mut bytes = std::fs::read(&shimmed).unwrap();
+    let t = Image::open_with(&shimmed, false)
+        .unwrap()
+        .section(".pvpatch_sites")
+        .unwrap()
+        .offset;
+    bytes[(t + 64 + 24 * 7 + 10) as usize] ^= 0x01;
+    std::fs::write(&corrupted, &bytes).unwrap();
+    for (what, kernel, extra, says) in [
+        (
+            "a published ROM",
+            &shimmed,
+            &fw_cfg[..],
+            "no plan prepared for rom (the lean shim plans nothing at boot)",
+        ),
+        (
+            "a corrupted table",
+            &corrupted,
+            &[][..],
+            "the site table is not the one they were made from",
+        ),
+    ] {
+        let booted = boot(kernel, img, initrd, Machine::Microvm, "", extra);
+        let r = booted.report;
+        assert_eq!(r.status, Status::Refused, "{what}: {}", r.reason());
+        assert!(r.reason().contains(says), "{what}: {:?}", r.reason());
+        assert_eq!(check_text(img, &reference, &booted, &[]).0, 0);
+        eprintln!(
+            "lean shim, {what}: refused ({}); Linux booted to init",
+            r.reason()
+        );
+    }
+}
+
 /// Under this machine's KVM every ring-0 instruction is emulated: Linux does not reach its init
 /// within minutes, but the shim finishes, and its line is checked.
 #[test]
