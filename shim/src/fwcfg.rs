@@ -16,6 +16,8 @@ const FILE_DIR: u16 = 0x0019;
 const DMA_ERROR: u32 = 1;
 const DMA_READ: u32 = 2;
 const DMA_SELECT: u32 = 8;
+/// Directory entries read with the count.
+const FIRST_ENTRIES: u32 = 32;
 /// The largest file read (a ROM is far smaller).
 const MAX_FILE: u32 = 1 << 20;
 
@@ -31,9 +33,15 @@ pub fn find(name: &str) -> Option<(u16, u32)> {
     if read4(SIGNATURE) != *b"QEMU" || u32::from_le_bytes(read4(FEATURES)) & 2 == 0 {
         return None;
     }
-    let n = read(FILE_DIR, 4)?;
-    let count = u32::from_be_bytes([n[0], n[1], n[2], n[3]]).min(4096) as usize;
-    let dir = read(FILE_DIR, 4 + 64 * count as u32)?;
+    // The count and the first entries in one transfer (QEMU publishes a dozen or two files;
+    // past the item's end the device writes zeros, and only `count` entries are read); the
+    // whole directory in a second only if there are more.
+    let mut dir = read(FILE_DIR, 4 + 64 * FIRST_ENTRIES)?;
+    let count = u32::from_be_bytes([dir[0], dir[1], dir[2], dir[3]]).min(4096);
+    if count > FIRST_ENTRIES {
+        dir = read(FILE_DIR, 4 + 64 * count)?;
+    }
+    let count = count as usize;
     // A plain loop over the entries (size, selector, reserved, a NUL-padded name of 56 bytes):
     // each block of code the shim runs costs its translation under an emulator.
     let name = name.as_bytes();
