@@ -36,11 +36,17 @@ pub fn find(name: &str) -> Option<(u16, u32)> {
     // The count and the first entries in one transfer (QEMU publishes a dozen or two files;
     // past the item's end the device writes zeros, and only `count` entries are read); the
     // whole directory in a second only if there are more.
-    let mut dir = read(FILE_DIR, 4 + 64 * FIRST_ENTRIES)?;
-    let count = u32::from_be_bytes([dir[0], dir[1], dir[2], dir[3]]).min(4096);
-    if count > FIRST_ENTRIES {
-        dir = read(FILE_DIR, 4 + 64 * count)?;
-    }
+    // (Into the stack: no allocation, whose code is more blocks to translate.)
+    let mut first = [0u8; 4 + 64 * FIRST_ENTRIES as usize];
+    read_into(FILE_DIR, &mut first)?;
+    let count = u32::from_be_bytes([first[0], first[1], first[2], first[3]]).min(4096);
+    let more;
+    let dir: &[u8] = if count > FIRST_ENTRIES {
+        more = read(FILE_DIR, 4 + 64 * count)?;
+        &more
+    } else {
+        &first
+    };
     let count = count as usize;
     // A plain loop over the entries (size, selector, reserved, a NUL-padded name of 56 bytes):
     // each block of code the shim runs costs its translation under an emulator.
@@ -73,9 +79,16 @@ pub fn read(sel: u16, size: u32) -> Option<Vec<u8>> {
         return None;
     }
     let mut buf = vec![0u8; size as usize];
+    read_into(sel, &mut buf)?;
+    Some(buf)
+}
+
+/// The first `buf.len()` bytes of item `sel` into `buf` (which must lie in the shim), by one
+/// DMA transfer.
+fn read_into(sel: u16, buf: &mut [u8]) -> Option<()> {
     let d = Dma {
         control: ((u32::from(sel) << 16) | DMA_SELECT | DMA_READ).to_be(),
-        length: size.to_be(),
+        length: (buf.len() as u32).to_be(),
         address: hw::phys_of(buf.as_mut_ptr()).to_be(),
     };
     let at = hw::phys_of(&raw const d);
@@ -94,5 +107,5 @@ pub fn read(sel: u16, size: u32) -> Option<Vec<u8>> {
         core::hint::spin_loop();
     }
     core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
-    Some(buf)
+    Some(())
 }
