@@ -258,6 +258,12 @@ impl<'a> Plans<'a> {
         if digest64(dir) != q(32) {
             return Err(PlansError::BadDirectory);
         }
+        if dir
+            .chunks_exact(DIR_ENTRY)
+            .any(|e| u32_at(e, 44) != Some(0))
+        {
+            return Err(PlansError::Reserved);
+        }
         Ok(Plans {
             blob,
             nplans,

@@ -244,7 +244,8 @@ pub struct PreparedNote {
     /// The backend, as the report names it (with the feature it depends on, if any).
     pub backend: String,
     /// Sites the plan rewrites and bytes it changes, or why it could not be prepared (the
-    /// shim then plans at boot, and refuses there for the same reason).
+    /// shim then plans at boot, where the same planner meets the same failure; the lean shim
+    /// refuses).
     pub outcome: Result<(u32, usize), String>,
 }
 
@@ -273,7 +274,9 @@ const PREPARED: [(BackendKind, u32, u32, &str); 7] = [
 /// The plans of every backend known at link time for `image` with the site table `table` at
 /// `table_addr` (`patch_sites::prepared`), made by the runtime's own validation and planner
 /// exactly as it would plan at boot; and a note for each. A backend whose plan fails is left
-/// out (the shim plans it at boot, and refuses there with the same reason).
+/// out (the shim plans it at boot). The table is parsed whole here, its detour area with it,
+/// where the shim defers that check to plans that use the area: `annotate` has checked the
+/// table it wrote the same way, so the two cannot differ for a table it prepares plans for.
 pub fn prepare_plans(
     image: &Image,
     table: &[u8],
@@ -312,7 +315,7 @@ pub fn prepare_plans(
             }),
         }
     }
-    let writes: Vec<Vec<Write>> = made.iter().map(|(_, p)| p.writes().collect()).collect();
+    let writes: Vec<Vec<Write>> = made.iter().map(|(_, p)| apply::collect_writes(p)).collect();
     let changes: Vec<_> = made
         .iter()
         .zip(&writes)

@@ -118,9 +118,17 @@ pub fn changes<'a>(plan: &'a Plan, writes: &'a [Write]) -> Vec<Change<'a>> {
     code.chain(sites).collect()
 }
 
+/// `plan.writes()`, in a vector of exactly their number (a boot shim's heap frees nothing: a
+/// vector grown by doubling would keep every smaller buffer).
+pub fn collect_writes(plan: &Plan) -> Vec<Write> {
+    let mut w = Vec::with_capacity(plan.writes().count());
+    w.extend(plan.writes());
+    w
+}
+
 /// Applies `plan`: all of it, or (on any failure) none of it (see [`apply_changes`]).
 pub fn apply(plan: &Plan, t: &mut dyn TextPoke) -> Result<Applied, ApplyError> {
-    let writes: Vec<Write> = plan.writes().collect();
+    let writes = collect_writes(plan);
     let bytes = apply_changes(&changes(plan, &writes), t)?;
     Ok(Applied {
         sites: plan.sites.iter().filter(|p| p.changed()).count() as u32,
@@ -168,7 +176,7 @@ pub fn apply_changes(changes: &[Change<'_>], t: &mut dyn TextPoke) -> Result<u64
 
 /// Writes back the old bytes of everything `plan` changed (see [`revert_changes`]).
 pub fn revert(plan: &Plan, t: &mut dyn TextPoke) {
-    let writes: Vec<Write> = plan.writes().collect();
+    let writes = collect_writes(plan);
     revert_changes(&changes(plan, &writes), t);
 }
 

@@ -329,6 +329,7 @@ fn plan_at_boot(f: &Found<'_>, r: &mut Report) {
 fn plan_at_boot(f: &Found<'_>, r: &mut Report) {
     let why = match r.planned {
         PlanSource::BootRefused => String::from(r.reason()),
+        PlanSource::BootAsked => String::from("pvpatch.plan=boot"),
         _ => format!("no plan prepared for {}", f.kind.name()),
     };
     refuse(r, &format!("{why} (the lean shim plans nothing at boot)"));
@@ -387,7 +388,10 @@ fn apply_prepared(
 ) -> Result<(), String> {
     let s = plan.summary;
     r.sites = s.sites;
-    let changes: alloc::vec::Vec<Change<'_>> = plan.changes().collect();
+    // Of exactly their number: the heap frees nothing, and a vector grown by doubling would
+    // keep every smaller buffer.
+    let mut changes: alloc::vec::Vec<Change<'_>> = alloc::vec::Vec::with_capacity(plan.len());
+    changes.extend(plan.changes());
     let t1 = hw::rdtsc();
     r.cycles_prepare = t1 - t0;
     let mut poke = KernelText::new(params, delta);

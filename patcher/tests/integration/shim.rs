@@ -419,7 +419,9 @@ fn corrupted_tables_hostile_roms_and_off_write_nothing() {
     bytes[(t.offset + 64 + 24 * 7 + 10) as usize] ^= 0x01;
     std::fs::write(&corrupted, &bytes).unwrap();
     // Prepared plans with one byte of the directory changed: not used, the shim plans at
-    // boot (and rewrites nothing under tcg).
+    // boot (and rewrites nothing under tcg: the text is checked against the unshimmed boot's
+    // with no planned byte, which holds only because tcg's plan changes nothing, as the
+    // every-backend test checks).
     let bad_plans = dir.path().join("bad-plans");
     let mut bytes = std::fs::read(shimmed).unwrap();
     let p = shimmed_img.section(pvpatch::shim::PLANS_SECTION).unwrap();
@@ -655,17 +657,43 @@ fn shimming_changes_only_the_pvh_note_and_is_reproducible() {
     assert_eq!(Some(s.linux_entry), img.pvh_entry());
     // Plans for every backend known at link time, kvm's with and without its delay feature.
     assert_eq!(s.prepared.len(), 7, "plans prepared for {:?}", s.prepared);
-    // A byte of a plan's old bytes changed (its digest made to hold would still leave the
-    // image's bytes unmatched; unchanged, the digest catches it): verify says so.
-    let mut bytes = std::fs::read(shimmed).unwrap();
+    // Damaged plans: verify says so. The last byte of the blob (the last change's new bytes),
+    // which the plan's digest catches; and the first old byte of the out-of-line plan (the
+    // last in the directory) with both digests made to hold again, which only the comparison
+    // with the image's bytes catches.
+    use patch_sites::prepared::{DIR_ENTRY, PLANS_HEADER, digest64};
+    let verified = |bytes: Vec<u8>| {
+        let damaged = Image::from_bytes("damaged", bytes).unwrap();
+        let v = pvpatch::verify::verify(&damaged).unwrap();
+        let problems = v.shim.as_ref().unwrap().problems.clone();
+        (v.ok(), problems)
+    };
+    let bytes = std::fs::read(shimmed).unwrap();
     let p = out.section(pvpatch::shim::PLANS_SECTION).unwrap();
-    let last = (p.offset + p.size - 1) as usize;
-    bytes[last] ^= 0x40;
-    let damaged = Image::from_bytes("damaged", bytes).unwrap();
-    let v = pvpatch::verify::verify(&damaged).unwrap();
-    let problems = &v.shim.as_ref().unwrap().problems;
+    let (at, len) = (p.offset as usize, p.size as usize);
+    let mut b = bytes.clone();
+    b[at + len - 1] ^= 0x40;
+    let (ok, problems) = verified(b);
     assert!(
-        !v.ok() && problems.iter().any(|p| p.contains("its prepared plans")),
+        !ok && problems
+            .iter()
+            .any(|p| p.contains("its digest does not hold")),
+        "{problems:?}"
+    );
+    let mut b = bytes;
+    let e = at + PLANS_HEADER + (s.prepared.len() - 1) * DIR_ENTRY;
+    let u64_at = |b: &[u8], i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
+    let (off, plen) = (u64_at(&b, e + 48) as usize, u64_at(&b, e + 56) as usize);
+    b[at + off + 16] ^= 0x40;
+    let pd = digest64(&b[at + off..at + off + plen]);
+    b[e + 64..e + 72].copy_from_slice(&pd.to_le_bytes());
+    let dir = digest64(&b[at + PLANS_HEADER..e + DIR_ENTRY]);
+    b[at + 32..at + 40].copy_from_slice(&dir.to_le_bytes());
+    let (ok, problems) = verified(b);
+    assert!(
+        !ok && problems
+            .iter()
+            .any(|p| p.contains("the outofline plan expects other bytes")),
         "{problems:?}"
     );
     // Again, from the shimmed kernel.
