@@ -212,7 +212,9 @@ pub fn plan_image(report: &ScanReport<'_>, spec: &BackendSpec) -> Result<ImagePl
     } else {
         0
     };
-    let (plan, code_bytes) = plan_table(report.image, &bytes, table_addr, spec, features)?;
+    let table = SiteTable::parse_contiguous(&bytes, table_addr, &report.image.code_ranges())
+        .map_err(RewriteError::Table)?;
+    let (plan, code_bytes) = plan_table(report.image, &table, spec, features)?;
     Ok(ImagePlan {
         backend: spec.kind.name(),
         table_addr,
@@ -222,19 +224,15 @@ pub fn plan_image(report: &ScanReport<'_>, spec: &BackendSpec) -> Result<ImagePl
     })
 }
 
-/// Plans `spec`, with the detected feature bits `features`, for `image` and the site table
-/// `bytes` at `table_addr` (in the image or not), exactly as the runtime would at boot: the
-/// table parsed and validated, the backend's code prepared, every site planned. Returns the
-/// plan and the bytes of out-of-line code it places.
+/// Plans `spec`, with the detected feature bits `features`, for `image` and its parsed site
+/// table (in the image or not), exactly as the runtime would at boot: the backend's code
+/// prepared, every site planned. Returns the plan and the bytes of out-of-line code it places.
 pub fn plan_table(
     image: &Image,
-    bytes: &[u8],
-    table_addr: u64,
+    table: &SiteTable<'_>,
     spec: &BackendSpec,
     features: u32,
 ) -> Result<(Plan, usize), RewriteError> {
-    let table = SiteTable::parse_contiguous(bytes, table_addr, &image.code_ranges())
-        .map_err(RewriteError::Table)?;
     // Reads go to the image itself (a copy is only made for writing).
     let view = ImageView(image);
     // Offline, the hypervisor a ROM serves is the one it says it serves.
@@ -244,7 +242,7 @@ pub fn plan_table(
         .and_then(|b| Rom::parse(b).ok())
         .map(|r| r.signature());
     let code = arena::prepare(
-        &table,
+        table,
         spec.kind,
         spec.rom.as_deref(),
         &rom_signature.unwrap_or([0; 12]),
@@ -268,7 +266,7 @@ pub fn plan_table(
         thunks: code.thunks.as_ref(),
     };
     let code_bytes = code.write.as_ref().map_or(0, |w| w.new.len());
-    let mut plan = plan::plan(&table, &backend, &view, None).map_err(RewriteError::Plan)?;
+    let mut plan = plan::plan(table, &backend, &view, None).map_err(RewriteError::Plan)?;
     plan.take_code(code.write);
     Ok((plan, code_bytes))
 }

@@ -282,27 +282,27 @@ pub fn prepare_plans(
     table: &[u8],
     table_addr: u64,
 ) -> Result<(Vec<u8>, Vec<PreparedNote>), ShimError> {
-    let sites = SiteTable::parse_contiguous(table, table_addr, &image.code_ranges())
-        .map_or(0, |t| t.len() as u32);
+    // Parsed once for every plan (`annotate` has checked it already).
+    let parsed = SiteTable::parse_contiguous(table, table_addr, &image.code_ranges())
+        .map_err(|e| ShimError::Layout(format!("the site table does not parse: {e}")))?;
+    let sites = parsed.len() as u32;
     let mut made = Vec::new();
     let mut notes = Vec::new();
     for (kind, mask, value, name) in PREPARED {
         let spec = BackendSpec { kind, rom: None };
-        match plan_table(image, table, table_addr, &spec, value) {
-            Ok((plan, code_bytes)) => {
+        match plan_table(image, &parsed, &spec, value) {
+            Ok((plan, _)) => {
                 let mut s = PlanSummary::new(kind.name());
                 s.features_mask = mask;
                 s.features_value = value;
                 s.sites = sites;
                 s.rewritten = plan.sites.iter().filter(|p| p.changed()).count() as u32;
                 s.detours = plan.detours.len() as u32;
-                s.code_bytes = code_bytes as u32;
-                let bytes: usize = plan
-                    .code
-                    .iter()
-                    .map(|c| c.new.len())
-                    .chain(plan.writes().map(|w| w.new.len()))
-                    .sum();
+                // The code the plan places (none when no site changes), as the shim reports
+                // it when it plans at boot.
+                let code: usize = plan.code.iter().map(|c| c.new.len()).sum();
+                s.code_bytes = code as u32;
+                let bytes = code + plan.writes().map(|w| w.new.len()).sum::<usize>();
                 notes.push(PreparedNote {
                     backend: name.to_owned(),
                     outcome: Ok((s.rewritten, bytes)),

@@ -136,6 +136,14 @@ fn group(n: u32) -> String {
     out
 }
 
+/// Refuses after a failed write: the text was put back, or (`NotRestored`) could not be.
+fn refuse_applied(r: &mut Report, e: ApplyError) {
+    match e {
+        ApplyError::NotRestored { .. } => refuse(r, &format!("{e}: the text is damaged")),
+        e => refuse(r, &format!("{e}; every byte put back")),
+    }
+}
+
 fn refuse(r: &mut Report, why: &str) {
     r.status = Status::Refused;
     set_text(&mut r.reason, why);
@@ -318,8 +326,7 @@ fn plan_at_boot(f: &Found<'_>, r: &mut Report) {
             r.code_bytes = planned.code.iter().map(|c| c.new.len() as u32).sum();
             r.bytes_written = a.bytes as u32;
         }
-        Err(e @ ApplyError::NotRestored { .. }) => refuse(r, &format!("{e}: the text is damaged")),
-        Err(e) => refuse(r, &format!("{e}; every byte put back")),
+        Err(e) => refuse_applied(r, e),
     }
 }
 
@@ -409,8 +416,7 @@ fn apply_prepared(
         Err(e @ ApplyError::Changed { .. }) => {
             return Err(format!("prepared plan not used: {e}"));
         }
-        Err(e @ ApplyError::NotRestored { .. }) => refuse(r, &format!("{e}: the text is damaged")),
-        Err(e) => refuse(r, &format!("{e}; every byte put back")),
+        Err(e) => refuse_applied(r, e),
     }
     Ok(())
 }

@@ -123,6 +123,14 @@ fn test_update() -> Result<()> {
     Ok(())
 }
 
+/// `cargo clippy` for `x86_64-unknown-none` with `args` (packages, features), warnings denied.
+fn clippy_bare_metal(args: &[&str]) -> Result<()> {
+    run(cargo()
+        .args(["clippy", "--locked", "--target", "x86_64-unknown-none"])
+        .args(args)
+        .args(["--", "-D", "warnings"]))
+}
+
 fn test() -> Result<()> {
     let started = Instant::now();
     let mut report = Report::default();
@@ -148,11 +156,7 @@ fn test() -> Result<()> {
     report.step(
         "clippy (x86_64-unknown-none: ABI, ISA, runtime, guest, shim)",
         |_| {
-            run(cargo().args([
-                "clippy",
-                "--locked",
-                "--target",
-                "x86_64-unknown-none",
+            clippy_bare_metal(&[
                 "-p",
                 "patch-sites",
                 "-p",
@@ -163,28 +167,12 @@ fn test() -> Result<()> {
                 "pvguest",
                 "-p",
                 "pvpatch-shim",
-                "--",
-                "-D",
-                "warnings",
-            ]))
+            ])
         },
     )?;
     report.step(
         "clippy (x86_64-unknown-none: the lean shim, without boot-time planning)",
-        |_| {
-            run(cargo().args([
-                "clippy",
-                "--locked",
-                "--target",
-                "x86_64-unknown-none",
-                "-p",
-                "pvpatch-shim",
-                "--no-default-features",
-                "--",
-                "-D",
-                "warnings",
-            ]))
-        },
+        |_| clippy_bare_metal(&["-p", "pvpatch-shim", "--no-default-features"]),
     )?;
     report.step("crate boundaries (cargo tree)", |_| deps::check())?;
     report.step("clippy (cargo-fuzz targets)", |_| {
