@@ -15,6 +15,9 @@
 
     .set SHIM_VBASE, 0xffffffffc0000000
     .set WINDOW, 4                      /* 2 MiB pages mapping the shim: 8 MiB */
+    .if WINDOW - 4
+    .error "the entry's stores map exactly four 2 MiB pages"
+    .endif
 
     .section .text.entry32, "ax"
     .code32
@@ -73,11 +76,16 @@ shim_entry32:
     bt $29, %edx
     jnc 9f
 
-    /* Page tables: zero them, then PML4[0] -> the low PDPT (4 GiB of 2 MiB pages, identity),
-     * PML4[511] -> the high PDPT, whose entry 511 -> a PD mapping SHIM_VBASE to the segment. */
+    /* Page tables: PML4[0] -> the low PDPT, which maps the low 4 GiB identically (by four
+     * 1 GiB pages where the CPU has them, else through four PDs of 2 MiB pages); PML4[511] ->
+     * the high PDPT, whose entry 511 -> a PD mapping SHIM_VBASE to the segment. Only the four
+     * tables every machine uses are zeroed (the low PDs are written whole when used). Stores
+     * are unrolled and the loops few: under an emulator every iteration and every block
+     * costs. */
     lea (shim_pml4 - SHIM_VBASE)(%ebp), %edi
+    mov %edx, %esi                      /* CPUID 0x80000001 EDX: bit 26, 1 GiB pages */
     xor %eax, %eax
-    mov $(8 * 4096 / 4), %ecx
+    mov $(4 * 4096 / 4), %ecx
     rep stosl
 
     lea (shim_pml4 - SHIM_VBASE)(%ebp), %edi
@@ -87,39 +95,44 @@ shim_entry32:
     mov %eax, 511 * 8(%edi)
 
     lea (shim_pdpt_lo - SHIM_VBASE)(%ebp), %edi
-    lea (shim_pd_lo - SHIM_VBASE + 3)(%ebp), %eax
-    mov $4, %ecx
-2:  mov %eax, (%edi)
+    bt $26, %esi
+    jnc 3f
+    movl $0x00000083, (%edi)            /* present, writable, 1 GiB page */
+    movl $0x40000083, 8(%edi)
+    movl $0x80000083, 16(%edi)
+    movl $0xc0000083, 24(%edi)
+    jmp 4f
+3:  lea (shim_pd_lo - SHIM_VBASE + 3)(%ebp), %eax
+    mov %eax, (%edi)
     add $4096, %eax
-    add $8, %edi
-    dec %ecx
-    jnz 2b
-
+    mov %eax, 8(%edi)
+    add $4096, %eax
+    mov %eax, 16(%edi)
+    add $4096, %eax
+    mov %eax, 24(%edi)
     lea (shim_pd_lo - SHIM_VBASE)(%ebp), %edi
     mov $0x83, %eax
     xor %edx, %edx
     mov $2048, %ecx
-3:  mov %eax, (%edi)
+2:  mov %eax, (%edi)
     mov %edx, 4(%edi)
     add $0x200000, %eax
-    adc $0, %edx
     add $8, %edi
     dec %ecx
-    jnz 3b
+    jnz 2b
 
-    lea (shim_pdpt_hi - SHIM_VBASE)(%ebp), %edi
+4:  lea (shim_pdpt_hi - SHIM_VBASE)(%ebp), %edi
     lea (shim_pd_hi - SHIM_VBASE + 3)(%ebp), %eax
     mov %eax, 511 * 8(%edi)
-
     lea (shim_pd_hi - SHIM_VBASE)(%ebp), %edi
-    lea 0x83(%ebp), %eax
-    mov $WINDOW, %ecx
-4:  mov %eax, (%edi)
-    movl $0, 4(%edi)
+    lea 0x83(%ebp), %eax                /* WINDOW (4) 2 MiB pages onto the segment */
+    mov %eax, (%edi)
     add $0x200000, %eax
-    add $8, %edi
-    dec %ecx
-    jnz 4b
+    mov %eax, 8(%edi)
+    add $0x200000, %eax
+    mov %eax, 16(%edi)
+    add $0x200000, %eax
+    mov %eax, 24(%edi)
 
     /* The GDT's base as loaded. */
     lea (shim_gdt - SHIM_VBASE)(%ebp), %eax
@@ -243,11 +256,11 @@ shim_saved_sel:   .word 0, 0, 0, 0, 0, 0
 
     .section .bss.tables, "aw", @nobits
     .balign 4096
-shim_pml4:    .skip 4096
+shim_pml4:    .skip 4096              /* the four tables zeroed at the entry, together */
 shim_pdpt_lo: .skip 4096
-shim_pd_lo:   .skip 4 * 4096
 shim_pdpt_hi: .skip 4096
 shim_pd_hi:   .skip 4096
+shim_pd_lo:   .skip 4 * 4096          /* only without 1 GiB pages */
     .balign 16
 shim_stack:   .skip 64 * 1024
 shim_stack_top:
