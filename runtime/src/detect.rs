@@ -182,13 +182,15 @@ pub fn cmdline_has(cmdline: &str, word: &str) -> bool {
 fn cmdline_word<'a>(cmdline: &'a str, key: &str, value: bool) -> Option<&'a str> {
     let (b, k) = (cmdline.as_bytes(), key.as_bytes());
     // One pass, one test a byte: a word ends at a space or control byte, or at the end.
-    let mut start = 0;
-    for i in 0..=b.len() {
-        if i < b.len() && b[i] > b' ' {
+    let (mut start, mut i) = (0, 0);
+    while i <= b.len() {
+        let end = i;
+        i += 1;
+        if b.get(end).copied().unwrap_or(0) > b' ' {
             continue;
         }
-        let w = &b[start..i];
-        start = i + 1;
+        let w = &b[start..end];
+        start = i;
         if w.len() < k.len() || w[..k.len()] != *k {
             continue;
         }
@@ -196,7 +198,7 @@ fn cmdline_word<'a>(cmdline: &'a str, key: &str, value: bool) -> Option<&'a str>
             return Some("");
         }
         if value && w.get(k.len()) == Some(&b'=') {
-            return cmdline.get(i - w.len() + k.len() + 1..i);
+            return cmdline.get(end - w.len() + k.len() + 1..end);
         }
     }
     None

@@ -6,12 +6,11 @@ use alloc::vec::Vec;
 
 use crate::hw;
 
-const SELECTOR: u16 = 0x510;
-const DATA: u16 = 0x511;
 const DMA_HIGH: u16 = 0x514;
 const DMA_LOW: u16 = 0x518;
-const SIGNATURE: u16 = 0x0000;
-const FEATURES: u16 = 0x0001;
+/// What the DMA address register reads as ("QEMU CFG"), there only if the device has the DMA
+/// interface.
+const DMA_SIGNATURE: u64 = 0x5145_4d55_2043_4647;
 const FILE_DIR: u16 = 0x0019;
 const DMA_ERROR: u32 = 1;
 const DMA_READ: u32 = 2;
@@ -21,16 +20,14 @@ const FIRST_ENTRIES: u32 = 32;
 /// The largest file read (a ROM is far smaller).
 const MAX_FILE: u32 = 1 << 20;
 
-fn read4(item: u16) -> [u8; 4] {
-    hw::outw(SELECTOR, item);
-    let mut b = [0u8; 4];
-    hw::insb(DATA, &mut b);
-    b
-}
-
 /// The selector and size of the file named `name`, if the device is there and publishes one.
 pub fn find(name: &str) -> Option<(u16, u32)> {
-    if read4(SIGNATURE) != *b"QEMU" || u32::from_le_bytes(read4(FEATURES)) & 2 == 0 {
+    // The DMA register's signature says both that the device is there and that it has DMA:
+    // two reads, where the signature and feature items took ten port accesses (each an exit
+    // to the device model).
+    let high = u32::from_be(hw::inl(DMA_HIGH));
+    let low = u32::from_be(hw::inl(DMA_LOW));
+    if (u64::from(high) << 32 | u64::from(low)) != DMA_SIGNATURE {
         return None;
     }
     // The count and the first entries in one transfer (QEMU publishes a dozen or two files;

@@ -94,14 +94,12 @@ pub fn inb(port: u16) -> u8 {
     v
 }
 
-/// `rep insb`: `buf.len()` bytes from `port`, in one instruction.
-pub fn insb(port: u16, buf: &mut [u8]) {
-    // SAFETY: as in `outb`; the string input writes exactly `buf`'s bytes (the count in rcx,
-    // the destination in rdi, the direction flag clear as the ABI requires).
-    unsafe {
-        asm!("rep insb", in("dx") port, inout("rdi") buf.as_mut_ptr() => _,
-            inout("rcx") buf.len() => _, options(nostack))
-    }
+/// `in eax, dx`.
+pub fn inl(port: u16) -> u32 {
+    let v: u32;
+    // SAFETY: as in `outb`.
+    unsafe { asm!("in eax, dx", in("dx") port, out("eax") v, options(nostack, nomem)) }
+    v
 }
 
 /// `memcmp`, in place of compiler-builtins' word-at-a-time one: one `repe cmpsb`. The shim
@@ -142,12 +140,6 @@ pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
 pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
     // SAFETY: the caller's promise, passed on.
     unsafe { memcmp(a, b, n) }
-}
-
-/// `out dx, ax`.
-pub fn outw(port: u16, v: u16) {
-    // SAFETY: as in `outb`.
-    unsafe { asm!("out dx, ax", in("dx") port, in("ax") v, options(nostack, nomem)) }
 }
 
 /// `out dx, eax`: for fw_cfg's DMA address, whose write starts a transfer into memory the
