@@ -313,17 +313,23 @@ fn shim_side_by_side(vmlinux: &Path) {
             }
         }
         shim_us.sort_by(f64::total_cmp);
+        // The issue's measure: best of 5 of each, the shim's own work against the unshimmed
+        // kernel's boot to init; the median of the shim's 5 beside it, for the spread (under
+        // TCG on this host a run is now and then half again as long).
+        let best = shim_us.first().copied().unwrap_or(0.0);
         let median = shim_us.get(shim_us.len() / 2).copied().unwrap_or(0.0);
-        let cycles = median * pvpatch_testkit::qemu::host_tsc_khz() as f64 / 1000.0;
+        let cycles = best * pvpatch_testkit::qemu::host_tsc_khz() as f64 / 1000.0;
         println!(
             "  {backend}{extra}: boot to init {best_shim:.3} s with the shim, {best_plain:.3} s \
-             without ({:+.3} s); the shim's own work {:.2} ms (median of {}) = {:.3}% of the \
-             boot, {:.0} TSC cycles a site",
+             without ({:+.3} s); the shim's own work {:.2} ms best of {} = {:.3}% of the \
+             unshimmed boot, {:.0} TSC cycles a site (median {:.2} ms = {:.3}%)",
             best_shim - best_plain,
-            median / 1000.0,
+            best / 1000.0,
             shim_us.len(),
-            median / 1e6 / best_shim * 100.0,
-            cycles / sites.max(1) as f64
+            best / 1e6 / best_plain * 100.0,
+            cycles / sites.max(1) as f64,
+            median / 1000.0,
+            median / 1e6 / best_plain * 100.0,
         );
     }
 }
