@@ -118,3 +118,117 @@ pub fn shimmed(
     pvpatch::annotate::annotate(&report, out, &opts)
         .map_err(|e| HarnessError::Annotate(e.to_string()))
 }
+
+/// What QEMU's TCG translated of the shim's own code in one boot.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Translated {
+    /// Translation blocks.
+    pub blocks: usize,
+    /// Guest instructions in them.
+    pub instructions: usize,
+}
+
+/// QEMU arguments that log each block TCG translates (`-d in_asm`, into `log`), filtered to the
+/// shim's addresses (`-dfilter`): its load (`phys`) and its link-time window (`vaddr`), `len`
+/// bytes each. Linux's own blocks are left out of the log.
+pub fn in_asm_args(log: &Path, phys: u64, vaddr: u64, len: u64) -> Vec<String> {
+    vec![
+        "-d".into(),
+        "in_asm".into(),
+        "-D".into(),
+        log.display().to_string(),
+        "-dfilter".into(),
+        format!("{phys:#x}+{len:#x},{vaddr:#x}+{len:#x}"),
+    ]
+}
+
+/// Counts the blocks of a `-d in_asm` log filtered to the shim ([`in_asm_args`]) and their
+/// instructions, for one run of the shim: the first block is its entry, and a block at the
+/// entry again (a reboot) ends the count.
+///
+/// QEMU writes each block as an `IN:` line and one line an instruction, `0x<address>:` then
+/// its bytes and its text; an instruction too long for one line of bytes goes on in a line of
+/// bytes alone, which is not counted.
+pub fn count_translated(log: &str) -> Translated {
+    let mut t = Translated::default();
+    let mut entry = None;
+    let mut at_block_start = false;
+    for line in log.lines() {
+        if line.starts_with("IN:") {
+            at_block_start = true;
+            continue;
+        }
+        let Some((addr, rest)) = line.split_once(':') else {
+            continue;
+        };
+        let Some(addr) = addr
+            .strip_prefix("0x")
+            .and_then(|a| u64::from_str_radix(a, 16).ok())
+        else {
+            continue;
+        };
+        if at_block_start {
+            at_block_start = false;
+            match entry {
+                None => entry = Some(addr),
+                Some(e) if e == addr => break,
+                Some(_) => {}
+            }
+            t.blocks += 1;
+        }
+        let bytes_only = rest
+            .split_whitespace()
+            .all(|w| w.len() == 2 && w.bytes().all(|b| b.is_ascii_hexdigit()));
+        if !bytes_only {
+            t.instructions += 1;
+        }
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Lines as QEMU 10 writes them (from a log of the shim's entry and its 64-bit code).
+    const LOG: &str = "\
+----------------
+IN: 
+0x04c00000:  fa                       cli      
+0x04c00001:  fc                       cld      
+0x04c0000a:  e8 00 00 00 00           calll    0x4c0000f
+
+----------------
+IN: 
+0xffffffffc0002a85:  48 b9 51 45 4d 55 20 43  movabsq  $0x47464320554d4551, %rcx
+0xffffffffc0002a8d:  46 47 
+0xffffffffc0002a8f:  48 39 c8                 cmpq     %rcx, %rax
+
+----------------
+IN: 
+0xffffffffc0002a95:  c3                       retq     
+
+----------------
+IN: 
+0x04c00000:  fa                       cli      
+0x04c00001:  fc                       cld      
+";
+
+    #[test]
+    fn counts_one_run_of_blocks_and_instructions() {
+        assert_eq!(
+            count_translated(LOG),
+            Translated {
+                blocks: 3,
+                instructions: 6
+            }
+        );
+        assert_eq!(count_translated(""), Translated::default());
+    }
+
+    #[test]
+    fn filter_names_both_ranges() {
+        let a = in_asm_args(Path::new("/t/l"), 0x4c0_0000, 0xffff_ffff_c000_0000, 0x1000);
+        assert_eq!(a[5], "0x4c00000+0x1000,0xffffffffc0000000+0x1000");
+    }
+}
