@@ -324,7 +324,9 @@ fn shim_side_by_side(vmlinux: &Path) {
         // What the run costs in translation, counted (the same in every boot): one more boot,
         // without `pvpatch.verbose` (its line is not part of an ordinary boot), QEMU logging the
         // blocks it translates at the shim's addresses.
-        let log = dir.path().join("in_asm.log");
+        let log = dir
+            .path()
+            .join(format!("in_asm-{backend}{}.log", extra.replace(' ', "_")));
         let mut counted = Qemu::linux(&initrd);
         counted.append = counted
             .append
