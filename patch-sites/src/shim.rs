@@ -230,6 +230,44 @@ impl PlanSource {
     }
 }
 
+/// Why bytes are not a shim's report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReportError {
+    /// Shorter than the report.
+    Short {
+        /// How many bytes there are.
+        len: usize,
+    },
+    /// The report's magic is not at the start.
+    NoMagic,
+    /// A status this ABI does not define.
+    Status(u32),
+    /// A plan source this ABI does not define.
+    PlanSource(u32),
+}
+
+impl core::fmt::Display for ReportError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            ReportError::Short { len } => {
+                write!(
+                    f,
+                    "{len} bytes, shorter than a report ({REPORT_SIZE} bytes)"
+                )
+            }
+            ReportError::NoMagic => {
+                f.write_str("no report: the report's magic is not at the start")
+            }
+            ReportError::Status(c) => write!(f, "a report with an unknown status ({c})"),
+            ReportError::PlanSource(c) => {
+                write!(f, "a report with an unknown plan source ({c})")
+            }
+        }
+    }
+}
+
+impl core::error::Error for ReportError {}
+
 /// The report the shim leaves in its reserved page.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Report {
@@ -316,29 +354,41 @@ impl Report {
 
     /// Reads a report; `None` without its magic or with an unknown status.
     pub fn read(b: &[u8]) -> Option<Report> {
-        if b.get(..8)? != REPORT_MAGIC || b.len() < REPORT_SIZE {
-            return None;
+        Report::parse(b).ok()
+    }
+
+    /// Reads a report from the start of `b` (a dump of the report page), saying why not.
+    pub fn parse(b: &[u8]) -> Result<Report, ReportError> {
+        let field = |at: usize| u32_at(b, at).ok_or(ReportError::Short { len: b.len() });
+        let wide = |at: usize| u64_at(b, at).ok_or(ReportError::Short { len: b.len() });
+        if b.len() < REPORT_SIZE {
+            return Err(ReportError::Short { len: b.len() });
         }
+        if b[..8] != REPORT_MAGIC {
+            return Err(ReportError::NoMagic);
+        }
+        let status = field(8)?;
+        let planned = field(100 + REASON_LEN)?;
         let mut r = Report {
-            status: Status::from_code(u32_at(b, 8)?)?,
-            sites: u32_at(b, 28)?,
-            rewritten: u32_at(b, 32)?,
-            detours: u32_at(b, 36)?,
-            code_bytes: u32_at(b, 40)?,
-            bytes_written: u32_at(b, 44)?,
-            tsc_entry: u64_at(b, 48)?,
-            cycles_total: u64_at(b, 56)?,
-            cycles_prepare: u64_at(b, 64)?,
-            cycles_plan: u64_at(b, 72)?,
-            cycles_apply: u64_at(b, 80)?,
-            load_delta: u64_at(b, 88)?,
-            heap_used: u32_at(b, 96 + REASON_LEN)?,
-            planned: PlanSource::from_code(u32_at(b, 100 + REASON_LEN)?)?,
+            status: Status::from_code(status).ok_or(ReportError::Status(status))?,
+            sites: field(28)?,
+            rewritten: field(32)?,
+            detours: field(36)?,
+            code_bytes: field(40)?,
+            bytes_written: field(44)?,
+            tsc_entry: wide(48)?,
+            cycles_total: wide(56)?,
+            cycles_prepare: wide(64)?,
+            cycles_plan: wide(72)?,
+            cycles_apply: wide(80)?,
+            load_delta: wide(88)?,
+            heap_used: field(96 + REASON_LEN)?,
+            planned: PlanSource::from_code(planned).ok_or(ReportError::PlanSource(planned))?,
             ..Report::default()
         };
-        r.backend.copy_from_slice(b.get(12..28)?);
-        r.reason.copy_from_slice(b.get(96..96 + REASON_LEN)?);
-        Some(r)
+        r.backend.copy_from_slice(&b[12..28]);
+        r.reason.copy_from_slice(&b[96..96 + REASON_LEN]);
+        Ok(r)
     }
 
     /// Writes the report into `b` (at least [`REPORT_SIZE`] bytes).
@@ -431,6 +481,18 @@ mod tests {
         );
         page[8] = 77;
         assert_eq!(Report::read(&page), None);
+        assert_eq!(Report::parse(&page), Err(ReportError::Status(77)));
+        page[8] = 1;
+        page[100 + REASON_LEN] = 9;
+        assert_eq!(Report::parse(&page), Err(ReportError::PlanSource(9)));
+        assert_eq!(
+            Report::parse(&page[..REPORT_SIZE - 1]),
+            Err(ReportError::Short {
+                len: REPORT_SIZE - 1
+            })
+        );
+        page[0] = b'X';
+        assert_eq!(Report::parse(&page), Err(ReportError::NoMagic));
     }
 }
 

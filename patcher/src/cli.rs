@@ -34,7 +34,8 @@ pub const EXIT_STATUSES: [(Option<u8>, &str); 8] = [
         Some(status::INPUT),
         "the input cannot be read, is not a regular file, is neither an x86-64 ELF image nor a \
          bzImage, is malformed, is a bzImage whose payload fails a check or would decompress \
-         past --max-decompressed, or cannot safely be rewritten",
+         past --max-decompressed, or cannot safely be rewritten; report: the dump does not \
+         start with a shim's report",
     ),
     (
         Some(status::MISMATCH),
@@ -282,6 +283,19 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Read what the boot shim did from its report page, dumped from the guest's memory
+    /// (QEMU's monitor: `pmemsave ADDR 4096 FILE`, ADDR as `pvpatch verify` prints it).
+    Report {
+        /// The dump: the report page from its first byte (at least its first 256 bytes).
+        dump: PathBuf,
+        /// The TSC's rate in kHz (the `tsc_early_khz=` Linux was given, or the host's): the
+        /// time in microseconds too.
+        #[arg(long, value_name = "KHZ")]
+        tsc_khz: Option<u64>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Extract the ELF vmlinux from a bzImage (xz, lzma, zstd, lz4 or gzip payload).
     ExtractVmlinux {
         /// The bzImage (e.g. /boot/vmlinuz-*).
@@ -459,6 +473,21 @@ const HELP: &[Help] = &[
             ),
         ],
         statuses: &[status::INPUT, status::MISMATCH],
+    },
+    Help {
+        path: &["report"],
+        examples: &[
+            (
+                "pvpatch report report.bin",
+                "what the shim did: status, backend, sites rewritten, cycles, and why not if \
+                 nothing was",
+            ),
+            (
+                "pvpatch report report.bin --json --tsc-khz 2600000 | jq .microseconds",
+                "the same for a script, with the shim's time in microseconds",
+            ),
+        ],
+        statuses: &[status::INPUT],
     },
     Help {
         path: &["extract-vmlinux"],

@@ -823,6 +823,20 @@ fn run(command: Command) -> Result<(), Failure> {
             );
         }
         Command::Verify { kernel, json } => verify_command(&kernel, json)?,
+        Command::Report {
+            dump,
+            tsc_khz,
+            json,
+        } => {
+            let bytes = read_input(&dump)?;
+            let shown = pvpatch::shim::show_report(&bytes, tsc_khz)
+                .map_err(|e| Failure(status::INPUT, anyhow::anyhow!("{}: {e}", dump.display())))?;
+            if json {
+                print_json(None, &dump, &shown.json)?;
+            } else if !ui().quiet {
+                out!("{}", shown.text);
+            }
+        }
         Command::ExtractVmlinux {
             bzimage: bz,
             output,

@@ -414,3 +414,209 @@ mod tests {
         assert_eq!(point_pvh_note(&data, 1 << 33), None);
     }
 }
+
+/// A shim's report page read back from the guest's memory (QEMU's `pmemsave`), for people
+/// ([`ShownReport::text`]) and for programs (`pvpatch report --json`).
+#[derive(Clone, Debug)]
+pub struct ShownReport {
+    /// For people: a line of what happened, then the counts, the cycles and the reason.
+    pub text: String,
+    /// For programs.
+    pub json: ReportJson,
+}
+
+/// A shim's report, as `pvpatch report --json` prints it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ReportJson {
+    /// `patched`, `off`, `left native`, `refused` (or `none`: the shim did not get that far).
+    pub status: &'static str,
+    /// The backend it found (or was told).
+    pub backend: String,
+    /// `planned at link time` or `planned at boot`, as the shim's line says it.
+    pub planned: &'static str,
+    /// Why the plan was made where it was: `link`, `boot`, `boot-asked` (`pvpatch.plan=boot`),
+    /// `boot-refused` (the prepared plans did not check out: the reason says why).
+    pub plan_source: &'static str,
+    /// Sites in the table.
+    pub sites: u32,
+    /// Sites rewritten.
+    pub rewritten: u32,
+    /// Detours installed.
+    pub detours: u32,
+    /// Bytes of out-of-line code written.
+    pub code_bytes: u32,
+    /// Bytes written in all.
+    pub bytes_written: u32,
+    /// The TSC at the shim's entry.
+    pub tsc_entry: u64,
+    /// TSC cycles: from the entry to the report (`total`), and its phases.
+    pub cycles: ReportCycles,
+    /// `cycles.total` in microseconds, when the TSC's rate was given (as the shim's own line
+    /// computes it: cycles × 1000 / kHz, rounded down).
+    pub microseconds: Option<u64>,
+    /// How far the loader moved the shim from where it was linked (bytes, signed).
+    pub load_delta: i64,
+    /// Bytes of heap the shim used.
+    pub heap_used: u32,
+    /// Why nothing was rewritten, or why a prepared plan was not used ("" if neither).
+    pub reason: String,
+}
+
+/// The shim's cycles, by phase.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct ReportCycles {
+    /// From the entry to the report.
+    pub total: u64,
+    /// Detection, validation, the ROM.
+    pub prepare: u64,
+    /// Planning at boot (0 for a plan prepared at link time).
+    pub plan: u64,
+    /// Writing and reading back.
+    pub apply: u64,
+}
+
+/// `n` with its thousands separated by commas.
+fn grouped(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::with_capacity(s.len() + s.len() / 3);
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Reads the shim's report from the start of `dump` (its page, or at least its first
+/// [`patch_sites::shim::REPORT_SIZE`] bytes) and shows it; `tsc_khz`, the TSC's rate, puts
+/// the time in microseconds too.
+pub fn show_report(
+    dump: &[u8],
+    tsc_khz: Option<u64>,
+) -> Result<ShownReport, patch_sites::shim::ReportError> {
+    use patch_sites::shim::{PlanSource, Report};
+    let r = Report::parse(dump)?;
+    let plan_source = match r.planned {
+        PlanSource::Link => "link",
+        PlanSource::Boot => "boot",
+        PlanSource::BootAsked => "boot-asked",
+        PlanSource::BootRefused => "boot-refused",
+    };
+    let microseconds = tsc_khz.filter(|&k| k > 0).map(|k| {
+        u64::try_from(u128::from(r.cycles_total) * 1000 / u128::from(k)).unwrap_or(u64::MAX)
+    });
+    let json = ReportJson {
+        status: r.status.name(),
+        backend: r.backend().to_owned(),
+        planned: r.planned.name(),
+        plan_source,
+        sites: r.sites,
+        rewritten: r.rewritten,
+        detours: r.detours,
+        code_bytes: r.code_bytes,
+        bytes_written: r.bytes_written,
+        tsc_entry: r.tsc_entry,
+        cycles: ReportCycles {
+            total: r.cycles_total,
+            prepare: r.cycles_prepare,
+            plan: r.cycles_plan,
+            apply: r.cycles_apply,
+        },
+        microseconds,
+        load_delta: r.load_delta as i64,
+        heap_used: r.heap_used,
+        reason: r.reason().to_owned(),
+    };
+    let mut text = format!(
+        "shim report: {}, backend {} ({}, {plan_source})\n",
+        json.status, json.backend, json.planned
+    );
+    text += &format!(
+        "  sites {}, rewritten {}, detours {}; bytes written {} ({} of out-of-line code)\n",
+        grouped(json.sites.into()),
+        grouped(json.rewritten.into()),
+        grouped(json.detours.into()),
+        grouped(json.bytes_written.into()),
+        grouped(json.code_bytes.into())
+    );
+    let time = match (microseconds, tsc_khz) {
+        (Some(us), Some(k)) => format!(" ({} us at {} kHz)", grouped(us), grouped(k)),
+        _ => String::new(),
+    };
+    text += &format!(
+        "  cycles {} from entry to report{time}: preparing {}, planning {}, applying {}\n",
+        grouped(r.cycles_total),
+        grouped(r.cycles_prepare),
+        grouped(r.cycles_plan),
+        grouped(r.cycles_apply)
+    );
+    text += &format!(
+        "  TSC at entry {}; loaded {}{:#x} from where it was linked; heap used {} bytes\n",
+        r.tsc_entry,
+        if json.load_delta < 0 { "-" } else { "+" },
+        json.load_delta.unsigned_abs(),
+        grouped(r.heap_used.into())
+    );
+    if !json.reason.is_empty() {
+        text += &format!("  reason: {}\n", json.reason);
+    }
+    Ok(ShownReport { text, json })
+}
+
+#[cfg(test)]
+mod report_tests {
+    use super::*;
+    use patch_sites::shim::{PlanSource, REPORT_SIZE, Report, ReportError, Status, set_text};
+
+    #[test]
+    fn a_report_is_shown_and_bad_dumps_are_refused() {
+        let mut r = Report {
+            status: Status::Refused,
+            sites: 1103,
+            cycles_total: 3_302_512,
+            cycles_prepare: 1_000,
+            load_delta: 0u64.wrapping_sub(0x20_0000),
+            planned: PlanSource::BootRefused,
+            ..Report::default()
+        };
+        set_text(&mut r.backend, "tcg");
+        set_text(&mut r.reason, "site table invalid: bad checksum");
+        let mut page = vec![0u8; 4096];
+        r.write(&mut page).unwrap();
+        let shown = show_report(&page, Some(2_600_000)).unwrap();
+        assert_eq!(shown.json.status, "refused");
+        assert_eq!(shown.json.plan_source, "boot-refused");
+        assert_eq!(shown.json.microseconds, Some(1270));
+        assert_eq!(shown.json.load_delta, -0x20_0000);
+        assert!(
+            shown
+                .text
+                .starts_with("shim report: refused, backend tcg (planned at boot, boot-refused)\n"),
+            "{}",
+            shown.text
+        );
+        for want in [
+            "sites 1,103,",
+            "(1,270 us at 2,600,000 kHz)",
+            "loaded -0x200000 from",
+            "reason: site table invalid: bad checksum",
+        ] {
+            assert!(shown.text.contains(want), "{want:?} not in\n{}", shown.text);
+        }
+        assert_eq!(show_report(&page, None).unwrap().json.microseconds, None);
+        assert_eq!(show_report(&page, Some(0)).unwrap().json.microseconds, None);
+        assert_eq!(
+            show_report(&page[..100], None).unwrap_err(),
+            ReportError::Short { len: 100 }
+        );
+        assert_eq!(
+            show_report(&page[1..REPORT_SIZE + 1], None).unwrap_err(),
+            ReportError::NoMagic
+        );
+        assert_eq!(
+            show_report(&[], None).unwrap_err(),
+            ReportError::Short { len: 0 }
+        );
+    }
+}

@@ -311,6 +311,7 @@ fn fifo_and_directory_inputs_exit_3_at_once() {
         let cases: Vec<Vec<&std::ffi::OsStr>> = vec![
             vec!["scan".as_ref(), input.as_os_str()],
             vec!["verify".as_ref(), input.as_os_str()],
+            vec!["report".as_ref(), input.as_os_str()],
             vec![
                 "annotate".as_ref(),
                 input.as_os_str(),

@@ -112,10 +112,66 @@ fn boot(
         .unwrap_or_else(|e| panic!("{}: {e}", shimmed.display()));
     let report = Report::read(&got.memory[0])
         .unwrap_or_else(|| panic!("no report at {report_at:#x}; serial:\n{}", got.boot.serial));
+    report_command_agrees(&got.memory[0], &got.boot.serial);
     Booted {
         report,
         text: got.memory[1].clone(),
         serial: got.boot.serial,
+    }
+}
+
+/// `pvpatch report` on the report page read back from memory says what the shim's own line on
+/// the console said: the shim formats its line in the guest from the report it holds, the
+/// command decodes the page QEMU dumped. Backend, sites, sites rewritten, detours, where the
+/// plan was made and the microseconds; or the status and the reason.
+fn report_command_agrees(page: &[u8], serial: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let dump = dir.path().join("report.bin");
+    std::fs::write(&dump, page).unwrap();
+    let khz = pvpatch_testkit::qemu::host_tsc_khz().to_string();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pvpatch"))
+        .args(["report", "--json", "--tsc-khz", &khz])
+        .arg(&dump)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pvpatch report: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // The line with the shim's time (after the one that says why prepared plans were not
+    // used, if there is one).
+    let line = serial
+        .lines()
+        .map(str::trim_end)
+        .find(|l| l.starts_with("pvpatch: ") && l.ends_with(" us"))
+        .unwrap_or_else(|| panic!("no shim line with its time:\n{serial}"));
+    let (what, us) = line["pvpatch: ".len()..line.len() - " us".len()]
+        .rsplit_once(", ")
+        .unwrap();
+    assert_eq!(j["microseconds"], us.parse::<u64>().unwrap(), "{line}");
+    if let Some(rest) = what.strip_prefix("backend ") {
+        // `tcg: 1,103 sites, 0 rewritten (0 detours, planned at link time)`
+        let (backend, rest) = rest.split_once(": ").unwrap();
+        let n = |s: &str| s.replace(',', "").parse::<u64>().unwrap();
+        let (sites, rest) = rest.split_once(" sites, ").unwrap();
+        let (rewritten, rest) = rest.split_once(" rewritten (").unwrap();
+        let (detours, planned) = rest.split_once(" detours, ").unwrap();
+        assert_eq!(j["status"], "patched", "{line}");
+        assert_eq!(j["backend"], backend, "{line}");
+        assert_eq!(j["sites"], n(sites), "{line}");
+        assert_eq!(j["rewritten"], n(rewritten), "{line}");
+        assert_eq!(j["detours"], n(detours), "{line}");
+        assert_eq!(j["planned"], planned.trim_end_matches(')'), "{line}");
+    } else {
+        // `refused: site table invalid: ...; Linux boots as it is`
+        let (status, reason) = what
+            .strip_suffix("; Linux boots as it is")
+            .and_then(|w| w.split_once(": "))
+            .unwrap_or_else(|| panic!("an unknown shim line: {line}"));
+        assert_eq!(j["status"], status, "{line}");
+        assert_eq!(j["reason"], reason, "{line}");
     }
 }
 

@@ -48,6 +48,7 @@ fn every_command_has_examples_and_exit_statuses() {
         &["plan"],
         &["rewrite"],
         &["verify"],
+        &["report"],
         &["extract-vmlinux"],
         &["ops"],
         &["rom"],
@@ -223,6 +224,45 @@ fn every_command_that_prints_a_result_prints_json() {
         extracted["size"].as_u64(),
         Some(std::fs::metadata(&f.elf).unwrap().len())
     );
+
+    // A report page as the shim leaves it, and bytes that are not one.
+    let mut report = patch_sites::shim::Report {
+        status: patch_sites::shim::Status::Patched,
+        sites: 12,
+        rewritten: 3,
+        cycles_total: 26_000,
+        ..Default::default()
+    };
+    patch_sites::shim::set_text(&mut report.backend, "kvm");
+    let mut page = vec![0u8; 4096];
+    report.write(&mut page).unwrap();
+    std::fs::write(out("report.bin"), &page).unwrap();
+    let shown = json(&run(&[
+        "report",
+        "--json",
+        "--tsc-khz",
+        "2600",
+        s(&out("report.bin")),
+    ]));
+    assert_eq!(
+        (
+            &shown["status"],
+            &shown["backend"],
+            &shown["sites"],
+            &shown["rewritten"],
+            &shown["microseconds"]
+        ),
+        (
+            &Value::from("patched"),
+            &Value::from("kvm"),
+            &Value::from(12),
+            &Value::from(3),
+            &Value::from(10_000)
+        )
+    );
+    let not_a_report = run(&["report", s(&f.elf)]);
+    assert_eq!(not_a_report.status.code(), Some(3));
+    assert!(stderr(&not_a_report).contains("no report"));
 
     let sequences = json(&run(&["rom", "sequences", "--json"]));
     assert!(
