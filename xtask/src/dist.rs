@@ -239,8 +239,8 @@ mod tests {
         assert!(!man1.join("pvpatch-help.1").exists());
         assert_eq!(
             std::fs::read_dir(&man1).map(|d| d.count()).unwrap_or(0),
-            12,
-            "pvpatch and its 11 commands"
+            13,
+            "pvpatch and its 12 commands"
         );
     }
 }
