@@ -284,7 +284,7 @@ pub enum Command {
         json: bool,
     },
     /// Read what the boot shim did from its report page, dumped from the guest's memory
-    /// (QEMU's monitor: `pmemsave ADDR 4096 FILE`, ADDR as `pvpatch verify` prints it).
+    /// (QEMU's monitor: `pmemsave ADDR 4096 "FILE"`, ADDR as `pvpatch verify` prints it).
     Report {
         /// The dump: the report page from its first byte (at least its first 256 bytes).
         dump: PathBuf,
