@@ -230,6 +230,34 @@ impl PlanSource {
     }
 }
 
+/// A count with its thousands separated by commas (`1,103`): how the shim's line and
+/// `pvpatch report` print counts. Written digit by digit, without allocating.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Grouped(pub u64);
+
+impl core::fmt::Display for Grouped {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        use core::fmt::Write as _;
+        // Least significant first; u64 has at most 20 digits.
+        let (mut digits, mut len, mut n) = ([0u8; 20], 0, self.0);
+        loop {
+            digits[len] = b'0' + (n % 10) as u8;
+            len += 1;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        for i in (0..len).rev() {
+            f.write_char(char::from(digits[i]))?;
+            if i > 0 && i % 3 == 0 {
+                f.write_char(',')?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Why bytes are not a shim's report.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReportError {
@@ -479,6 +507,18 @@ mod tests {
             (back.backend(), back.reason()),
             ("kvm", "a reason longer than nothing")
         );
+        for (n, text) in [
+            (0, "0"),
+            (7, "7"),
+            (999, "999"),
+            (1_103, "1,103"),
+            (100_000, "100,000"),
+            (1_234_567, "1,234,567"),
+            (u64::MAX, "18,446,744,073,709,551,615"),
+        ] {
+            assert_eq!(std::format!("{}", Grouped(n)), text);
+        }
+
         page[8] = 77;
         assert_eq!(Report::read(&page), None);
         assert_eq!(Report::parse(&page), Err(ReportError::Status(77)));

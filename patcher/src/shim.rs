@@ -475,19 +475,6 @@ pub struct ReportCycles {
     pub apply: u64,
 }
 
-/// `n` with its thousands separated by commas.
-fn grouped(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::with_capacity(s.len() + s.len() / 3);
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
 /// Reads the shim's report from the start of `dump` (its page, or at least its first
 /// [`patch_sites::shim::REPORT_SIZE`] bytes) and shows it; `tsc_khz`, the TSC's rate, puts
 /// the time in microseconds too.
@@ -495,7 +482,7 @@ pub fn show_report(
     dump: &[u8],
     tsc_khz: Option<u64>,
 ) -> Result<ShownReport, patch_sites::shim::ReportError> {
-    use patch_sites::shim::{PlanSource, Report};
+    use patch_sites::shim::{Grouped, PlanSource, Report};
     let r = Report::parse(dump)?;
     let plan_source = match r.planned {
         PlanSource::Link => "link",
@@ -534,29 +521,29 @@ pub fn show_report(
     );
     text += &format!(
         "  sites {}, rewritten {}, detours {}; bytes written {} ({} of out-of-line code)\n",
-        grouped(json.sites.into()),
-        grouped(json.rewritten.into()),
-        grouped(json.detours.into()),
-        grouped(json.bytes_written.into()),
-        grouped(json.code_bytes.into())
+        Grouped(json.sites.into()),
+        Grouped(json.rewritten.into()),
+        Grouped(json.detours.into()),
+        Grouped(json.bytes_written.into()),
+        Grouped(json.code_bytes.into())
     );
     let time = match (microseconds, tsc_khz) {
-        (Some(us), Some(k)) => format!(" ({} us at {} kHz)", grouped(us), grouped(k)),
+        (Some(us), Some(k)) => format!(" ({} us at {} kHz)", Grouped(us), Grouped(k)),
         _ => String::new(),
     };
     text += &format!(
         "  cycles {} from entry to report{time}: preparing {}, planning {}, applying {}\n",
-        grouped(r.cycles_total),
-        grouped(r.cycles_prepare),
-        grouped(r.cycles_plan),
-        grouped(r.cycles_apply)
+        Grouped(r.cycles_total),
+        Grouped(r.cycles_prepare),
+        Grouped(r.cycles_plan),
+        Grouped(r.cycles_apply)
     );
     text += &format!(
         "  TSC at entry {}; loaded {}{:#x} from where it was linked; heap used {} bytes\n",
         r.tsc_entry,
         if json.load_delta < 0 { "-" } else { "+" },
         json.load_delta.unsigned_abs(),
-        grouped(r.heap_used.into())
+        Grouped(r.heap_used.into())
     );
     if !json.reason.is_empty() {
         text += &format!("  reason: {}\n", json.reason);

@@ -8,7 +8,7 @@ use core::fmt::Write as _;
 
 use patch_sites::prepared::{Change, Plans, PreparedPlan};
 use patch_sites::rom::FW_CFG_NAME;
-use patch_sites::shim::{Params, PlanSource, REPORT_SIZE, Report, Status, set_text};
+use patch_sites::shim::{Grouped, Params, PlanSource, REPORT_SIZE, Report, Status, set_text};
 use pvpatch_runtime::apply::{self, ApplyError};
 use pvpatch_runtime::detect::{self, BackendKind, Platform, cmdline_has, cmdline_value};
 
@@ -103,8 +103,8 @@ fn line(r: &Report, cmdline: &str, not_reserved: Option<&str>) {
                 out,
                 "pvpatch: backend {}: {} sites, {} rewritten ({} detours, {}), {}",
                 r.backend(),
-                group(r.sites),
-                group(r.rewritten),
+                Grouped(r.sites.into()),
+                Grouped(r.rewritten.into()),
                 r.detours,
                 r.planned.name(),
                 time
@@ -121,19 +121,6 @@ fn line(r: &Report, cmdline: &str, not_reserved: Option<&str>) {
     if let Some(why) = not_reserved {
         let _ = writeln!(out, "pvpatch: the report page is not reserved: {why}");
     }
-}
-
-/// `1234` as `1,234`.
-fn group(n: u32) -> String {
-    let s = format!("{n}");
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }
 
 /// Refuses after a failed write: the text was put back, or (`NotRestored`) could not be.
